@@ -1,0 +1,279 @@
+"""
+The GPT-2 model, written plainly, and text generation.
+
+    from gpt import GPT, GPTConfig
+    model = GPT(GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128))
+    logits, loss = model(idx, targets)          # training: (B, T, vocab), scalar
+    out = model.generate(idx, max_new_tokens=100, temperature=0.8, top_k=200)
+
+Shapes use one alphabet: B batch, T time (sequence length), C channels (n_embd),
+nh number of heads, hs head size (C // nh), V vocab_size.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256  # the longest context the model ever sees
+    vocab_size: int = 65
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm layers, as in GPT-2
+
+
+# -----------------------------------------------------------------------------
+# The loss, written out
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1):
+    """Mean negative log-likelihood of `targets` under softmax(`logits`).
+
+    logits (N, V), targets (N,). Positions whose target is `ignore_index` carry no loss.
+    log softmax(z)_y = z_y - log sum_j exp(z_j), and subtracting max(z) first keeps exp()
+    from overflowing without changing the result (it cancels in the ratio).
+    """
+    logits = logits.float()  # under bf16 autocast, do the sum in fp32
+    z = logits - logits.max(dim=-1, keepdim=True).values.detach()  # (N, V), max entry is 0
+    log_norm = z.exp().sum(dim=-1).log()  # (N,) log sum_j exp(z_j)
+    keep = targets != ignore_index  # (N,)
+    z_y = z.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (N,)
+    nll = (log_norm - z_y) * keep
+    return nll.sum() / keep.sum().clamp(min=1)
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class KVCache:
+    """Each layer's keys and values so far, so generation feeds one new token per step.
+
+    k[layer], v[layer]: (B, nh, block_size, hs), filled up to `pos`.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, device, dtype):
+        hs = config.n_embd // config.n_head
+        shape = (batch_size, config.n_head, config.block_size, hs)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.pos = 0  # how many positions are filled
+
+    def reorder(self, rows: torch.Tensor):
+        """Keep batch rows `rows` (beam search picks which beams survive)."""
+        self.k = [k.index_select(0, rows) for k in self.k]
+        self.v = [v.index_select(0, rows) for v in self.v]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+        B, T, C = x.size()  # batch, time, n_embd
+        nh, hs = self.n_head, C // self.n_head
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        # all heads in one batched computation: (B, T, C) -> (B, nh, T, hs)
+        q = q.view(B, T, nh, hs).transpose(1, 2)
+        k = k.view(B, T, nh, hs).transpose(1, 2)
+        v = v.view(B, T, nh, hs).transpose(1, 2)
+        mask, causal = None, True
+        if cache is not None:  # append this step's keys/values, attend over all so far
+            p = cache.pos
+            cache.k[layer][:, :, p:p + T] = k
+            cache.v[layer][:, :, p:p + T] = v
+            k, v = cache.k[layer][:, :, :p + T], cache.v[layer][:, :, :p + T]  # (B, nh, p+T, hs)
+            if p > 0:  # query i sits at position p+i and sees keys 0..p+i
+                causal = False
+                mask = torch.ones(T, p + T, dtype=torch.bool, device=x.device).tril(diagonal=p)
+        # softmax(q k^T / sqrt(hs)) v with future positions masked out:
+        # (B, nh, T, hs) @ (B, nh, hs, T) -> (B, nh, T, T) -> @ (B, nh, T, hs) -> (B, nh, T, hs)
+        # One fused kernel (flash attention where the device has it); the dropout on the
+        # attention weights must be switched off by hand in eval mode.
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal and T > 1,
+            dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads: (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: communicate (attention), then compute (MLP)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), cache, layer)  # residual connections let the
+        x = x + self.mlp(self.ln_2(x))  # gradient flow straight to the bottom
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
+            "wpe": nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
+            "drop": nn.Dropout(config.dropout),
+            "h": nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            "ln_f": nn.LayerNorm(config.n_embd, bias=config.bias),
+        })
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying: reading a token in and writing it out use one matrix (GPT-2 does this;
+        # it saves vocab_size * n_embd parameters). The Linear's weight becomes wte's.
+        self.lm_head.weight = self.transformer.wte.weight
+        self.apply(self._init_weights)
+        # GPT-2 scales each residual projection by 1/sqrt(2 * n_layer): every block adds two
+        # of them to the residual stream, and this keeps its variance from growing with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count. As GPT-2 papers report it, position embeddings are left out; the
+        token embeddings stay in, since they are also the (tied) output layer."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(self, idx, targets=None, cache: KVCache | None = None):
+        """idx (B, T) token ids -> (logits, loss).
+
+        With targets (B, T), logits are (B, T, V) and loss is the mean cross-entropy over the
+        positions whose target is not -1. Without, only the last position's logits (B, 1, V) are
+        computed: that is all generation needs. With a KVCache, idx holds only the new tokens.
+        """
+        B, T = idx.size()
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size "
+                             f"{self.config.block_size}")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C)
+        x = self.transformer.drop(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.pos += T
+        x = self.transformer.ln_f(x)  # (B, T, C)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None  # (B, 1, V)
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = cross_entropy(logits.view(B * T, -1), targets.view(B * T))
+        return logits, loss
+
+    # -------------------------------------------------------------------------
+    # Generation
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None,
+                 generator: torch.Generator | None = None, use_cache: bool = True):
+        """Extend idx (B, T) by max_new_tokens tokens, sampled one at a time.
+
+        The context is cropped to the last block_size tokens. With use_cache, each layer's
+        keys and values are kept (KVCache) and one token is fed per step. Learned position
+        embeddings tie a key to its position, so once the window slides past block_size the
+        cached keys are stale: from then on each step re-encodes the last block_size tokens,
+        exactly what the no-cache path does.
+        """
+        was_training = self.training
+        self.eval()  # no dropout while generating
+        cache = None
+        for _ in range(max_new_tokens):
+            logits, cache = self.next_logits(idx, cache if use_cache else None, use_cache)
+            idx_next = sample_next_token(logits, temperature, top_k, top_p, generator)
+            idx = torch.cat((idx, idx_next), dim=1)  # (B, T+1)
+        self.train(was_training)
+        return idx
+
+    def next_logits(self, idx, cache: KVCache | None, use_cache: bool = True):
+        """Logits (B, V) for the token after idx (B, T), and the cache to pass next time."""
+        bs = self.config.block_size
+        fits = idx.size(1) <= bs
+        if use_cache and cache is not None and fits:
+            logits, _ = self(idx[:, cache.pos:], cache=cache)  # only the unseen tokens
+        elif use_cache and fits:
+            p = next(self.parameters())
+            cache = KVCache(self.config, idx.size(0), p.device, p.dtype)
+            logits, _ = self(idx, cache=cache)
+        else:
+            logits, _ = self(idx[:, -bs:])  # full re-encode of the (cropped) context
+            cache = None
+        return logits[:, -1, :], cache
+
+
+# -----------------------------------------------------------------------------
+# Sampling: each filter is a small pure function on logits (B, V)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits per row (ties at the k-th value all stay); the rest -> -inf."""
+    k = min(k, logits.size(-1))
+    kth = torch.topk(logits, k, dim=-1).values[:, [-1]]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of most likely tokens whose probability sums to
+    at least p; the rest -> -inf. The most likely token always survives."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
+    # a token is dropped when the tokens before it already reach p
+    drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= p
+    drop_sorted[:, 0] = False
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """logits (B, V) -> next token ids (B, 1). temperature 0 means greedy (argmax)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k > 0:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None and top_p < 1.0:
+        logits = top_p_filter(logits, top_p)
+    probs = F.softmax(logits, dim=-1)  # renormalised over the survivors
+    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)

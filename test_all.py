@@ -1,0 +1,476 @@
+"""
+The test suite: every formula against PyTorch's reference, the model's invariants, the
+scripts end to end, and each bad input's message. Hermetic and CPU-only:
+
+    python -m pytest -q test_all.py
+"""
+
+import itertools
+import json
+import math
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bigram
+import prepare
+import sample
+import train
+from gpt import GPT, GPTConfig, cross_entropy, sample_next_token, top_k_filter, top_p_filter
+
+torch.set_num_threads(2)
+TINY = GPTConfig(block_size=16, vocab_size=11, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
+
+
+def tiny_model(seed=0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    cfg = GPTConfig(**{**TINY.__dict__, **overrides})
+    return GPT(cfg)
+
+
+# -----------------------------------------------------------------------------
+# Formulas against their PyTorch references
+
+
+def test_cross_entropy_matches_torch():
+    torch.manual_seed(0)
+    logits = torch.randn(50, 7) * 10  # large logits: the max subtraction must matter
+    targets = torch.randint(0, 7, (50,))
+    targets[::4] = -1
+    ours = cross_entropy(logits, targets)
+    ref = F.cross_entropy(logits, targets, ignore_index=-1)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+    # and the gradient too
+    a = logits.clone().requires_grad_()
+    b = logits.clone().requires_grad_()
+    cross_entropy(a, targets).backward()
+    F.cross_entropy(b, targets, ignore_index=-1).backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_cross_entropy_no_overflow():
+    logits = torch.tensor([[1000.0, 0.0, -1000.0]])
+    assert torch.isfinite(cross_entropy(logits, torch.tensor([0])))
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_adamw_matches_torch(weight_decay):
+    """Same parameters as torch.optim.AdamW after many steps, including step 1 and gradients
+    so small that eps matters, with two param groups as train.py uses them."""
+    torch.manual_seed(0)
+    ours_p = [torch.randn(5, 4), torch.randn(4)]
+    ref_p = [p.clone() for p in ours_p]
+    for p in ours_p + ref_p:
+        p.requires_grad_()
+    kw = {"lr": 1e-2, "betas": (0.9, 0.99), "eps": 1e-8}
+    ours = train.AdamW([{"params": ours_p[:1], "weight_decay": weight_decay},
+                        {"params": ours_p[1:], "weight_decay": 0.0}], **kw)
+    ref = torch.optim.AdamW([{"params": ref_p[:1], "weight_decay": weight_decay},
+                             {"params": ref_p[1:], "weight_decay": 0.0}], **kw)
+    for step in range(100):
+        scale = 1e-9 if step % 10 == 0 else 1.0  # tiny gradients: eps's placement shows
+        for a, b in zip(ours_p, ref_p):
+            g = torch.randn_like(a) * scale
+            a.grad, b.grad = g.clone(), g.clone()
+        if step == 50:  # the schedule changes lr between steps
+            for o in (ours, ref):
+                for group in o.param_groups:
+                    group["lr"] = 3e-3
+        ours.step()
+        ref.step()
+        for a, b in zip(ours_p, ref_p):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6,
+                                       msg=f"step {step + 1}: AdamW drifted from torch's")
+
+
+def test_adamw_state_roundtrip():
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = train.AdamW([p], lr=0.1)
+    p.grad = torch.ones(3)
+    opt.step()
+    opt2 = train.AdamW([p], lr=0.1)
+    opt2.load_state_dict(opt.state_dict())
+    assert opt2.state[p]["step"].item() == 1
+    torch.testing.assert_close(opt2.state[p]["exp_avg"], opt.state[p]["exp_avg"])
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e6])
+def test_clip_grad_norm_matches_torch(max_norm):
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(7))]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    for pa, pb in zip(a, b):
+        g = torch.randn_like(pa) * 3
+        pa.grad, pb.grad = g.clone(), g.clone()
+    n_ours = train.clip_grad_norm(a, max_norm)
+    n_ref = torch.nn.utils.clip_grad_norm_(b, max_norm)
+    torch.testing.assert_close(n_ours, n_ref)
+    for pa, pb in zip(a, b):
+        torch.testing.assert_close(pa.grad, pb.grad)
+
+
+def test_get_lr_corners():
+    kw = {"learning_rate": 1e-3, "warmup_iters": 100, "lr_decay_iters": 2000, "min_lr": 1e-4}
+    assert train.get_lr(0, **kw) > 0, "warmup must not start at exactly 0"
+    assert train.get_lr(0, **kw) == pytest.approx(1e-5)
+    assert train.get_lr(99, **kw) == pytest.approx(1e-3)
+    assert train.get_lr(100, **kw) == pytest.approx(1e-3)  # the peak, at warmup_iters
+    mid = (100 + 2000) // 2
+    assert train.get_lr(mid, **kw) == pytest.approx((1e-3 + 1e-4) / 2)
+    assert train.get_lr(2000, **kw) == pytest.approx(1e-4)
+    assert train.get_lr(5000, **kw) == pytest.approx(1e-4)
+    lrs = [train.get_lr(i, **kw) for i in range(3000)]
+    assert all(math.isfinite(x) and x > 0 for x in lrs)
+    after = lrs[100:]
+    assert all(x >= y for x, y in itertools.pairwise(after)), "must not increase after warmup"
+    # warmup as long as the decay: no division by zero
+    assert train.get_lr(100, 1e-3, 100, 100, 1e-4) == pytest.approx(1e-4)
+
+
+# -----------------------------------------------------------------------------
+# The model's invariants
+
+
+def test_attention_matches_reference_formula():
+    """softmax(q k^T / sqrt(hs)) v with a causal mask, written out, equals our module."""
+    m = tiny_model()
+    attn = m.transformer.h[0].attn
+    x = torch.randn(3, 10, 16)
+    B, T, C = x.shape
+    nh, hs = 2, 8
+    q, k, v = attn.c_attn(x).split(C, dim=2)
+    q, k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in (q, k, v))
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # scaled by the head size, not n_embd
+    att = att.masked_fill(torch.ones(T, T).tril() == 0, float("-inf")).softmax(dim=-1)
+    y = (att @ v).transpose(1, 2).reshape(B, T, C)
+    torch.testing.assert_close(attn(x), attn.c_proj(y), rtol=1e-5, atol=1e-6)
+
+
+def test_no_future_leakage():
+    m = tiny_model().eval()
+    idx = torch.randint(0, 11, (2, 12))
+    logits, _ = m(idx, torch.zeros_like(idx))
+    for t in range(11):
+        changed = idx.clone()
+        changed[:, t + 1:] = (changed[:, t + 1:] + 1) % 11
+        logits2, _ = m(changed, torch.zeros_like(idx))
+        torch.testing.assert_close(logits[:, :t + 1], logits2[:, :t + 1])
+        assert not torch.allclose(logits[:, t + 1:], logits2[:, t + 1:])
+
+
+def test_eval_is_deterministic_with_dropout():
+    m = tiny_model(dropout=0.5).eval()
+    idx = torch.randint(0, 11, (2, 12))
+    torch.testing.assert_close(m(idx, idx)[0], m(idx, idx)[0])
+    m.train()
+    assert not torch.allclose(m(idx, idx)[0], m(idx, idx)[0]), "dropout should act in training"
+
+
+def test_generate_uses_eval_mode_and_restores():
+    m = tiny_model(dropout=0.5).train()
+    idx = torch.zeros(1, 1, dtype=torch.long)
+    a = m.generate(idx, 8, temperature=0)
+    b = m.generate(idx, 8, temperature=0)
+    assert torch.equal(a, b), "greedy generation must not see dropout"
+    assert m.training, "generate must restore the training mode it found"
+
+
+def test_init_tying_and_scaled_residuals():
+    m = GPT(GPTConfig(vocab_size=65, n_layer=4, n_head=4, n_embd=128, block_size=64))
+    assert m.lm_head.weight is m.transformer.wte.weight
+    std = m.transformer.h[0].attn.c_proj.weight.std().item()
+    assert std == pytest.approx(0.02 / math.sqrt(2 * 4), rel=0.1)
+    assert m.transformer.h[0].mlp.c_fc.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    idx, targets = torch.randint(0, 65, (2, 8, 64))
+    _, loss = m(idx, targets)
+    assert loss.item() == pytest.approx(math.log(65), abs=0.1), "loss at init ~ ln(vocab)"
+
+
+def test_param_count_matches_gpt2_convention():
+    m = GPT(GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768,
+                      bias=True))
+    assert m.num_params() == 124_439_808 - 1024 * 768  # GPT-2 small, without wpe
+    assert m.num_params(non_embedding=False) == 124_439_808
+
+
+def test_forward_without_targets_gives_last_position():
+    m = tiny_model().eval()
+    idx = torch.randint(0, 11, (2, 9))
+    full, _ = m(idx, idx)
+    last, loss = m(idx)
+    assert loss is None and last.shape == (2, 1, 11)
+    torch.testing.assert_close(last[:, 0], full[:, -1])
+
+
+def test_forward_rejects_too_long():
+    m = tiny_model()
+    with pytest.raises(ValueError, match="block_size"):
+        m(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_overfit_one_batch():
+    """A correct model and optimizer drive the loss on one fixed batch towards zero."""
+    m = tiny_model(vocab_size=20, n_embd=32, block_size=16)
+    torch.manual_seed(0)
+    x = torch.randint(0, 20, (4, 16))
+    y = torch.randint(0, 20, (4, 16))
+    opt, _ = train.configure_optimizer(m, 0.0, 3e-3, (0.9, 0.99))
+    for _ in range(300):
+        _, loss = m(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1, f"could not overfit one batch: loss {loss.item():.3f}"
+
+
+def test_weight_decay_groups():
+    m = tiny_model()
+    opt, (n_decay, n_no_decay) = train.configure_optimizer(m, 0.1, 1e-3, (0.9, 0.99))
+    decay, no_decay = opt.param_groups
+    assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
+    assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+    assert n_decay + n_no_decay == len(list(m.parameters()))
+
+
+# -----------------------------------------------------------------------------
+# Generation and sampling filters
+
+
+@pytest.mark.parametrize("prompt_len,new", [(3, 10), (10, 20)])  # the second slides past 16
+def test_kv_cache_matches_full_forward(prompt_len, new):
+    m = tiny_model().eval()
+    torch.manual_seed(1)
+    idx = torch.randint(0, 11, (2, prompt_len))
+    a = m.generate(idx, new, temperature=0, use_cache=True)
+    b = m.generate(idx, new, temperature=0, use_cache=False)
+    assert torch.equal(a, b)
+    # per-step logits, along the same sequence
+    cache = None
+    for t in range(prompt_len, prompt_len + new):
+        with torch.no_grad():
+            lc, cache = m.next_logits(a[:, :t], cache)
+            lf, _ = m.next_logits(a[:, :t], None, use_cache=False)
+        torch.testing.assert_close(lc, lf, rtol=1e-5, atol=1e-5)
+
+
+def test_temperature_zero_is_argmax():
+    logits = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 0.0]])
+    assert sample_next_token(logits, temperature=0).flatten().tolist() == [1, 0]
+
+
+def test_top_k_filter():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    kept = torch.isfinite(top_k_filter(logits, 2))
+    assert kept.tolist() == [[False, True, True, False]]
+    assert torch.isfinite(top_k_filter(logits, 100)).all(), "k > vocab keeps everything"
+
+
+def test_top_p_filter_keeps_smallest_nucleus():
+    probs = torch.tensor([[0.5, 0.2, 0.2, 0.1]])
+    logits = probs.log()
+    kept = lambda p: torch.isfinite(top_p_filter(logits, p))[0].tolist()
+    assert kept(0.5) == [True, False, False, False]  # 0.5 already reaches p = 0.5
+    assert kept(0.6) == [True, True, False, False] or kept(0.6) == [True, False, True, False]
+    assert kept(0.95) == [True, True, True, True]
+    assert kept(1.0) == [True, True, True, True]
+    assert kept(0.01) == [True, False, False, False], "the top token always survives"
+
+
+def test_sampling_is_seeded_and_in_vocab():
+    m = tiny_model().eval()
+    idx = torch.zeros(1, 1, dtype=torch.long)
+    a = m.generate(idx, 20, top_k=5, top_p=0.9, generator=torch.Generator().manual_seed(3))
+    b = m.generate(idx, 20, top_k=5, top_p=0.9, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    assert int(a.max()) < 11
+
+
+# -----------------------------------------------------------------------------
+# Data preparation
+
+TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
+        "All:\nSpeak, speak.\n\n") * 120
+
+
+@pytest.fixture
+def data_dir(tmp_path) -> Path:
+    src = tmp_path / "input.txt"
+    src.write_text(TEXT, encoding="utf-8")
+    prepare.main(["--input", str(src), "--dataset", "tiny", "--data_dir", str(tmp_path / "data")])
+    return tmp_path / "data"
+
+
+def test_prepare_char_roundtrip(data_dir):
+    meta = json.loads((data_dir / "tiny" / "meta.json").read_text(encoding="utf-8"))
+    encode, decode = prepare.get_tokenizer(meta)
+    train_ids = np.fromfile(data_dir / "tiny" / "train.bin", dtype=np.uint16)
+    val_ids = np.fromfile(data_dir / "tiny" / "val.bin", dtype=np.uint16)
+    assert decode(train_ids.tolist()) + decode(val_ids.tolist()) == TEXT
+    assert len(train_ids) == int(0.9 * len(TEXT)) == meta["train_tokens"]
+    assert meta["vocab_size"] == len(set(TEXT))
+    assert decode(encode("Speak")) == "Speak"
+
+
+def test_gpt2_tokenizer_is_gpt2():
+    enc = prepare.gpt2_encoding()
+    assert enc.n_vocab == 50257
+    assert enc.encode("Hello world") == [15496, 995]
+    encode, decode = prepare.get_tokenizer({"tokenizer": "gpt2"})
+    s = "To be, or not to be: ¿qué? 日本 <|endoftext|>"
+    assert decode(encode(s)) == s
+    assert encode("<|endoftext|>") == [50256]
+
+
+def test_play_markdown_conversion():
+    md = ("# Play\n\n## ACT I\n\n_Enter ROMEO and\nBENVOLIO_\n\n**ROMEO**  \nO, she doth teach"
+          "  \nthe torches _Aside_ to burn bright!\n\n_Exit_\n\n**BENVOLIO**  \nAy.\n")
+    assert prepare.play_markdown_to_text(md) == (
+        "ROMEO:\nO, she doth teach\nthe torches to burn bright!\n\nBENVOLIO:\nAy.\n")
+
+
+@pytest.mark.parametrize("content,message", [
+    ("", "empty"),
+    ("ab", "too short"),
+    ("".join(chr(i) for i in range(0x20000, 0x20000 + 65536 + 10)) * 2, "65,535"),
+])
+def test_prepare_bad_input(tmp_path, capsys, content, message):
+    src = tmp_path / "in.txt"
+    src.write_text(content, encoding="utf-8")
+    with pytest.raises(SystemExit) as e:
+        prepare.main(["--input", str(src), "--dataset", "x", "--data_dir", str(tmp_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x" / "meta.json").exists(), "nothing half-written"
+
+
+def test_prepare_unreadable_file(tmp_path, capsys):
+    src = tmp_path / "bin.txt"
+    src.write_bytes(b"\xff\xfe\x00\x80" * 10)
+    with pytest.raises(SystemExit) as e:
+        prepare.main(["--input", str(src), "--data_dir", str(tmp_path)])
+    assert e.value.code == 2 and "UTF-8" in capsys.readouterr().err
+
+
+def test_get_batch_windows(data_dir):
+    path = data_dir / "tiny" / "train.bin"
+    data = np.fromfile(path, dtype=np.uint16)
+    ix = torch.tensor([0, len(data) - 9])  # the last valid window too
+    x, y = train.get_batch(path, ix, 8, torch.device("cpu"))
+    assert x.shape == y.shape == (2, 8)
+    assert torch.equal(x[:, 1:], y[:, :-1]), "y is x shifted by one"
+    assert x[1].tolist() == data[-9:-1].tolist() and y[1].tolist() == data[-8:].tolist()
+
+
+# -----------------------------------------------------------------------------
+# The scripts, end to end
+
+CPU_TINY = ["--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32",
+            "--block_size=32", "--batch_size=8", "--eval_iters=2", "--log_interval=1",
+            "--warmup_iters=2", "--dropout=0.1"]
+
+
+def test_prepare_train_resume_sample(data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    common = CPU_TINY + [f"--data_dir={data_dir}", "--dataset", "tiny", f"--out_dir={out}",
+                         "--lr_decay_iters=20", "--eval_interval=10"]
+    full = train.main(common + ["--max_iters=20", f"--out_dir={tmp_path / 'full'}"])
+    assert full["iter_num"] == 20, "the optimizer takes exactly max_iters steps"
+    first = train.main(common + ["--max_iters=10"])
+    assert (out / "ckpt.pt").exists() and first["iter_num"] == 10
+    resumed = train.main(common + ["--max_iters=20", "--init_from=resume"])
+    assert resumed["iter_num"] == 20
+    # the resumed run continues the uninterrupted one exactly
+    assert [it for it, _ in resumed["history"]] == list(range(1, 21))
+    np.testing.assert_allclose([v for _, v in resumed["history"]],
+                               [v for _, v in full["history"]], rtol=0, atol=1e-6)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["iter_num"] == 20 and ckpt["meta"]["tokenizer"] == "char"
+    capsys.readouterr()
+    texts = sample.main([f"--out_dir={out}", "--device=cpu", "--start=All:",
+                         "--num_samples=2", "--max_new_tokens=30"])
+    assert len(texts) == 2 and all(t.startswith("All:") and len(t) == 34 for t in texts)
+    assert "tokens/s" in capsys.readouterr().out
+
+
+def test_loss_falls_on_real_text(data_dir):
+    result = train.main(CPU_TINY + [f"--data_dir={data_dir}", "--dataset=tiny",
+                                    "--max_iters=150", "--eval_interval=150", "--dropout=0",
+                                    "--learning_rate=3e-3"])
+    assert result["final_losses"]["val"] < 1.5, result["final_losses"]
+
+
+def test_bool_and_value_flag_forms():
+    p = train.get_parser()
+    a = p.parse_args(["--batch_size=12", "--compile=False", "--bias"])
+    b = p.parse_args(["--batch_size", "12", "--compile", "True", "--bias=True"])
+    assert a.batch_size == b.batch_size == 12
+    assert a.compile is False and b.compile is True and a.bias is b.bias is True
+    assert p.parse_args(["--compile"]).compile is True
+
+
+def run_main(capsys, fn, argv):
+    with pytest.raises(SystemExit) as e:
+        fn(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--n_embd=30", "--n_head=4"], "divisible"),
+    (["--block_size=5000"], "block_size"),  # longer than the 984-token val split
+    (["--learning_rate=0"], "learning_rate"),
+    (["--learning_rate=-1"], "learning_rate"),
+    (["--warmup_iters=50", "--lr_decay_iters=10"], "warmup_iters"),
+])
+def test_train_bad_settings(data_dir, tmp_path, capsys, flags, message):
+    err = run_main(capsys, train.main, CPU_TINY + [f"--data_dir={data_dir}", "--dataset=tiny",
+                                                   f"--out_dir={tmp_path}", "--max_iters=2"] + flags)
+    assert message in err
+
+
+def test_train_missing_data(tmp_path, capsys):
+    err = run_main(capsys, train.main, ["--data_dir", str(tmp_path), "--dataset=nope"])
+    assert "python prepare.py --dataset nope" in err
+    err = run_main(capsys, bigram.main, ["--data_dir", str(tmp_path)])
+    assert "python prepare.py" in err
+
+
+def test_sample_errors(data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    train.main(CPU_TINY + [f"--data_dir={data_dir}", "--dataset=tiny", f"--out_dir={out}",
+                           "--max_iters=2"])
+    capsys.readouterr()
+    assert "'Z'" in run_main(capsys, sample.main, [f"--out_dir={out}", "--start=Zed"])
+    assert "top_p" in run_main(capsys, sample.main, [f"--out_dir={out}", "--top_p=0"])
+    assert "top_p" in run_main(capsys, sample.main, [f"--out_dir={out}", "--top_p=1.5"])
+    assert "temperature" in run_main(capsys, sample.main, [f"--out_dir={out}",
+                                                           "--temperature=-1"])
+    assert "no checkpoint" in run_main(capsys, sample.main, [f"--out_dir={tmp_path / 'x'}"])
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("this ran code",))
+
+
+def test_foreign_and_malicious_checkpoints_refused(tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    torch.save({"just": "a dict"}, tmp_path / "a" / "ckpt.pt")
+    assert "not a checkpoint" in run_main(capsys, sample.main, [f"--out_dir={tmp_path / 'a'}"])
+    (tmp_path / "b").mkdir()
+    with open(tmp_path / "b" / "ckpt.pt", "wb") as f:
+        pickle.dump({"model": Evil()}, f)
+    err = run_main(capsys, sample.main, [f"--out_dir={tmp_path / 'b'}"])
+    assert "not a checkpoint" in err and "this ran code" not in err
+
+
+def test_bigram_learns(data_dir, capsys):
+    losses = bigram.main([f"--data_dir={data_dir}", "--dataset=tiny", "--max_iters=300",
+                          "--eval_interval=300", "--eval_iters=20", "--max_new_tokens=20"])
+    assert losses["val"] < 2.0, losses  # ln(vocab) ~ 3.2 at the start
