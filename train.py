@@ -13,6 +13,7 @@ the training loop itself. The model lives in gpt.py.
 """
 
 import argparse
+import csv
 import json
 import math
 import os
@@ -24,8 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt import GPT, GPTConfig
+from prepare import get_tokenizer
 
 ROOT = Path(__file__).resolve().parent
 
@@ -60,6 +63,11 @@ def get_parser() -> argparse.ArgumentParser:
     flag("--eval_only", False, "evaluate once and exit")
     flag("--always_save_checkpoint", False, "save at every eval, not only when val improves")
     g.add_argument("--init_from", default="scratch", help="'scratch' or 'resume' (from out_dir)")
+    g.add_argument("--sample_every", type=int, default=None,
+                   help="print a short sample every this many steps, at an eval (default: "
+                        "eval_interval; 0 = never)")
+    g.add_argument("--plot", metavar="OUT_DIR", default=None,
+                   help="only draw OUT_DIR/log.csv to OUT_DIR/loss.png, then exit")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="shakespeare_char", help="folder under data/")
     g.add_argument("--data_dir", default=str(ROOT / "data"), help="where dataset folders live")
@@ -67,6 +75,7 @@ def get_parser() -> argparse.ArgumentParser:
                    help="micro-batches summed into one update (a bigger batch in less memory)")
     g.add_argument("--batch_size", type=int, default=64, help="sequences per micro-batch")
     g.add_argument("--block_size", type=int, default=256, help="maximum context length")
+    flag("--overfit_batch", False, "train on one fixed batch, dropout off: a debugging check")
     g = p.add_argument_group("model")
     g.add_argument("--n_layer", type=int, default=6, help="how many transformer blocks")
     g.add_argument("--n_head", type=int, default=6, help="attention heads per block")
@@ -91,6 +100,8 @@ def get_parser() -> argparse.ArgumentParser:
                    help="auto: bfloat16 on CUDA where supported, else float32")
     flag("--compile", None, "torch.compile the model (default: on for CUDA, off elsewhere)")
     g.add_argument("--seed", type=int, default=1337, help="seed for init, batches and dropout")
+    g.add_argument("--backend", default="auto",
+                   help="distributed backend under torchrun: auto (nccl on CUDA, else gloo)")
     return p
 
 
@@ -104,8 +115,8 @@ def check_args(a) -> None:
                  "eval_interval", "log_interval", "gradient_accumulation_steps"):
         if getattr(a, name) <= 0:
             raise UserError(f"--{name} must be positive")
-    if a.max_iters < 0 or a.warmup_iters < 0 or a.grad_clip < 0:
-        raise UserError("max_iters, warmup_iters and grad_clip cannot be negative")
+    if a.max_iters < 0 or a.warmup_iters < 0 or a.grad_clip < 0 or (a.sample_every or 0) < 0:
+        raise UserError("max_iters, warmup_iters, grad_clip and sample_every cannot be negative")
     if not 0 <= a.dropout < 1:
         raise UserError("dropout must be in [0, 1)")
     if a.lr_decay_iters is None:
@@ -113,6 +124,10 @@ def check_args(a) -> None:
     if a.decay_lr and a.warmup_iters > a.lr_decay_iters:
         raise UserError(f"warmup_iters ({a.warmup_iters}) is longer than lr_decay_iters "
                         f"({a.lr_decay_iters}): lower --warmup_iters")
+    if a.sample_every is None:
+        a.sample_every = a.eval_interval
+    if a.overfit_batch:
+        a.dropout = 0.0  # one batch, memorised: dropout would only fight it
     if a.init_from not in ("scratch", "resume"):
         raise UserError(f"--init_from must be 'scratch' or 'resume', not {a.init_from!r}")
 
@@ -212,14 +227,19 @@ def configure_optimizer(model, weight_decay, learning_rate, betas):
 # Gradient clipping
 
 
+def grad_norm(parameters) -> torch.Tensor:
+    """The global L2 norm: sqrt(sum over every gradient entry of g^2)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float())
+                                                 for g in grads]))
+
+
 def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     """Scale all gradients by one factor so their global L2 norm is at most max_norm.
-
-    norm = sqrt(sum over every gradient entry of g^2). Returns the norm before clipping.
-    """
+    Returns the norm before clipping."""
+    parameters = list(parameters)
     grads = [p.grad for p in parameters if p.grad is not None]
-    norm = torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    norm = grad_norm(parameters)
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # 1 when already small enough
     torch._foreach_mul_(grads, scale.to(grads[0].dtype))
     return norm
@@ -365,24 +385,185 @@ def pick_dtype(name: str, device: torch.device) -> str:
 
 
 # -----------------------------------------------------------------------------
+# Model FLOPs utilisation: the share of the device's peak that the model's math uses
+
+# Dense bf16 tensor-core peaks from the vendors' data sheets, in FLOP/s (float32 runs as TF32
+# on these, at half the rate). A GPU not listed gets its peak measured.
+GPU_PEAK_BF16 = {"H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100": 756e12,
+                 "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12, "A10": 125e12,
+                 "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def flops_per_token(model_args: dict, n_params: int) -> float:
+    """Training FLOPs per token (PaLM appendix B): 6 per parameter (2 forward, 4 backward)
+    for the matmuls, plus attention's own: 6 * 2 * n_layer * block_size * n_embd."""
+    n_layer, T, C = model_args["n_layer"], model_args["block_size"], model_args["n_embd"]
+    return 6 * n_params + 12 * n_layer * T * C
+
+
+def measure_matmul_peak(device: torch.device, dtype=torch.float32, n: int = 1024,
+                        reps: int = 10) -> float:
+    """FLOP/s of the best of `reps` (n x n) @ (n x n) matmuls: 2 n^3 FLOPs each."""
+    g = torch.Generator(device=device).manual_seed(0)  # leave the training RNG alone
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best = float("inf")
+    for _ in range(reps + 2):  # the first two warm up
+        sync()
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def device_peak_flops(device: torch.device, dtype: str) -> float:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in GPU_PEAK_BF16.items():  # most specific names come first
+            if key in name:
+                return peak if dtype != "float32" else peak / 2
+        return measure_matmul_peak(device, torch.bfloat16, n=4096)
+    return measure_matmul_peak(device)
+
+
+# -----------------------------------------------------------------------------
+# Logs and plots
+
+LOG_FIELDS = ["iter", "loss", "lr", "grad_norm", "ms_per_iter", "tokens_per_s", "mfu",
+              "train_loss", "val_loss"]
+
+
+def append_log(path: Path, **row) -> None:
+    """One CSV row per log line or evaluation; fields a row doesn't have stay empty."""
+    new = not path.exists()
+    with open(path, "a", encoding="utf-8", newline="") as f:
+        w = csv.DictWriter(f, LOG_FIELDS)
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def truncate_log(path: Path, iter_num: int) -> None:
+    """On resume, drop what the interrupted run logged after its checkpoint."""
+    if not path.exists():
+        return
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if int(r["iter"]) <= iter_num]
+    path.unlink()
+    for r in rows:
+        append_log(path, **r)
+
+
+def plot_losses(out_dir: Path) -> Path:
+    """Draw out_dir/log.csv's loss curves to out_dir/loss.png."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no window
+    import matplotlib.pyplot as plt
+
+    log = out_dir / "log.csv"
+    if not log.exists():
+        raise UserError(f"no {log} to plot: train with --out_dir {out_dir} first")
+    with open(log, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+
+    def series(field):
+        pts = [(int(r["iter"]), float(r[field])) for r in rows if r[field]]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.plot(*series("loss"), color="tab:blue", alpha=0.3, lw=1, label="train (one batch)")
+    ax.plot(*series("train_loss"), "o-", color="tab:blue", label="train (estimate)")
+    ax.plot(*series("val_loss"), "o-", color="tab:orange", label="val (estimate)")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("cross-entropy loss (nats/token)")
+    ax.set_title(f"{out_dir.name}: training curves")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    png = out_dir / "loss.png"
+    fig.savefig(png, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return png
+
+
+# -----------------------------------------------------------------------------
+# Distributed data parallel: one process per device, launched by torchrun
+
+
+def setup_ddp(args):
+    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is a single process.
+
+    Returns (rank, world_size); world_size 1 means no DDP."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    on_gpu = args.device != "cpu" and torch.cuda.is_available()
+    backend = args.backend if args.backend != "auto" else ("nccl" if on_gpu else "gloo")
+    if on_gpu:
+        args.device = f"cuda:{local_rank}"
+        torch.cuda.set_device(args.device)
+    else:
+        args.device = "cpu"
+    torch.distributed.init_process_group(backend=backend)
+    if args.gradient_accumulation_steps % world_size:
+        raise UserError(f"--gradient_accumulation_steps ({args.gradient_accumulation_steps}) "
+                        f"must be a multiple of the number of processes ({world_size})")
+    return rank, world_size
+
+
+def all_ranks_any(flags: list, world_size: int, device) -> list:
+    """Each flag made true on every rank if it is true on any, so all ranks stop together."""
+    if world_size == 1:
+        return flags
+    t = torch.tensor([float(f) for f in flags], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+# -----------------------------------------------------------------------------
 # The training loop
 
 
-def main(argv=None) -> dict:
+class Diverged(Exception):
+    """The loss or the gradient norm stopped being a finite number."""
+
+
+def main(argv=None) -> dict | None:
     """Train, and return what happened (losses by step, best val loss, checkpoint path)."""
     args = get_parser().parse_args(argv)
     try:
+        if args.plot:
+            print(f"wrote {plot_losses(Path(args.plot))}")
+            return None
         return train(args)
     except UserError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Diverged as e:
+        print(f"train.py: stopped: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def train(args) -> dict:
     check_args(args)
+    rank, world_size = setup_ddp(args)
+    try:
+        return train_loop(args, rank, world_size)
+    finally:
+        if world_size > 1:
+            torch.distributed.destroy_process_group()
+
+
+def train_loop(args, rank: int, world_size: int) -> dict:
+    master = rank == 0  # only rank 0 prints, logs and saves
+    log = print if master else (lambda *a, **k: None)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     compile_model = args.compile if args.compile is not None else device.type == "cuda"
+    # Every rank starts from the same seed for the model (DDP also copies rank 0's weights to
+    # the others); dropout gets a stream of its own per rank.
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     if device.type == "cuda":
@@ -399,20 +580,22 @@ def train(args) -> dict:
     # data ---------------------------------------------------------------------
     data_dir = Path(args.data_dir)
     out_dir = Path(args.out_dir)
-    ckpt_path = out_dir / "ckpt.pt"
+    ckpt_path, log_path = out_dir / "ckpt.pt", out_dir / "log.csv"
     meta = load_meta(data_dir, args.dataset)
     splits = {s: data_dir / args.dataset / f"{s}.bin" for s in ("train", "val")}
     shortest = min(num_tokens(p) for p in splits.values())
     if args.block_size >= shortest:
         raise UserError(f"block_size {args.block_size} is not shorter than the smallest split "
                         f"({shortest} tokens): lower --block_size or use more text")
-    batch_gen = torch.Generator().manual_seed(args.seed)  # which windows each step trains on
+    # Which windows each step trains on. Every rank draws the same offsets for the whole
+    # global batch and takes its own slice, so N processes see exactly what one would.
+    batch_gen = torch.Generator().manual_seed(args.seed)
 
     # model and optimizer ------------------------------------------------------
     iter_num, best_val_loss, history = 0, float("inf"), []
     model_args = {"n_layer": args.n_layer, "n_head": args.n_head, "n_embd": args.n_embd,
-                      "block_size": args.block_size, "bias": args.bias, "vocab_size": meta["vocab_size"],
-                      "dropout": args.dropout}
+                  "block_size": args.block_size, "bias": args.bias,
+                  "vocab_size": meta["vocab_size"], "dropout": args.dropout}
     ckpt = None
     if args.init_from == "resume":
         ckpt = load_checkpoint(ckpt_path, map_location=device)
@@ -430,13 +613,26 @@ def train(args) -> dict:
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         history = ckpt.get("history", [])
         set_rng_state(ckpt["rng"], batch_gen)
-        print(f"resuming from {ckpt_path} at iteration {iter_num}")
+        log(f"resuming from {ckpt_path} at iteration {iter_num}")
         del ckpt
-    print(f"model: {model.num_params() / 1e6:.2f}M parameters; device {device}, {dtype}; "
-          f"optimizer groups: {n_decay} decayed tensors, {n_no_decay} not")
+    if rank > 0:
+        torch.manual_seed(args.seed + rank)  # dropout masks differ between ranks
+    if master:  # a fresh run starts a fresh log; a resumed one forgets what came after its save
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if iter_num:
+            truncate_log(log_path, iter_num)
+        else:
+            log_path.unlink(missing_ok=True)
+    n_params = model.num_params()
+    log(f"model: {n_params / 1e6:.2f}M parameters; device {device}, {dtype}; optimizer "
+        f"groups: {n_decay} decayed tensors, {n_no_decay} not"
+        + (f"; {world_size} processes" if world_size > 1 else ""))
     raw_model = model  # checkpoints save this one: a compiled model prefixes keys "_orig_mod."
     if compile_model:
         model = torch.compile(model)
+    eval_model = model  # evaluation runs on rank 0 alone, outside DDP
+    if world_size > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def checkpoint() -> dict:
         return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -444,18 +640,34 @@ def train(args) -> dict:
                 "best_val_loss": best_val_loss, "meta": meta, "rng": rng_state(batch_gen),
                 "history": history}
 
+    # a fixed prompt for the sample printed at evaluations: the start of the val split
+    encode_decode = get_tokenizer(meta)
+    prompt = torch.from_numpy(np.fromfile(splits["val"], dtype=np.uint16, count=16).astype(
+        np.int64))[None].to(device)
+
     # Ctrl-C finishes the current step, saves, and exits, instead of losing the run.
     stop = {"now": False}
 
     def on_sigint(signum, frame):
-        print("\ninterrupted: finishing this step, then saving a checkpoint", flush=True)
+        log("\ninterrupted: finishing this step, then saving a checkpoint", flush=True)
         stop["now"] = True
 
     old_handler = signal.signal(signal.SIGINT, on_sigint)
+    gas = args.gradient_accumulation_steps // world_size  # micro-steps on this rank
     tokens_per_iter = args.gradient_accumulation_steps * args.batch_size * args.block_size
+    flops_per_iter = flops_per_token(model_args, n_params) * tokens_per_iter / world_size
+    peak = device_peak_flops(device, dtype) if master else 1.0
     n_train = num_tokens(splits["train"])
-    saved = False
-    t0, t_start = time.perf_counter(), time.perf_counter()
+    # offsets of the global batch, (gradient_accumulation_steps, batch_size), for one step
+    def draw_offsets():
+        return torch.randint(n_train - args.block_size,
+                             (args.gradient_accumulation_steps, args.batch_size),
+                             generator=batch_gen)
+
+    fixed_ix = draw_offsets() if args.overfit_batch else None  # one batch, again and again
+    saved, losses = False, {}
+    t_start = t0 = time.perf_counter()
+    eval_time = 0.0  # evaluation time since the last log line, left out of ms/iter
     try:
         while True:
             # 1) set this step's learning rate
@@ -466,11 +678,16 @@ def train(args) -> dict:
 
             # 2) evaluate now and then, and at the very end; save when val improves
             last = iter_num == args.max_iters or stop["now"]
-            if iter_num % args.eval_interval == 0 or last or args.eval_only:
-                losses = estimate_loss(model, splits, args.eval_iters, args.batch_size,
+            if master and (iter_num % args.eval_interval == 0 or last or args.eval_only):
+                t_eval = time.perf_counter()
+                losses = estimate_loss(eval_model, splits, args.eval_iters, args.batch_size,
                                        args.block_size, device, ctx, seed=args.seed)
-                print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss "
-                      f"{losses['val']:.4f}, val perplexity {math.exp(losses['val']):.2f}")
+                log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss "
+                    f"{losses['val']:.4f}, val perplexity {math.exp(losses['val']):.2f}")
+                append_log(log_path, iter=iter_num, train_loss=f"{losses['train']:.6f}",
+                           val_loss=f"{losses['val']:.6f}")
+                if args.sample_every and iter_num % args.sample_every == 0:
+                    generate_and_print_sample(raw_model, prompt, encode_decode[1], seed=args.seed)
                 improved = losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, losses["val"])
                 # a run always leaves a checkpoint, and Ctrl-C always saves where it stopped
@@ -478,54 +695,82 @@ def train(args) -> dict:
                                      or (last and not saved)):
                     save_checkpoint(checkpoint(), ckpt_path)
                     saved = True
-                    print(f"saved checkpoint to {ckpt_path}")
+                    log(f"saved checkpoint to {ckpt_path}")
+                eval_time += time.perf_counter() - t_eval
             if last or args.eval_only:
                 break
 
-            # 3) forward, backward over the micro-batches; gradients add up
-            ix = torch.randint(n_train - args.block_size,
-                               (args.gradient_accumulation_steps, args.batch_size),
-                               generator=batch_gen)
+            # 3) forward, backward over this rank's micro-batches; gradients add up
+            ix = fixed_ix if fixed_ix is not None else draw_offsets()
             loss_sum = 0.0
-            for micro_step in range(args.gradient_accumulation_steps):
-                x, y = get_batch(splits["train"], ix[micro_step], args.block_size, device)
+            for micro_step in range(gas):
+                if world_size > 1:  # all-reduce the gradients once, after the last micro-step
+                    model.require_backward_grad_sync = micro_step == gas - 1
+                x, y = get_batch(splits["train"], ix[rank * gas + micro_step], args.block_size,
+                                 device)
                 with ctx:
                     _, loss = model(x, y)
                     # the mean over all micro-batches, not the sum: divide here
-                    loss = loss / args.gradient_accumulation_steps
+                    loss = loss / gas
                 scaler.scale(loss).backward()
                 loss_sum = loss_sum + loss.detach()
 
-            # 4) clip the global gradient norm (on unscaled gradients), step, clear
+            # 4) clip the global gradient norm (on unscaled gradients), check, step, clear
             scaler.unscale_(optimizer)
             norm = (clip_grad_norm(raw_model.parameters(), args.grad_clip) if args.grad_clip
-                    else None)
+                    else grad_norm(raw_model.parameters()))
+            # float16's scaler skips steps with overflowing gradients by design; else a
+            # non-finite norm, like a non-finite loss, means the run has diverged
+            watched = loss_sum if dtype == "float16" else loss_sum + norm
+            diverged, stop["now"] = all_ranks_any([not torch.isfinite(watched).item(),
+                                                   stop["now"]], world_size, device)
+            if diverged:
+                kept = (f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists()
+                        else "no checkpoint was saved")
+                raise Diverged(f"loss {loss_sum.item():.4g}, gradient norm {norm.item():.4g} "
+                               f"at iteration {iter_num}: not finite; {kept} (try a lower "
+                               "--learning_rate or --grad_clip 1)")
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             iter_num += 1
 
             # 5) log; .item() waits for the GPU, so only do it at log steps
-            if iter_num % args.log_interval == 0:
+            if iter_num % args.log_interval == 0 and master:
                 sync()
-                dt = time.perf_counter() - t0
-                t0 = time.perf_counter()
+                dt = time.perf_counter() - t0 - eval_time
+                t0, eval_time = time.perf_counter(), 0.0
                 lossf = loss_sum.item()
                 history.append((iter_num, lossf))
-                steps = min(iter_num, args.log_interval)
-                ms = 1000 * dt / steps
-                gn = f", grad norm {norm.item():.3f}" if norm is not None else ""
-                print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}{gn}, {ms:.1f} ms/iter, "
-                      f"{tokens_per_iter / (ms / 1000):,.0f} tokens/s")
+                ms = 1000 * dt / min(iter_num, args.log_interval)
+                mfu = flops_per_iter / (ms / 1000) / peak
+                log(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, grad norm "
+                    f"{norm.item():.3f}, {ms:.1f} ms/iter, "
+                    f"{tokens_per_iter / (ms / 1000):,.0f} tokens/s, MFU {100 * mfu:.1f}%")
+                append_log(log_path, iter=iter_num, loss=f"{lossf:.6f}", lr=f"{lr:.6g}",
+                           grad_norm=f"{norm.item():.6g}", ms_per_iter=f"{ms:.3f}",
+                           tokens_per_s=f"{tokens_per_iter / (ms / 1000):.1f}", mfu=f"{mfu:.4f}")
     finally:
         signal.signal(signal.SIGINT, old_handler)
     elapsed = time.perf_counter() - t_start
     if stop["now"]:
-        print(f"stopped at iteration {iter_num}; resume with: python train.py "
-              f"--init_from=resume --out_dir={args.out_dir} (and your other flags)")
-    print(f"done: {iter_num} iterations in {elapsed:.1f}s, best val loss {best_val_loss:.4f}")
+        log(f"stopped at iteration {iter_num}; resume with: python train.py "
+            f"--init_from=resume --out_dir={args.out_dir} (and your other flags)")
+    if master and log_path.exists():
+        try:
+            log(f"wrote {plot_losses(out_dir)}")
+        except ImportError:
+            log("matplotlib is not installed: no loss.png (pip install matplotlib)")
+    log(f"done: {iter_num} iterations in {elapsed:.1f}s, best val loss {best_val_loss:.4f}")
     return {"iter_num": iter_num, "best_val_loss": best_val_loss, "history": history,
             "final_losses": losses, "elapsed": elapsed, "ckpt_path": str(ckpt_path)}
+
+
+def generate_and_print_sample(model, prompt, decode, seed: int, max_new_tokens: int = 100):
+    """What the model writes now, from a fixed prompt and seed: a qualitative progress check."""
+    g = torch.Generator(device=prompt.device).manual_seed(seed)
+    out = model.generate(prompt, max_new_tokens, temperature=0.8, top_k=200, generator=g)
+    print("sample: " + repr(decode(out[0].tolist()))[:400])
 
 
 if __name__ == "__main__":
