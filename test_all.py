@@ -454,6 +454,171 @@ def test_sample_errors(data_dir, tmp_path, capsys):
     assert "no checkpoint" in run_main(capsys, sample.main, [f"--out_dir={tmp_path / 'x'}"])
 
 
+# -----------------------------------------------------------------------------
+# Training that survives faults and scales out
+
+
+def train_tiny(data_dir, out, *flags):
+    return train.main(CPU_TINY + [f"--data_dir={data_dir}", "--dataset=tiny", f"--out_dir={out}",
+                                  "--dropout=0", "--sample_every=0", *flags])
+
+
+def ckpt_params(out) -> dict:
+    return torch.load(Path(out) / "ckpt.pt", weights_only=True)["model"]
+
+
+def assert_same_params(a: dict, b: dict, atol=1e-6):
+    assert a.keys() == b.keys()
+    for k, v in a.items():
+        torch.testing.assert_close(v, b[k], rtol=0, atol=atol, msg=k)
+
+
+def test_gradient_accumulation_equals_bigger_batch(data_dir, tmp_path):
+    # the same 8 windows (drawn as (2, 4) or (1, 8) from one generator), one update
+    train_tiny(data_dir, tmp_path / "acc", "--max_iters=1", "--batch_size=4",
+               "--gradient_accumulation_steps=2")
+    train_tiny(data_dir, tmp_path / "big", "--max_iters=1", "--batch_size=8")
+    assert_same_params(ckpt_params(tmp_path / "acc"), ckpt_params(tmp_path / "big"))
+    # and it is a real update: a different batch gives different parameters
+    train_tiny(data_dir, tmp_path / "half", "--max_iters=1", "--batch_size=4")
+    with pytest.raises(AssertionError):
+        assert_same_params(ckpt_params(tmp_path / "acc"), ckpt_params(tmp_path / "half"))
+
+
+def test_grad_clip_zero_disables_clipping(data_dir, tmp_path):
+    train_tiny(data_dir, tmp_path / "off", "--max_iters=2", "--grad_clip=0")
+    train_tiny(data_dir, tmp_path / "huge", "--max_iters=2", "--grad_clip=1e9")
+    train_tiny(data_dir, tmp_path / "tight", "--max_iters=2", "--grad_clip=1e-3")
+    assert_same_params(ckpt_params(tmp_path / "off"), ckpt_params(tmp_path / "huge"), atol=0)
+    with pytest.raises(AssertionError):
+        assert_same_params(ckpt_params(tmp_path / "off"), ckpt_params(tmp_path / "tight"))
+
+
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    train.save_checkpoint({"model": {"w": torch.ones(3)}, "model_args": {}}, path)
+
+    def dies_midway(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # the process is killed mid-write
+
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint({"model": {"w": torch.zeros(3)}, "model_args": {}}, path)
+    monkeypatch.undo()
+    assert torch.equal(train.load_checkpoint(path)["model"]["w"], torch.ones(3))
+
+
+def test_divergence_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch,
+                                                         capsys):
+    calls = {"n": 0}
+    real_grad_norm = train.grad_norm
+
+    def goes_nan_at_step_7(params):
+        calls["n"] += 1
+        norm = real_grad_norm(params)
+        return norm * float("nan") if calls["n"] == 7 else norm  # step index 6
+
+    monkeypatch.setattr(train, "grad_norm", goes_nan_at_step_7)
+    with pytest.raises(SystemExit) as e:
+        train_tiny(data_dir, tmp_path, "--max_iters=20", "--eval_interval=5",
+                   "--always_save_checkpoint")
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "iteration 6" in err and "not finite" in err, err
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["iter_num"] == 5
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_log_csv_plot_and_samples(data_dir, tmp_path, capsys):
+    train.main(CPU_TINY + [f"--data_dir={data_dir}", "--dataset=tiny", f"--out_dir={tmp_path}",
+                           "--max_iters=6", "--eval_interval=3", "--log_interval=2"])
+    out = capsys.readouterr().out
+    assert out.count("sample: ") == 3 and "MFU" in out  # at steps 0, 3 and 6
+    rows = (tmp_path / "log.csv").read_text(encoding="utf-8").splitlines()
+    assert rows[0].split(",") == train.LOG_FIELDS
+    logged = [r.split(",") for r in rows[1:]]
+    assert [int(r[0]) for r in logged if r[1]] == [2, 4, 6]  # training loss rows
+    assert [int(r[0]) for r in logged if r[8]] == [0, 3, 6]  # evaluation rows
+    assert all(0 < float(r[6]) < 1 for r in logged if r[6])  # MFU, a fraction of the peak
+    png = tmp_path / "loss.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png.unlink()
+    assert train.main(["--plot", str(tmp_path)]) is None and png.exists()
+    train.main(CPU_TINY + [f"--data_dir={data_dir}", "--dataset=tiny", f"--out_dir={tmp_path}",
+                           "--max_iters=3", "--eval_interval=3", "--sample_every=0"])
+    assert "sample: " not in capsys.readouterr().out
+
+
+def test_resume_drops_log_rows_after_the_checkpoint(tmp_path):
+    log = tmp_path / "log.csv"
+    for it in range(1, 8):
+        train.append_log(log, iter=it, loss=1.0)
+    train.truncate_log(log, 4)
+    assert [r.split(",")[0] for r in log.read_text().splitlines()] == ["iter", "1", "2", "3",
+                                                                       "4"]
+
+
+def test_flops_per_token_matches_counted_flops():
+    from torch.utils.flop_counter import FlopCounterMode
+    args = {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 32, "vocab_size": 65}
+    model = GPT(GPTConfig(**args, bias=False))
+    x = torch.randint(65, (4, 32))
+    with FlopCounterMode(display=False) as counter:
+        model(x, x)[1].backward()
+    formula = train.flops_per_token(args, model.num_params()) * x.numel()
+    assert 0.85 < counter.get_total_flops() / formula <= 1.0
+
+
+def test_overfit_batch_memorises(data_dir, tmp_path):
+    result = train.main(CPU_TINY + [f"--data_dir={data_dir}", "--dataset=tiny",
+                                    f"--out_dir={tmp_path}", "--overfit_batch", "--max_iters=150",
+                                    "--learning_rate=1e-2", "--eval_interval=150",
+                                    "--sample_every=0", "--log_interval=10"])
+    assert result["history"][-1][1] < 0.1, result["history"][-3:]
+
+
+def test_sigint_saves_and_says_how_to_resume(data_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-u", "train.py", *CPU_TINY, f"--data_dir={data_dir}",
+           "--dataset=tiny", f"--out_dir={tmp_path}", "--max_iters=100000",
+           "--eval_interval=100000", "--sample_every=0"]
+    proc = subprocess.Popen(cmd, cwd=Path(train.__file__).parent, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("iter 5:"):
+            proc.send_signal(signal.SIGINT)
+            break
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, out
+    assert "--init_from=resume" in out and "saved checkpoint" in out
+    assert train.load_checkpoint(tmp_path / "ckpt.pt")["iter_num"] >= 5
+
+
+def test_ddp_two_processes_match_one(data_dir, tmp_path):
+    import subprocess
+    import sys
+    flags = [*CPU_TINY, f"--data_dir={data_dir}", "--dataset=tiny", "--dropout=0",
+             "--sample_every=0", "--max_iters=1", "--gradient_accumulation_steps=2"]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc_per_node=2", "train.py", *flags, f"--out_dir={tmp_path / 'ddp'}"],
+                   cwd=Path(train.__file__).parent, check=True, timeout=120,
+                   capture_output=True)
+    train.main(flags + [f"--out_dir={tmp_path / 'one'}"])
+    assert_same_params(ckpt_params(tmp_path / "ddp"), ckpt_params(tmp_path / "one"))
+
+
+def test_adamw_keeps_fp32_state_for_low_precision_params():
+    p = torch.nn.Parameter(torch.randn(4, 4, dtype=torch.bfloat16))
+    p.grad = torch.randn(4, 4, dtype=torch.bfloat16)
+    opt = train.AdamW([p], lr=1e-3)
+    opt.step()
+    assert opt.state[p]["exp_avg"].dtype == opt.state[p]["exp_avg_sq"].dtype == torch.float32
+    assert p.dtype == torch.bfloat16
+
+
 class Evil:
     def __reduce__(self):
         return (print, ("this ran code",))

@@ -119,8 +119,8 @@ def check_args(a) -> None:
         raise UserError("max_iters, warmup_iters, grad_clip and sample_every cannot be negative")
     if not 0 <= a.dropout < 1:
         raise UserError("dropout must be in [0, 1)")
-    if a.lr_decay_iters is None:
-        a.lr_decay_iters = a.max_iters
+    if a.lr_decay_iters is None:  # a short run (a smoke test) may end inside the warmup
+        a.lr_decay_iters = max(a.max_iters, a.warmup_iters)
     if a.decay_lr and a.warmup_iters > a.lr_decay_iters:
         raise UserError(f"warmup_iters ({a.warmup_iters}) is longer than lr_decay_iters "
                         f"({a.lr_decay_iters}): lower --warmup_iters")
