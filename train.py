@@ -268,7 +268,25 @@ def get_batch(path: Path, ix: torch.Tensor, block_size: int, device: torch.devic
     data = np.memmap(path, dtype=np.uint16, mode="r")
     rows = data[ix.numpy()[:, None] + np.arange(block_size + 1)]  # (B, T+1) in one gather
     xy = torch.from_numpy(rows.astype(np.int64))
-    x, y = xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
+    return to_device(xy[:, :-1].contiguous(), xy[:, 1:].contiguous(), device)
+
+
+def get_task_batch(path: Path, ix: torch.Tensor, meta: dict, device: torch.device):
+    """Whole problems number ix (B,) of a task dataset (prepare.py --dataset reverse|addition).
+
+    A row is prompt + answer, L = example_len tokens; x = row[:-1], y = row[1:] (B, L-1), and
+    y is -1 (no loss) where the target is still part of the prompt: the model is scored on
+    the answer alone, the only part it can know.
+    """
+    L, P = meta["example_len"], meta["prompt_len"]
+    data = np.memmap(path, dtype=np.uint16, mode="r").reshape(-1, L)
+    rows = torch.from_numpy(data[ix.numpy()].astype(np.int64))  # (B, L)
+    y = rows[:, 1:].clone()
+    y[:, :P - 1] = -1  # y[:, j] is token j+1; the answer starts at token P
+    return to_device(rows[:, :-1].contiguous(), y, device)
+
+
+def to_device(x, y, device):
     if device.type == "cuda":  # pinned memory lets the copy overlap with compute
         return (x.pin_memory().to(device, non_blocking=True),
                 y.pin_memory().to(device, non_blocking=True))
@@ -280,8 +298,8 @@ def num_tokens(path: Path) -> int:
 
 
 @torch.no_grad()
-def estimate_loss(model, splits: dict, eval_iters: int, batch_size: int, block_size: int,
-                  device, ctx, seed: int = 0) -> dict:
+def estimate_loss(model, get_split_batch, n_windows: dict, eval_iters: int, batch_size: int,
+                  ctx, seed: int = 0) -> dict:
     """Mean loss over eval_iters batches of each split, in eval mode (no dropout).
 
     The batches come from their own generator, seeded the same each time: every evaluation
@@ -290,19 +308,30 @@ def estimate_loss(model, splits: dict, eval_iters: int, batch_size: int, block_s
     """
     out = {}
     model.eval()
-    for split, path in splits.items():
+    for split, high in n_windows.items():
         g = torch.Generator().manual_seed(seed)
-        high = num_tokens(path) - block_size
         losses = torch.zeros(eval_iters)
         for k in range(eval_iters):
             ix = torch.randint(high, (batch_size,), generator=g)
-            x, y = get_batch(path, ix, block_size, device)
+            x, y = get_split_batch(split, ix)
             with ctx:
                 _, loss = model(x, y)
             losses[k] = loss.item()
         out[split] = losses.mean().item()
     model.train()
     return out
+
+
+@torch.no_grad()
+def exact_match(model, path: Path, meta: dict, device, batch_size: int = 500) -> float:
+    """The share of a task's problems whose whole answer greedy decoding gets right."""
+    L, P = meta["example_len"], meta["prompt_len"]
+    rows = torch.from_numpy(np.fromfile(path, dtype=np.uint16).reshape(-1, L).astype(np.int64))
+    correct = 0
+    for chunk in rows.to(device).split(batch_size):
+        out = model.generate(chunk[:, :P], L - P, temperature=0)  # (B, L)
+        correct += (out[:, P:] == chunk[:, P:]).all(dim=1).sum().item()
+    return correct / len(rows)
 
 
 # -----------------------------------------------------------------------------
@@ -432,7 +461,7 @@ def device_peak_flops(device: torch.device, dtype: str) -> float:
 # Logs and plots
 
 LOG_FIELDS = ["iter", "loss", "lr", "grad_norm", "ms_per_iter", "tokens_per_s", "mfu",
-              "train_loss", "val_loss"]
+              "train_loss", "val_loss", "val_exact_match"]
 
 
 def append_log(path: Path, **row) -> None:
@@ -583,10 +612,22 @@ def train_loop(args, rank: int, world_size: int) -> dict:
     ckpt_path, log_path = out_dir / "ckpt.pt", out_dir / "log.csv"
     meta = load_meta(data_dir, args.dataset)
     splits = {s: data_dir / args.dataset / f"{s}.bin" for s in ("train", "val")}
-    shortest = min(num_tokens(p) for p in splits.values())
-    if args.block_size >= shortest:
-        raise UserError(f"block_size {args.block_size} is not shorter than the smallest split "
-                        f"({shortest} tokens): lower --block_size or use more text")
+    task = meta.get("task")  # a task dataset: whole problems, loss on the answers only
+    if task:
+        args.block_size = meta["example_len"] - 1  # a problem, less its last token
+        n_windows = {s: num_tokens(p) // meta["example_len"] for s, p in splits.items()}
+
+        def get_split_batch(split, ix):
+            return get_task_batch(splits[split], ix, meta, device)
+    else:
+        n_windows = {s: num_tokens(p) - args.block_size for s, p in splits.items()}
+        if min(n_windows.values()) <= 0:
+            raise UserError(f"block_size {args.block_size} is not shorter than the smallest "
+                            f"split ({min(map(num_tokens, splits.values()))} tokens): lower "
+                            "--block_size or use more text")
+
+        def get_split_batch(split, ix):
+            return get_batch(splits[split], ix, args.block_size, device)
     # Which windows each step trains on. Every rank draws the same offsets for the whole
     # global batch and takes its own slice, so N processes see exactly what one would.
     batch_gen = torch.Generator().manual_seed(args.seed)
@@ -641,9 +682,11 @@ def train_loop(args, rank: int, world_size: int) -> dict:
                 "history": history}
 
     # a fixed prompt for the sample printed at evaluations: the start of the val split
-    encode_decode = get_tokenizer(meta)
-    prompt = torch.from_numpy(np.fromfile(splits["val"], dtype=np.uint16, count=16).astype(
-        np.int64))[None].to(device)
+    # (for a task, its first problem, answered greedily)
+    decode = get_tokenizer(meta)[1]
+    prompt = torch.from_numpy(np.fromfile(splits["val"], dtype=np.uint16, count=meta.get(
+        "prompt_len", 16)).astype(np.int64))[None].to(device)
+    sample_args = ({"max_new_tokens": meta["answer_len"], "temperature": 0} if task else {})
 
     # Ctrl-C finishes the current step, saves, and exits, instead of losing the run.
     stop = {"now": False}
@@ -657,10 +700,9 @@ def train_loop(args, rank: int, world_size: int) -> dict:
     tokens_per_iter = args.gradient_accumulation_steps * args.batch_size * args.block_size
     flops_per_iter = flops_per_token(model_args, n_params) * tokens_per_iter / world_size
     peak = device_peak_flops(device, dtype) if master else 1.0
-    n_train = num_tokens(splits["train"])
     # offsets of the global batch, (gradient_accumulation_steps, batch_size), for one step
     def draw_offsets():
-        return torch.randint(n_train - args.block_size,
+        return torch.randint(n_windows["train"],
                              (args.gradient_accumulation_steps, args.batch_size),
                              generator=batch_gen)
 
@@ -680,14 +722,21 @@ def train_loop(args, rank: int, world_size: int) -> dict:
             last = iter_num == args.max_iters or stop["now"]
             if master and (iter_num % args.eval_interval == 0 or last or args.eval_only):
                 t_eval = time.perf_counter()
-                losses = estimate_loss(eval_model, splits, args.eval_iters, args.batch_size,
-                                       args.block_size, device, ctx, seed=args.seed)
+                losses = estimate_loss(eval_model, get_split_batch, n_windows, args.eval_iters,
+                                       args.batch_size, ctx, seed=args.seed)
+                acc = exact_match(raw_model, splits["val"], meta, device) if task else None
                 log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss "
-                    f"{losses['val']:.4f}, val perplexity {math.exp(losses['val']):.2f}")
+                    f"{losses['val']:.4f}, val perplexity {math.exp(losses['val']):.2f}"
+                    + (f", val exact match {100 * acc:.1f}% of {n_windows['val']:,} problems"
+                       if task else ""))
                 append_log(log_path, iter=iter_num, train_loss=f"{losses['train']:.6f}",
-                           val_loss=f"{losses['val']:.6f}")
+                           val_loss=f"{losses['val']:.6f}",
+                           val_exact_match="" if acc is None else f"{acc:.4f}")
+                if acc is not None:
+                    losses["val_exact_match"] = acc
                 if args.sample_every and iter_num % args.sample_every == 0:
-                    generate_and_print_sample(raw_model, prompt, encode_decode[1], seed=args.seed)
+                    generate_and_print_sample(raw_model, prompt, decode, seed=args.seed,
+                                              **sample_args)
                 improved = losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, losses["val"])
                 # a run always leaves a checkpoint, and Ctrl-C always saves where it stopped
@@ -706,8 +755,7 @@ def train_loop(args, rank: int, world_size: int) -> dict:
             for micro_step in range(gas):
                 if world_size > 1:  # all-reduce the gradients once, after the last micro-step
                     model.require_backward_grad_sync = micro_step == gas - 1
-                x, y = get_batch(splits["train"], ix[rank * gas + micro_step], args.block_size,
-                                 device)
+                x, y = get_split_batch("train", ix[rank * gas + micro_step])
                 with ctx:
                     _, loss = model(x, y)
                     # the mean over all micro-batches, not the sum: divide here
@@ -766,10 +814,12 @@ def train_loop(args, rank: int, world_size: int) -> dict:
             "final_losses": losses, "elapsed": elapsed, "ckpt_path": str(ckpt_path)}
 
 
-def generate_and_print_sample(model, prompt, decode, seed: int, max_new_tokens: int = 100):
+def generate_and_print_sample(model, prompt, decode, seed: int, max_new_tokens: int = 100,
+                              temperature: float = 0.8):
     """What the model writes now, from a fixed prompt and seed: a qualitative progress check."""
     g = torch.Generator(device=prompt.device).manual_seed(seed)
-    out = model.generate(prompt, max_new_tokens, temperature=0.8, top_k=200, generator=g)
+    out = model.generate(prompt, max_new_tokens, temperature=temperature, top_k=200,
+                         generator=g)
     print("sample: " + repr(decode(out[0].tolist()))[:400])
 
 

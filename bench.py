@@ -1,0 +1,212 @@
+"""
+Measure how fast this code is, on this machine, and print it as one JSON object.
+
+    python bench.py                                # CPU, the CPU recipe's model (4x128)
+    python bench.py --device cuda --config gpt2    # GPT-2 124M on a GPU, bf16 + compile
+
+Every figure is a median over repeated runs after a warm-up, and every comparison is a ratio
+measured side by side in the same run, because shared machines are noisy:
+- peak: FLOP/s of a large matmul (fp32 on CPU, bf16 on CUDA), the yardstick for MFU;
+- train: one full optimizer step (forward, backward, clip, AdamW): ms/iter, tokens/s, MFU;
+- adamw: our AdamW's step against torch.optim.AdamW (foreach on CPU, fused on CUDA) on the
+  10.7M-parameter baby model, and whether they agree;
+- generate: 500 new tokens from a 256-token context, with and without the KV cache;
+- get_batch: microseconds per batch read from the memory-mapped data.
+A human summary goes to stderr, the JSON to stdout: `python bench.py > bench.json`.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import train
+from gpt import GPT, GPTConfig
+
+CONFIGS = {  # model shape and batch; the same names as train.py's flags
+    "cpu": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64, "batch_size": 12,
+            "vocab_size": 65},
+    "baby": {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256, "batch_size": 64,
+             "vocab_size": 65},
+    "gpt2": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024, "batch_size": 16,
+             "vocab_size": 50304},  # 50257 padded to a multiple of 64, as nanoGPT does
+    "tiny": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "batch_size": 4,
+             "vocab_size": 65},  # for the test suite: checks the code runs, measures nothing
+}
+
+
+def median_time(fn, repeats: int, sync, warmup: bool = True) -> float:
+    """Median seconds of fn() over `repeats` runs, after one warm-up run."""
+    if warmup:
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def make_model(cfg: dict, device, block_size=None) -> GPT:
+    torch.manual_seed(0)
+    args = {k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "vocab_size")}
+    return GPT(GPTConfig(**args, block_size=block_size or cfg["block_size"], dropout=0.0,
+                         bias=False)).to(device)
+
+
+def bench_train(cfg, device, dtype, compile_model, steps, repeats, sync, peak) -> dict:
+    """Time whole optimizer steps, exactly as train.py takes them."""
+    model = make_model(cfg, device)
+    optimizer, _ = train.configure_optimizer(model, 0.1, 1e-4, (0.9, 0.99))
+    fwd = torch.compile(model) if compile_model else model
+    ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if dtype == "bfloat16"
+           else nullcontext())
+    B, T = cfg["batch_size"], cfg["block_size"]
+    x = torch.randint(cfg["vocab_size"], (B, T), device=device)
+    y = torch.randint(cfg["vocab_size"], (B, T), device=device)
+
+    def step():
+        with ctx:
+            _, loss = fwd(x, y)
+        loss.backward()
+        train.clip_grad_norm(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(3 if compile_model else 1):  # compilation happens in the first calls
+        step()
+    dt = median_time(lambda: [step() for _ in range(steps)], repeats, sync) / steps
+    flops = train.flops_per_token({**cfg}, model.num_params()) * B * T
+    return {"params_M": round(model.num_params() / 1e6, 2), "ms_per_iter": round(1e3 * dt, 2),
+            "tokens_per_s": round(B * T / dt), "mfu": round(flops / dt / peak, 3)}
+
+
+def bench_adamw(device, steps, repeats, sync) -> dict:
+    """Our AdamW against torch's fastest on the same 10.7M-parameter model and gradients."""
+    model = make_model(CONFIGS["baby"], device)
+    ours_params = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    ref_params = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    g = torch.Generator(device=device).manual_seed(0)
+    for a, b in zip(ours_params, ref_params, strict=True):
+        a.grad = torch.randn(a.shape, device=device, generator=g) * 1e-2
+        b.grad = a.grad.clone()
+    kw = {"lr": 1e-3, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.1}
+    ours = train.AdamW(ours_params, **kw)
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    ref = torch.optim.AdamW(ref_params, **kw, **fast)
+    # interleave the two, so a noisy neighbour slows both alike
+    t_ours, t_ref = [], []
+    for _ in range(repeats):
+        t_ours.append(median_time(lambda: [ours.step() for _ in range(steps)], 1, sync))
+        t_ref.append(median_time(lambda: [ref.step() for _ in range(steps)], 1, sync))
+    diff = max((a - b).abs().max().item() for a, b in zip(ours_params, ref_params, strict=True))
+    ms_ours = 1e3 * statistics.median(t_ours) / steps
+    ms_ref = 1e3 * statistics.median(t_ref) / steps
+    ratios = [a / b for a, b in zip(t_ours, t_ref, strict=True)]
+    return {"reference": "fused" if device.type == "cuda" else "foreach",
+            "ours_ms": round(ms_ours, 3), "torch_ms": round(ms_ref, 3),
+            "ratio": round(statistics.median(ratios), 3), "max_param_diff": diff}
+
+
+def bench_generate(cfg, device, repeats, sync, new_tokens=500, context=256) -> dict:
+    """500 new tokens after a 256-token prompt. The model's context is made long enough
+    (1024, GPT-2's) to hold all of it, so the cache is never slid."""
+    model = make_model(cfg, device, block_size=max(1024, context + new_tokens)).eval()
+    idx = torch.randint(cfg["vocab_size"], (1, context), device=device)
+    out = {}
+    for name, use_cache in (("cache", True), ("no_cache", False)):
+        model.generate(idx, 8, temperature=0, use_cache=use_cache)  # a short warm-up
+        dt = median_time(lambda c=use_cache: model.generate(idx, new_tokens, temperature=0,
+                                                              use_cache=c), repeats, sync,
+                         warmup=False)
+        out[f"{name}_tokens_per_s"] = round(new_tokens / dt, 1)
+    out["speedup"] = round(out["cache_tokens_per_s"] / out["no_cache_tokens_per_s"], 2)
+    return out
+
+
+def bench_get_batch(cfg, device, repeats) -> dict:
+    path = train.ROOT / "data" / "shakespeare_char" / "train.bin"
+    with tempfile.TemporaryDirectory() as tmp:
+        if not path.exists():  # any file of tokens will do
+            path = Path(tmp) / "train.bin"
+            np.random.default_rng(0).integers(0, 65, 1_000_000, dtype=np.uint16).tofile(path)
+        n = train.num_tokens(path) - cfg["block_size"]
+        g = torch.Generator().manual_seed(0)
+        calls = 100
+        dt = median_time(lambda: [train.get_batch(
+            path, torch.randint(n, (cfg["batch_size"],), generator=g), cfg["block_size"],
+            device) for _ in range(calls)], repeats, lambda: None)
+    return {"us_per_batch": round(1e6 * dt / calls, 1)}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description="Measure training, optimizer, generation, data.")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--config", default="cpu", choices=sorted(CONFIGS), help="model shape")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per figure (median)")
+    p.add_argument("--compile", type=train.str2bool, nargs="?", const=True, default=None,
+                   help="torch.compile the training step (default: on for CUDA)")
+    p.add_argument("--skip", default="", help="comma-separated parts to leave out, e.g. adamw")
+    args = p.parse_args(argv)
+    device = train.pick_device(args.device)
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    compile_model = args.compile if args.compile is not None else device.type == "cuda"
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    cfg = CONFIGS[args.config]
+    skip = set(args.skip.split(",")) - {""}
+    small = args.config == "tiny"
+
+    peak = train.measure_matmul_peak(device, torch.bfloat16 if dtype == "bfloat16" else
+                                     torch.float32, n=256 if small else
+                                     (8192 if device.type == "cuda" else 2048))
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+              f"cpu ({torch.get_num_threads()} threads)", "config": args.config, "dtype": dtype,
+              "compile": compile_model, "torch": torch.__version__,
+              "peak_tflops": round(peak / 1e12, 3)}
+    if "train" not in skip:
+        result["train"] = bench_train(cfg, device, dtype, compile_model, 2 if small else 10,
+                                      args.repeats, sync, peak)
+    if "adamw" not in skip:
+        result["adamw"] = bench_adamw(device, 1 if small else 10, args.repeats, sync)
+    if "generate" not in skip:
+        gen_cfg = CONFIGS["tiny"] if small else cfg
+        result["generate"] = (bench_generate(gen_cfg, device, 1, sync, new_tokens=8, context=8)
+                              if small else bench_generate(gen_cfg, device,
+                                                           min(args.repeats, 3), sync))
+    if "get_batch" not in skip:
+        result["get_batch"] = bench_get_batch(cfg, device, args.repeats)
+
+    r = result
+    summary = [f"{r['device']}, config {r['config']}, peak {r['peak_tflops']} TFLOP/s"]
+    if "train" in r:
+        t = r["train"]
+        summary.append(f"train: {t['ms_per_iter']} ms/iter, {t['tokens_per_s']:,} tokens/s, "
+                       f"MFU {100 * t['mfu']:.1f}%")
+    if "adamw" in r:
+        a = r["adamw"]
+        summary.append(f"adamw: ours {a['ours_ms']} ms vs torch {a['reference']} "
+                       f"{a['torch_ms']} ms: {a['ratio']}x")
+    if "generate" in r:
+        g = r["generate"]
+        summary.append(f"generate: {g['cache_tokens_per_s']} tokens/s with KV cache, "
+                       f"{g['no_cache_tokens_per_s']} without: {g['speedup']}x")
+    if "get_batch" in r:
+        summary.append(f"get_batch: {r['get_batch']['us_per_batch']} us")
+    print("\n".join(summary), file=sys.stderr)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
