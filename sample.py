@@ -18,6 +18,7 @@ vocabulary the model was trained with; GPT-2's weights come with GPT-2's BPE.
 import argparse
 import codecs
 import math
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -222,6 +223,8 @@ def sample(args) -> list[str] | dict:
               f"perplexity {math.exp(nll):.2f}")
         return {"loss": nll, "perplexity": math.exp(nll), "tokens": n}
 
+    if meta.get("task"):  # a model trained on prepare.py's reverse or addition problems
+        return answer_problem(model, meta, read_prompt(args.start), encode, decode, device)
     start_ids = encode_text(encode, read_prompt(args.start), vocab_size, "prompt")
     if not start_ids:
         raise UserError("the prompt is empty")
@@ -230,6 +233,27 @@ def sample(args) -> list[str] | dict:
     if args.beam_width > 1:
         return print_beams(model, x, args, ctx, decode, eot)
     return print_samples(model, x, args, ctx, decode, token_bytes, eot)
+
+
+def answer_problem(model, meta, text, encode, decode, device) -> list[str]:
+    """Greedily decode the answer to one problem, e.g. '123+456=' -> '9750', which is 579
+    written from the ones digit up. Shorter numbers are zero-padded to the trained layout."""
+    d, task = meta["digits"], meta["task"]
+    pattern = r"(\d+)\|?" if task == "reverse" else r"(\d+)\+(\d+)=?"
+    m = re.fullmatch(pattern, text.replace(" ", "").strip())
+    if m is None or any(len(n) > d for n in m.groups()):
+        example = "12345678|"[:d] + "|" if task == "reverse" else f"{'123'[:d]}+{'456'[:d]}="
+        raise UserError(f"this model answers {task} problems of up to {d} digits, like "
+                        f"--start '{example}'; got {text!r}")
+    numbers = [int(n) for n in m.groups()]
+    prompt = (f"{numbers[0]:0{d}d}|" if task == "reverse"
+              else f"{numbers[0]:0{d}d}+{numbers[1]:0{d}d}=")
+    x = torch.tensor([encode(prompt)], device=device)
+    answer = decode(model.generate(x, meta["answer_len"], temperature=0)[0, len(prompt):].tolist())
+    meaning = ("reversed" if task == "reverse" else f"= {int(answer[::-1])}, "
+               f"{'right' if int(answer[::-1]) == sum(numbers) else 'wrong'}")
+    print(f"{prompt}{answer}   ({meaning})")
+    return [prompt + answer]
 
 
 def print_samples(model, x, args, ctx, decode, token_bytes, eot) -> list[str]:

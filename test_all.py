@@ -697,6 +697,11 @@ def test_tiny_reversal_run_learns(tmp_path, capsys):
     assert "val exact match" in out
     # chance is 1 in 100,000
     assert result["final_losses"]["val_exact_match"] > 0.5, result["final_losses"]
+    # sample.py answers a problem, zero-padding a short one to the trained layout
+    [text] = sample.main([f"--out_dir={tmp_path / 'out'}", "--device=cpu", "--start=123"])
+    assert text.startswith("00123|") and len(text) == 11
+    assert "up to 5 digits" in run_main(capsys, sample.main, [f"--out_dir={tmp_path / 'out'}",
+                                                               "--start=1234567"])
 
 
 def test_gpt2_documents_are_separated_by_endoftext(tmp_path):
