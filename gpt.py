@@ -104,8 +104,9 @@ class CausalSelfAttention(nn.Module):
             cache.v[layer][:, :, p:p + T] = v
             k, v = cache.k[layer][:, :, :p + T], cache.v[layer][:, :, :p + T]  # (B, nh, p+T, hs)
             if p > 0:  # query i sits at position p+i and sees keys 0..p+i
-                causal = False
-                mask = torch.ones(T, p + T, dtype=torch.bool, device=x.device).tril(diagonal=p)
+                causal = False  # (one new token sees every key: no mask at all, the fast path)
+                if T > 1:
+                    mask = torch.ones(T, p + T, dtype=torch.bool, device=x.device).tril(p)
         # softmax(q k^T / sqrt(hs)) v with future positions masked out:
         # (B, nh, T, hs) @ (B, nh, hs, T) -> (B, nh, T, T) -> @ (B, nh, T, hs) -> (B, nh, T, hs)
         # One fused kernel (flash attention where the device has it); the dropout on the
@@ -305,7 +306,7 @@ class GPT(nn.Module):
     # OpenAI's GPT-2 weights, through Hugging Face transformers
 
     @classmethod
-    def from_pretrained(cls, name_or_dir: str) -> "GPT":
+    def from_pretrained(cls, name_or_dir: str, dropout: float = 0.0) -> "GPT":
         """GPT-2 ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl': downloaded from the Hugging
         Face hub) or a folder written by transformers' save_pretrained. Raises ValueError with a
         one-line message when transformers is missing or the weights cannot be loaded."""
@@ -333,7 +334,7 @@ class GPT(nn.Module):
                 or not c.tie_word_embeddings):
             raise ValueError(f"{name_or_dir!r} is a GPT-2 variant this model does not implement")
         config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
-                           n_head=c.n_head, n_embd=c.n_embd, dropout=0.0, bias=True)
+                           n_head=c.n_head, n_embd=c.n_embd, dropout=dropout, bias=True)
         model = cls(config)
         ours = model.state_dict()  # views of our parameters: copy_ writes into the model
         # older transformers versions keep the causal mask as buffers; we build ours on the fly
@@ -347,6 +348,15 @@ class GPT(nn.Module):
             for k, v in theirs.items():
                 ours[k].copy_(v.t() if k.endswith(conv1d) else v)
         return model
+
+    def crop_block_size(self, block_size: int) -> None:
+        """Use a shorter context than the model was trained with (GPT-2's 1024 is a lot for
+        fine-tuning on a CPU): keep the first block_size position embeddings."""
+        assert block_size <= self.config.block_size
+        self.config.block_size = block_size
+        wpe = self.transformer.wpe
+        wpe.weight = nn.Parameter(wpe.weight[:block_size].detach().clone())
+        wpe.num_embeddings = block_size
 
 
 # -----------------------------------------------------------------------------

@@ -959,3 +959,48 @@ def test_sample_from_pretrained_folder(hf_gpt2, capsys):
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert e.value.code == 2 and "vocabulary has 100 tokens" in last, last
     assert "cannot load" in run_main(capsys, sample.main, [f"--init_from={folder.parent}"])
+
+
+def test_finetune_from_gpt2_weights(tmp_path, data_dir, capsys):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=1, n_head=2, n_embd=32, n_positions=64, vocab_size=50257))
+    hf.save_pretrained(tmp_path / "hf")
+    src = tmp_path / "input.txt"
+    src.write_text(TEXT, encoding="utf-8")
+    prepare.main(["--input", str(src), "--dataset", "bpe", "--tokenizer", "gpt2",
+                  "--data_dir", str(tmp_path / "data")])
+    flags = ["--device=cpu", "--compile=False", f"--data_dir={tmp_path / 'data'}",
+             "--dataset=bpe", f"--out_dir={tmp_path / 'out'}", f"--init_from={tmp_path / 'hf'}",
+             "--block_size=16", "--batch_size=2", "--max_iters=1", "--eval_iters=1",
+             "--learning_rate=1e-12", "--min_lr=0", "--weight_decay=0", "--sample_every=0"]
+    train.main(flags)
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert ckpt["model_args"]["block_size"] == 16 and ckpt["model_args"]["n_layer"] == 1
+    ours, theirs = ckpt["model"], hf.state_dict()
+    torch.testing.assert_close(ours["transformer.wpe.weight"],
+                               theirs["transformer.wpe.weight"][:16])
+    torch.testing.assert_close(ours["transformer.h.0.mlp.c_fc.weight"],
+                               theirs["transformer.h.0.mlp.c_fc.weight"].t())  # Conv1D
+    # a character-level dataset cannot be fed to GPT-2
+    capsys.readouterr()
+    err = run_main(capsys, train.main, flags + [f"--data_dir={data_dir}", "--dataset=tiny"])
+    assert "needs GPT-2 BPE data" in err
+
+
+def test_bench_runs_and_reports(capsys):
+    import bench
+    result = bench.main(["--device=cpu", "--config=tiny", "--repeats=1"])
+    out = capsys.readouterr().out
+    assert json.loads(out.strip().splitlines()[-1]) == result  # one JSON object on stdout
+    assert result["train"]["ms_per_iter"] > 0 and 0 < result["train"]["mfu"] < 1
+    assert result["adamw"]["max_param_diff"] < 1e-6  # ours and torch's agree
+    assert result["generate"]["speedup"] > 0 and result["get_batch"]["us_per_batch"] > 0
+
+
+def test_preset_sets_defaults_and_flags_still_win():
+    args = train.parse_args(["--preset=cpu", "--n_layer=3"])
+    assert args.n_layer == 3  # the command line wins
+    assert (args.batch_size, args.max_iters, args.device) == (24, 800, "cpu")  # the preset
+    assert train.parse_args([]).batch_size == 64  # no preset: the baby model's defaults
