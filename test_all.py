@@ -678,11 +678,14 @@ def test_task_loss_is_on_the_answer_only(tmp_path):
     answer_only = F.cross_entropy(logits[:, P - 1:].reshape(-1, meta["vocab_size"]),
                                   rows[:, P:].reshape(-1))
     torch.testing.assert_close(loss, answer_only)
-    # and so changing what a prompt position "should" predict changes nothing
-    y2 = y.clone()
-    y2[:, :P - 1] = torch.randint(meta["vocab_size"], (16, P - 1))
-    _, loss_if_prompt_counted = model(x, y2)
-    assert not torch.allclose(loss, loss_if_prompt_counted)
+    # changing a prompt token's target never changes the loss; an answer token's always does
+    other = rows[:, 1:].clone()
+    other[:, :P - 1] = torch.randint(meta["vocab_size"], (16, P - 1))
+    _, loss_other_prompt = model(x, train.mask_prompt_targets(other, P))
+    assert torch.equal(loss, loss_other_prompt)
+    other[:, P - 1] = (other[:, P - 1] + 1) % meta["vocab_size"]
+    _, loss_other_answer = model(x, train.mask_prompt_targets(other, P))
+    assert not torch.allclose(loss, loss_other_answer)
 
 
 def test_tiny_reversal_run_learns(tmp_path, capsys):
@@ -1004,3 +1007,10 @@ def test_preset_sets_defaults_and_flags_still_win():
     assert args.n_layer == 3  # the command line wins
     assert (args.batch_size, args.max_iters, args.device) == (24, 800, "cpu")  # the preset
     assert train.parse_args([]).batch_size == 64  # no preset: the baby model's defaults
+
+
+def test_dtype_defaults_and_refusals(data_dir, tmp_path, capsys):
+    assert train.pick_dtype("auto", torch.device("cpu")) == "float32"
+    err = run_main(capsys, train.main, CPU_TINY + [f"--data_dir={data_dir}", "--dataset=tiny",
+                                                   f"--out_dir={tmp_path}", "--dtype=float16"])
+    assert "needs a CUDA device" in err

@@ -301,12 +301,18 @@ def get_task_batch(path: Path, ix: torch.Tensor, meta: dict, device: torch.devic
     y is -1 (no loss) where the target is still part of the prompt: the model is scored on
     the answer alone, the only part it can know.
     """
-    L, P = meta["example_len"], meta["prompt_len"]
-    data = np.memmap(path, dtype=np.uint16, mode="r").reshape(-1, L)
+    data = np.memmap(path, dtype=np.uint16, mode="r").reshape(-1, meta["example_len"])
     rows = torch.from_numpy(data[ix.numpy()].astype(np.int64))  # (B, L)
-    y = rows[:, 1:].clone()
-    y[:, :P - 1] = -1  # y[:, j] is token j+1; the answer starts at token P
+    y = mask_prompt_targets(rows[:, 1:], meta["prompt_len"])
     return to_device(rows[:, :-1].contiguous(), y, device)
+
+
+def mask_prompt_targets(y: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """y (B, L-1) with -1 wherever the target is a prompt token: y[:, j] is token j+1, and
+    the answer starts at token prompt_len."""
+    y = y.clone()
+    y[:, :prompt_len - 1] = -1
+    return y
 
 
 def to_device(x, y, device):
