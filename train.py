@@ -406,12 +406,13 @@ def rng_state(batch_gen: torch.Generator) -> dict:
 
 
 def set_rng_state(state: dict, batch_gen: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
+    # RNG states are CPU byte tensors, whatever device the checkpoint was loaded onto
+    torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
     n = state["numpy"]
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
-    batch_gen.set_state(state["batches"])
+    batch_gen.set_state(state["batches"].cpu())
 
 
 # -----------------------------------------------------------------------------
@@ -610,7 +611,7 @@ def train(args) -> dict:
     try:
         return train_loop(args, rank, world_size)
     finally:
-        if world_size > 1:
+        if torch.distributed.is_initialized():  # torchrun, even with a single process
             torch.distributed.destroy_process_group()
 
 
