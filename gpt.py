@@ -352,7 +352,9 @@ class GPT(nn.Module):
     def crop_block_size(self, block_size: int) -> None:
         """Use a shorter context than the model was trained with (GPT-2's 1024 is a lot for
         fine-tuning on a CPU): keep the first block_size position embeddings."""
-        assert block_size <= self.config.block_size
+        if block_size > self.config.block_size:
+            raise ValueError(f"cannot grow the context from {self.config.block_size} to "
+                             f"{block_size}")
         self.config.block_size = block_size
         wpe = self.transformer.wpe
         wpe.weight = nn.Parameter(wpe.weight[:block_size].detach().clone())
@@ -372,14 +374,16 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus filter: keep the smallest set of most likely tokens whose probability sums to
-    at least p; the rest -> -inf. The most likely token always survives."""
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
-    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
-    # a token is dropped when the tokens before it already reach p
-    drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= p
-    drop_sorted[:, 0] = False
-    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
-    return logits.masked_fill(drop, float("-inf"))
+    at least p; the rest -> -inf. The most likely token always survives, and a token tied
+    with the last one kept stays too (as in top_k_filter), so ties never depend on sort order."""
+    if p >= 1.0:
+        return logits  # all of them: a float cumsum that rounds to 1 early must not drop any
+    sorted_logits = torch.sort(logits, dim=-1, descending=True).values  # (B, V)
+    probs = sorted_logits.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above each one
+    keep = before < p  # a token is needed while those above it fall short of p
+    cutoff = sorted_logits.masked_fill(~keep, float("inf")).amin(dim=-1, keepdim=True)  # (B, 1)
+    return logits.masked_fill(logits < cutoff, float("-inf"))
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

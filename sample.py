@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from gpt import GPT, GPTConfig
+from gpt import GPT
 from prepare import PrepareError, get_tokenizer, gpt2_encoding
-from train import UserError, load_checkpoint, pick_device, str2bool
+from train import UserError, load_checkpoint, model_from_checkpoint, pick_device, str2bool
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -58,7 +58,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--compile", type=str2bool, nargs="?", const=True, default=False,
-                   help="torch.compile the model")
+                   help="torch.compile the forward pass (speeds up --score; generation's "
+                        "shapes change every step, so it stays eager)")
     return p
 
 
@@ -100,8 +101,7 @@ def load_model(init_from: str, out_dir: Path, device) -> tuple[GPT, dict]:
     weights and dataset meta), or GPT-2's weights, which always go with GPT-2's BPE."""
     if init_from == "resume":
         ckpt = load_checkpoint(out_dir / "ckpt.pt", map_location=device)
-        model = GPT(GPTConfig(**ckpt["model_args"]))
-        model.load_state_dict(ckpt["model"])
+        model, _ = model_from_checkpoint(ckpt, out_dir / "ckpt.pt")
         meta = ckpt["meta"]
     else:
         try:
@@ -250,9 +250,9 @@ def answer_problem(model, meta, text, encode, decode, device) -> list[str]:
               else f"{numbers[0]:0{d}d}+{numbers[1]:0{d}d}=")
     x = torch.tensor([encode(prompt)], device=device)
     answer = decode(model.generate(x, meta["answer_len"], temperature=0)[0, len(prompt):].tolist())
-    meaning = ("reversed" if task == "reverse" else f"= {int(answer[::-1])}, "
-               f"{'right' if int(answer[::-1]) == sum(numbers) else 'wrong'}")
-    print(f"{prompt}{answer}   ({meaning})")
+    right = prompt[:-1][::-1] if task == "reverse" else f"{sum(numbers):0{d + 1}d}"[::-1]
+    value = f"= {int(answer[::-1])}, " if task == "addition" and answer.isdigit() else ""
+    print(f"{prompt}{answer}   ({value}{'right' if answer == right else 'wrong'})")
     return [prompt + answer]
 
 

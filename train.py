@@ -131,7 +131,7 @@ def check_args(a) -> None:
     """Refuse settings that cannot work, with a message that says what to change."""
     if a.n_embd % a.n_head != 0:
         raise UserError(f"n_embd ({a.n_embd}) must be divisible by n_head ({a.n_head})")
-    if a.learning_rate <= 0 or a.min_lr < 0 or a.min_lr > a.learning_rate:
+    if a.learning_rate <= 0 or a.min_lr < 0 or (a.decay_lr and a.min_lr > a.learning_rate):
         raise UserError("need learning_rate > 0 and 0 <= min_lr <= learning_rate")
     for name in ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "eval_iters",
                  "eval_interval", "log_interval", "gradient_accumulation_steps"):
@@ -389,9 +389,25 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     except Exception as e:  # noqa: BLE001 (torch.load raises many types for a bad file)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path} is not a checkpoint this code can load safely ({first})")
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+    if not isinstance(ckpt, dict) or not {"model", "model_args", "meta"} <= ckpt.keys():
         raise UserError(f"{path} is not a checkpoint written by train.py")
     return ckpt
+
+
+RESUME_KEYS = {"optimizer", "iter_num", "best_val_loss", "rng"}  # besides the model's own
+
+
+def model_from_checkpoint(ckpt: dict, path: Path, **overrides) -> tuple[GPT, dict]:
+    """Rebuild the GPT a checkpoint describes and load its weights: (model, model_args).
+    One from other code (other config fields, other parameter names) is refused."""
+    try:
+        model_args = {**ckpt["model_args"], **overrides}
+        model = GPT(GPTConfig(**model_args))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, RuntimeError, KeyError, ValueError, AssertionError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} does not hold a model this code can build ({first})") from None
+    return model, model_args
 
 
 def rng_state(batch_gen: torch.Generator) -> dict:
@@ -509,7 +525,9 @@ def truncate_log(path: Path, iter_num: int) -> None:
     if not path.exists():
         return
     with open(path, encoding="utf-8", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if int(r["iter"]) <= iter_num]
+        # the resumed run evaluates at iter_num again: keep only that step's training row
+        rows = [r for r in csv.DictReader(f)
+                if int(r["iter"]) < iter_num or (int(r["iter"]) == iter_num and r["loss"])]
     path.unlink()
     for r in rows:
         append_log(path, **r)
@@ -594,7 +612,10 @@ def main(argv=None) -> dict | None:
     args = parse_args(argv)
     try:
         if args.plot:
-            print(f"wrote {plot_losses(Path(args.plot))}")
+            try:
+                print(f"wrote {plot_losses(Path(args.plot))}")
+            except ImportError:
+                raise UserError("--plot needs matplotlib: pip install matplotlib") from None
             return None
         return train(args)
     except UserError as e:
@@ -636,15 +657,50 @@ def train_loop(args, rank: int, world_size: int) -> dict:
     scaler = torch.amp.GradScaler("cuda", enabled=(dtype == "float16"))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    # data ---------------------------------------------------------------------
-    data_dir = Path(args.data_dir)
-    out_dir = Path(args.out_dir)
+    # model and optimizer ------------------------------------------------------
+    data_dir, out_dir = Path(args.data_dir), Path(args.out_dir)
     ckpt_path, log_path = out_dir / "ckpt.pt", out_dir / "log.csv"
     meta = load_meta(data_dir, args.dataset)
-    splits = {s: data_dir / args.dataset / f"{s}.bin" for s in ("train", "val")}
     task = meta.get("task")  # a task dataset: whole problems, loss on the answers only
     if task:
         args.block_size = meta["example_len"] - 1  # a problem, less its last token
+    iter_num, best_val_loss, history = 0, float("inf"), []
+    model_args = {"n_layer": args.n_layer, "n_head": args.n_head, "n_embd": args.n_embd,
+                  "block_size": args.block_size, "bias": args.bias,
+                  "vocab_size": meta["vocab_size"], "dropout": args.dropout}
+    ckpt = None
+    if args.init_from == "resume":  # the architecture comes from the checkpoint
+        ckpt = load_checkpoint(ckpt_path, map_location=device)
+        if not RESUME_KEYS <= ckpt.keys():
+            raise UserError(f"{ckpt_path} holds a model but not a training state to resume")
+        if ckpt["meta"] != meta:
+            raise UserError(f"{ckpt_path} was trained on other data than data/{args.dataset}")
+        model, model_args = model_from_checkpoint(ckpt, ckpt_path, dropout=args.dropout)
+    elif args.init_from == "scratch":
+        model = GPT(GPTConfig(**model_args))
+    else:  # OpenAI's GPT-2 weights, to fine-tune
+        if meta["tokenizer"] != "gpt2":
+            raise UserError(f"--init_from {args.init_from} needs GPT-2 BPE data, and "
+                            f"data/{args.dataset} is {meta['tokenizer']}: try --dataset "
+                            "shakespeare (python prepare.py --dataset shakespeare)")
+        try:
+            model = GPT.from_pretrained(args.init_from, dropout=args.dropout)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        if model.config.vocab_size < meta["vocab_size"]:
+            raise UserError(f"{args.init_from} has {model.config.vocab_size} tokens, fewer "
+                            f"than data/{args.dataset}'s {meta['vocab_size']}")
+        if args.block_size < model.config.block_size:
+            model.crop_block_size(args.block_size)
+        model_args = {k: getattr(model.config, k) for k in model_args}
+    args.block_size = model_args["block_size"]  # settled: the data windows depend on it
+    model = model.to(device)
+    optimizer, (n_decay, n_no_decay) = configure_optimizer(
+        model, args.weight_decay, args.learning_rate, (args.beta1, args.beta2))
+
+    # data ---------------------------------------------------------------------
+    splits = {s: data_dir / args.dataset / f"{s}.bin" for s in ("train", "val")}
+    if task:
         n_windows = {s: num_tokens(p) // meta["example_len"] for s, p in splits.items()}
 
         def get_split_batch(split, ix):
@@ -661,41 +717,10 @@ def train_loop(args, rank: int, world_size: int) -> dict:
     # Which windows each step trains on. Every rank draws the same offsets for the whole
     # global batch and takes its own slice, so N processes see exactly what one would.
     batch_gen = torch.Generator().manual_seed(args.seed)
-
-    # model and optimizer ------------------------------------------------------
-    iter_num, best_val_loss, history = 0, float("inf"), []
-    model_args = {"n_layer": args.n_layer, "n_head": args.n_head, "n_embd": args.n_embd,
-                  "block_size": args.block_size, "bias": args.bias,
-                  "vocab_size": meta["vocab_size"], "dropout": args.dropout}
-    ckpt = None
-    if args.init_from == "resume":
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
-        if ckpt["meta"] != meta:
-            raise UserError(f"{ckpt_path} was trained on other data than data/{args.dataset}")
-        model_args = ckpt["model_args"]  # the architecture comes from the checkpoint
-        model_args["dropout"] = args.dropout
-        args.block_size = model_args["block_size"]
-    if args.init_from in ("scratch", "resume"):
-        model = GPT(GPTConfig(**model_args))
-    else:  # OpenAI's GPT-2 weights, to fine-tune
-        if meta["tokenizer"] != "gpt2":
-            raise UserError(f"--init_from {args.init_from} needs GPT-2 BPE data, and "
-                            f"data/{args.dataset} is {meta['tokenizer']}: try --dataset "
-                            "shakespeare (python prepare.py --dataset shakespeare)")
-        try:
-            model = GPT.from_pretrained(args.init_from, dropout=args.dropout)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        if args.block_size < model.config.block_size:
-            model.crop_block_size(args.block_size)
-        args.block_size = model.config.block_size
-        model_args = {k: getattr(model.config, k) for k in model_args}
-    model = model.to(device)
-    optimizer, (n_decay, n_no_decay) = configure_optimizer(
-        model, args.weight_decay, args.learning_rate, (args.beta1, args.beta2))
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):  # float16's loss scale (empty when the scaler is off)
+            scaler.load_state_dict(ckpt["scaler"])
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         history = ckpt.get("history", [])
         set_rng_state(ckpt["rng"], batch_gen)
@@ -722,7 +747,8 @@ def train_loop(args, rank: int, world_size: int) -> dict:
 
     def checkpoint() -> dict:
         return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                "model_args": model_args, "config": vars(args), "iter_num": iter_num,
+                "scaler": scaler.state_dict(), "model_args": model_args,
+                "config": vars(args), "iter_num": iter_num,
                 "best_val_loss": best_val_loss, "meta": meta, "rng": rng_state(batch_gen),
                 "history": history}
 
@@ -734,11 +760,13 @@ def train_loop(args, rank: int, world_size: int) -> dict:
     sample_args = ({"max_new_tokens": meta["answer_len"], "temperature": 0} if task else {})
 
     # Ctrl-C finishes the current step, saves, and exits, instead of losing the run.
-    stop = {"now": False}
+    # The handler only asks; the ranks agree after each step (all_ranks_any) and then all stop
+    # at the same iteration, or a rank would wait forever in the next gradient all-reduce.
+    stop = {"asked": False, "now": False}
 
     def on_sigint(signum, frame):
         log("\ninterrupted: finishing this step, then saving a checkpoint", flush=True)
-        stop["now"] = True
+        stop["asked"] = True
 
     old_handler = signal.signal(signal.SIGINT, on_sigint)
     gas = args.gradient_accumulation_steps // world_size  # micro-steps on this rank
@@ -754,7 +782,7 @@ def train_loop(args, rank: int, world_size: int) -> dict:
     fixed_ix = draw_offsets() if args.overfit_batch else None  # one batch, again and again
     saved, losses = False, {}
     t_start = t0 = time.perf_counter()
-    eval_time = 0.0  # evaluation time since the last log line, left out of ms/iter
+    eval_time, steps_since_log = 0.0, 0  # evaluation time is left out of ms/iter
     try:
         while True:
             # 1) set this step's learning rate
@@ -815,8 +843,9 @@ def train_loop(args, rank: int, world_size: int) -> dict:
             # float16's scaler skips steps with overflowing gradients by design; else a
             # non-finite norm, like a non-finite loss, means the run has diverged
             watched = loss_sum if dtype == "float16" else loss_sum + norm
+            # (.item() waits for the GPU each step: the price of never stepping on a NaN)
             diverged, stop["now"] = all_ranks_any([not torch.isfinite(watched).item(),
-                                                   stop["now"]], world_size, device)
+                                                   stop["asked"]], world_size, device)
             if diverged:
                 kept = (f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists()
                         else "no checkpoint was saved")
@@ -827,15 +856,16 @@ def train_loop(args, rank: int, world_size: int) -> dict:
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             iter_num += 1
+            steps_since_log += 1
 
-            # 5) log; .item() waits for the GPU, so only do it at log steps
+            # 5) log now and then: formatting, CSV and timing need the host
             if iter_num % args.log_interval == 0 and master:
                 sync()
                 dt = time.perf_counter() - t0 - eval_time
-                t0, eval_time = time.perf_counter(), 0.0
+                ms = 1000 * dt / steps_since_log
+                t0, eval_time, steps_since_log = time.perf_counter(), 0.0, 0
                 lossf = loss_sum.item()
                 history.append((iter_num, lossf))
-                ms = 1000 * dt / min(iter_num, args.log_interval)
                 mfu = flops_per_iter / (ms / 1000) / peak
                 log(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, grad norm "
                     f"{norm.item():.3f}, {ms:.1f} ms/iter, "
