@@ -214,6 +214,13 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def start_writing(out_dir: Path) -> None:
+    """meta.json is written last and says the folder is complete, so it goes first: a crash
+    while the .bin files are replaced never leaves old meta beside new data."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "meta.json").unlink(missing_ok=True)
+
+
 def prepare(docs: list[str], tokenizer: str, out_dir: Path, source: str) -> dict:
     """Tokenize, split 90/10, and write train.bin, val.bin and meta.json. Returns the meta.
 
@@ -238,7 +245,7 @@ def prepare(docs: list[str], tokenizer: str, out_dir: Path, source: str) -> dict
         raise PrepareError(
             f"the text is too short for a train/val split ({len(text)} characters)")
     meta.update(train_tokens=len(train_ids), val_tokens=len(val_ids))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    start_writing(out_dir)
     write_atomic(out_dir / "train.bin", np.array(train_ids, dtype=np.uint16).tobytes())
     write_atomic(out_dir / "val.bin", np.array(val_ids, dtype=np.uint16).tobytes())
     # meta.json last: its presence says the folder is complete
@@ -279,8 +286,10 @@ def prepare_task(task: str, digits: int, num_train: int, num_val: int, seed: int
                  out_dir: Path) -> dict:
     """Write seeded train/val problems (disjoint: no val problem is in train) as fixed-length
     rows of character ids; meta.json records the layout the trainer masks the loss with."""
-    if digits < 1:
-        raise PrepareError("--digits must be at least 1")
+    if not 1 <= digits <= (18 if task == "reverse" else 9):  # problem numbers fit in int64
+        raise PrepareError(f"--digits must be from 1 to {18 if task == 'reverse' else 9}")
+    if num_train < 1 or num_val < 1:
+        raise PrepareError("--num_train and --num_val must be at least 1")
     space = 10 ** digits if task == "reverse" else 10 ** (2 * digits)
     numbers = distinct_numbers(np.random.default_rng(seed), space, num_train + num_val)
     problems = [make_problem(task, int(n), digits) for n in numbers]
@@ -290,11 +299,12 @@ def prepare_task(task: str, digits: int, num_train: int, num_val: int, seed: int
     rows = np.array([[stoi[c] for c in p + a] for p, a in problems], dtype=np.uint16)
     meta = {"tokenizer": "char", "source": f"generated {task} problems ({digits} digits, "
             f"seed {seed})", "sha256": sha256_of(rows.tobytes()), "vocab_size": len(chars),
-            "chars": chars, "task": task, "digits": digits, "prompt_len": len(prompt),
+            "chars": chars, "task": task, "digits": digits, "example": prompt + answer,
+            "prompt_len": len(prompt),
             "answer_len": len(answer), "example_len": len(prompt) + len(answer),
             "train_examples": num_train, "val_examples": num_val,
             "train_tokens": rows[:num_train].size, "val_tokens": rows[num_train:].size}
-    out_dir.mkdir(parents=True, exist_ok=True)
+    start_writing(out_dir)
     write_atomic(out_dir / "train.bin", rows[:num_train].tobytes())
     write_atomic(out_dir / "val.bin", rows[num_train:].tobytes())
     write_atomic(out_dir / "meta.json", json.dumps(meta, indent=1).encode("utf-8"))
@@ -326,7 +336,7 @@ def main(argv=None) -> dict:
             meta = prepare_task(args.dataset, digits, args.num_train, args.num_val, args.seed,
                                 Path(args.data_dir) / args.dataset)
             print(f"wrote {Path(args.data_dir) / args.dataset}: {args.num_train:,} train and "
-                  f"{args.num_val:,} val problems, e.g. {make_problem(args.dataset, 1234, digits)}")
+                  f"{args.num_val:,} val problems, e.g. {meta['example']}")
             return meta
         docs, source = read_docs(args)
         print(f"source: {source}")

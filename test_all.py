@@ -87,6 +87,23 @@ def test_adamw_matches_torch(weight_decay):
                                        msg=f"step {step + 1}: AdamW drifted from torch's")
 
 
+def test_adamw_counts_steps_per_parameter():
+    """A parameter without a gradient on some steps is skipped there, and its bias correction
+    follows its own step count, as in torch.optim.AdamW."""
+    torch.manual_seed(0)
+    ours_p = [torch.randn(3, requires_grad=True), torch.randn(2, requires_grad=True)]
+    ref_p = [p.detach().clone().requires_grad_() for p in ours_p]
+    ours, ref = train.AdamW(ours_p, lr=1e-2), torch.optim.AdamW(ref_p, lr=1e-2)
+    for step in range(20):
+        for i, (a, b) in enumerate(zip(ours_p, ref_p)):
+            g = torch.randn_like(a) if i == 0 or step % 3 == 0 else None  # p1: every 3rd
+            a.grad, b.grad = g, None if g is None else g.clone()
+        ours.step()
+        ref.step()
+    for a, b in zip(ours_p, ref_p):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
 def test_adamw_state_roundtrip():
     p = torch.nn.Parameter(torch.randn(3))
     opt = train.AdamW([p], lr=0.1)
@@ -384,7 +401,8 @@ def test_prepare_train_resume_sample(data_dir, tmp_path, capsys):
     assert full["iter_num"] == 20, "the optimizer takes exactly max_iters steps"
     first = train.main(common + ["--max_iters=10"])
     assert (out / "ckpt.pt").exists() and first["iter_num"] == 10
-    resumed = train.main(common + ["--max_iters=20", "--init_from=resume"])
+    # a different --block_size on the command line: the checkpoint's architecture wins
+    resumed = train.main(common + ["--max_iters=20", "--init_from=resume", "--block_size=8"])
     assert resumed["iter_num"] == 20
     # the resumed run continues the uninterrupted one exactly
     assert [it for it, _ in resumed["history"]] == list(range(1, 21))
@@ -512,17 +530,31 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert torch.equal(train.load_checkpoint(path)["model"]["w"], torch.ones(3))
 
 
+@pytest.mark.parametrize("what", ["grad_norm", "loss"])
 def test_divergence_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch,
-                                                         capsys):
+                                                         capsys, what):
     calls = {"n": 0}
-    real_grad_norm = train.grad_norm
+    if what == "grad_norm":
+        real_grad_norm = train.grad_norm
 
-    def goes_nan_at_step_7(params):
-        calls["n"] += 1
-        norm = real_grad_norm(params)
-        return norm * float("nan") if calls["n"] == 7 else norm  # step index 6
+        def goes_nan_at_step_7(params):
+            calls["n"] += 1
+            norm = real_grad_norm(params)
+            return norm * float("nan") if calls["n"] == 7 else norm  # step index 6
 
-    monkeypatch.setattr(train, "grad_norm", goes_nan_at_step_7)
+        monkeypatch.setattr(train, "grad_norm", goes_nan_at_step_7)
+    else:
+        real_forward = GPT.forward
+
+        def loss_goes_inf_at_step_7(self, idx, targets=None, cache=None):
+            logits, loss = real_forward(self, idx, targets, cache)
+            if self.training and targets is not None:  # training steps, not evaluations
+                calls["n"] += 1
+                if calls["n"] == 7:
+                    loss = loss * float("inf")
+            return logits, loss
+
+        monkeypatch.setattr(GPT, "forward", loss_goes_inf_at_step_7)
     with pytest.raises(SystemExit) as e:
         train_tiny(data_dir, tmp_path, "--max_iters=20", "--eval_interval=5",
                    "--always_save_checkpoint")
@@ -575,6 +607,12 @@ def test_flops_per_token_matches_counted_flops():
         model(x, x)[1].backward()
     formula = train.flops_per_token(args, model.num_params()) * x.numel()
     assert 0.85 < counter.get_total_flops() / formula <= 1.0
+
+
+def test_overfit_batch_turns_dropout_off():
+    args = train.parse_args(["--overfit_batch", "--dropout=0.2"])
+    train.check_args(args)
+    assert args.dropout == 0.0
 
 
 def test_overfit_batch_memorises(data_dir, tmp_path):
@@ -740,6 +778,24 @@ def test_foreign_and_malicious_checkpoints_refused(tmp_path, capsys):
         pickle.dump({"model": Evil()}, f)
     err = run_main(capsys, sample.main, [f"--out_dir={tmp_path / 'b'}"])
     assert "not a checkpoint" in err and "this ran code" not in err
+    # the same in torch's own zip format, which a plain torch.load would unpickle and run
+    (tmp_path / "c").mkdir()
+    torch.save({"model": Evil(), "model_args": {}, "meta": {}}, tmp_path / "c" / "ckpt.pt")
+    err = run_main(capsys, sample.main, [f"--out_dir={tmp_path / 'c'}"])
+    assert "not a checkpoint" in err
+    assert "this ran code" not in capsys.readouterr().out + err
+    # another program's checkpoint: a compiled model's "_orig_mod." keys, other config fields
+    (tmp_path / "d").mkdir()
+    model = tiny_model()
+    torch.save({"model": {"_orig_mod." + k: v for k, v in model.state_dict().items()},
+                "model_args": {**TINY.__dict__}, "meta": {"tokenizer": "char", "chars": []}},
+               tmp_path / "d" / "ckpt.pt")
+    assert "does not hold a model" in run_main(capsys, sample.main,
+                                               [f"--out_dir={tmp_path / 'd'}"])
+    torch.save({"model": model.state_dict(), "model_args": {**TINY.__dict__, "n_kv_head": 2},
+                "meta": {"tokenizer": "char", "chars": []}}, tmp_path / "d" / "ckpt.pt")
+    assert "does not hold a model" in run_main(capsys, sample.main,
+                                               [f"--out_dir={tmp_path / 'd'}"])
 
 
 def test_bigram_learns(data_dir, capsys):

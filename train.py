@@ -218,21 +218,19 @@ class AdamW(torch.optim.Optimizer):
             grads = [p.grad.float() for p in params]
             m = [s["exp_avg"] for s in states]
             v = [s["exp_avg_sq"] for s in states]
-            for s in states:
+            for s in states:  # each parameter counts its own steps, as torch's does
                 s["step"] += 1
-            t = states[0]["step"].item()
+            steps = [s["step"].item() for s in states]
             if wd != 0:
                 torch._foreach_mul_(params, 1 - lr * wd)
             torch._foreach_lerp_(m, grads, 1 - beta1)  # m + (1-beta1)(g - m)
             torch._foreach_mul_(v, beta2)
             torch._foreach_addcmul_(v, grads, grads, 1 - beta2)
-            bias_correction1 = 1 - beta1 ** t
-            bias_correction2 = 1 - beta2 ** t
-            # p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)
+            # p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps), with bc = 1 - beta^t per parameter
             denom = torch._foreach_sqrt(v)
-            torch._foreach_div_(denom, math.sqrt(bias_correction2))
+            torch._foreach_div_(denom, [math.sqrt(1 - beta2 ** t) for t in steps])
             torch._foreach_add_(denom, eps)
-            torch._foreach_addcdiv_(params, m, denom, -lr / bias_correction1)
+            torch._foreach_addcdiv_(params, m, denom, [-lr / (1 - beta1 ** t) for t in steps])
         return loss
 
 
