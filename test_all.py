@@ -1070,6 +1070,12 @@ def test_preset_sets_defaults_and_flags_still_win():
     assert args.n_layer == 3  # the command line wins
     assert (args.batch_size, args.max_iters, args.device) == (24, 800, "cpu")  # the preset
     assert train.parse_args([]).batch_size == 64  # no preset: the baby model's defaults
+    # nanoGPT's documented command line, config file and all
+    args = train.parse_args(["config/train_shakespeare_char.py", "--device=cpu",
+                             "--compile=False", "--eval_iters=20", "--block_size=64"])
+    assert (args.out_dir, args.block_size, args.n_layer) == ("out-shakespeare-char", 64, 6)
+    with pytest.raises(SystemExit):
+        train.parse_args(["config/train_gpt2_on_my_cluster.py"])
 
 
 def test_dtype_defaults_and_refusals(data_dir, tmp_path, capsys):

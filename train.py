@@ -57,6 +57,14 @@ PRESETS = {
             "block_size": 64, "batch_size": 24, "max_iters": 800, "learning_rate": 4e-3,
             "warmup_iters": 30, "min_lr": 1e-4, "dropout": 0.0, "eval_interval": 800,
             "eval_iters": 20, "log_interval": 100, "sample_every": 0},
+    # nanoGPT's config files, so its documented command lines run unchanged, e.g.
+    # `python train.py config/train_shakespeare_char.py --device=cpu ...`
+    "train_shakespeare_char": {"out_dir": "out-shakespeare-char"},  # our defaults otherwise
+    "finetune_shakespeare": {"out_dir": "out-shakespeare", "init_from": "gpt2-xl",
+                             "dataset": "shakespeare", "eval_interval": 5, "eval_iters": 40,
+                             "batch_size": 1, "gradient_accumulation_steps": 32,
+                             "max_iters": 20, "learning_rate": 3e-5, "decay_lr": False,
+                             "dropout": 0.0, "bias": True},
 }
 
 
@@ -66,6 +74,9 @@ def get_parser() -> argparse.ArgumentParser:
     def flag(name, default, help):  # a boolean that works as --x, --x=True and --x=False
         p.add_argument(name, type=str2bool, nargs="?", const=True, default=default, help=help)
 
+    p.add_argument("config", nargs="?", default=None,
+                   help="a nanoGPT config file name, e.g. config/train_shakespeare_char.py: "
+                        "the same as --preset train_shakespeare_char")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="start from a named set of settings (cpu: the fast CPU recipe)")
     g = p.add_argument_group("I/O")
@@ -121,6 +132,12 @@ def get_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     p = get_parser()
     args = p.parse_args(argv)
+    if args.config:  # nanoGPT's config files are not read (no code runs from a config): named
+        name = Path(args.config).stem
+        if name not in PRESETS:
+            p.error(f"{args.config} is not a config this code knows; known: "
+                    f"{', '.join(sorted(PRESETS))} (or pass flags)")
+        args.preset = args.preset or name
     if args.preset:
         p.set_defaults(**PRESETS[args.preset])
         args = p.parse_args(argv)  # again, so the command line's flags override the preset
