@@ -28,7 +28,14 @@ import torch
 
 from gpt import GPT
 from prepare import PrepareError, get_tokenizer, gpt2_encoding
-from train import UserError, load_checkpoint, model_from_checkpoint, pick_device, str2bool
+from train import (
+    UserError,
+    load_checkpoint,
+    model_from_checkpoint,
+    pick_device,
+    pick_dtype,
+    str2bool,
+)
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -201,10 +208,7 @@ def sample(args) -> list[str] | dict:
     vocab_size = model.config.vocab_size
     if args.compile:
         model = torch.compile(model)
-    dtype = args.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else \
-            "float32"
+    dtype = pick_dtype(args.dtype, device)
     ctx = (torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
            if dtype != "float32" else nullcontext())
     try:
