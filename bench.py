@@ -1,12 +1,13 @@
 """
 Measure how fast this code is, on this machine, and print it as one JSON object.
 
-    python bench.py                                # CPU, the CPU recipe's model (4x128)
+    python bench.py                                # CPU, nanoGPT's CPU recipe's model (4x128)
     python bench.py --device cuda --config gpt2    # GPT-2 124M on a GPU, bf16 + compile
 
 Every figure is a median over repeated runs after a warm-up, and every comparison is a ratio
 measured side by side in the same run, because shared machines are noisy:
-- peak: FLOP/s of a large matmul (fp32 on CPU, bf16 on CUDA), the yardstick for MFU;
+- peak: FLOP/s of a large matmul (fp32 1024x1024 on CPU, as train.py measures it; bf16
+  8192x8192 on CUDA, where train.py uses the data sheet instead), the yardstick for MFU;
 - train: one full optimizer step (forward, backward, clip, AdamW): ms/iter, tokens/s, MFU;
 - adamw: our AdamW's step against torch.optim.AdamW (foreach on CPU, fused on CUDA) on the
   10.7M-parameter baby model, and whether they agree;
@@ -21,7 +22,6 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -64,12 +64,12 @@ def make_model(cfg: dict, device, block_size=None) -> GPT:
 
 
 def bench_train(cfg, device, dtype, compile_model, steps, repeats, sync, peak) -> dict:
-    """Time whole optimizer steps, exactly as train.py takes them."""
+    """Time whole optimizer steps as train.py takes them (forward, backward, clip, AdamW),
+    less its float16 scaler and its per-step check for a non-finite loss."""
     model = make_model(cfg, device)
     optimizer, _ = train.configure_optimizer(model, 0.1, 1e-4, (0.9, 0.99))
     fwd = torch.compile(model) if compile_model else model
-    ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if dtype == "bfloat16"
-           else nullcontext())
+    ctx = train.autocast_ctx(device, dtype)
     B, T = cfg["batch_size"], cfg["block_size"]
     x = torch.randint(cfg["vocab_size"], (B, T), device=device)
     y = torch.randint(cfg["vocab_size"], (B, T), device=device)
@@ -85,7 +85,7 @@ def bench_train(cfg, device, dtype, compile_model, steps, repeats, sync, peak) -
     for _ in range(3 if compile_model else 1):  # compilation happens in the first calls
         step()
     dt = median_time(lambda: [step() for _ in range(steps)], repeats, sync) / steps
-    flops = train.flops_per_token({**cfg}, model.num_params()) * B * T
+    flops = train.flops_per_token(cfg, model.num_params()) * B * T
     return {"params_M": round(model.num_params() / 1e6, 2), "ms_per_iter": round(1e3 * dt, 2),
             "tokens_per_s": round(B * T / dt), "mfu": round(flops / dt / peak, 3)}
 
@@ -182,10 +182,8 @@ def main(argv=None) -> dict:
     if "adamw" not in skip:
         result["adamw"] = bench_adamw(device, 1 if small else 10, args.repeats, sync)
     if "generate" not in skip:
-        gen_cfg = CONFIGS["tiny"] if small else cfg
-        result["generate"] = (bench_generate(gen_cfg, device, 1, sync, new_tokens=8, context=8)
-                              if small else bench_generate(gen_cfg, device,
-                                                           min(args.repeats, 3), sync))
+        lengths = {"new_tokens": 8, "context": 8} if small else {}  # tiny: just run it
+        result["generate"] = bench_generate(cfg, device, min(args.repeats, 3), sync, **lengths)
     if "get_batch" not in skip:
         result["get_batch"] = bench_get_batch(cfg, device, args.repeats)
 

@@ -15,6 +15,7 @@ nh number of heads, hs head size (C // nh), V vocab_size.
 """
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,23 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     z_y = z.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (N,)
     nll = (log_norm - z_y) * keep
     return nll.sum() / keep.sum().clamp(min=1)
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Run the block in eval mode (no dropout), then restore the mode the model was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def first_line(e: Exception) -> str:
+    """An exception as one short line, for one-line error messages."""
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 # -----------------------------------------------------------------------------
@@ -218,10 +236,9 @@ class GPT(nn.Module):
                  top_k: int | None = None, top_p: float | None = None,
                  generator: torch.Generator | None = None, use_cache: bool = True):
         """Extend idx (B, T) by max_new_tokens sampled tokens: (B, T + max_new_tokens)."""
-        for idx_next in self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p,
-                                             generator, use_cache):
-            idx = torch.cat((idx, idx_next), dim=1)  # (B, T+1)
-        return idx
+        new = self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator,
+                                   use_cache)
+        return torch.cat([idx, *new], dim=1)
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens: int, temperature: float = 1.0,
@@ -235,17 +252,13 @@ class GPT(nn.Module):
         cached keys are stale: from then on each step re-encodes the last block_size tokens,
         exactly what the no-cache path does.
         """
-        was_training = self.training
-        self.eval()  # no dropout while generating
         cache = None
-        try:
+        with eval_mode(self):  # no dropout while generating; restored even if stopped early
             for _ in range(max_new_tokens):
-                logits, cache = self.next_logits(idx, cache if use_cache else None, use_cache)
+                logits, cache = self.next_logits(idx, cache, use_cache)
                 idx_next = sample_next_token(logits, temperature, top_k, top_p, generator)
                 idx = torch.cat((idx, idx_next), dim=1)  # (B, T+1)
                 yield idx_next
-        finally:  # also runs when the caller stops early and the generator is closed
-            self.train(was_training)
 
     @torch.no_grad()
     def beam_search(self, idx, max_new_tokens: int, beam_width: int,
@@ -262,14 +275,16 @@ class GPT(nn.Module):
         once every beam is finished.
         Returns beams (K, T + steps) and their scores (K,).
         """
-        was_training = self.training
-        self.eval()
+        with eval_mode(self):
+            return self._beam_search(idx, max_new_tokens, beam_width, eot_token, use_cache)
+
+    def _beam_search(self, idx, max_new_tokens, beam_width, eot_token, use_cache):
         eot = -1 if eot_token is None else eot_token  # -1: no token finishes a beam
         scores = torch.zeros(1, device=idx.device)  # (K,) with K = 1 beam, the prompt, at first
         done = torch.zeros(1, dtype=torch.bool, device=idx.device)  # (K,) has produced eot
         cache = None
         for _ in range(max_new_tokens):
-            logits, cache = self.next_logits(idx, cache if use_cache else None, use_cache)
+            logits, cache = self.next_logits(idx, cache, use_cache)
             logp = F.log_softmax(logits.float(), dim=-1)  # (K, V) log p(next token | beam)
             V = logp.size(-1)
             logp[done] = float("-inf")  # a finished beam can only go on with eot,
@@ -284,7 +299,6 @@ class GPT(nn.Module):
                 cache.reorder(rows)
             if done.all():
                 break
-        self.train(was_training)
         return idx, scores
 
     def next_logits(self, idx, cache: KVCache | None, use_cache: bool = True):
@@ -322,8 +336,7 @@ class GPT(nn.Module):
                 raise ValueError(f"it holds a {hf_config.model_type!r} model, not 'gpt2'")
             hf = GPT2LMHeadModel.from_pretrained(name_or_dir, config=hf_config)
         except Exception as e:  # noqa: BLE001 (offline, missing files, bad JSON: many types)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"cannot load GPT-2 from {name_or_dir!r}: {first}") from None
+            raise ValueError(f"cannot load GPT-2 from {name_or_dir!r}: {first_line(e)}") from None
         c = hf_config
         # Our Block is GPT-2's: GELU with the tanh approximation (HF's 'gelu_new'), LayerNorm
         # eps 1e-5 (PyTorch's default), MLP width 4C, attention scaled by 1/sqrt(hs), tied
@@ -393,7 +406,7 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
     logits = logits.float() / temperature
     if top_k is not None and top_k > 0:
         logits = top_k_filter(logits, top_k)
-    if top_p is not None and top_p < 1.0:
+    if top_p is not None:
         logits = top_p_filter(logits, top_p)
     probs = F.softmax(logits, dim=-1)  # renormalised over the survivors
     return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)

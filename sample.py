@@ -21,15 +21,15 @@ import math
 import re
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from gpt import GPT
-from prepare import PrepareError, get_tokenizer, gpt2_encoding
+from gpt import GPT, eval_mode
+from prepare import PrepareError, get_tokenizer, gpt2_encoding, make_problem
 from train import (
     UserError,
+    autocast_ctx,
     load_checkpoint,
     model_from_checkpoint,
     pick_device,
@@ -169,21 +169,19 @@ def score(model: GPT, ids: torch.Tensor, stride: int = 1,
     sees all the context the model can take, for one window per token; with stride s a token
     past the first window sees at least L - s + 1 tokens, for 1/s of the work.
     """
-    was_training = model.training
-    model.eval()
     L = min(model.config.block_size, ids.numel() - 1)
     ends = list(range(L, ids.numel() - 1, stride)) + [ids.numel() - 1]  # inputs ids[end-L:end]
     prevs = [0] + ends[:-1]  # targets up to ids[prev] were scored by the window before
     total, count = 0.0, 0
-    for i in range(0, len(ends), batch_size):  # a batch of windows per forward
-        end = torch.tensor(ends[i:i + batch_size], device=ids.device)[:, None]  # (B, 1)
-        prev = torch.tensor(prevs[i:i + batch_size], device=ids.device)[:, None]  # (B, 1)
-        pos = end - L + torch.arange(L, device=ids.device)  # (B, L) input positions
-        targets = ids[pos + 1].masked_fill(pos < prev, -1)  # (B, L) only new targets count
-        _, loss = model(ids[pos], targets)  # mean over the targets that count
-        n = int((targets != -1).sum())
-        total, count = total + loss.item() * n, count + n
-    model.train(was_training)
+    with eval_mode(model):
+        for i in range(0, len(ends), batch_size):  # a batch of windows per forward
+            end = torch.tensor(ends[i:i + batch_size], device=ids.device)[:, None]  # (B, 1)
+            prev = torch.tensor(prevs[i:i + batch_size], device=ids.device)[:, None]  # (B, 1)
+            pos = end - L + torch.arange(L, device=ids.device)  # (B, L) input positions
+            targets = ids[pos + 1].masked_fill(pos < prev, -1)  # (B, L) only new targets count
+            _, loss = model(ids[pos], targets)  # mean over the targets that count
+            n = int((targets != -1).sum())
+            total, count = total + loss.item() * n, count + n
     return total / count, count
 
 
@@ -203,14 +201,12 @@ def main(argv=None) -> list[str] | dict:
 def sample(args) -> list[str] | dict:
     check_args(args)
     device = pick_device(args.device)
-    torch.manual_seed(args.seed)
     model, meta = load_model(args.init_from, Path(args.out_dir), device)
     vocab_size = model.config.vocab_size
     if args.compile:
         model = torch.compile(model)
     dtype = pick_dtype(args.dtype, device)
-    ctx = (torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
-           if dtype != "float32" else nullcontext())
+    ctx = autocast_ctx(device, dtype)
     try:
         encode, decode = get_tokenizer(meta)
         token_bytes = token_bytes_fn(meta)
@@ -246,15 +242,14 @@ def answer_problem(model, meta, text, encode, decode, device) -> list[str]:
     pattern = r"(\d+)\|?" if task == "reverse" else r"(\d+)\+(\d+)=?"
     m = re.fullmatch(pattern, text.replace(" ", "").strip())
     if m is None or any(len(n) > d for n in m.groups()):
-        example = "12345678|"[:d] + "|" if task == "reverse" else f"{'123'[:d]}+{'456'[:d]}="
+        example = make_problem(task, 123, d)[0]
         raise UserError(f"this model answers {task} problems of up to {d} digits, like "
                         f"--start '{example}'; got {text!r}")
-    numbers = [int(n) for n in m.groups()]
-    prompt = (f"{numbers[0]:0{d}d}|" if task == "reverse"
-              else f"{numbers[0]:0{d}d}+{numbers[1]:0{d}d}=")
+    numbers = [int(n) for n in m.groups()]  # problem number n, as prepare.py lays it out
+    n = numbers[0] if task == "reverse" else numbers[0] * 10 ** d + numbers[1]
+    prompt, right = make_problem(task, n, d)
     x = torch.tensor([encode(prompt)], device=device)
     answer = decode(model.generate(x, meta["answer_len"], temperature=0)[0, len(prompt):].tolist())
-    right = prompt[:-1][::-1] if task == "reverse" else f"{sum(numbers):0{d + 1}d}"[::-1]
     value = f"= {int(answer[::-1])}, " if task == "addition" and answer.isdigit() else ""
     print(f"{prompt}{answer}   ({value}{'right' if answer == right else 'wrong'})")
     return [prompt + answer]
@@ -273,10 +268,10 @@ def print_samples(model, x, args, ctx, decode, token_bytes, eot) -> list[str]:
         show(stream.push(start_ids))
         with ctx:
             for tok in model.generate_stream(x, args.max_new_tokens, args.temperature,
-                                             args.top_k or None, args.top_p, gen):
-                if tok.item() == eot:
+                                             args.top_k, args.top_p, gen):
+                if (t := tok.item()) == eot:
                     break  # a document ended: stop there
-                new.append(tok.item())
+                new.append(t)
                 show(stream.push(new[-1:]))
         dt = time.perf_counter() - t0
         samples.append(decode(start_ids + new))

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gpt import GPT, GPT2_NAMES, GPTConfig
+from gpt import GPT, GPT2_NAMES, GPTConfig, first_line
 from prepare import get_tokenizer
 
 ROOT = Path(__file__).resolve().parent
@@ -378,6 +378,15 @@ def exact_match(model, path: Path, meta: dict, device, batch_size: int = 500) ->
     return correct / len(rows)
 
 
+def generate_and_print_sample(model, prompt, decode, seed: int, max_new_tokens: int = 100,
+                              temperature: float = 0.8):
+    """What the model writes now, from a fixed prompt and seed: a qualitative progress check."""
+    g = torch.Generator(device=prompt.device).manual_seed(seed)
+    out = model.generate(prompt, max_new_tokens, temperature=temperature, top_k=200,
+                         generator=g)
+    print("sample: " + repr(decode(out[0].tolist()))[:400])
+
+
 # -----------------------------------------------------------------------------
 # Checkpoints
 
@@ -402,8 +411,8 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 (torch.load raises many types for a bad file)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} is not a checkpoint this code can load safely ({first})")
+        raise UserError(f"{path} is not a checkpoint this code can load safely "
+                        f"({first_line(e)})") from None
     if not isinstance(ckpt, dict) or not {"model", "model_args", "meta"} <= ckpt.keys():
         raise UserError(f"{path} is not a checkpoint written by train.py")
     return ckpt
@@ -420,8 +429,8 @@ def model_from_checkpoint(ckpt: dict, path: Path, **overrides) -> tuple[GPT, dic
         model = GPT(GPTConfig(**model_args))
         model.load_state_dict(ckpt["model"])
     except (TypeError, RuntimeError, KeyError, ValueError, AssertionError) as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} does not hold a model this code can build ({first})") from None
+        raise UserError(f"{path} does not hold a model this code can build "
+                        f"({first_line(e)})") from None
     return model, model_args
 
 
@@ -463,6 +472,13 @@ def pick_device(name: str) -> torch.device:
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps, but MPS is not available here (try --device cpu)")
     return dev
+
+
+def autocast_ctx(device: torch.device, dtype: str):
+    """Mixed precision for forward passes: autocast to dtype, or nothing for float32."""
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
 
 
 def pick_dtype(name: str, device: torch.device) -> str:
@@ -666,9 +682,7 @@ def train_loop(args, rank: int, world_size: int) -> dict:
         torch.backends.cudnn.allow_tf32 = True
     # Decided once, so the loop has no device branches: autocast (or nothing), and a gradient
     # scaler that is a no-op unless float16 (whose small range needs the loss scaled up).
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    ctx = (torch.autocast(device_type="cuda", dtype=ptdtype[dtype]) if dtype != "float32"
-           else nullcontext())
+    ctx = autocast_ctx(device, dtype)
     scaler = torch.amp.GradScaler("cuda", enabled=(dtype == "float16"))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -879,15 +893,15 @@ def train_loop(args, rank: int, world_size: int) -> dict:
                 dt = time.perf_counter() - t0 - eval_time
                 ms = 1000 * dt / steps_since_log
                 t0, eval_time, steps_since_log = time.perf_counter(), 0.0, 0
-                lossf = loss_sum.item()
+                lossf, normf = loss_sum.item(), norm.item()
                 history.append((iter_num, lossf))
+                tokens_per_s = tokens_per_iter / (ms / 1000)
                 mfu = flops_per_iter / (ms / 1000) / peak
-                log(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, grad norm "
-                    f"{norm.item():.3f}, {ms:.1f} ms/iter, "
-                    f"{tokens_per_iter / (ms / 1000):,.0f} tokens/s, MFU {100 * mfu:.1f}%")
+                log(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, grad norm {normf:.3f}, "
+                    f"{ms:.1f} ms/iter, {tokens_per_s:,.0f} tokens/s, MFU {100 * mfu:.1f}%")
                 append_log(log_path, iter=iter_num, loss=f"{lossf:.6f}", lr=f"{lr:.6g}",
-                           grad_norm=f"{norm.item():.6g}", ms_per_iter=f"{ms:.3f}",
-                           tokens_per_s=f"{tokens_per_iter / (ms / 1000):.1f}", mfu=f"{mfu:.4f}")
+                           grad_norm=f"{normf:.6g}", ms_per_iter=f"{ms:.3f}",
+                           tokens_per_s=f"{tokens_per_s:.1f}", mfu=f"{mfu:.4f}")
     finally:
         signal.signal(signal.SIGINT, old_handler)
     elapsed = time.perf_counter() - t_start
@@ -902,15 +916,6 @@ def train_loop(args, rank: int, world_size: int) -> dict:
     log(f"done: {iter_num} iterations in {elapsed:.1f}s, best val loss {best_val_loss:.4f}")
     return {"iter_num": iter_num, "best_val_loss": best_val_loss, "history": history,
             "final_losses": losses, "elapsed": elapsed, "ckpt_path": str(ckpt_path)}
-
-
-def generate_and_print_sample(model, prompt, decode, seed: int, max_new_tokens: int = 100,
-                              temperature: float = 0.8):
-    """What the model writes now, from a fixed prompt and seed: a qualitative progress check."""
-    g = torch.Generator(device=prompt.device).manual_seed(seed)
-    out = model.generate(prompt, max_new_tokens, temperature=temperature, top_k=200,
-                         generator=g)
-    print("sample: " + repr(decode(out[0].tolist()))[:400])
 
 
 if __name__ == "__main__":
