@@ -353,7 +353,9 @@ class GPT(nn.Module):
         # older transformers versions keep the causal mask as buffers; we build ours on the fly
         theirs = {k: v for k, v in hf.state_dict().items()
                   if not k.endswith((".attn.bias", ".attn.masked_bias"))}
-        assert ours.keys() == theirs.keys(), sorted(ours.keys() ^ theirs.keys())
+        if ours.keys() != theirs.keys():  # a one-line error, like every other refusal here
+            raise ValueError(f"{name_or_dir!r} has other parameters than GPT-2: "
+                             f"{sorted(ours.keys() ^ theirs.keys())[:3]}")
         # HF stores these four as Conv1D, weight (in, out): the transpose of nn.Linear's (out, in)
         conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
                   "mlp.c_proj.weight")
