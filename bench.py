@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import plumbing
 import train
 from gpt import GPT, GPTConfig
 
@@ -69,7 +70,7 @@ def bench_train(cfg, device, dtype, compile_model, steps, repeats, sync, peak) -
     model = make_model(cfg, device)
     optimizer, _ = train.configure_optimizer(model, 0.1, 1e-4, (0.9, 0.99))
     fwd = torch.compile(model) if compile_model else model
-    ctx = train.autocast_ctx(device, dtype)
+    ctx = plumbing.autocast_ctx(device, dtype)
     B, T = cfg["batch_size"], cfg["block_size"]
     x = torch.randint(cfg["vocab_size"], (B, T), device=device)
     y = torch.randint(cfg["vocab_size"], (B, T), device=device)
@@ -85,7 +86,7 @@ def bench_train(cfg, device, dtype, compile_model, steps, repeats, sync, peak) -
     for _ in range(3 if compile_model else 1):  # compilation happens in the first calls
         step()
     dt = median_time(lambda: [step() for _ in range(steps)], repeats, sync) / steps
-    flops = train.flops_per_token(cfg, model.num_params()) * B * T
+    flops = plumbing.flops_per_token(cfg, model.num_params()) * B * T
     return {"params_M": round(model.num_params() / 1e6, 2), "ms_per_iter": round(1e3 * dt, 2),
             "tokens_per_s": round(B * T / dt), "mfu": round(flops / dt / peak, 3)}
 
@@ -154,11 +155,11 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--config", default="cpu", choices=sorted(CONFIGS), help="model shape")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per figure (median)")
-    p.add_argument("--compile", type=train.str2bool, nargs="?", const=True, default=None,
+    p.add_argument("--compile", type=plumbing.str2bool, nargs="?", const=True, default=None,
                    help="torch.compile the training step (default: on for CUDA)")
     p.add_argument("--skip", default="", help="comma-separated parts to leave out, e.g. adamw")
     args = p.parse_args(argv)
-    device = train.pick_device(args.device)
+    device = plumbing.pick_device(args.device)
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     compile_model = args.compile if args.compile is not None else device.type == "cuda"
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -169,7 +170,7 @@ def main(argv=None) -> dict:
     small = args.config == "tiny"
 
     # the same yardstick train.py's MFU uses on a CPU (a 1024 matmul); bf16 8192 on CUDA
-    peak = train.measure_matmul_peak(device, torch.bfloat16 if dtype == "bfloat16" else
+    peak = plumbing.measure_matmul_peak(device, torch.bfloat16 if dtype == "bfloat16" else
                                      torch.float32, n=256 if small else
                                      (8192 if device.type == "cuda" else 1024))
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else

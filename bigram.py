@@ -5,8 +5,19 @@ The bigram language model: the simplest model that learns anything, and the lear
 
 Each token looks up a row of a (vocab_size, vocab_size) table, and that row is read as the
 logits of the next token: the model only ever sees one character of context. This file is
-self-contained (no import from gpt.py) and has the same scaffolding as train.py and gpt.py:
-settings, data, model with forward(idx, targets) -> (logits, loss) and generate(), loop.
+self-contained (no import from the other scripts) and has the same scaffolding as train.py and
+gpt.py, so the diff between them is the model. Where each piece of the lecture grows up:
+
+    bigram.py                      ->  gpt.py / train.py
+    get_batch(path, ix, ...)       ->  train.py get_batch (same arguments; + task batches)
+    estimate_loss(model, ...)      ->  train.py estimate_loss (same arguments; + autocast)
+    BigramLanguageModel            ->  gpt.py GPT: embeddings, attention, MLP, Block
+    F.cross_entropy                ->  gpt.py cross_entropy, written out
+    generate (multinomial)         ->  gpt.py generate_stream + sample_next_token (temperature,
+                                       top_k_filter, top_p_filter) and a KV cache
+    torch.optim.AdamW              ->  train.py AdamW, written out, plus get_lr (warmup +
+                                       cosine) and clip_grad_norm
+    the loop in main()             ->  train.py train_loop (+ accumulation, checkpoints, logs)
 """
 
 import argparse
@@ -44,29 +55,61 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-# -----------------------------------------------------------------------------
-# Data
-
-
 def die(msg: str):
     print(f"bigram.py: error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 
-def load_split(data_dir: Path, dataset: str, split: str) -> torch.Tensor:
-    path = data_dir / dataset / f"{split}.bin"
+def check_args(a) -> None:
+    for name in ("batch_size", "block_size", "eval_interval", "eval_iters"):
+        if getattr(a, name) <= 0:
+            die(f"--{name} must be positive")
+    if a.max_iters < 0 or a.max_new_tokens < 0 or not a.learning_rate > 0:
+        die("--max_iters and --max_new_tokens cannot be negative, --learning_rate must be > 0")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": torch.backends.mps.is_available()}
+    if not available.get(a.device):
+        die(f"--device {a.device} is not available here: use "
+            + " or ".join(d for d, ok in available.items() if ok))
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+def load_meta(data_dir: Path, dataset: str) -> dict:
+    path = data_dir / dataset / "meta.json"
     if not path.exists():
         hint = "" if dataset == "shakespeare_char" else f" --dataset {dataset}"
-        die(f"no {path}: run `python prepare.py{hint}` first")
-    return torch.from_numpy(np.fromfile(path, dtype=np.uint16).astype(np.int64))
+        die(f"no prepared data in {path.parent}: run `python prepare.py{hint}` first")
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
-def get_batch(data: torch.Tensor, batch_size: int, block_size: int, device):
-    """Random windows: x (B, T) and the targets y (B, T), x shifted left by one."""
-    ix = torch.randint(len(data) - block_size, (batch_size,))
-    x = torch.stack([data[i:i + block_size] for i in ix])
-    y = torch.stack([data[i + 1:i + block_size + 1] for i in ix])
+def get_batch(path: Path, ix: torch.Tensor, block_size: int, device):
+    """Windows of the token file at offsets ix (B,): x (B, T), and the targets y (B, T),
+    x shifted left by one: the token that follows each position."""
+    data = np.memmap(path, dtype=np.uint16, mode="r")  # the file, read only where indexed
+    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix])
+    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64))
+                     for i in ix])
     return x.to(device), y.to(device)
+
+
+@torch.no_grad()
+def estimate_loss(model, get_split_batch, n_windows: dict, eval_iters: int, batch_size: int,
+                  seed: int = 0) -> dict:
+    """Mean loss over eval_iters batches of each split (the same seeded ones every time), in
+    eval mode."""
+    out = {}
+    model.eval()
+    for split, high in n_windows.items():
+        g = torch.Generator().manual_seed(seed)
+        losses = [model(*get_split_batch(split, torch.randint(high, (batch_size,),
+                                                                generator=g)))[1].item()
+                  for _ in range(eval_iters)]
+        out[split] = sum(losses) / eval_iters
+    model.train()
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -89,31 +132,16 @@ class BigramLanguageModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int):
-        """Extend idx (B, T) one sampled token at a time."""
+        """Extend idx (B, T) one sampled token at a time, then restore the mode it found."""
+        was_training = self.training
         self.eval()
         for _ in range(max_new_tokens):
             logits, _ = self(idx[:, -1:])  # a bigram only needs the last token: (B, 1, V)
             probs = F.softmax(logits[:, -1, :], dim=-1)  # (B, V)
             idx_next = torch.multinomial(probs, num_samples=1)  # (B, 1)
             idx = torch.cat((idx, idx_next), dim=1)  # (B, T+1)
-        self.train()
+        self.train(was_training)
         return idx
-
-
-@torch.no_grad()
-def estimate_loss(model, data: dict, eval_iters: int, batch_size: int, block_size: int, device):
-    """Mean loss over eval_iters random batches of each split, in eval mode."""
-    out = {}
-    model.eval()
-    for split, d in data.items():
-        losses = torch.zeros(eval_iters)
-        for k in range(eval_iters):
-            x, y = get_batch(d, batch_size, block_size, device)
-            _, loss = model(x, y)
-            losses[k] = loss.item()
-        out[split] = losses.mean().item()
-    model.train()
-    return out
 
 
 # -----------------------------------------------------------------------------
@@ -122,24 +150,29 @@ def estimate_loss(model, data: dict, eval_iters: int, batch_size: int, block_siz
 
 def main(argv=None) -> dict:
     args = get_parser().parse_args(argv)
+    check_args(args)
     torch.manual_seed(args.seed)
     data_dir = Path(args.data_dir)
-    data = {s: load_split(data_dir, args.dataset, s) for s in ("train", "val")}
-    with open(data_dir / args.dataset / "meta.json", encoding="utf-8") as f:
-        meta = json.load(f)
-    if min(len(d) for d in data.values()) <= args.block_size:
+    meta = load_meta(data_dir, args.dataset)
+    splits = {s: data_dir / args.dataset / f"{s}.bin" for s in ("train", "val")}
+    n_windows = {s: p.stat().st_size // 2 - args.block_size for s, p in splits.items()}
+    if min(n_windows.values()) <= 0:
         die("the data is shorter than block_size: lower --block_size")
+
+    def get_split_batch(split, ix):
+        return get_batch(splits[split], ix, args.block_size, args.device)
 
     model = BigramLanguageModel(meta["vocab_size"]).to(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
     for it in range(args.max_iters + 1):
         if it % args.eval_interval == 0 or it == args.max_iters:
-            losses = estimate_loss(model, data, args.eval_iters, args.batch_size,
-                                   args.block_size, args.device)
+            losses = estimate_loss(model, get_split_batch, n_windows, args.eval_iters,
+                                   args.batch_size, seed=args.seed)
             print(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         if it == args.max_iters:
             break
-        x, y = get_batch(data["train"], args.batch_size, args.block_size, args.device)
+        ix = torch.randint(n_windows["train"], (args.batch_size,))
+        x, y = get_split_batch("train", ix)
         _, loss = model(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -10,8 +10,12 @@ The GPT-2 model, written plainly, and text generation.
     beams, scores = model.beam_search(idx, max_new_tokens=50, beam_width=4)  # idx (1, T)
     model = GPT.from_pretrained("gpt2")         # OpenAI's weights, via Hugging Face transformers
 
+Read it top to bottom: the config, attention, the MLP, the block, the GPT, the loss, generation
+with a KV cache, the sampling filters, and last GPT-2's weights.
+
 Shapes use one alphabet: B batch, T time (sequence length), C channels (n_embd),
-nh number of heads, hs head size (C // nh), V vocab_size.
+nh number of heads, hs head size (C // nh), V vocab_size, S keys attended to (T, or more
+with a KV cache).
 """
 
 import math
@@ -36,78 +40,26 @@ class GPTConfig:
 
 
 # -----------------------------------------------------------------------------
-# The loss, written out
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1):
-    """Mean negative log-likelihood of `targets` under softmax(`logits`).
-
-    logits (N, V), targets (N,). Positions whose target is `ignore_index` carry no loss.
-    log softmax(z)_y = z_y - log sum_j exp(z_j), and subtracting max(z) first keeps exp()
-    from overflowing without changing the result (it cancels in the ratio).
-    """
-    logits = logits.float()  # under bf16 autocast, do the sum in fp32
-    z = logits - logits.max(dim=-1, keepdim=True).values.detach()  # (N, V), max entry is 0
-    log_norm = z.exp().sum(dim=-1).log()  # (N,) log sum_j exp(z_j)
-    keep = targets != ignore_index  # (N,)
-    z_y = z.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (N,)
-    nll = (log_norm - z_y) * keep
-    return nll.sum() / keep.sum().clamp(min=1)
-
-
-@contextmanager
-def eval_mode(model: nn.Module):
-    """Run the block in eval mode (no dropout), then restore the mode the model was in."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-def first_line(e: Exception) -> str:
-    """An exception as one short line, for one-line error messages."""
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
-
-
-# -----------------------------------------------------------------------------
-# The model
-
-GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # 124M, 350M, 774M, 1558M params
-
-
-class KVCache:
-    """Each layer's keys and values so far, so generation feeds one new token per step.
-
-    k[layer], v[layer]: (B, nh, block_size, hs), filled up to `pos`.
-    """
-
-    def __init__(self, config: GPTConfig, batch_size: int, device, dtype):
-        hs = config.n_embd // config.n_head
-        shape = (batch_size, config.n_head, config.block_size, hs)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.pos = 0  # how many positions are filled
-
-    def reorder(self, rows: torch.Tensor):
-        """Keep batch rows `rows` (beam search picks which beams survive)."""
-        self.k = [k.index_select(0, rows) for k in self.k]
-        self.v = [v.index_select(0, rows) for v in self.v]
+# Attention: each position gathers information from the positions before it
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
         assert config.n_embd % config.n_head == 0
         self.n_head = config.n_head
+        self.layer_idx = layer_idx  # which layer this is: its slot in a KVCache
         self.dropout = config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
+        # False: one fused kernel (flash attention where the device has it). True: the formula
+        # written out below, which also keeps the weights in self.att (sample.py --attention).
+        self.explicit = False
+        self.att = None
 
-    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, cache=None):
         B, T, C = x.size()  # batch, time, n_embd
         nh, hs = self.n_head, C // self.n_head
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
@@ -115,25 +67,38 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, nh, hs).transpose(1, 2)
         k = k.view(B, T, nh, hs).transpose(1, 2)
         v = v.view(B, T, nh, hs).transpose(1, 2)
-        mask, causal = None, True
-        if cache is not None:  # append this step's keys/values, attend over all so far
-            p = cache.pos
-            cache.k[layer][:, :, p:p + T] = k
-            cache.v[layer][:, :, p:p + T] = v
-            k, v = cache.k[layer][:, :, :p + T], cache.v[layer][:, :, :p + T]  # (B, nh, p+T, hs)
-            if p > 0:  # query i sits at position p+i and sees keys 0..p+i
-                causal = False  # (one new token sees every key: no mask at all, the fast path)
-                if T > 1:
-                    mask = torch.ones(T, p + T, dtype=torch.bool, device=x.device).tril(p)
-        # softmax(q k^T / sqrt(hs)) v with future positions masked out:
-        # (B, nh, T, hs) @ (B, nh, hs, T) -> (B, nh, T, T) -> @ (B, nh, T, hs) -> (B, nh, T, hs)
-        # One fused kernel (flash attention where the device has it); the dropout on the
-        # attention weights must be switched off by hand in eval mode.
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal and T > 1,
-            dropout_p=self.dropout if self.training else 0.0)
+        causal, mask = T > 1, None  # without a cache: query t sees keys 0..t
+        if cache is not None:  # generating: add these keys and values to the ones kept so far
+            k, v, mask = cache.update(self.layer_idx, k, v)  # (B, nh, S, hs), mask (T, S)
+            causal = False  # the mask says who sees whom (None: one new token sees them all)
+        if self.explicit:
+            y = self.attention_formula(q, k, v, mask, causal)
+        else:  # the same math in one fused kernel; its dropout ignores eval(): switch it by hand
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                               dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads: (B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+    def attention_formula(self, q, k, v, mask, causal):
+        """softmax(q k^T / sqrt(hs)) v, with the future masked out.
+
+        Each query's dot product with each key says how much it attends there; dividing by
+        sqrt(hs) keeps the scores' variance near 1, so the softmax does not saturate. A masked
+        score becomes -inf, which the softmax turns into a weight of exactly 0.
+        """
+        T, S, hs = q.size(2), k.size(2), q.size(3)
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, hs) @ (B, nh, hs, S)
+        if causal:  # -> (B, nh, T, S); the lower triangle: query t sees keys 0..t
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+        if mask is not None:
+            att = att.masked_fill(~mask, float("-inf"))
+        att = F.softmax(att, dim=-1)  # each row: weights over the keys, summing to 1
+        self.att = att.detach()
+        return self.attn_dropout(att) @ v  # (B, nh, T, S) @ (B, nh, S, hs) -> (B, nh, T, hs)
+
+
+# -----------------------------------------------------------------------------
+# MLP, Block and the GPT
 
 
 class MLP(nn.Module):
@@ -151,15 +116,15 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: communicate (attention), then compute (MLP)."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer_idx)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), cache, layer)  # residual connections let the
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache)  # residual connections let the
         x = x + self.mlp(self.ln_2(x))  # gradient flow straight to the bottom
         return x
 
@@ -172,7 +137,7 @@ class GPT(nn.Module):
             "wte": nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
             "wpe": nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
             "drop": nn.Dropout(config.dropout),
-            "h": nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             "ln_f": nn.LayerNorm(config.n_embd, bias=config.bias),
         })
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -202,7 +167,7 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None):
+    def forward(self, idx, targets=None, cache=None):
         """idx (B, T) token ids -> (logits, loss).
 
         With targets (B, T), logits are (B, T, V) and loss is the mean cross-entropy over the
@@ -210,17 +175,17 @@ class GPT(nn.Module):
         computed: that is all generation needs. With a KVCache, idx holds only the new tokens.
         """
         B, T = idx.size()
-        start = cache.pos if cache is not None else 0
+        start = cache.pos if cache is not None else 0  # the first new token's position
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens is longer than block_size "
                              f"{self.config.block_size}")
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C)
         x = self.transformer.drop(x)
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, i)
+        for block in self.transformer.h:
+            x = block(x, cache)
         if cache is not None:
-            cache.pos += T
+            cache.pos += T  # every layer has stored these T positions
         x = self.transformer.ln_f(x)  # (B, T, C)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # (B, 1, V)
@@ -228,63 +193,157 @@ class GPT(nn.Module):
         loss = cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))  # may be a slice
         return logits, loss
 
-    # -------------------------------------------------------------------------
-    # Generation
+    # Generation and GPT-2's weights are written out further down this file, after the loss;
+    # these give them nanoGPT's interface (model.generate(...), GPT.from_pretrained(...)).
+    def generate(self, *args, **kwargs):
+        return generate(self, *args, **kwargs)
 
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None,
-                 generator: torch.Generator | None = None, use_cache: bool = True):
-        """Extend idx (B, T) by max_new_tokens sampled tokens: (B, T + max_new_tokens)."""
-        new = self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator,
-                                   use_cache)
-        return torch.cat([idx, *new], dim=1)
+    def generate_stream(self, *args, **kwargs):
+        return generate_stream(self, *args, **kwargs)
 
-    @torch.no_grad()
-    def generate_stream(self, idx, max_new_tokens: int, temperature: float = 1.0,
-                        top_k: int | None = None, top_p: float | None = None,
-                        generator: torch.Generator | None = None, use_cache: bool = True):
-        """Yield the next token ids (B, 1) of idx (B, T), one step at a time, as they are sampled.
+    def beam_search(self, *args, **kwargs):
+        return beam_search(self, *args, **kwargs)
 
-        The context is cropped to the last block_size tokens. With use_cache, each layer's
-        keys and values are kept (KVCache) and one token is fed per step. Learned position
-        embeddings tie a key to its position, so once the window slides past block_size the
-        cached keys are stale: from then on each step re-encodes the last block_size tokens,
-        exactly what the no-cache path does.
+    @staticmethod
+    def from_pretrained(name_or_dir: str, dropout: float = 0.0) -> "GPT":
+        return from_pretrained(name_or_dir, dropout)
+
+
+# -----------------------------------------------------------------------------
+# The loss, written out
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1):
+    """Mean negative log-likelihood of `targets` under softmax(`logits`).
+
+    logits (N, V), targets (N,). Positions whose target is `ignore_index` carry no loss.
+    log softmax(z)_y = z_y - log sum_j exp(z_j), and subtracting max(z) first keeps exp()
+    from overflowing without changing the result (it cancels in the ratio).
+    """
+    logits = logits.float()  # under bf16 autocast, do the sum in fp32
+    z = logits - logits.max(dim=-1, keepdim=True).values.detach()  # (N, V), max entry is 0
+    log_norm = z.exp().sum(dim=-1).log()  # (N,) log sum_j exp(z_j)
+    keep = targets != ignore_index  # (N,)
+    z_y = z.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (N,)
+    nll = (log_norm - z_y) * keep
+    return nll.sum() / keep.sum().clamp(min=1)
+
+
+# -----------------------------------------------------------------------------
+# Generation, with a KV cache
+
+
+class KVCache:
+    """Each layer's keys and values so far, so generation feeds one new token per step.
+
+    k[layer], v[layer]: (B, nh, block_size, hs), filled up to `pos`.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, device, dtype):
+        hs = config.n_embd // config.n_head
+        shape = (batch_size, config.n_head, config.block_size, hs)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.pos = 0  # how many positions are filled (GPT.forward moves it on)
+
+    def update(self, layer: int, k, v):
+        """Store one layer's new keys and values k, v (B, nh, T, hs) after the `pos` kept ones.
+
+        Returns every key and value so far (B, nh, S, hs), S = pos + T, and the mask (T, S):
+        new query i sits at position pos + i and sees keys 0..pos + i. For one new token the
+        mask is None: it sees every key (no mask at all is the fastest path).
         """
+        p, T = self.pos, k.size(2)
+        self.k[layer][:, :, p:p + T] = k
+        self.v[layer][:, :, p:p + T] = v
+        mask = None if T == 1 else torch.ones(T, p + T, dtype=torch.bool,
+                                              device=k.device).tril(p)
+        return self.k[layer][:, :, :p + T], self.v[layer][:, :, :p + T], mask
+
+    def reorder(self, rows: torch.Tensor):
+        """Keep batch rows `rows` (beam search picks which beams survive)."""
+        self.k = [k.index_select(0, rows) for k in self.k]
+        self.v = [v.index_select(0, rows) for v in self.v]
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Run the block in eval mode (no dropout), then restore the mode the model was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def next_logits(model: GPT, idx, cache: KVCache | None, use_cache: bool = True):
+    """Logits (B, V) for the token after idx (B, T), and the cache to pass next time.
+
+    With use_cache, only the tokens the cache has not seen are fed. Learned position
+    embeddings tie a key to its position, so once the context is longer than block_size the
+    cached keys are stale: from then on each step re-encodes the last block_size tokens,
+    exactly what the no-cache path does.
+    """
+    bs = model.config.block_size
+    fits = idx.size(1) <= bs
+    if use_cache and cache is not None and fits:
+        logits, _ = model(idx[:, cache.pos:], cache=cache)  # only the unseen tokens
+    elif use_cache and fits:
+        p = next(model.parameters())
+        cache = KVCache(model.config, idx.size(0), p.device, p.dtype)
+        logits, _ = model(idx, cache=cache)
+    else:
+        logits, _ = model(idx[:, -bs:])  # full re-encode of the (cropped) context
         cache = None
-        with eval_mode(self):  # no dropout while generating; restored even if stopped early
-            for _ in range(max_new_tokens):
-                logits, cache = self.next_logits(idx, cache, use_cache)
-                idx_next = sample_next_token(logits, temperature, top_k, top_p, generator)
-                idx = torch.cat((idx, idx_next), dim=1)  # (B, T+1)
-                yield idx_next
+    return logits[:, -1, :], cache
 
-    @torch.no_grad()
-    def beam_search(self, idx, max_new_tokens: int, beam_width: int,
-                    eot_token: int | None = None, use_cache: bool = True):
-        """The beam_width most likely continuations of one prompt idx (1, T), best first.
 
-        A beam's score is its total log-probability, sum_t log p(x_t | x_<t) over the new
-        tokens. Each step extends every beam by every token and keeps the beam_width best, so
-        with beam_width 1 this is greedy decoding, and with beam_width >= V^(n-1) it is an
-        exhaustive search over n new tokens. Beams live in the batch dimension (K rows), and
-        the KVCache rows are reordered to follow the beams that survive.
-        A beam that has produced eot_token is finished: its only continuation is eot_token
-        again, at no cost, so it keeps its score while the others grow. The search stops early
-        once every beam is finished.
-        Returns beams (K, T + steps) and their scores (K,).
-        """
-        with eval_mode(self):
-            return self._beam_search(idx, max_new_tokens, beam_width, eot_token, use_cache)
-
-    def _beam_search(self, idx, max_new_tokens, beam_width, eot_token, use_cache):
-        eot = -1 if eot_token is None else eot_token  # -1: no token finishes a beam
-        scores = torch.zeros(1, device=idx.device)  # (K,) with K = 1 beam, the prompt, at first
-        done = torch.zeros(1, dtype=torch.bool, device=idx.device)  # (K,) has produced eot
-        cache = None
+@torch.no_grad()
+def generate_stream(model: GPT, idx, max_new_tokens: int, temperature: float = 1.0,
+                    top_k: int | None = None, top_p: float | None = None,
+                    generator: torch.Generator | None = None, use_cache: bool = True):
+    """Yield the next token ids (B, 1) of idx (B, T), one step at a time, as they are sampled:
+    the lecture's loop (logits of the last position -> filters -> sample -> append)."""
+    cache = None
+    with eval_mode(model):  # no dropout while generating; restored even if stopped early
         for _ in range(max_new_tokens):
-            logits, cache = self.next_logits(idx, cache, use_cache)
+            logits, cache = next_logits(model, idx, cache, use_cache)
+            idx_next = sample_next_token(logits, temperature, top_k, top_p, generator)
+            idx = torch.cat((idx, idx_next), dim=1)  # (B, T+1)
+            yield idx_next
+
+
+@torch.no_grad()
+def generate(model: GPT, idx, max_new_tokens: int, *args, **kwargs):
+    """Extend idx (B, T) by max_new_tokens sampled tokens: (B, T + max_new_tokens).
+    Takes generate_stream's settings (temperature, top_k, top_p, generator, use_cache)."""
+    new = generate_stream(model, idx, max_new_tokens, *args, **kwargs)
+    return torch.cat([idx, *new], dim=1)
+
+
+@torch.no_grad()
+def beam_search(model: GPT, idx, max_new_tokens: int, beam_width: int,
+                eot_token: int | None = None, use_cache: bool = True):
+    """The beam_width most likely continuations of one prompt idx (1, T), best first.
+
+    A beam's score is its total log-probability, sum_t log p(x_t | x_<t) over the new
+    tokens. Each step extends every beam by every token and keeps the beam_width best, so
+    with beam_width 1 this is greedy decoding, and with beam_width >= V^(n-1) it is an
+    exhaustive search over n new tokens. Beams live in the batch dimension (K rows), and
+    the KVCache rows are reordered to follow the beams that survive.
+    A beam that has produced eot_token is finished: its only continuation is eot_token
+    again, at no cost, so it keeps its score while the others grow. The search stops early
+    once every beam is finished.
+    Returns beams (K, T + steps) and their scores (K,).
+    """
+    eot = -1 if eot_token is None else eot_token  # -1: no token finishes a beam
+    scores = torch.zeros(1, device=idx.device)  # (K,) with K = 1 beam, the prompt, at first
+    done = torch.zeros(1, dtype=torch.bool, device=idx.device)  # (K,) has produced eot
+    cache = None
+    with eval_mode(model):
+        for _ in range(max_new_tokens):
+            logits, cache = next_logits(model, idx, cache, use_cache)
             logp = F.log_softmax(logits.float(), dim=-1)  # (K, V) log p(next token | beam)
             V = logp.size(-1)
             logp[done] = float("-inf")  # a finished beam can only go on with eot,
@@ -299,81 +358,7 @@ class GPT(nn.Module):
                 cache.reorder(rows)
             if done.all():
                 break
-        return idx, scores
-
-    def next_logits(self, idx, cache: KVCache | None, use_cache: bool = True):
-        """Logits (B, V) for the token after idx (B, T), and the cache to pass next time."""
-        bs = self.config.block_size
-        fits = idx.size(1) <= bs
-        if use_cache and cache is not None and fits:
-            logits, _ = self(idx[:, cache.pos:], cache=cache)  # only the unseen tokens
-        elif use_cache and fits:
-            p = next(self.parameters())
-            cache = KVCache(self.config, idx.size(0), p.device, p.dtype)
-            logits, _ = self(idx, cache=cache)
-        else:
-            logits, _ = self(idx[:, -bs:])  # full re-encode of the (cropped) context
-            cache = None
-        return logits[:, -1, :], cache
-
-    # -------------------------------------------------------------------------
-    # OpenAI's GPT-2 weights, through Hugging Face transformers
-
-    @classmethod
-    def from_pretrained(cls, name_or_dir: str, dropout: float = 0.0) -> "GPT":
-        """GPT-2 ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl': downloaded from the Hugging
-        Face hub) or a folder written by transformers' save_pretrained. Raises ValueError with a
-        one-line message when transformers is missing or the weights cannot be loaded."""
-        try:  # optional: only this function needs transformers
-            from transformers import AutoConfig, GPT2LMHeadModel
-        except ImportError:
-            raise ValueError("GPT-2 weights need transformers: pip install transformers") from None
-        if name_or_dir not in GPT2_NAMES and not Path(name_or_dir).is_dir():
-            raise ValueError(f"{name_or_dir!r} is neither a folder nor one of {GPT2_NAMES}")
-        try:
-            hf_config = AutoConfig.from_pretrained(name_or_dir)
-            if hf_config.model_type != "gpt2":
-                raise ValueError(f"it holds a {hf_config.model_type!r} model, not 'gpt2'")
-            hf = GPT2LMHeadModel.from_pretrained(name_or_dir, config=hf_config)
-        except Exception as e:  # noqa: BLE001 (offline, missing files, bad JSON: many types)
-            raise ValueError(f"cannot load GPT-2 from {name_or_dir!r}: {first_line(e)}") from None
-        c = hf_config
-        # Our Block is GPT-2's: GELU with the tanh approximation (HF's 'gelu_new'), LayerNorm
-        # eps 1e-5 (PyTorch's default), MLP width 4C, attention scaled by 1/sqrt(hs), tied
-        # input and output embeddings. Refuse variants rather than load them subtly wrong.
-        if (c.activation_function not in ("gelu_new", "gelu_pytorch_tanh")
-                or c.layer_norm_epsilon != 1e-5 or c.n_inner not in (None, 4 * c.n_embd)
-                or not c.scale_attn_weights or c.scale_attn_by_inverse_layer_idx
-                or not c.tie_word_embeddings):
-            raise ValueError(f"{name_or_dir!r} is a GPT-2 variant this model does not implement")
-        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
-                           n_head=c.n_head, n_embd=c.n_embd, dropout=dropout, bias=True)
-        model = cls(config)
-        ours = model.state_dict()  # views of our parameters: copy_ writes into the model
-        # older transformers versions keep the causal mask as buffers; we build ours on the fly
-        theirs = {k: v for k, v in hf.state_dict().items()
-                  if not k.endswith((".attn.bias", ".attn.masked_bias"))}
-        if ours.keys() != theirs.keys():  # a one-line error, like every other refusal here
-            raise ValueError(f"{name_or_dir!r} has other parameters than GPT-2: "
-                             f"{sorted(ours.keys() ^ theirs.keys())[:3]}")
-        # HF stores these four as Conv1D, weight (in, out): the transpose of nn.Linear's (out, in)
-        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
-                  "mlp.c_proj.weight")
-        with torch.no_grad():
-            for k, v in theirs.items():
-                ours[k].copy_(v.t() if k.endswith(conv1d) else v)
-        return model
-
-    def crop_block_size(self, block_size: int) -> None:
-        """Use a shorter context than the model was trained with (GPT-2's 1024 is a lot for
-        fine-tuning on a CPU): keep the first block_size position embeddings."""
-        if block_size > self.config.block_size:
-            raise ValueError(f"cannot grow the context from {self.config.block_size} to "
-                             f"{block_size}")
-        self.config.block_size = block_size
-        wpe = self.transformer.wpe
-        wpe.weight = nn.Parameter(wpe.weight[:block_size].detach().clone())
-        wpe.num_embeddings = block_size
+    return idx, scores
 
 
 # -----------------------------------------------------------------------------
@@ -390,11 +375,13 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus filter: keep the smallest set of most likely tokens whose probability sums to
     at least p; the rest -> -inf. The most likely token always survives, and a token tied
-    with the last one kept stays too (as in top_k_filter), so ties never depend on sort order."""
+    with the last one kept stays too (as in top_k_filter), so ties never depend on sort order.
+    The sums run in float64: at GPT-2's 50,257 tokens, float32's rounding in the cumulative
+    sum can drop the very token that crosses p."""
     if p >= 1.0:
         return logits  # all of them: a float cumsum that rounds to 1 early must not drop any
     sorted_logits = torch.sort(logits, dim=-1, descending=True).values  # (B, V)
-    probs = sorted_logits.softmax(dim=-1)
+    probs = sorted_logits.double().softmax(dim=-1)
     before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above each one
     keep = before < p  # a token is needed while those above it fall short of p
     cutoff = sorted_logits.masked_fill(~keep, float("inf")).amin(dim=-1, keepdim=True)  # (B, 1)
@@ -412,3 +399,66 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
         logits = top_p_filter(logits, top_p)
     probs = F.softmax(logits, dim=-1)  # renormalised over the survivors
     return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+
+
+# -----------------------------------------------------------------------------
+# OpenAI's GPT-2 weights, through Hugging Face transformers
+
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # 124M, 350M, 774M, 1558M params
+
+
+def from_pretrained(name_or_dir: str, dropout: float = 0.0) -> GPT:
+    """GPT-2 ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl': downloaded from the Hugging
+    Face hub) or a folder written by transformers' save_pretrained. Raises ValueError when
+    transformers is missing or the weights cannot be loaded."""
+    try:  # optional: only this function needs transformers
+        from transformers import AutoConfig, GPT2LMHeadModel
+    except ImportError:
+        raise ValueError("GPT-2 weights need transformers: pip install transformers") from None
+    if name_or_dir not in GPT2_NAMES and not Path(name_or_dir).is_dir():
+        raise ValueError(f"{name_or_dir!r} is neither a folder nor one of {GPT2_NAMES}")
+    try:
+        hf_config = AutoConfig.from_pretrained(name_or_dir)
+        if hf_config.model_type != "gpt2":
+            raise ValueError(f"it holds a {hf_config.model_type!r} model, not 'gpt2'")
+        hf = GPT2LMHeadModel.from_pretrained(name_or_dir, config=hf_config)
+    except Exception as e:  # noqa: BLE001 (offline, missing files, bad JSON: many types)
+        raise ValueError(f"cannot load GPT-2 from {name_or_dir!r}: {e}") from None
+    c = hf_config
+    # Our Block is GPT-2's: GELU with the tanh approximation (HF's 'gelu_new'), LayerNorm
+    # eps 1e-5 (PyTorch's default), MLP width 4C, attention scaled by 1/sqrt(hs), tied
+    # input and output embeddings. Refuse variants rather than load them subtly wrong.
+    if (c.activation_function not in ("gelu_new", "gelu_pytorch_tanh")
+            or c.layer_norm_epsilon != 1e-5 or c.n_inner not in (None, 4 * c.n_embd)
+            or not c.scale_attn_weights or c.scale_attn_by_inverse_layer_idx
+            or not c.tie_word_embeddings):
+        raise ValueError(f"{name_or_dir!r} is a GPT-2 variant this model does not implement")
+    config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
+                       n_head=c.n_head, n_embd=c.n_embd, dropout=dropout, bias=True)
+    model = GPT(config)
+    ours = model.state_dict()  # views of our parameters: copy_ writes into the model
+    # older transformers versions keep the causal mask as buffers; we build ours on the fly
+    theirs = {k: v for k, v in hf.state_dict().items()
+              if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    if ours.keys() != theirs.keys():
+        raise ValueError(f"{name_or_dir!r} has other parameters than GPT-2: "
+                         f"{sorted(ours.keys() ^ theirs.keys())[:3]}")
+    # HF stores these four as Conv1D, weight (in, out): the transpose of nn.Linear's (out, in)
+    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
+              "mlp.c_proj.weight")
+    with torch.no_grad():
+        for k, v in theirs.items():
+            ours[k].copy_(v.t() if k.endswith(conv1d) else v)
+    return model
+
+
+def crop_block_size(model: GPT, block_size: int) -> None:
+    """Use a shorter context than the model was trained with (GPT-2's 1024 is a lot for
+    fine-tuning on a CPU): keep the first block_size position embeddings."""
+    if block_size > model.config.block_size:
+        raise ValueError(f"cannot grow the context from {model.config.block_size} to "
+                         f"{block_size}")
+    model.config.block_size = block_size
+    wpe = model.transformer.wpe
+    wpe.weight = nn.Parameter(wpe.weight[:block_size].detach().clone())
+    wpe.num_embeddings = block_size

@@ -9,10 +9,14 @@ Generate text from a trained checkpoint or from OpenAI's GPT-2, or score a text 
     python sample.py --start FILE:prompt.txt
     python sample.py --stream=False                         # print each sample when it is done
     python sample.py --score some.txt                       # its loss and perplexity, no sampling
+    python sample.py --start "ROMEO:" --attention attn.png  # draw the attention over the prompt
     python sample.py --init_from gpt2 --start "Hello"       # GPT-2 weights (needs transformers)
 
-The tokenizer is rebuilt from the meta saved inside the checkpoint, so samples always use the
-vocabulary the model was trained with; GPT-2's weights come with GPT-2's BPE.
+The sampling itself is in gpt.py: generate_stream (the loop), then sample_next_token with its
+filters: temperature, top_k_filter and top_p_filter (nucleus sampling). This file loads the
+model, encodes the prompt, and prints. The tokenizer is rebuilt from the meta saved inside the
+checkpoint, so samples always use the vocabulary the model was trained with; GPT-2's weights
+come with GPT-2's BPE.
 """
 
 import argparse
@@ -26,16 +30,17 @@ from pathlib import Path
 import torch
 
 from gpt import GPT, eval_mode
-from prepare import PrepareError, get_tokenizer, gpt2_encoding, make_problem
-from train import (
+from plumbing import (
     UserError,
     autocast_ctx,
+    first_line,
     load_checkpoint,
     model_from_checkpoint,
     pick_device,
     pick_dtype,
     str2bool,
 )
+from prepare import PrepareError, get_tokenizer, gpt2_encoding, make_problem
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -61,6 +66,13 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--score_stride", type=int, default=1,
                    help="scoring slides its window by this many tokens: 1 gives every token its "
                         "full context; larger is faster but gives some tokens less context")
+    p.add_argument("--attention", metavar="PNG", default=None,
+                   help="draw each layer's and head's attention weights over the prompt to "
+                        "this image, no sampling (needs matplotlib)")
+    p.add_argument("--attention_layers", default=None,
+                   help="with --attention: which layers, e.g. 0,2 (default: all)")
+    p.add_argument("--attention_heads", default=None,
+                   help="with --attention: which heads, e.g. 0,1 (default: all)")
     p.add_argument("--seed", type=int, default=1337, help="same seed, same samples")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -79,6 +91,67 @@ def check_args(a) -> None:
         raise UserError("--top_k must be >= 0, --num_samples > 0 and --max_new_tokens >= 0")
     if a.beam_width < 1 or a.score_stride < 1:
         raise UserError("--beam_width and --score_stride must be >= 1")
+
+
+# -----------------------------------------------------------------------------
+# The main path: load the model, encode the prompt, sample, print
+
+
+def main(argv=None) -> list[str] | dict:
+    """The samples' texts, or with --score a dict of loss, perplexity and tokens."""
+    args = get_parser().parse_args(argv)
+    try:
+        return sample(args)
+    except UserError as e:
+        print(f"sample.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def sample(args) -> list[str] | dict:
+    check_args(args)
+    device = pick_device(args.device)
+    model, meta = load_model(args.init_from, Path(args.out_dir), device)
+    vocab_size = model.config.vocab_size
+    if args.compile:
+        model = torch.compile(model)
+    ctx = autocast_ctx(device, pick_dtype(args.dtype, device))
+    try:
+        encode, decode = get_tokenizer(meta)
+        token_bytes = token_bytes_fn(meta)
+    except PrepareError as e:  # GPT-2's BPE files could not be had
+        raise UserError(str(e)) from None
+
+    if args.score is not None:
+        return score_file(model, args, encode, vocab_size, device, ctx)
+    if meta.get("task"):  # a model trained on prepare.py's reverse or addition problems
+        return answer_problem(model, meta, read_prompt(args.start), encode, decode, device)
+    start_ids = encode_text(encode, read_prompt(args.start), vocab_size, "prompt")
+    if not start_ids:
+        raise UserError("the prompt is empty")
+    x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]  # (1, T)
+    if args.attention:
+        return draw_attention(model, x, token_bytes, args)
+    eot = meta.get("eot_token")  # GPT-2's <|endoftext|> ends a document; chars have none
+    if args.beam_width > 1:
+        return print_beams(model, x, args, ctx, decode, eot)
+    return print_samples(model, x, args, ctx, decode, token_bytes, eot)
+
+
+def load_model(init_from: str, out_dir: Path, device) -> tuple[GPT, dict]:
+    """The model and the meta its tokenizer is built from: our checkpoint alone (its config,
+    weights and dataset meta), or GPT-2's weights, which always go with GPT-2's BPE."""
+    if init_from == "resume":
+        ckpt = load_checkpoint(out_dir / "ckpt.pt", map_location=device)
+        model, _ = model_from_checkpoint(ckpt, out_dir / "ckpt.pt")
+        meta = ckpt["meta"]
+    else:
+        try:
+            model = GPT.from_pretrained(init_from)
+        except ValueError as e:
+            raise UserError(first_line(e)) from None
+        eot = 50256 if model.config.vocab_size > 50256 else None  # <|endoftext|>, if it has one
+        meta = {"tokenizer": "gpt2", "eot_token": eot}
+    return model.eval().to(device), meta
 
 
 def read_text(path: Path, what: str) -> str:
@@ -103,21 +176,29 @@ def encode_text(encode, text: str, vocab_size: int, what: str) -> list[int]:
     return ids
 
 
-def load_model(init_from: str, out_dir: Path, device) -> tuple[GPT, dict]:
-    """The model and the meta its tokenizer is built from: our checkpoint alone (its config,
-    weights and dataset meta), or GPT-2's weights, which always go with GPT-2's BPE."""
-    if init_from == "resume":
-        ckpt = load_checkpoint(out_dir / "ckpt.pt", map_location=device)
-        model, _ = model_from_checkpoint(ckpt, out_dir / "ckpt.pt")
-        meta = ckpt["meta"]
-    else:
-        try:
-            model = GPT.from_pretrained(init_from)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        eot = 50256 if model.config.vocab_size > 50256 else None  # <|endoftext|>, if it has one
-        meta = {"tokenizer": "gpt2", "eot_token": eot}
-    return model.eval().to(device), meta
+def print_samples(model, x, args, ctx, decode, token_bytes, eot) -> list[str]:
+    """Sample num_samples continuations of x (1, T); with --stream, print each token as it
+    comes, so the output is the same text, just sooner."""
+    start_ids = x[0].tolist()
+    gen = torch.Generator(device=x.device).manual_seed(args.seed)
+    show = (lambda s: print(s, end="", flush=True)) if args.stream else (lambda s: None)
+    samples = []
+    for _ in range(args.num_samples):
+        t0 = time.perf_counter()
+        stream, new = StreamDecoder(token_bytes), []
+        show(stream.push(start_ids))
+        with ctx:
+            for tok in model.generate_stream(x, args.max_new_tokens, args.temperature,
+                                             args.top_k, args.top_p, gen):
+                if (t := tok.item()) == eot:
+                    break  # a document ended: stop there
+                new.append(t)
+                show(stream.push(new[-1:]))
+        dt = time.perf_counter() - t0
+        samples.append(decode(start_ids + new))
+        print(stream.flush() if args.stream else samples[-1])  # the rest, or all at once
+        print(f"---------------  ({len(new)} tokens, {len(new) / dt:.0f} tokens/s)")
+    return samples
 
 
 # -----------------------------------------------------------------------------
@@ -154,7 +235,40 @@ class StreamDecoder:
 
 
 # -----------------------------------------------------------------------------
+# Beam search: the likeliest continuations instead of samples
+
+
+def print_beams(model, x, args, ctx, decode, eot) -> list[str]:
+    """The num_samples best of the beam_width beams. Beam search is deterministic, so it runs
+    once, and it cannot stream: the best beam is known only at the end."""
+    T = x.size(1)
+    t0 = time.perf_counter()
+    with ctx:
+        beams, scores = model.beam_search(x, args.max_new_tokens, args.beam_width, eot)
+    rate = (beams.size(1) - T) / (time.perf_counter() - t0)  # steps of the whole beam per second
+    samples = []
+    for ids, logp in zip(beams[:args.num_samples].tolist(), scores.tolist()):
+        new = ids[T:]
+        new = new[:new.index(eot)] if eot in new else new
+        samples.append(decode(ids[:T] + new))
+        print(samples[-1])
+        print(f"---------------  ({len(new)} tokens, log-prob {logp:.2f}, {rate:.0f} tokens/s)")
+    return samples
+
+
+# -----------------------------------------------------------------------------
 # Scoring: how surprised is the model by a text?
+
+
+def score_file(model, args, encode, vocab_size, device, ctx) -> dict:
+    ids = encode_text(encode, read_text(Path(args.score), "score"), vocab_size, "text")
+    if len(ids) < 2:
+        raise UserError(f"{args.score} holds {len(ids)} token(s); scoring needs at least 2")
+    with ctx:
+        nll, n = score(model, torch.tensor(ids, device=device), args.score_stride)
+    print(f"{args.score}: {n} tokens scored, loss {nll:.4f} nats/token, "
+          f"perplexity {math.exp(nll):.2f}")
+    return {"loss": nll, "perplexity": math.exp(nll), "tokens": n}
 
 
 @torch.no_grad()
@@ -186,53 +300,7 @@ def score(model: GPT, ids: torch.Tensor, stride: int = 1,
 
 
 # -----------------------------------------------------------------------------
-
-
-def main(argv=None) -> list[str] | dict:
-    """The samples' texts, or with --score a dict of loss, perplexity and tokens."""
-    args = get_parser().parse_args(argv)
-    try:
-        return sample(args)
-    except UserError as e:
-        print(f"sample.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-def sample(args) -> list[str] | dict:
-    check_args(args)
-    device = pick_device(args.device)
-    model, meta = load_model(args.init_from, Path(args.out_dir), device)
-    vocab_size = model.config.vocab_size
-    if args.compile:
-        model = torch.compile(model)
-    dtype = pick_dtype(args.dtype, device)
-    ctx = autocast_ctx(device, dtype)
-    try:
-        encode, decode = get_tokenizer(meta)
-        token_bytes = token_bytes_fn(meta)
-    except PrepareError as e:  # GPT-2's BPE files could not be had
-        raise UserError(str(e)) from None
-
-    if args.score is not None:
-        ids = encode_text(encode, read_text(Path(args.score), "score"), vocab_size, "text")
-        if len(ids) < 2:
-            raise UserError(f"{args.score} holds {len(ids)} token(s); scoring needs at least 2")
-        with ctx:
-            nll, n = score(model, torch.tensor(ids, device=device), args.score_stride)
-        print(f"{args.score}: {n} tokens scored, loss {nll:.4f} nats/token, "
-              f"perplexity {math.exp(nll):.2f}")
-        return {"loss": nll, "perplexity": math.exp(nll), "tokens": n}
-
-    if meta.get("task"):  # a model trained on prepare.py's reverse or addition problems
-        return answer_problem(model, meta, read_prompt(args.start), encode, decode, device)
-    start_ids = encode_text(encode, read_prompt(args.start), vocab_size, "prompt")
-    if not start_ids:
-        raise UserError("the prompt is empty")
-    x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]  # (1, T)
-    eot = meta.get("eot_token")  # GPT-2's <|endoftext|> ends a document; chars have none
-    if args.beam_width > 1:
-        return print_beams(model, x, args, ctx, decode, eot)
-    return print_samples(model, x, args, ctx, decode, token_bytes, eot)
+# Tasks: answer a reversal or addition problem
 
 
 def answer_problem(model, meta, text, encode, decode, device) -> list[str]:
@@ -255,47 +323,78 @@ def answer_problem(model, meta, text, encode, decode, device) -> list[str]:
     return [prompt + answer]
 
 
-def print_samples(model, x, args, ctx, decode, token_bytes, eot) -> list[str]:
-    """Sample num_samples continuations of x (1, T); with --stream, print each token as it
-    comes, so the output is the same text, just sooner."""
-    start_ids = x[0].tolist()
-    gen = torch.Generator(device=x.device).manual_seed(args.seed)
-    show = (lambda s: print(s, end="", flush=True)) if args.stream else (lambda s: None)
-    samples = []
-    for _ in range(args.num_samples):
-        t0 = time.perf_counter()
-        stream, new = StreamDecoder(token_bytes), []
-        show(stream.push(start_ids))
-        with ctx:
-            for tok in model.generate_stream(x, args.max_new_tokens, args.temperature,
-                                             args.top_k, args.top_p, gen):
-                if (t := tok.item()) == eot:
-                    break  # a document ended: stop there
-                new.append(t)
-                show(stream.push(new[-1:]))
-        dt = time.perf_counter() - t0
-        samples.append(decode(start_ids + new))
-        print(stream.flush() if args.stream else samples[-1])  # the rest, or all at once
-        print(f"---------------  ({len(new)} tokens, {len(new) / dt:.0f} tokens/s)")
-    return samples
+# -----------------------------------------------------------------------------
+# A picture of attention: who looks at whom
 
 
-def print_beams(model, x, args, ctx, decode, eot) -> list[str]:
-    """The num_samples best of the beam_width beams. Beam search is deterministic, so it runs
-    once, and it cannot stream: the best beam is known only at the end."""
-    T = x.size(1)
-    t0 = time.perf_counter()
-    with ctx:
-        beams, scores = model.beam_search(x, args.max_new_tokens, args.beam_width, eot)
-    rate = (beams.size(1) - T) / (time.perf_counter() - t0)  # steps of the whole beam per second
-    samples = []
-    for ids, logp in zip(beams[:args.num_samples].tolist(), scores.tolist()):
-        new = ids[T:]
-        new = new[:new.index(eot)] if eot in new else new
-        samples.append(decode(ids[:T] + new))
-        print(samples[-1])
-        print(f"---------------  ({len(new)} tokens, log-prob {logp:.2f}, {rate:.0f} tokens/s)")
-    return samples
+@torch.no_grad()
+def attention_maps(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    """Every layer's attention weights over the prompt idx (1, T): (n_layer, nh, T, T).
+    Row t holds how much token t attends to each token 0..t; each row sums to 1."""
+    idx = idx[:, -model.config.block_size:]  # the model sees at most block_size tokens
+    layers = [block.attn for block in model.transformer.h]
+    with eval_mode(model):
+        for attn in layers:
+            attn.explicit = True  # the written-out formula, which keeps its weights
+        try:
+            model(idx)
+        finally:
+            for attn in layers:
+                attn.explicit = False
+    return torch.stack([attn.att[0].float().cpu() for attn in layers])
+
+
+def pick(spec: str | None, n: int, what: str) -> list[int]:
+    """'0,2' -> [0, 2]; None -> all n."""
+    if spec is None:
+        return list(range(n))
+    try:
+        chosen = [int(s) for s in spec.split(",")]
+    except ValueError:
+        raise UserError(f"--attention_{what}s takes numbers like 0,2, not {spec!r}") from None
+    if not all(0 <= c < n for c in chosen):
+        raise UserError(f"--attention_{what}s {spec}: the model has {what}s 0 to {n - 1}")
+    return chosen
+
+
+def draw_attention(model, x, token_bytes, args) -> torch.Tensor:
+    """Draw the chosen layers' and heads' attention over the prompt, a heatmap each, with the
+    tokens on both axes; returns the weights drawn (layers, heads, T, T)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no window
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("--attention needs matplotlib: pip install matplotlib") from None
+    maps = attention_maps(model, x)  # (n_layer, nh, T, T)
+    layers = pick(args.attention_layers, maps.size(0), "layer")
+    heads = pick(args.attention_heads, maps.size(1), "head")
+    maps = maps[layers][:, heads]
+    T = maps.size(-1)
+    labels = [token_bytes(i).decode("utf-8", errors="replace") for i in x[0, -T:].tolist()]
+    labels = [repr(s)[1:-1] for s in labels]  # '\n' shows as \n
+    size = max(2.0, 0.25 * T)
+    fig, axes = plt.subplots(len(layers), len(heads), squeeze=False,
+                             figsize=(size * len(heads), size * len(layers)))
+    for i, layer in enumerate(layers):
+        for j, head in enumerate(heads):
+            ax = axes[i][j]
+            ax.imshow(maps[i, j].numpy(), cmap="viridis", vmin=0, vmax=1)
+            ax.set_title(f"layer {layer}, head {head}", fontsize=8)
+            ax.set_xticks(range(T), labels, rotation=90, fontsize=6)
+            ax.set_yticks(range(T), labels, fontsize=6)
+            ax.set_xlabel("key (attended to)", fontsize=7)
+            ax.set_ylabel("query", fontsize=7)
+    fig.tight_layout()
+    try:
+        fig.savefig(args.attention, dpi=100)
+    except OSError as e:
+        raise UserError(f"cannot write {args.attention}: {e.strerror}") from None
+    finally:
+        plt.close(fig)
+    print(f"wrote {args.attention}: attention of {len(layers)} layer(s) x {len(heads)} "
+          f"head(s) over {T} tokens")
+    return maps
 
 
 if __name__ == "__main__":

@@ -1,0 +1,389 @@
+"""
+The parts of training and sampling that are not the lesson: you can skip this file.
+
+train.py and sample.py use it for: one-line errors, device and precision choice, checkpoint
+files and RNG state, several processes (DDP), model FLOPs utilisation, the CSV log and its plot,
+and stop signals. Nothing here changes what the model computes or how it learns.
+"""
+
+import argparse
+import csv
+import os
+import signal
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gpt import GPT, GPTConfig
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line, exit code 2, no traceback."""
+
+
+def first_line(e: Exception) -> str:
+    """An exception as one short line, for one-line error messages."""
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def str2bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {s!r}")
+
+
+# -----------------------------------------------------------------------------
+# Device and precision
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' is the best device here: cuda, then mps, then cpu."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device: use auto, cpu, cuda, cuda:N "
+                        "or mps") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but this PyTorch sees no CUDA GPU (try --device cpu)")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}, but there are {torch.cuda.device_count()} GPUs")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps, but MPS is not available here (try --device cpu)")
+    return dev
+
+
+def pick_dtype(name: str, device: torch.device) -> str:
+    """'auto' is bfloat16 on a GPU that runs it natively (Ampere and later), else float32.
+    V100 and T4 report bf16 support through emulation, which is slower than float32."""
+    if name == "auto":
+        bf16 = (device.type == "cuda"
+                and torch.cuda.is_bf16_supported(including_emulation=False))
+        return "bfloat16" if bf16 else "float32"
+    if name != "float32" and device.type != "cuda":
+        raise UserError(f"--dtype {name} needs a CUDA device; use float32 on {device.type}")
+    return name
+
+
+def autocast_ctx(device: torch.device, dtype: str):
+    """Mixed precision for forward passes: autocast to dtype, or nothing for float32."""
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(ckpt: dict, path: Path) -> None:
+    """Write to a temporary file beside the target, flush it to disk, then rename over it.
+    A crash or Ctrl-C mid-save leaves the previous checkpoint whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    """Load with weights_only=True: tensors and plain data only, never arbitrary code."""
+    if not path.exists():
+        raise UserError(f"no checkpoint at {path}: train one with `python train.py "
+                        f"--out_dir {path.parent}`")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 (torch.load raises many types for a bad file)
+        raise UserError(f"{path} is not a checkpoint this code can load safely "
+                        f"({first_line(e)})") from None
+    if not isinstance(ckpt, dict) or not {"model", "model_args", "meta"} <= ckpt.keys():
+        raise UserError(f"{path} is not a checkpoint written by train.py")
+    return ckpt
+
+
+RESUME_KEYS = {"optimizer", "iter_num", "best_val_loss", "rng"}  # besides the model's own
+
+
+def model_from_checkpoint(ckpt: dict, path: Path, **overrides) -> tuple[GPT, dict]:
+    """Rebuild the GPT a checkpoint describes and load its weights: (model, model_args).
+    One from other code (other config fields, other parameter names) is refused."""
+    try:
+        model_args = {**ckpt["model_args"], **overrides}
+        model = GPT(GPTConfig(**model_args))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, RuntimeError, KeyError, ValueError, AssertionError) as e:
+        raise UserError(f"{path} does not hold a model this code can build "
+                        f"({first_line(e)})") from None
+    return model, model_args
+
+
+def rng_state(batch_gen: torch.Generator) -> dict:
+    """Every random stream a run draws from, so a resumed run continues it exactly."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "batches": batch_gen.get_state(),
+    }
+
+
+def set_rng_state(state: dict, batch_gen: torch.Generator) -> None:
+    # RNG states are CPU byte tensors, whatever device the checkpoint was loaded onto
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+    batch_gen.set_state(state["batches"].cpu())
+
+
+# -----------------------------------------------------------------------------
+# Distributed data parallel: one process per device, launched by torchrun
+
+
+def setup_ddp(device: str, backend: str) -> tuple[int, int, int]:
+    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is a single process.
+
+    Returns (rank, local_rank, world_size); world_size 1 means no DDP."""
+    if "RANK" not in os.environ:
+        return 0, 0, 1
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    on_gpu = device != "cpu" and torch.cuda.is_available()
+    if backend == "auto":
+        backend = "nccl" if on_gpu else "gloo"
+    if on_gpu:
+        torch.cuda.set_device(local_rank)
+    torch.distributed.init_process_group(backend=backend)
+    return rank, local_rank, world_size
+
+
+def all_ranks_any(flags: list, world_size: int, device) -> list:
+    """Each flag made true on every rank if it is true on any, so all ranks stop together."""
+    if world_size == 1:
+        return flags
+    t = torch.tensor([float(f) for f in flags], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+# -----------------------------------------------------------------------------
+# Model FLOPs utilisation: the share of the device's peak that the model's math uses
+
+# Dense bf16 tensor-core peaks from the vendors' data sheets, in FLOP/s (float32 runs as TF32
+# on these, at half the rate). A GPU not listed gets its peak measured.
+GPU_PEAK_BF16 = {"H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100": 756e12,
+                 "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12, "A10": 125e12,
+                 "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def flops_per_token(model_args: dict, n_params: int) -> float:
+    """Training FLOPs per token (PaLM appendix B): 6 per parameter (2 forward, 4 backward)
+    for the matmuls, plus attention's own: 6 * 2 * n_layer * block_size * n_embd."""
+    n_layer, T, C = model_args["n_layer"], model_args["block_size"], model_args["n_embd"]
+    return 6 * n_params + 12 * n_layer * T * C
+
+
+def measure_matmul_peak(device: torch.device, dtype=torch.float32, n: int = 1024,
+                        reps: int = 10) -> float:
+    """FLOP/s of the best of `reps` (n x n) @ (n x n) matmuls: 2 n^3 FLOPs each."""
+    g = torch.Generator(device=device).manual_seed(0)  # leave the training RNG alone
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best = float("inf")
+    for _ in range(reps + 2):  # the first two warm up
+        sync()
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def device_peak_flops(device: torch.device, dtype: str) -> float:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in GPU_PEAK_BF16.items():  # most specific names come first
+            if key in name:
+                return peak if dtype != "float32" else peak / 2
+        return measure_matmul_peak(device, torch.bfloat16, n=4096)
+    return measure_matmul_peak(device)
+
+
+class Meter:
+    """Speed since the last log line: ms/iter, tokens/s and MFU, with evaluation time left
+    out (`with meter.paused():`), plus the elapsed time and an estimate of the time left."""
+
+    def __init__(self, tokens_per_iter: int, flops_per_iter: float, peak: float, sync,
+                 first_iter: int, max_iters: int):
+        self.tokens_per_iter, self.flops_per_iter, self.peak = tokens_per_iter, flops_per_iter, peak
+        self.sync, self.first_iter, self.max_iters = sync, first_iter, max_iters
+        self.t_start = self.t0 = time.perf_counter()
+        self.paused_s, self.steps = 0.0, 0
+
+    def step(self):
+        self.steps += 1
+
+    @contextmanager
+    def paused(self):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - t
+
+    def read(self, iter_num: int) -> dict:
+        """The figures for the steps since the last read (waits for the device first)."""
+        self.sync()
+        now = time.perf_counter()
+        s = max(now - self.t0 - self.paused_s, 1e-9) / max(self.steps, 1)  # seconds per step
+        elapsed = now - self.t_start
+        done = max(iter_num - self.first_iter, 1)
+        eta = elapsed / done * max(self.max_iters - iter_num, 0)
+        self.t0, self.paused_s, self.steps = now, 0.0, 0
+        return {"ms": 1000 * s, "tokens_per_s": self.tokens_per_iter / s,
+                "mfu": self.flops_per_iter / s / self.peak, "elapsed": elapsed, "eta": eta}
+
+
+def hms(seconds: float) -> str:
+    """12.3 -> '12s', 754 -> '12m34s', 8000 -> '2h13m'."""
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+# -----------------------------------------------------------------------------
+# Logs and plots
+
+LOG_FIELDS = ["iter", "loss", "lr", "grad_norm", "ms_per_iter", "tokens_per_s", "mfu",
+              "train_loss", "val_loss", "val_exact_match"]
+
+
+def append_log(path: Path, **row) -> None:
+    """One CSV row per log line or evaluation; fields a row doesn't have stay empty."""
+    new = not path.exists()
+    with open(path, "a", encoding="utf-8", newline="") as f:
+        w = csv.DictWriter(f, LOG_FIELDS)
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def truncate_log(path: Path, iter_num: int) -> None:
+    """On resume, drop what the interrupted run logged after its checkpoint."""
+    if not path.exists():
+        return
+    with open(path, encoding="utf-8", newline="") as f:
+        # the resumed run evaluates at iter_num again: keep only that step's training row
+        rows = [r for r in csv.DictReader(f)
+                if int(r["iter"]) < iter_num or (int(r["iter"]) == iter_num and r["loss"])]
+    path.unlink()
+    for r in rows:
+        append_log(path, **r)
+
+
+def read_log(path: Path) -> list[dict]:
+    """log.csv's rows, each checked: a malformed file is a one-line error, not a traceback."""
+    if not path.exists():
+        raise UserError(f"no {path} to plot: train with --out_dir {path.parent} first")
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))
+        for r in rows:
+            int(r["iter"])
+            for field in LOG_FIELDS[1:]:
+                if r.get(field):
+                    float(r[field])  # a ValueError if it is not a number
+    except (KeyError, ValueError, TypeError, UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"{path} is not a log.csv written by train.py ({first_line(e)})") \
+            from None
+    return rows
+
+
+def draw_curves(rows: list[dict], title: str):
+    """The figure of a log: the losses on top; below them the learning rate (warmup, then
+    cosine decay: get_lr) and the gradient norm before clipping, on a second axis."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no window
+    import matplotlib.pyplot as plt
+
+    def series(field):
+        pts = [(int(r["iter"]), float(r[field])) for r in rows if r.get(field)]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(8, 7), sharex=True,
+                                    gridspec_kw={"height_ratios": [2, 1]})
+    ax.plot(*series("loss"), color="tab:blue", alpha=0.3, lw=1, label="train (one batch)")
+    ax.plot(*series("train_loss"), "o-", color="tab:blue", label="train (estimate)")
+    ax.plot(*series("val_loss"), "o-", color="tab:orange", label="val (estimate)")
+    ax.set_ylabel("cross-entropy loss (nats/token)")
+    ax.set_title(f"{title}: training curves")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax_lr.plot(*series("lr"), color="tab:green")
+    ax_lr.set_ylabel("learning rate", color="tab:green")
+    ax_lr.set_xlabel("iteration")
+    ax_lr.grid(alpha=0.3)
+    ax_norm = ax_lr.twinx()  # a second y axis: the norm has other units
+    ax_norm.plot(*series("grad_norm"), color="tab:red", alpha=0.6, lw=1)
+    ax_norm.set_ylabel("gradient norm (before clipping)", color="tab:red")
+    return fig
+
+
+def plot_losses(out_dir: Path) -> Path:
+    """Draw out_dir/log.csv to out_dir/loss.png."""
+    import matplotlib.pyplot as plt
+
+    fig = draw_curves(read_log(out_dir / "log.csv"), out_dir.name)
+    png = out_dir / "loss.png"
+    try:
+        fig.savefig(png, dpi=100, bbox_inches="tight")
+    except OSError as e:
+        raise UserError(f"cannot write {png}: {e.strerror}") from None
+    finally:
+        plt.close(fig)
+    return png
+
+
+# -----------------------------------------------------------------------------
+# Stop signals: finish the step, save, and exit, instead of losing the run
+
+
+class StopSignals:
+    """While active, Ctrl-C (SIGINT) only asks the run to stop: `asked` turns True, and the
+    training loop saves and exits at the end of the step. The old handlers come back after."""
+
+    def __init__(self, log=print):
+        self.asked, self.log, self.old = False, log, {}
+
+    def handler(self, signum, frame):
+        self.log("\ninterrupted: finishing this step, then saving a checkpoint", flush=True)
+        self.asked = True
+
+    def __enter__(self):
+        self.old[signal.SIGINT] = signal.signal(signal.SIGINT, self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self.old.items():
+            signal.signal(sig, old)
