@@ -39,12 +39,12 @@ ROOT = Path(__file__).resolve().parent
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train the bigram baseline on data/<dataset>/.")
-    p.add_argument("--dataset", default="shakespeare_char", help="folder under data/")
-    p.add_argument("--data_dir", default=str(ROOT / "data"), help="where dataset folders live")
     p.add_argument("--batch_size", type=int, default=32,
                    help="how many independent sequences will we process in parallel?")
     p.add_argument("--block_size", type=int, default=8,
                    help="what is the maximum context length for predictions?")
+    p.add_argument("--dataset", default="shakespeare_char", help="folder under data/")
+    p.add_argument("--data_dir", default=str(ROOT / "data"), help="where dataset folders live")
     p.add_argument("--max_iters", type=int, default=3000, help="optimizer steps")
     p.add_argument("--eval_interval", type=int, default=300, help="evaluate every this many")
     p.add_argument("--eval_iters", type=int, default=200, help="batches per loss estimate")

