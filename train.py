@@ -19,6 +19,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -268,7 +269,7 @@ def num_tokens(path: Path) -> int:
 
 @torch.no_grad()
 def estimate_loss(model, get_split_batch, n_windows: dict, eval_iters: int, batch_size: int,
-                  ctx, seed: int = 0) -> dict:
+                  seed: int = 0, ctx=nullcontext()) -> dict:
     """Mean loss over eval_iters batches of each split, in eval mode (no dropout).
 
     The batches come from their own generator, seeded the same each time: every evaluation
@@ -502,7 +503,7 @@ def train_loop(args, run: "Run") -> dict:
 def evaluate(args, run: "Run", iter_num: int) -> dict:
     """The train and val loss (and, for a task, exact match), logged; now and then a sample."""
     losses = estimate_loss(run.eval_model, run.get_batch, run.n_windows, args.eval_iters,
-                           args.batch_size, run.ctx, seed=args.seed)
+                           args.batch_size, seed=args.seed, ctx=run.ctx)
     acc = exact_match(run.raw_model, run.splits["val"], run.meta, run.device) if run.task \
         else None
     run.log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
