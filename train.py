@@ -269,14 +269,14 @@ def num_tokens(path: Path) -> int:
 
 @torch.no_grad()
 def estimate_loss(model, get_split_batch, n_windows: dict, eval_iters: int, batch_size: int,
-                  seed: int = 0, ctx=nullcontext()) -> dict:
+                  seed: int = 0, ctx=None) -> dict:
     """Mean loss over eval_iters batches of each split, in eval mode (no dropout).
 
     The batches come from their own generator, seeded the same each time: every evaluation
     scores the same windows, so successive numbers compare, and training's random stream
     is left untouched (which keeps resumed runs exact).
     """
-    out = {}
+    out, ctx = {}, ctx or nullcontext()  # ctx: autocast to the training dtype, if any
     model.eval()
     for split, high in n_windows.items():
         g = torch.Generator().manual_seed(seed)
