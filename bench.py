@@ -159,7 +159,12 @@ def main(argv=None) -> dict:
                    help="torch.compile the training step (default: on for CUDA)")
     p.add_argument("--skip", default="", help="comma-separated parts to leave out, e.g. adamw")
     args = p.parse_args(argv)
-    device = plumbing.pick_device(args.device)
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
+    try:
+        device = plumbing.pick_device(args.device)
+    except plumbing.UserError as e:
+        p.exit(2, f"bench.py: error: {e}\n")
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     compile_model = args.compile if args.compile is not None else device.type == "cuda"
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

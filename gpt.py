@@ -19,9 +19,12 @@ with a KV cache).
 """
 
 import math
+import os
+import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -392,7 +395,10 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
     """logits (B, V) -> next token ids (B, 1). temperature 0 means greedy (argmax)."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # softmax(z / T) is unchanged by subtracting max(z) first, and that keeps a tiny T from
+    # turning logits into inf - inf = nan: the largest becomes 0, the rest -inf
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if top_k is not None and top_k > 0:
         logits = top_k_filter(logits, top_k)
     if top_p is not None:
@@ -417,13 +423,18 @@ def from_pretrained(name_or_dir: str, dropout: float = 0.0) -> GPT:
         raise ValueError("GPT-2 weights need transformers: pip install transformers") from None
     if name_or_dir not in GPT2_NAMES and not Path(name_or_dir).is_dir():
         raise ValueError(f"{name_or_dir!r} is neither a folder nor one of {GPT2_NAMES}")
+    # offline, the hub client retries for half a minute: look in the local cache alone
+    offline = not Path(name_or_dir).is_dir() and not hub_reachable()
     try:
-        hf_config = AutoConfig.from_pretrained(name_or_dir)
+        hf_config = AutoConfig.from_pretrained(name_or_dir, local_files_only=offline)
         if hf_config.model_type != "gpt2":
             raise ValueError(f"it holds a {hf_config.model_type!r} model, not 'gpt2'")
-        hf = GPT2LMHeadModel.from_pretrained(name_or_dir, config=hf_config)
+        hf = GPT2LMHeadModel.from_pretrained(name_or_dir, config=hf_config,
+                                             local_files_only=offline)
     except Exception as e:  # noqa: BLE001 (offline, missing files, bad JSON: many types)
-        raise ValueError(f"cannot load GPT-2 from {name_or_dir!r}: {e}") from None
+        why = ("the Hugging Face hub cannot be reached and it is not in the local cache"
+               if offline else e)
+        raise ValueError(f"cannot load GPT-2 from {name_or_dir!r}: {why}") from None
     c = hf_config
     # Our Block is GPT-2's: GELU with the tanh approximation (HF's 'gelu_new'), LayerNorm
     # eps 1e-5 (PyTorch's default), MLP width 4C, attention scaled by 1/sqrt(hs), tied
@@ -450,6 +461,18 @@ def from_pretrained(name_or_dir: str, dropout: float = 0.0) -> GPT:
         for k, v in theirs.items():
             ours[k].copy_(v.t() if k.endswith(conv1d) else v)
     return model
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (or HF_ENDPOINT) answers within `timeout` seconds."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def crop_block_size(model: GPT, block_size: int) -> None:

@@ -10,6 +10,9 @@ import argparse
 import csv
 import os
 import signal
+import socket
+import sys
+import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -90,15 +93,24 @@ def autocast_ctx(device: torch.device, dtype: str):
 
 
 def save_checkpoint(ckpt: dict, path: Path) -> None:
-    """Write to a temporary file beside the target, flush it to disk, then rename over it.
-    A crash or Ctrl-C mid-save leaves the previous checkpoint whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write to a temporary file beside the target (a name of its own, so two writers never
+    share one), flush it to disk, then rename it over the target. A crash, Ctrl-C or a full
+    disk mid-save leaves the previous checkpoint whole."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk (ENOSPC), a file-size limit (EFBIG)
+        while not isinstance(e, OSError) and e.__context__ is not None:
+            e = e.__context__  # torch.save wraps the OSError in a RuntimeError
+        why = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+        raise UserError(f"cannot write {path}: {why}; the previous checkpoint there is "
+                        "untouched") from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)  # gone already after the rename
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
@@ -109,8 +121,10 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 (torch.load raises many types for a bad file)
-        raise UserError(f"{path} is not a checkpoint this code can load safely "
-                        f"({first_line(e)})") from None
+        kind = "holds objects other than tensors and plain data" if "Unpickl" in str(e) \
+            else "is truncated or corrupt"
+        raise UserError(f"{path} is not a checkpoint: it {kind} ({first_line(e)[:120]})") \
+            from None
     if not isinstance(ckpt, dict) or not {"model", "model_args", "meta"} <= ckpt.keys():
         raise UserError(f"{path} is not a checkpoint written by train.py")
     return ckpt
@@ -232,14 +246,24 @@ class Meter:
     out (`with meter.paused():`), plus the elapsed time and an estimate of the time left."""
 
     def __init__(self, tokens_per_iter: int, flops_per_iter: float, peak: float, sync,
-                 first_iter: int, max_iters: int):
+                 first_iter: int, max_iters: int, on_cpu: bool = False, log=print):
         self.tokens_per_iter, self.flops_per_iter, self.peak = tokens_per_iter, flops_per_iter, peak
         self.sync, self.first_iter, self.max_iters = sync, first_iter, max_iters
+        self.on_cpu, self.log = on_cpu, log
         self.t_start = self.t0 = time.perf_counter()
-        self.paused_s, self.steps = 0.0, 0
+        self.paused_s, self.steps, self.total_steps, self.t1 = 0.0, 0, 0, 0.0
 
     def step(self):
+        """Count a step. After the 4th, on a CPU, warn if the whole run will take hours."""
         self.steps += 1
+        self.total_steps += 1
+        if self.on_cpu and self.total_steps in (1, 4):
+            if self.total_steps == 1:  # the first step pays for warm-up: time the next three
+                self.t1 = time.perf_counter()
+                return
+            left = (time.perf_counter() - self.t1) / 3 * (self.max_iters - self.first_iter - 4)
+            if hint := long_run_hint(left):
+                self.log(hint)
 
     @contextmanager
     def paused(self):
@@ -260,6 +284,14 @@ class Meter:
         self.t0, self.paused_s, self.steps = now, 0.0, 0
         return {"ms": 1000 * s, "tokens_per_s": self.tokens_per_iter / s,
                 "mfu": self.flops_per_iter / s / self.peak, "elapsed": elapsed, "eta": eta}
+
+
+def long_run_hint(seconds_left: float) -> str | None:
+    """A one-line warning for a CPU run that will take over an hour, else None."""
+    if seconds_left < 3600:
+        return None
+    return (f"note: at this speed the run needs about {hms(seconds_left)} more on this CPU; "
+            "for a small model that trains in about a minute, try --preset=cpu")
 
 
 def hms(seconds: float) -> str:
@@ -366,24 +398,142 @@ def plot_losses(out_dir: Path) -> Path:
 
 
 # -----------------------------------------------------------------------------
-# Stop signals: finish the step, save, and exit, instead of losing the run
+# Stop signals: save and exit, instead of losing the run
+
+
+class StopNow(Exception):
+    """Raised by StopSignals when the run must stop at once, mid-step or mid-evaluation."""
 
 
 class StopSignals:
-    """While active, Ctrl-C (SIGINT) only asks the run to stop: `asked` turns True, and the
-    training loop saves and exits at the end of the step. The old handlers come back after."""
+    """While active, Ctrl-C (SIGINT), SIGTERM (what schedulers and `kill` send before killing)
+    and SIGUSR1 (Slurm's --signal) ask the run to stop: `asked` turns True, and the training
+    loop saves at the end of the step and exits. An evaluation is not waited for: a signal
+    during one (`with signals.interruptible():`) raises StopNow at once. A second signal raises
+    StopNow wherever the loop is, except inside `with signals.critical():` (the optimizer
+    step, which must not be cut in half), where it sets `now` for the loop to see after it.
+    The old handlers come back at the end. Windows has no SIGUSR1: it is skipped there."""
 
     def __init__(self, log=print):
-        self.asked, self.log, self.old = False, log, {}
+        self.asked = self.now = self.in_critical = self.in_eval = False
+        self.log, self.old = log, {}
 
     def handler(self, signum, frame):
-        self.log("\ninterrupted: finishing this step, then saving a checkpoint", flush=True)
-        self.asked = True
+        name = signal.Signals(signum).name
+        if not self.asked:
+            self.asked = True
+            self.log(f"\n{name}: saving and stopping after this step (again to stop at once)",
+                     flush=True)
+            if self.in_eval:
+                raise StopNow(name)
+        elif self.in_critical:
+            self.now = True
+        else:
+            raise StopNow(name)
+
+    @contextmanager
+    def critical(self):
+        self.in_critical = True
+        try:
+            yield
+        finally:
+            self.in_critical = False
+
+    @contextmanager
+    def interruptible(self):
+        self.in_eval = True
+        try:
+            if self.asked:
+                raise StopNow("stop")
+            yield
+        finally:
+            self.in_eval = False
 
     def __enter__(self):
-        self.old[signal.SIGINT] = signal.signal(signal.SIGINT, self.handler)
+        for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self.old[sig] = signal.signal(sig, self.handler)
         return self
 
     def __exit__(self, *exc):
         for sig, old in self.old.items():
             signal.signal(sig, old)
+
+
+# -----------------------------------------------------------------------------
+# One run per output folder
+
+
+class OutDirLock:
+    """An exclusive lock on out_dir for one training run, so two runs never write the same
+    checkpoint and log. The operating system holds it (flock on Linux and macOS, msvcrt's
+    byte lock on Windows) and frees it when the process ends, however it ends: the lock file
+    a killed run leaves behind blocks nobody. The file says who holds it, for the message."""
+
+    def __init__(self, out_dir: Path):
+        self.path, self.f = out_dir / "train.lock", None
+
+    def acquire(self) -> "OutDirLock":
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held until release)
+        except OSError as e:
+            raise UserError(f"cannot write to --out_dir {self.path.parent}: "
+                            f"{e.strerror or e}") from None
+        try:
+            lock_file(f)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise UserError(f"{self.path.parent} is in use by another training run ({holder}):"
+                            f" wait for it, stop it, or pick another --out_dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+        f.flush()
+        self.f = f
+        return self
+
+    def release(self) -> None:
+        if self.f is not None:
+            self.f.close()  # closing the file releases the lock
+            self.f = None
+
+
+def lock_file(f) -> None:
+    """Take an exclusive lock on an open file without waiting; OSError if another has it."""
+    if sys.platform == "win32":
+        import msvcrt
+        f.seek(0)
+        msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+    else:
+        import fcntl
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+# -----------------------------------------------------------------------------
+# torch.compile, or eager mode where it cannot compile
+
+
+class CompiledOrEager(torch.nn.Module):
+    """torch.compile(model), falling back to the plain model if compiling fails (no Triton on
+    Windows and some installs). Compilation happens at the first call, so that is where a
+    failure shows: it is reported in one line and the call runs again in eager mode."""
+
+    def __init__(self, model: torch.nn.Module, log=print):
+        super().__init__()
+        self.eager, self.log = model, log
+        self.compiled = torch.compile(model)
+
+    def forward(self, *args, **kwargs):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 (dynamo and inductor raise many types)
+                self.log(f"torch.compile failed ({first_line(e)[:150]}); running without "
+                         "it (--compile=False skips the attempt)")
+                self.compiled = None
+        return self.eager(*args, **kwargs)

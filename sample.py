@@ -48,8 +48,13 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--init_from", default="resume",
                    help="resume (out_dir/ckpt.pt), gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a "
                         "folder saved by Hugging Face transformers")
-    p.add_argument("--out_dir", default="out", help="folder holding ckpt.pt")
-    p.add_argument("--start", default="\n", help="the prompt, or FILE:path to read it from a file")
+    p.add_argument("--out_dir", default="out", help="the training run's folder")
+    p.add_argument("--checkpoint", choices=["best", "latest"], default="best",
+                   help="best: the weights with the lowest val loss (best.pt); latest: where "
+                        "training stopped (ckpt.pt)")
+    p.add_argument("--start", default=None,
+                   help="the prompt, or FILE:path to read it from a file (default: a newline, "
+                        "or the vocabulary's first character if it has no newline)")
     p.add_argument("--num_samples", type=int, default=5, help="how many samples to draw")
     p.add_argument("--max_new_tokens", type=int, default=500, help="tokens per sample")
     p.add_argument("--temperature", type=float, default=0.8,
@@ -85,8 +90,8 @@ def get_parser() -> argparse.ArgumentParser:
 def check_args(a) -> None:
     if not 0 < a.top_p <= 1:
         raise UserError(f"--top_p must be in (0, 1], got {a.top_p}")
-    if a.temperature < 0:
-        raise UserError(f"--temperature cannot be negative, got {a.temperature}")
+    if not (math.isfinite(a.temperature) and a.temperature >= 0):
+        raise UserError(f"--temperature must be a finite number >= 0, got {a.temperature}")
     if a.top_k < 0 or a.num_samples <= 0 or a.max_new_tokens < 0:
         raise UserError("--top_k must be >= 0, --num_samples > 0 and --max_new_tokens >= 0")
     if a.beam_width < 1 or a.score_stride < 1:
@@ -110,7 +115,7 @@ def main(argv=None) -> list[str] | dict:
 def sample(args) -> list[str] | dict:
     check_args(args)
     device = pick_device(args.device)
-    model, meta = load_model(args.init_from, Path(args.out_dir), device)
+    model, meta = load_model(args.init_from, Path(args.out_dir), device, args.checkpoint)
     vocab_size = model.config.vocab_size
     if args.compile:
         model = torch.compile(model)
@@ -124,8 +129,10 @@ def sample(args) -> list[str] | dict:
     if args.score is not None:
         return score_file(model, args, encode, vocab_size, device, ctx)
     if meta.get("task"):  # a model trained on prepare.py's reverse or addition problems
-        return answer_problem(model, meta, read_prompt(args.start), encode, decode, device)
-    start_ids = encode_text(encode, read_prompt(args.start), vocab_size, "prompt")
+        return answer_problem(model, meta, read_prompt(args.start or ""), encode, decode,
+                              device)
+    start_ids = encode_text(encode, read_prompt(args.start or default_prompt(meta)),
+                            vocab_size, "prompt")
     if not start_ids:
         raise UserError("the prompt is empty")
     x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]  # (1, T)
@@ -137,12 +144,17 @@ def sample(args) -> list[str] | dict:
     return print_samples(model, x, args, ctx, decode, token_bytes, eot)
 
 
-def load_model(init_from: str, out_dir: Path, device) -> tuple[GPT, dict]:
+def load_model(init_from: str, out_dir: Path, device,
+               which: str = "best") -> tuple[GPT, dict]:
     """The model and the meta its tokenizer is built from: our checkpoint alone (its config,
-    weights and dataset meta), or GPT-2's weights, which always go with GPT-2's BPE."""
+    weights and dataset meta), or GPT-2's weights, which always go with GPT-2's BPE.
+    `which` is best (best.pt, or ckpt.pt while there is none) or latest (ckpt.pt)."""
     if init_from == "resume":
-        ckpt = load_checkpoint(out_dir / "ckpt.pt", map_location=device)
-        model, _ = model_from_checkpoint(ckpt, out_dir / "ckpt.pt")
+        path = out_dir / "best.pt"
+        if which == "latest" or not path.exists():
+            path = out_dir / "ckpt.pt"
+        ckpt = load_checkpoint(path, map_location=device)
+        model, _ = model_from_checkpoint(ckpt, path)
         meta = ckpt["meta"]
     else:
         try:
@@ -159,6 +171,12 @@ def read_text(path: Path, what: str) -> str:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read the {what} file {path}: {e}") from None
+
+
+def default_prompt(meta: dict) -> str:
+    """A newline, as nanoGPT starts; a text with no newline starts from its first character."""
+    chars = meta.get("chars")
+    return "\n" if chars is None or "\n" in chars else chars[0]
 
 
 def read_prompt(start: str) -> str:
@@ -242,6 +260,10 @@ def print_beams(model, x, args, ctx, decode, eot) -> list[str]:
     """The num_samples best of the beam_width beams. Beam search is deterministic, so it runs
     once, and it cannot stream: the best beam is known only at the end."""
     T = x.size(1)
+    if args.num_samples > args.beam_width:
+        print(f"note: beam search keeps {args.beam_width} beams, so it prints {args.beam_width}"
+              f" of the {args.num_samples} samples asked for (raise --beam_width for more)",
+              file=sys.stderr)
     t0 = time.perf_counter()
     with ctx:
         beams, scores = model.beam_search(x, args.max_new_tokens, args.beam_width, eot)

@@ -16,6 +16,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -453,16 +454,22 @@ def test_preset_sets_defaults_and_flags_still_win():
         train.parse_args(["config/train_gpt2_on_my_cluster.py"])
 
 
-def test_resolve_args_derives_settings_in_one_place():
+def test_resolve_args_derives_settings_in_one_place(data_dir, tmp_path):
     args = train.parse_args(["--overfit_batch", "--dropout=0.2", "--max_iters=50",
-                             "--eval_interval=7", "--device=cpu"])
+                             "--eval_interval=7", "--device=cpu", f"--data_dir={data_dir}",
+                             "--dataset=tiny"])
     train.check_args(args)
-    args = train.resolve_args(args, {"vocab_size": 11}, None, 0, 1)
+    meta, settings = train.resolve_args(args, None, 0, 1)
     assert args.dropout == 0.0, "one batch, memorised: no dropout"
+    assert settings["dropout"] == 0.2, "the checkpoint keeps the settings as given"
     assert (args.lr_decay_iters, args.sample_every) == (100, 7)  # max(max_iters, warmup)
     assert (args.device, args.dtype, args.compile) == ("cpu", "float32", False)
-    task = {"vocab_size": 12, "task": "reverse", "example_len": 17}
-    assert train.resolve_args(train.parse_args([]), task, None, 0, 1).block_size == 16
+    assert meta["vocab_size"] == 30
+    prepare.main(["--dataset", "reverse", "--digits=3", "--num_train=50", "--num_val=5",
+                  "--data_dir", str(tmp_path / "tasks")])
+    args = train.parse_args(["--dataset=reverse", f"--data_dir={tmp_path / 'tasks'}"])
+    train.resolve_args(args, None, 0, 1)
+    assert args.block_size == 6, "a task's block_size is its problem's length less one"
 
 
 def test_dtype_defaults_and_refusals():
@@ -473,27 +480,41 @@ def test_dtype_defaults_and_refusals():
 
 @slow
 def test_prepare_train_resume_sample(data_dir, tmp_path, capsys):
-    out = tmp_path / "out"
-    common = CPU_TINY + [f"--data_dir={data_dir}", "--dataset", "tiny", f"--out_dir={out}",
-                         "--lr_decay_iters=20", "--eval_interval=10"]
-    full = train.main(common + ["--max_iters=20", f"--out_dir={tmp_path / 'full'}"])
+    """A run stopped at 10 and resumed with no flags but --init_from=resume continues with its
+    own settings (not the defaults) exactly as the uninterrupted run does."""
+    own = CPU_TINY + [f"--data_dir={data_dir}", "--dataset", "tiny", "--lr_decay_iters=20",
+                      "--eval_interval=10", "--learning_rate=2e-3"]
+    full = train.main(own + ["--max_iters=20", f"--out_dir={tmp_path / 'full'}"])
     assert full["iter_num"] == 20, "the optimizer takes exactly max_iters steps"
-    first = train.main(common + ["--max_iters=10"])
+    out = tmp_path / "out"
+    first = train.main(own + ["--max_iters=10", f"--out_dir={out}"])
     assert (out / "ckpt.pt").exists() and first["iter_num"] == 10
-    # a different --block_size on the command line: the checkpoint's architecture wins
-    resumed = train.main(common + ["--max_iters=20", "--init_from=resume", "--block_size=8"])
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    ckpt["config"]["max_iters"] = 20  # as if the first run had been stopped at 10
+    torch.save(ckpt, out / "ckpt.pt")
+    capsys.readouterr()
+    resumed = train.main(["--init_from=resume", f"--out_dir={out}"])
     assert resumed["iter_num"] == 20
+    assert "overriding" not in capsys.readouterr().out
     # the resumed run continues the uninterrupted one exactly
     assert [it for it, _ in resumed["history"]] == list(range(1, 21))
     np.testing.assert_allclose([v for _, v in resumed["history"]],
                                [v for _, v in full["history"]], rtol=0, atol=1e-6)
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["iter_num"] == 20 and ckpt["meta"]["tokenizer"] == "char"
-    capsys.readouterr()
+    assert ckpt["config"]["learning_rate"] == 2e-3 and ckpt["config"]["batch_size"] == 8
     texts = sample.main([f"--out_dir={out}", "--device=cpu", "--start=All:",
                          "--num_samples=2", "--max_new_tokens=30"])
     assert len(texts) == 2 and all(t.startswith("All:") and len(t) == 34 for t in texts)
     assert "tokens/s" in capsys.readouterr().out
+    # a flag given on resume wins, and says so; a different shape is refused
+    train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=22",
+                "--learning_rate=1e-3"])
+    assert "overriding: learning_rate 0.002 -> 0.001, max_iters 20 -> 22" in \
+        capsys.readouterr().out
+    err = run_main(capsys, train.main, ["--init_from=resume", f"--out_dir={out}",
+                                        "--block_size=8", "--max_iters=30"])
+    assert "--block_size 8" in err and "block_size 32" in err
 
 
 @slow
@@ -522,8 +543,10 @@ def test_training_learns_logs_and_plots(data_dir, tmp_path, capsys):
     _, lr_ax, norm_ax = fig.axes
     assert list(lr_ax.lines[0].get_ydata()) == [float(r[2]) for r in logged if r[2]]
     assert list(norm_ax.lines[0].get_ydata()) == [float(r[3]) for r in logged if r[3]]
-    train_tiny(data_dir, tmp_path / "quiet", "--max_iters=3", "--eval_interval=3")
-    assert "sample: " not in capsys.readouterr().out
+    train_tiny(data_dir, tmp_path / "quiet", "--max_iters=3", "--eval_interval=3",
+               "--warmup_iters=10")
+    out = capsys.readouterr().out
+    assert "sample: " not in out and "never reaches its peak" in out
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -534,6 +557,13 @@ def test_training_learns_logs_and_plots(data_dir, tmp_path, capsys):
     (["--warmup_iters=50", "--lr_decay_iters=10"], "warmup_iters"),
     (["--dtype=float16"], "needs a CUDA device"),
     (["--device=gpu"], "--device"),
+    (["--device=cuda:abc"], "--device"),
+    (["--beta1=1"], "beta1"),
+    (["--beta2=1.5"], "beta2"),
+    (["--seed=-1"], "--seed"),
+    (["--learning_rate=nan"], "finite"),
+    (["--dropout=nan"], "finite"),
+    (["--weight_decay=-0.1"], "weight_decay"),
 ])
 def test_train_bad_settings(data_dir, tmp_path, capsys, flags, message):
     err = run_main(capsys, train.main, CPU_TINY + [f"--data_dir={data_dir}", "--dataset=tiny",
@@ -628,6 +658,7 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, mon
                    "--always_save_checkpoint")
     err = capsys.readouterr().err
     assert e.value.code == 1 and "iteration 6" in err and "not finite" in err, err
+    assert "(iteration 5)" in err and "lower --learning_rate" in err, err
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["iter_num"] == 5
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
@@ -646,21 +677,285 @@ def test_resume_drops_log_rows_after_the_checkpoint(tmp_path):
                                                   ("3", True), ("4", True)]
 
 
-@slow
-def test_sigint_saves_and_says_how_to_resume(data_dir, tmp_path):
+def start_training(data_dir, out, *flags) -> subprocess.Popen:
     cmd = [sys.executable, "-u", "train.py", *CPU_TINY, f"--data_dir={data_dir}",
-           "--dataset=tiny", f"--out_dir={tmp_path}", "--max_iters=100000",
-           "--eval_interval=100000", "--sample_every=0"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+           "--dataset=tiny", f"--out_dir={out}", "--sample_every=0", *flags]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
+
+
+def wait_for(proc: subprocess.Popen, prefix: str) -> list[str]:
+    """Read the child's output until a line starts with prefix; return the lines read."""
+    lines = []
     for line in proc.stdout:
-        if line.startswith("iter 5:"):
-            proc.send_signal(signal.SIGINT)
-            break
+        lines.append(line)
+        if line.startswith(prefix):
+            return lines
+    raise AssertionError("".join(lines))
+
+
+@slow
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM", "SIGUSR1"])
+def test_stop_signals_save_and_say_how_to_resume(data_dir, tmp_path, signame):
+    """Ctrl-C, a scheduler's SIGTERM and Slurm's SIGUSR1 all finish the step, save the latest
+    state, and print a resume command that works as printed."""
+    if not hasattr(signal, signame):
+        pytest.skip(f"no {signame} on this platform")
+    proc = start_training(data_dir, tmp_path, "--max_iters=100000", "--eval_interval=100000")
+    wait_for(proc, "iter 5:")
+    proc.send_signal(getattr(signal, signame))
     out = proc.communicate(timeout=60)[0]
     assert proc.returncode == 0, out
-    assert "--init_from=resume" in out and "saved checkpoint" in out
-    assert plumbing.load_checkpoint(tmp_path / "ckpt.pt")["iter_num"] >= 5
+    assert signame in out and "saved" in out, out
+    command = out.split("resume with: ")[1].splitlines()[0].split()
+    stopped_at = plumbing.load_checkpoint(tmp_path / "ckpt.pt")["iter_num"]
+    assert stopped_at >= 5 and f"stopped at iteration {stopped_at}" in out
+    assert command[:3] == ["python", "train.py", "--init_from=resume"]
+    result = train.main(command[2:] + ["--max_iters", str(stopped_at + 2)])
+    assert result["iter_num"] == stopped_at + 2
+
+
+@slow
+def test_stop_does_not_wait_for_an_evaluation(data_dir, tmp_path):
+    """A signal during a long evaluation stops it at once and saves the latest state."""
+    proc = start_training(data_dir, tmp_path, "--max_iters=100", "--eval_iters=10000000")
+    wait_for(proc, "model:")  # set up; now evaluating step 0, for hours
+    time.sleep(0.5)
+    t0 = time.perf_counter()
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0 and time.perf_counter() - t0 < 20, out
+    assert "stopped at iteration 0" in out, out
+    assert plumbing.load_checkpoint(tmp_path / "ckpt.pt")["iter_num"] == 0
+
+
+def test_stop_signals_first_asks_second_stops_now():
+    quiet = lambda *a, **k: None
+    s = plumbing.StopSignals(quiet)
+    s.handler(signal.SIGINT, None)
+    assert s.asked and not s.now, "the first signal only asks"
+    with s.critical():  # the optimizer step is never cut in half:
+        s.handler(signal.SIGINT, None)  # the second signal waits for its end
+    assert s.now
+    with pytest.raises(plumbing.StopNow):  # elsewhere it stops at once
+        s.handler(signal.SIGTERM, None)
+    s = plumbing.StopSignals(quiet)
+    with pytest.raises(plumbing.StopNow), s.interruptible():  # an evaluation is not waited for
+        s.handler(signal.SIGINT, None)
+
+
+@slow
+def test_killed_run_leaves_no_lock_behind(data_dir, tmp_path, capsys):
+    proc = start_training(data_dir, tmp_path, "--max_iters=100000", "--eval_interval=100000")
+    wait_for(proc, "iter 2:")
+    held = run_main(capsys, lambda a: train_tiny(data_dir, tmp_path, *a), ["--max_iters=2"])
+    assert f"pid {proc.pid}" in held and "another training run" in held
+    proc.kill()  # SIGKILL: no handler runs, the lock file stays
+    proc.communicate(timeout=60)
+    assert (tmp_path / "train.lock").exists()
+    assert train_tiny(data_dir, tmp_path, "--max_iters=2")["iter_num"] == 2
+
+
+def test_concurrent_saves_never_collide(tmp_path):
+    """Two writers of one checkpoint: each writes a temporary file of its own, so neither
+    fails and the file is always one of theirs, whole."""
+    import threading
+    errors = []
+
+    def writer(value):
+        try:
+            for _ in range(15):
+                plumbing.save_checkpoint({"model": {"w": torch.full((20000,), float(value))},
+                                          "model_args": {}, "meta": {}}, tmp_path / "ckpt.pt")
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(v,)) for v in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert plumbing.load_checkpoint(tmp_path / "ckpt.pt")["model"]["w"].unique().numel() == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"], "a temporary file was left"
+
+
+@slow
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(data_dir, tmp_path):
+    import resource
+    train_tiny(data_dir, tmp_path, "--max_iters=4", "--eval_interval=2")
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    limit = len(before) // 2
+
+    def file_size_limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    child = subprocess.run([sys.executable, "train.py", "--init_from=resume",
+                            f"--out_dir={tmp_path}", "--max_iters=8"], cwd=ROOT,
+                           preexec_fn=file_size_limit, capture_output=True, text=True,
+                           timeout=120, check=False)
+    err = child.stderr.strip()
+    assert child.returncode == 2 and len(err.splitlines()) == 1, err
+    assert "cannot write" in err and "untouched" in err, err
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+@slow
+def test_out_of_memory_names_the_flags_to_lower(data_dir, tmp_path, monkeypatch, capsys):
+    real_forward = GPT.forward
+
+    def no_memory_in_training(self, idx, targets=None, cache=None):
+        if self.training:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_forward(self, idx, targets, cache)
+
+    monkeypatch.setattr(GPT, "forward", no_memory_in_training)
+    with pytest.raises(SystemExit) as e:
+        train_tiny(data_dir, tmp_path, "--max_iters=4")
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and len(err.splitlines()) == 1, err
+    assert "out of GPU memory" in err and "--batch_size" in err and "untouched" in err
+
+
+@slow
+def test_scratch_run_never_replaces_a_checkpoint(data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    train_tiny(data_dir, out, "--max_iters=6", "--eval_interval=3")
+    files = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "train.lock"}
+    assert {"ckpt.pt", "best.pt", "log.csv", "loss.png"} <= files.keys()
+    err = run_main(capsys, lambda a: train_tiny(data_dir, out, *a), ["--max_iters=3"])
+    assert "--overwrite" in err and f"--init_from=resume --out_dir={out}" in err
+    # an evaluation alone writes nothing: no checkpoint, no log row, no plot
+    for flags in (["--init_from=resume"], []):
+        train_tiny(data_dir, out, "--eval_only", *flags)
+        assert "step " in capsys.readouterr().out
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in files} == files
+    train_tiny(data_dir, out, "--max_iters=2", "--overwrite")
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 2
+    assert torch.load(out / "best.pt", weights_only=True)["iter_num"] == 2
+
+
+@slow
+def test_resume_continues_from_the_latest_state_and_keeps_the_best(data_dir, tmp_path,
+                                                                   monkeypatch):
+    vals = iter([3.0, 2.0, 2.5, 2.5, 2.8])  # the val loss at 0, 5, 10, then 10 and 15 resumed
+
+    def made_up_losses(*args, **kwargs):
+        v = next(vals)
+        return {"train": v, "val": v}
+
+    monkeypatch.setattr(train, "estimate_loss", made_up_losses)
+    out = tmp_path / "out"
+    train_tiny(data_dir, out, "--max_iters=10", "--eval_interval=5")
+    latest = torch.load(out / "ckpt.pt", weights_only=True)
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert (latest["iter_num"], best["iter_num"]) == (10, 5)
+    assert latest["best_val_loss"] == best["best_val_loss"] == 2.0
+    cpu = torch.device("cpu")
+    assert_same_params(sample.load_model("resume", out, cpu)[0].state_dict(), best["model"])
+    assert_same_params(sample.load_model("resume", out, cpu, "latest")[0].state_dict(),
+                       latest["model"])
+    result = train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=15"])
+    assert [it for it, _ in result["history"]] == list(range(1, 16)), "nothing redone"
+    assert torch.load(out / "best.pt", weights_only=True)["iter_num"] == 5
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 15
+
+
+@slow
+def test_resume_past_max_iters_stops_at_once(data_dir, tmp_path, capsys):
+    train_tiny(data_dir, tmp_path, "--max_iters=10", "--eval_interval=5")
+    capsys.readouterr()
+    result = train.main(["--init_from=resume", f"--out_dir={tmp_path}", "--max_iters=5"])
+    out = capsys.readouterr().out
+    assert result["iter_num"] == 10 and "already at --max_iters 5" in out and "iter " not in out
+
+
+@slow
+def test_overfit_batch_resume_is_exact_and_data_may_move(data_dir, tmp_path):
+    flags = ["--overfit_batch", "--learning_rate=1e-2", "--eval_interval=5",
+             "--lr_decay_iters=10"]
+    full = train_tiny(data_dir, tmp_path / "full", "--max_iters=10", *flags)
+    train_tiny(data_dir, tmp_path / "half", "--max_iters=5", *flags)
+    # the same text prepared again from another path: the same tokens, another meta source
+    moved = tmp_path / "elsewhere" / "input.txt"
+    moved.parent.mkdir()
+    moved.write_text(TEXT, encoding="utf-8")
+    prepare.main(["--input", str(moved), "--dataset", "tiny", "--data_dir", str(data_dir)])
+    resumed = train.main(["--init_from=resume", f"--out_dir={tmp_path / 'half'}",
+                          "--max_iters=10"])
+    np.testing.assert_allclose([v for _, v in resumed["history"]],
+                               [v for _, v in full["history"]], rtol=0, atol=1e-6)
+
+
+@slow
+def test_compile_failure_falls_back_to_eager(data_dir, tmp_path, monkeypatch, capsys):
+    def compile_without_triton(model, **kwargs):
+        def compiled(*args, **kw):
+            raise RuntimeError("Cannot find a working triton installation")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", compile_without_triton)
+    train_tiny(data_dir, tmp_path / "a", "--max_iters=3", "--compile=True")
+    assert "torch.compile failed" in capsys.readouterr().out
+    train_tiny(data_dir, tmp_path / "b", "--max_iters=3", "--compile=False")
+    assert_same_params(ckpt_params(tmp_path / "a"), ckpt_params(tmp_path / "b"), atol=0)
+
+
+def test_long_cpu_run_gets_a_hint():
+    assert "--preset=cpu" in plumbing.long_run_hint(37 * 3600) and "37h" in \
+        plumbing.long_run_hint(37 * 3600)
+    assert plumbing.long_run_hint(600) is None
+
+
+@pytest.mark.parametrize("damage", ["corrupt meta", "no train.bin", "out_dir is a file",
+                                    "read-only out_dir", "bad log"])
+def test_bad_files_get_one_line(data_dir, tmp_path, capsys, monkeypatch, damage):
+    flags = CPU_TINY + [f"--data_dir={data_dir}", "--dataset=tiny", "--max_iters=2",
+                        f"--out_dir={tmp_path / 'out'}"]
+    if damage == "corrupt meta":
+        (data_dir / "tiny" / "meta.json").write_text("{not json", encoding="utf-8")
+    elif damage == "no train.bin":
+        (data_dir / "tiny" / "train.bin").unlink()
+    elif damage == "out_dir is a file":
+        (tmp_path / "out").write_text("a file", encoding="utf-8")
+    elif damage == "read-only out_dir":
+        def read_only(self, *args, **kwargs):
+            raise PermissionError(13, "Permission denied", str(self))
+        monkeypatch.setattr(Path, "mkdir", read_only)
+    else:
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "log.csv").write_text("iter,loss\nx,1\n", encoding="utf-8")
+        flags = ["--plot", str(tmp_path / "out")]
+    err = run_main(capsys, train.main, flags)
+    expected = {"corrupt meta": "unreadable", "no train.bin": "no train.bin",
+                "out_dir is a file": "cannot write", "read-only out_dir": "Permission denied",
+                "bad log": "not a log.csv"}[damage]
+    assert expected in err, err
+
+
+def test_other_scripts_bad_flags(data_dir, capsys):
+    import bench
+    assert "no CUDA" in run_main(capsys, bench.main, ["--device=cuda"])
+    assert "--device cuda" in run_main(capsys, bigram.main, ["--device=cuda",
+                                                            f"--data_dir={data_dir}"])
+    assert "--eval_interval" in run_main(capsys, bigram.main, ["--eval_interval=0",
+                                                              f"--data_dir={data_dir}"])
+
+
+@slow
+def test_truncated_checkpoint_and_offline_hub(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("transformers")
+    plumbing.save_checkpoint({"model": {"w": torch.ones(1000)}, "model_args": {}, "meta": {}},
+                             tmp_path / "ckpt.pt")
+    data = (tmp_path / "ckpt.pt").read_bytes()
+    (tmp_path / "ckpt.pt").write_bytes(data[:len(data) // 2])
+    assert "truncated or corrupt" in run_main(capsys, sample.main, [f"--out_dir={tmp_path}"])
+    monkeypatch.setattr(gpt, "hub_reachable", lambda timeout=3.0: False)
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="hub cannot be reached"):
+        GPT.from_pretrained("gpt2")
+    assert time.perf_counter() - t0 < 20, "offline, it must not wait on retries"
 
 
 @slow
@@ -965,6 +1260,26 @@ def test_sample_errors(ckpt_dir, tmp_path, capsys):
     assert "no checkpoint" in run_main(capsys, sample.main, [f"--out_dir={tmp_path / 'x'}"])
     assert "layers 0 to 1" in run_main(capsys, sample.main, [
         f"--out_dir={ckpt_dir}", f"--attention={tmp_path / 'a.png'}", "--attention_layers=5"])
+    assert "finite" in run_main(capsys, sample.main, [f"--out_dir={ckpt_dir}",
+                                                      "--temperature=nan"])
+    # a tiny temperature is greedy decoding, not a crash on inf - inf
+    few = [f"--out_dir={ckpt_dir}", "--num_samples=1", "--max_new_tokens=20", "--stream=False"]
+    assert sample.main(few + ["--temperature=1e-45"]) == sample.main(few + ["--temperature=0"])
+    # fewer beams than samples asked for: said, not silently fewer
+    texts = sample.main(few + ["--beam_width=2", "--num_samples=5"])
+    assert len(texts) == 2 and "prints 2 of the 5" in capsys.readouterr().err
+
+
+@slow
+def test_default_prompt_without_newlines(tmp_path, capsys):
+    src = tmp_path / "flat.txt"
+    src.write_text("abcdefgh" * 200, encoding="utf-8")
+    prepare.main(["--input", str(src), "--dataset", "flat", "--data_dir", str(tmp_path)])
+    train.main(CPU_TINY + [f"--data_dir={tmp_path}", "--dataset=flat", "--max_iters=2",
+                           f"--out_dir={tmp_path / 'out'}", "--block_size=8"])
+    [text] = sample.main([f"--out_dir={tmp_path / 'out'}", "--num_samples=1",
+                          "--max_new_tokens=5"])
+    assert text.startswith("a") and len(text) == 6
 
 
 @slow
@@ -1081,10 +1396,11 @@ def test_finetune_from_gpt2_weights(tmp_path, data_dir, capsys):
                                theirs["transformer.h.0.mlp.c_fc.weight"].t())  # Conv1D
     # a character-level dataset cannot be fed to GPT-2, nor a context longer than its own
     capsys.readouterr()
-    err = run_main(capsys, train.main, flags + [f"--data_dir={data_dir}", "--dataset=tiny"])
+    err = run_main(capsys, train.main, flags + [f"--data_dir={data_dir}", "--dataset=tiny",
+                                                f"--out_dir={tmp_path / 'char'}"])
     assert "needs GPT-2 BPE data" in err
     with pytest.raises(SystemExit):  # after transformers' progress bar on stderr
-        train.main(flags + ["--block_size=128"])
+        train.main(flags + ["--block_size=128", "--overwrite"])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "longer than" in last and "context of 64" in last, last
 

@@ -16,6 +16,7 @@ files, devices, several processes, logs and signals live in plumbing.py.
 import argparse
 import json
 import math
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -30,7 +31,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from gpt import GPT, GPT2_NAMES, GPTConfig, crop_block_size
 from plumbing import (
     RESUME_KEYS,
+    CompiledOrEager,
     Meter,
+    OutDirLock,
+    StopNow,
     StopSignals,
     UserError,
     all_ranks_any,
@@ -97,10 +101,13 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--log_interval", type=int, default=10, help="print a line every this many")
     g.add_argument("--eval_iters", type=int, default=200, help="batches per loss estimate")
     flag("--eval_only", False, "evaluate once and exit")
-    flag("--always_save_checkpoint", False, "save at every eval, not only when val improves")
+    flag("--always_save_checkpoint", False, "accepted for nanoGPT's command lines: the latest "
+         "state (ckpt.pt) is saved at every evaluation anyway, the best weights to best.pt")
     g.add_argument("--init_from", default="scratch",
-                   help="scratch, resume (from out_dir), gpt2[-medium|-large|-xl] or a folder "
-                        "of GPT-2 weights")
+                   help="scratch, resume (from out_dir/ckpt.pt, with that run's settings), "
+                        "gpt2[-medium|-large|-xl] or a folder of GPT-2 weights")
+    flag("--overwrite", False, "start afresh in an out_dir that holds another run's checkpoint, "
+         "replacing it (without this, such a run is refused)")
     g.add_argument("--sample_every", type=int, default=None,
                    help="print a short sample every this many steps, at an eval (default: "
                         "eval_interval; 0 = never)")
@@ -157,11 +164,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.preset:
         p.set_defaults(**PRESETS[args.preset])
         args = p.parse_args(argv)  # again, so the command line's flags override the preset
+    # which settings were given (on the command line or by a preset): a resumed run takes
+    # the others from its checkpoint, not from the defaults
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    args.given = set(vars(p.parse_args(argv))) | set(PRESETS.get(args.preset) or {})
     return args
 
 
 def check_args(a) -> None:
     """Refuse settings that cannot work, with a message that says what to change."""
+    for name in ("learning_rate", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip",
+                 "dropout"):
+        if not math.isfinite(getattr(a, name)):
+            raise UserError(f"--{name} must be a finite number, not {getattr(a, name)}")
+    if not (0 <= a.beta1 < 1 and 0 <= a.beta2 < 1):
+        raise UserError(f"--beta1 and --beta2 must be in [0, 1), got {a.beta1} and {a.beta2}")
+    if not 0 <= a.seed < 2 ** 32:
+        raise UserError(f"--seed must be from 0 to 2**32 - 1, got {a.seed}")
+    if a.weight_decay < 0:
+        raise UserError(f"--weight_decay cannot be negative, got {a.weight_decay}")
     if a.n_embd % a.n_head != 0:
         raise UserError(f"n_embd ({a.n_embd}) must be divisible by n_head ({a.n_head})")
     if a.learning_rate <= 0 or a.min_lr < 0 or (a.decay_lr and a.min_lr > a.learning_rate):
@@ -182,9 +204,23 @@ def check_args(a) -> None:
                         f"or a folder of GPT-2 weights, not {a.init_from!r}")
 
 
-def resolve_args(a, meta: dict, ckpt: dict | None, local_rank: int, world_size: int):
-    """Every setting derived from others, the data or the checkpoint, in this one place;
-    nothing else rewrites them."""
+# A resumed run takes the settings it was started with, except these (about this invocation),
+# and refuses a different shape: its weights have the checkpoint's.
+NOT_INHERITED = {"config", "preset", "init_from", "out_dir", "eval_only", "plot", "overwrite"}
+SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias")
+
+
+def resolve_args(a, ckpt: dict | None, local_rank: int, world_size: int, log=print):
+    """Every setting derived from the checkpoint, the data or other settings, in this one
+    place; nothing else rewrites them. Returns the dataset's meta, and the settings as given
+    (before anything was derived from them), which the checkpoints keep."""
+    if ckpt is not None:
+        inherit_settings(a, ckpt, log)
+    settings = {k: v for k, v in vars(a).items() if k != "given"}
+    meta = load_meta(Path(a.data_dir), a.dataset)
+    if ckpt is not None and not same_data(ckpt["meta"], meta):
+        raise UserError(f"{a.out_dir}/ckpt.pt was trained on other data than "
+                        f"{Path(a.data_dir) / a.dataset} (another tokenizer, vocabulary or text)")
     if a.lr_decay_iters is None:  # a short run (a smoke test) may end inside the warmup
         a.lr_decay_iters = max(a.max_iters, a.warmup_iters)
     if a.sample_every is None:
@@ -193,8 +229,8 @@ def resolve_args(a, meta: dict, ckpt: dict | None, local_rank: int, world_size: 
         a.dropout = 0.0  # one batch, memorised: dropout would only fight it
     if meta.get("task"):
         a.block_size = meta["example_len"] - 1  # a whole problem, less its last token
-    if ckpt is not None:  # resume: the architecture is the checkpoint's
-        for k in ("n_layer", "n_head", "n_embd", "block_size", "bias"):
+    if ckpt is not None:  # the architecture is the checkpoint's
+        for k in SHAPE:
             setattr(a, k, ckpt["model_args"][k])
     if world_size > 1:  # torchrun: one process per GPU, or gloo processes on the CPU
         a.device = f"cuda:{local_rank}" if a.device != "cpu" and torch.cuda.is_available() \
@@ -206,7 +242,33 @@ def resolve_args(a, meta: dict, ckpt: dict | None, local_rank: int, world_size: 
     a.device, a.dtype = str(device), pick_dtype(a.dtype, device)
     if a.compile is None:
         a.compile = device.type == "cuda"
-    return a
+    return meta, settings
+
+
+def inherit_settings(a, ckpt: dict, log=print) -> None:
+    """Settings not given now come from the checkpoint; given ones that differ are named in
+    one line; a different shape is refused (the weights could not take it)."""
+    saved, changed = ckpt.get("config", {}), []
+    for k, old in saved.items():
+        if k in NOT_INHERITED or k not in vars(a):
+            continue
+        if k not in a.given:
+            setattr(a, k, old)
+        elif getattr(a, k) != old:
+            if k in SHAPE and ckpt["model_args"].get(k) != getattr(a, k):
+                raise UserError(f"--{k} {getattr(a, k)}, but {a.out_dir}/ckpt.pt was trained "
+                                f"with {k} {ckpt['model_args'].get(k)}: drop the flag to resume")
+            changed.append(f"{k} {old} -> {getattr(a, k)}")
+    if changed:
+        log("overriding: " + ", ".join(changed))
+
+
+def same_data(a: dict, b: dict) -> bool:
+    """Whether two datasets' metas describe the same tokens: tokenizer, vocabulary, text and
+    task layout (not where the text was read from)."""
+    keys = ("tokenizer", "vocab_size", "chars", "sha256", "task", "digits", "example_len",
+            "prompt_len")
+    return all(a.get(k) == b.get(k) for k in keys)
 
 
 # -----------------------------------------------------------------------------
@@ -214,13 +276,23 @@ def resolve_args(a, meta: dict, ckpt: dict | None, local_rank: int, world_size: 
 
 
 def load_meta(data_dir: Path, dataset: str) -> dict:
+    """data/<dataset>/meta.json, checked: it and both splits must be there and readable."""
     folder = data_dir / dataset
+    hint = "python prepare.py" + ("" if dataset == "shakespeare_char" else
+                                  f" --dataset {dataset}")
     if not (folder / "meta.json").exists():
-        hint = "python prepare.py" + ("" if dataset == "shakespeare_char" else
-                                      f" --dataset {dataset}")
         raise UserError(f"no prepared data in {folder}: run `{hint}` first")
-    with open(folder / "meta.json", encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        if not isinstance(meta, dict) or not {"tokenizer", "vocab_size"} <= meta.keys():
+            raise ValueError("tokenizer or vocab_size missing")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{folder / 'meta.json'} is unreadable ({first_line(e)}): run `{hint}` "
+                        "again") from None
+    for split in ("train", "val"):
+        if not (folder / f"{split}.bin").is_file():
+            raise UserError(f"{folder} has meta.json but no {split}.bin: run `{hint}` again")
+    return meta
 
 
 def get_batch(path: Path, ix: torch.Tensor, block_size: int, device: torch.device):
@@ -429,74 +501,77 @@ def train_loop(args, run: "Run") -> dict:
     model, optimizer, log = run.model, run.optimizer, run.log
     iter_num, best_val_loss, history = run.iter_num, run.best_val_loss, run.history
     meter = Meter(run.tokens_per_iter, run.flops_per_iter, run.peak, run.sync, iter_num,
-                  args.max_iters)
-    losses, saved, stop_now = {}, False, False
+                  args.max_iters, on_cpu=run.device.type == "cpu", log=log)
+    losses, stop = {}, False
     with StopSignals(log) as signals:
-        while True:
-            # 1) set this step's learning rate
-            lr = (get_lr(iter_num, args.learning_rate, args.warmup_iters, args.lr_decay_iters,
-                         args.min_lr) if args.decay_lr else args.learning_rate)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+        try:
+            while not stop:
+                rng = rng_state(run.batch_gen)  # where a stop in this step resumes from
+                # 1) set this step's learning rate
+                lr = (get_lr(iter_num, args.learning_rate, args.warmup_iters,
+                             args.lr_decay_iters, args.min_lr) if args.decay_lr
+                      else args.learning_rate)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
 
-            # 2) evaluate now and then, and at the very end; save when val improves
-            last = iter_num >= args.max_iters or stop_now
-            if run.master and (iter_num % args.eval_interval == 0 or last or args.eval_only):
-                with meter.paused():
-                    losses = evaluate(args, run, iter_num)
-                    improved = losses["val"] < best_val_loss
-                    best_val_loss = min(best_val_loss, losses["val"])
-                    # a run always leaves a checkpoint, and a stop always saves where it was
-                    if iter_num > 0 and (improved or args.always_save_checkpoint or stop_now
-                                         or (last and not saved)):
-                        save_checkpoint(run.checkpoint(iter_num, best_val_loss, history),
-                                        run.ckpt_path)
-                        saved = True
-                        log(f"saved checkpoint to {run.ckpt_path}")
-            if last or args.eval_only:
-                break
+                # 2) evaluate now and then, and at the very end; save the latest state
+                last = iter_num >= args.max_iters
+                if run.master and (iter_num % args.eval_interval == 0 or last or args.eval_only):
+                    with meter.paused(), signals.interruptible():
+                        losses = evaluate(args, run, iter_num)
+                    best_val_loss = save(args, run, iter_num, best_val_loss, history, losses)
+                if last or args.eval_only:
+                    break
 
-            # 3) forward, backward over this rank's micro-batches; gradients add up
-            ix = run.fixed_ix if run.fixed_ix is not None else run.draw_offsets()
-            loss_sum = 0.0
-            for micro_step in range(run.gas):
-                if run.world_size > 1:  # all-reduce the gradients once, after the last one
-                    model.require_backward_grad_sync = micro_step == run.gas - 1
-                x, y = run.get_batch("train", ix[run.rank * run.gas + micro_step])
-                with run.ctx:
-                    _, loss = model(x, y)
-                    loss = loss / run.gas  # the mean over all micro-batches, not the sum
-                run.scaler.scale(loss).backward()
-                loss_sum = loss_sum + loss.detach()
+                # 3) forward, backward over this rank's micro-batches; gradients add up
+                ix = run.fixed_ix if run.fixed_ix is not None else run.draw_offsets()
+                loss_sum = 0.0
+                for micro_step in range(run.gas):
+                    if run.world_size > 1:  # all-reduce the gradients once, after the last
+                        model.require_backward_grad_sync = micro_step == run.gas - 1
+                    x, y = run.get_batch("train", ix[run.rank * run.gas + micro_step])
+                    with run.ctx:
+                        _, loss = model(x, y)
+                        loss = loss / run.gas  # the mean over all micro-batches, not the sum
+                    run.scaler.scale(loss).backward()
+                    loss_sum = loss_sum + loss.detach()
 
-            # 4) clip the global gradient norm (of the unscaled gradients), check, step, clear
-            run.scaler.unscale_(optimizer)
-            params = run.raw_model.parameters()
-            norm = clip_grad_norm(params, args.grad_clip) if args.grad_clip else grad_norm(params)
-            stop_now = check_finite(loss_sum, norm, iter_num, run, signals.asked)
-            run.scaler.step(optimizer)
-            run.scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            iter_num += 1
-            meter.step()
+                # 4) clip the global gradient norm (of the unscaled gradients), check, step
+                run.scaler.unscale_(optimizer)
+                params = run.raw_model.parameters()
+                norm = (clip_grad_norm(params, args.grad_clip) if args.grad_clip
+                        else grad_norm(params))
+                stop = check_finite(loss_sum, norm, iter_num, run, signals.asked, args.grad_clip)
+                with signals.critical():  # a second Ctrl-C waits until the step is whole
+                    run.scaler.step(optimizer)
+                    run.scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                    iter_num += 1
+                stop = stop or signals.now
+                meter.step()
 
-            # 5) log now and then: formatting, CSV and timing need the host
-            if iter_num % args.log_interval == 0 and run.master:
-                m = meter.read(iter_num)
-                lossf, normf = loss_sum.item(), norm.item()
-                history.append((iter_num, lossf))
-                log(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, grad norm {normf:.3f}, "
-                    f"{m['ms']:.1f} ms/iter, {m['tokens_per_s']:,.0f} tokens/s, "
-                    f"MFU {100 * m['mfu']:.1f}%, {hms(m['elapsed'])} elapsed, "
-                    f"{hms(m['eta'])} left")
-                append_log(run.log_path, iter=iter_num, loss=f"{lossf:.6f}", lr=f"{lr:.6g}",
-                           grad_norm=f"{normf:.6g}", ms_per_iter=f"{m['ms']:.3f}",
-                           tokens_per_s=f"{m['tokens_per_s']:.1f}", mfu=f"{m['mfu']:.4f}")
-    if stop_now:
+                # 5) log now and then: formatting, CSV and timing need the host
+                if iter_num % args.log_interval == 0 and run.master:
+                    m = meter.read(iter_num)
+                    lossf, normf = loss_sum.item(), norm.item()
+                    history.append((iter_num, lossf))
+                    log(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, grad norm {normf:.3f}, "
+                        f"{m['ms']:.1f} ms/iter, {m['tokens_per_s']:,.0f} tokens/s, "
+                        f"MFU {100 * m['mfu']:.1f}%, {hms(m['elapsed'])} elapsed, "
+                        f"{hms(m['eta'])} left")
+                    append_log(run.log_path, iter=iter_num, loss=f"{lossf:.6f}", lr=f"{lr:.6g}",
+                               grad_norm=f"{normf:.6g}", ms_per_iter=f"{m['ms']:.3f}",
+                               tokens_per_s=f"{m['tokens_per_s']:.1f}", mfu=f"{m['mfu']:.4f}")
+            else:  # stopped by a signal between steps: the state is whole, save it as it is
+                rng = rng_state(run.batch_gen)
+        except StopNow:  # stopped mid-step or mid-evaluation: the last whole step's state
+            stop = True
+    if stop and run.master and not args.eval_only:
+        save(args, run, iter_num, best_val_loss, history, rng=rng)
         log(f"stopped at iteration {iter_num}; resume with: python train.py "
-            f"--init_from=resume --out_dir={args.out_dir} (and your other flags)")
+            f"--init_from=resume --out_dir={args.out_dir}")
     return {"iter_num": iter_num, "best_val_loss": best_val_loss, "history": history,
-            "final_losses": losses, "ckpt_path": str(run.ckpt_path),
+            "final_losses": losses, "ckpt_path": str(run.ckpt_path), "stopped": stop,
             "elapsed": time.perf_counter() - meter.t_start}
 
 
@@ -510,9 +585,10 @@ def evaluate(args, run: "Run", iter_num: int) -> dict:
             f"val perplexity {math.exp(losses['val']):.2f}"
             + (f", val exact match {100 * acc:.1f}% of {run.n_windows['val']:,} problems"
                if run.task else ""))
-    append_log(run.log_path, iter=iter_num, train_loss=f"{losses['train']:.6f}",
-               val_loss=f"{losses['val']:.6f}",
-               val_exact_match="" if acc is None else f"{acc:.4f}")
+    if not args.eval_only:  # an evaluation alone writes nothing
+        append_log(run.log_path, iter=iter_num, train_loss=f"{losses['train']:.6f}",
+                   val_loss=f"{losses['val']:.6f}",
+                   val_exact_match="" if acc is None else f"{acc:.4f}")
     if acc is not None:
         losses["val_exact_match"] = acc
     if args.sample_every and iter_num % args.sample_every == 0:
@@ -521,7 +597,27 @@ def evaluate(args, run: "Run", iter_num: int) -> dict:
     return losses
 
 
-def check_finite(loss_sum, norm, iter_num: int, run: "Run", stop_asked: bool) -> bool:
+def save(args, run: "Run", iter_num: int, best_val_loss: float, history: list,
+         losses: dict | None = None, rng: dict | None = None) -> float:
+    """Save the latest training state to ckpt.pt (what --init_from=resume continues from), and
+    when val improves, the weights to best.pt (what sample.py loads). Returns the best val loss.
+    The first evaluation, of the untrained model, saves nothing; --eval_only never saves."""
+    if args.eval_only or (iter_num == 0 and losses is not None):
+        return best_val_loss
+    if losses is not None and losses["val"] < best_val_loss:
+        best_val_loss = losses["val"]
+        save_checkpoint({"model": run.raw_model.state_dict(), "model_args": run.model_args,
+                         "meta": run.meta, "config": run.settings, "iter_num": iter_num,
+                         "best_val_loss": best_val_loss}, run.best_path)
+    save_checkpoint(run.checkpoint(iter_num, best_val_loss, history, rng), run.ckpt_path)
+    run.saved_iter[:] = [iter_num]
+    run.log(f"saved {run.ckpt_path}" + (f" and {run.best_path.name} (val {best_val_loss:.4f})"
+                                         if losses and losses["val"] == best_val_loss else ""))
+    return best_val_loss
+
+
+def check_finite(loss_sum, norm, iter_num: int, run: "Run", stop_asked: bool,
+                 grad_clip: float) -> bool:
     """Stop a diverged run before it steps on a NaN; returns whether any rank asked to stop.
 
     float16's scaler skips steps with overflowing gradients by design, so there only the loss
@@ -530,11 +626,12 @@ def check_finite(loss_sum, norm, iter_num: int, run: "Run", stop_asked: bool) ->
     diverged, stop = all_ranks_any([not torch.isfinite(watched).item(), stop_asked],
                                    run.world_size, run.device)
     if diverged:
-        kept = (f"the last good checkpoint is {run.ckpt_path}" if run.ckpt_path.exists()
-                else "no checkpoint was saved")
+        kept = (f"the last good state is {run.ckpt_path} (iteration {run.saved_iter[0]})"
+                if run.saved_iter else "no checkpoint was saved")
+        advice = ("try a lower --learning_rate" if grad_clip else
+                  "try a lower --learning_rate, or clipping (--grad_clip 1)")
         raise Diverged(f"loss {loss_sum.item():.4g}, gradient norm {norm.item():.4g} at "
-                       f"iteration {iter_num}: not finite; {kept} (try a lower "
-                       "--learning_rate or --grad_clip 1)")
+                       f"iteration {iter_num}: not finite; {kept}; {advice}")
     return stop
 
 
@@ -557,6 +654,7 @@ class Run:
     model: torch.nn.Module  # what the loop calls: maybe compiled, maybe wrapped in DDP
     raw_model: GPT  # the plain module: its parameters, its state_dict (no "_orig_mod." keys)
     eval_model: torch.nn.Module  # evaluation runs on rank 0 alone, outside DDP
+    model_args: dict  # GPTConfig's fields, saved with the weights
     optimizer: AdamW
     scaler: torch.amp.GradScaler  # float16's loss scaling; a no-op for other dtypes
     ctx: object  # autocast to the dtype, or nothing for float32
@@ -567,10 +665,14 @@ class Run:
     splits: dict  # split -> path of its .bin
     n_windows: dict  # split -> how many batch windows (or problems) it has
     get_batch: Callable  # (split, ix) -> x, y on the device
+    batch_gen: torch.Generator  # draws the training batches' offsets
     draw_offsets: Callable  # () -> (gradient_accumulation_steps, batch_size) offsets
     fixed_ix: torch.Tensor | None  # --overfit_batch: the one batch, again and again
-    checkpoint: Callable  # (iter_num, best_val_loss, history) -> the dict to save
-    ckpt_path: Path
+    checkpoint: Callable  # (iter_num, best_val_loss, history, rng) -> the dict to save
+    settings: dict  # the run's settings as given, saved so a resume continues with them
+    ckpt_path: Path  # the latest training state: what --init_from=resume continues from
+    best_path: Path  # the weights with the best val loss: what sample.py loads
+    saved_iter: list  # the iteration ckpt_path holds, once this run has one
     log_path: Path
     log: Callable  # print on rank 0, nothing elsewhere
     rank: int
@@ -633,7 +735,8 @@ def data_loader(args, meta: dict, device) -> tuple[dict, dict, Callable]:
                                                           device)
 
 
-def setup(args, meta: dict, ckpt: dict | None, rank: int, world_size: int) -> Run:
+def setup(args, settings: dict, meta: dict, ckpt: dict | None, rank: int,
+          world_size: int) -> Run:
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     device = torch.device(args.device)
@@ -658,7 +761,8 @@ def setup(args, meta: dict, ckpt: dict | None, rank: int, world_size: int) -> Ru
         fixed_ix = torch.randint(n_windows["train"], (args.gradient_accumulation_steps,
                                                       args.batch_size), generator=batch_gen)
     iter_num, best_val_loss, history = 0, float("inf"), []
-    ckpt_path, log_path = Path(args.out_dir) / "ckpt.pt", Path(args.out_dir) / "log.csv"
+    out_dir = Path(args.out_dir)
+    ckpt_path, log_path = out_dir / "ckpt.pt", out_dir / "log.csv"
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):  # float16's loss scale (empty when the scaler is off)
@@ -669,9 +773,8 @@ def setup(args, meta: dict, ckpt: dict | None, rank: int, world_size: int) -> Ru
         log(f"resuming from {ckpt_path} at iteration {iter_num}")
     if rank > 0:
         torch.manual_seed(args.seed + rank)  # dropout masks differ between ranks
-    if master:  # a fresh run starts a fresh log; a resumed one forgets what came after its save
-        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-        if iter_num:
+    if master and not args.eval_only:  # a fresh run starts a fresh log; a resumed one
+        if iter_num:  # forgets what came after its checkpoint
             truncate_log(log_path, iter_num)
         else:
             log_path.unlink(missing_ok=True)
@@ -681,16 +784,16 @@ def setup(args, meta: dict, ckpt: dict | None, rank: int, world_size: int) -> Ru
         + (f"; {world_size} processes" if world_size > 1 else ""))
     raw_model = model  # checkpoints save this one: a compiled model prefixes keys "_orig_mod."
     if args.compile:
-        model = torch.compile(model)
+        model = CompiledOrEager(model, log)
     eval_model = model
     if world_size > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def checkpoint(iter_num, best_val_loss, history) -> dict:
+    def checkpoint(iter_num, best_val_loss, history, rng=None) -> dict:
         return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "model_args": model_args,
-                "config": vars(args), "iter_num": iter_num, "best_val_loss": best_val_loss,
-                "meta": meta, "rng": rng_state(batch_gen), "history": history}
+                "scaler": scaler.state_dict(), "model_args": model_args, "config": settings,
+                "iter_num": iter_num, "best_val_loss": best_val_loss, "meta": meta,
+                "rng": rng or rng_state(batch_gen), "history": history}
 
     # a fixed prompt for the samples printed at evaluations: the start of the val split
     # (for a task, its first problem, answered greedily)
@@ -698,15 +801,17 @@ def setup(args, meta: dict, ckpt: dict | None, rank: int, world_size: int) -> Ru
         "prompt_len", 16)).astype(np.int64))[None].to(device)
     tokens_per_iter = args.gradient_accumulation_steps * args.batch_size * args.block_size
     return Run(
-        model=model, raw_model=raw_model, eval_model=eval_model, optimizer=optimizer,
-        scaler=scaler, ctx=autocast_ctx(device, args.dtype), device=device, dtype=args.dtype,
-        meta=meta, task=meta.get("task"), splits=splits, n_windows=n_windows,
-        get_batch=get_split_batch, fixed_ix=fixed_ix,
+        model=model, raw_model=raw_model, eval_model=eval_model, model_args=model_args,
+        optimizer=optimizer, scaler=scaler, ctx=autocast_ctx(device, args.dtype), device=device,
+        dtype=args.dtype, meta=meta, task=meta.get("task"), splits=splits, n_windows=n_windows,
+        get_batch=get_split_batch, batch_gen=batch_gen, fixed_ix=fixed_ix,
         draw_offsets=lambda: torch.randint(n_windows["train"], (
             args.gradient_accumulation_steps, args.batch_size), generator=batch_gen),
-        checkpoint=checkpoint, ckpt_path=ckpt_path, log_path=log_path, log=log, rank=rank,
-        world_size=world_size, master=master, gas=args.gradient_accumulation_steps // world_size,
-        iter_num=iter_num, best_val_loss=best_val_loss, history=history, prompt=prompt,
+        checkpoint=checkpoint, settings=settings, ckpt_path=ckpt_path,
+        best_path=out_dir / "best.pt", saved_iter=[iter_num] if ckpt else [],
+        log_path=log_path, log=log, rank=rank, world_size=world_size, master=master,
+        gas=args.gradient_accumulation_steps // world_size, iter_num=iter_num,
+        best_val_loss=best_val_loss, history=history, prompt=prompt,
         decode=get_tokenizer(meta)[1],
         sample_args={"max_new_tokens": meta["answer_len"], "temperature": 0}
         if meta.get("task") else {},
@@ -717,40 +822,75 @@ def setup(args, meta: dict, ckpt: dict | None, rank: int, world_size: int) -> Ru
 
 
 def train(args) -> dict:
-    """Check the settings, set up (DDP, data, checkpoint, model), train, draw the curves."""
+    """Check the settings, set up (DDP, lock, checkpoint, data, model), train, draw the curves."""
     check_args(args)
     rank, local_rank, world_size = setup_ddp(args.device, args.backend)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    lock = None
     try:
-        meta = load_meta(Path(args.data_dir), args.dataset)
-        ckpt = None
-        if args.init_from == "resume":
-            ckpt_path = Path(args.out_dir) / "ckpt.pt"
-            ckpt = load_checkpoint(ckpt_path)
-            if not RESUME_KEYS <= ckpt.keys():
-                raise UserError(f"{ckpt_path} holds a model but not a training state to resume")
-            if ckpt["meta"] != meta:
-                raise UserError(f"{ckpt_path} was trained on other data than "
-                                f"data/{args.dataset}")
-        args = resolve_args(args, meta, ckpt, local_rank, world_size)
-        run = setup(args, meta, ckpt, rank, world_size)
+        if rank == 0 and not args.eval_only:  # one run per out_dir; an evaluation writes nothing
+            lock = OutDirLock(Path(args.out_dir)).acquire()
+        ckpt = load_resume_state(args) if args.init_from == "resume" else None
+        meta, settings = resolve_args(args, ckpt, local_rank, world_size, log)
+        if ckpt is not None and ckpt["iter_num"] >= args.max_iters and not args.eval_only:
+            log(f"{Path(args.out_dir) / 'ckpt.pt'} is at iteration {ckpt['iter_num']}, already "
+                f"at --max_iters {args.max_iters}: nothing to train (raise --max_iters)")
+            return {"iter_num": ckpt["iter_num"], "best_val_loss": ckpt["best_val_loss"],
+                    "history": ckpt.get("history", []), "final_losses": {}, "stopped": False}
+        if ckpt is None and not args.eval_only:
+            refuse_to_overwrite(args)
+        if args.warmup_iters > args.max_iters and args.decay_lr:
+            log(f"note: --warmup_iters {args.warmup_iters} is longer than the run "
+                f"({args.max_iters} iterations): the learning rate never reaches its peak")
+        run = setup(args, settings, meta, ckpt, rank, world_size)
         del ckpt  # free the loaded copy before training starts
         result = train_loop(args, run)
-        if run.master and run.log_path.exists():
+        if run.master and not args.eval_only and run.log_path.exists():
             try:
-                run.log(f"wrote {plot_losses(Path(args.out_dir))}")
+                log(f"wrote {plot_losses(Path(args.out_dir))}")
             except ImportError:
-                run.log("matplotlib is not installed: no loss.png (pip install matplotlib)")
-        run.log(f"done: {result['iter_num']} iterations in {result['elapsed']:.1f}s, best val "
-                f"loss {result['best_val_loss']:.4f}")
+                log("matplotlib is not installed: no loss.png (pip install matplotlib)")
+        log(f"done: {result['iter_num']} iterations in {result['elapsed']:.1f}s, best val loss "
+            f"{result['best_val_loss']:.4f}")
         return result
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        where = "GPU" if "CUDA" in str(e) or "MPS" in str(e) else "CPU"
+        raise Diverged(f"out of {where} memory: lower --batch_size (raise "
+                       "--gradient_accumulation_steps to keep the batch), --block_size, or the "
+                       "model (--n_layer, --n_embd); the checkpoints in --out_dir are "
+                       "untouched") from None
     finally:
+        if lock is not None:
+            lock.release()
         if torch.distributed.is_initialized():  # torchrun, even with a single process
             torch.distributed.destroy_process_group()
+
+
+def load_resume_state(args) -> dict:
+    """out_dir/ckpt.pt, checked to hold a whole training state."""
+    path = Path(args.out_dir) / "ckpt.pt"
+    ckpt = load_checkpoint(path)
+    if not RESUME_KEYS <= ckpt.keys():
+        raise UserError(f"{path} holds a model but not a training state to resume")
+    return ckpt
+
+
+def refuse_to_overwrite(args) -> None:
+    """A new run never replaces another run's checkpoint without being told to."""
+    ckpt_path = Path(args.out_dir) / "ckpt.pt"
+    if ckpt_path.exists() and not args.overwrite:
+        raise UserError(f"{ckpt_path} holds another run: continue it with `python train.py "
+                        f"--init_from=resume --out_dir={args.out_dir}`, start over with "
+                        "--overwrite, or pick another --out_dir")
+    if args.overwrite:  # the old run's best weights must not pass for this run's
+        (Path(args.out_dir) / "best.pt").unlink(missing_ok=True)
 
 
 def main(argv=None) -> dict | None:
     """Train, and return what happened (losses by step, best val loss, checkpoint path)."""
     args = parse_args(argv)
+    if hasattr(signal, "SIGXFSZ"):  # past a file-size limit, fail the write (EFBIG), not the
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # process: the message says what happened
     try:
         if args.plot:
             try:
