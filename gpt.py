@@ -30,6 +30,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+# the choices of GPTConfig's switches, the first of each being GPT-2's
+POS_EMBS, NORMS, MLPS = ("learned", "rope"), ("layernorm", "rmsnorm"), ("gelu", "relu2", "swiglu")
+
 
 @dataclass
 class GPTConfig:
@@ -40,6 +43,16 @@ class GPTConfig:
     n_embd: int = 384
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm layers, as in GPT-2
+    # Switches beyond GPT-2 (the defaults are GPT-2); each is written once, below:
+    pos_emb: str = "learned"  # "learned": GPT-2's table of positions; "rope": rotary, on q, k
+    norm: str = "layernorm"  # "layernorm", or "rmsnorm": no mean, no bias
+    mlp: str = "gelu"  # "gelu" (GPT-2), "relu2": relu(x)^2, or "swiglu": a gated SiLU
+    qk_norm: bool = False  # normalise each head's q and k before their dot product
+
+    def __post_init__(self):
+        for name, allowed in (("pos_emb", POS_EMBS), ("norm", NORMS), ("mlp", MLPS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
 
 
 # -----------------------------------------------------------------------------
@@ -61,6 +74,12 @@ class CausalSelfAttention(nn.Module):
         # written out below, which also keeps the weights in self.att (sample.py --attention).
         self.explicit = False
         self.att = None
+        self.qk_norm = config.qk_norm
+        self.rope = config.pos_emb == "rope"
+        if self.rope:  # cos, sin of every position's angles, (block_size, hs/2), in fp32
+            cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head)
+            self.register_buffer("cos", cos, persistent=False)
+            self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, x, cache=None):
         B, T, C = x.size()  # batch, time, n_embd
@@ -70,6 +89,12 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, nh, hs).transpose(1, 2)
         k = k.view(B, T, nh, hs).transpose(1, 2)
         v = v.view(B, T, nh, hs).transpose(1, 2)
+        if self.qk_norm:  # QK-norm (Henry et al. 2020; Dehghani et al. 2023): unit-RMS q, k,
+            q, k = F.rms_norm(q, (hs,)), F.rms_norm(k, (hs,))  # so no score can blow up
+        if self.rope:  # rotate q and k by their positions' angles (the first new one: start)
+            start = cache.pos if cache is not None else 0
+            q = apply_rope(q, self.cos[start:start + T], self.sin[start:start + T])
+            k = apply_rope(k, self.cos[start:start + T], self.sin[start:start + T])
         causal, mask = T > 1, None  # without a cache: query t sees keys 0..t
         if cache is not None:  # generating: add these keys and values to the ones kept so far
             k, v, mask = cache.update(self.layer_idx, k, v)  # (B, nh, S, hs), mask (T, S)
@@ -100,20 +125,72 @@ class CausalSelfAttention(nn.Module):
         return self.attn_dropout(att) @ v  # (B, nh, T, S) @ (B, nh, S, hs) -> (B, nh, T, hs)
 
 
+def rope_tables(block_size: int, hs: int, base: float = 10000.0):
+    """Rotary position embeddings (Su et al. 2021, RoFormer): the angles pos * theta_i for
+    every position and pair i of q's and k's channels, theta_i = base^(-2i/hs). Computed in
+    fp32 (in bf16 the angles of far positions lose their precision). cos, sin: (T, hs/2)."""
+    theta = base ** (-torch.arange(0, hs, 2, dtype=torch.float32) / hs)  # (hs/2,)
+    angles = torch.arange(block_size, dtype=torch.float32)[:, None] * theta  # (T, hs/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each pair of channels (x1, x2) of x (B, nh, T, hs) by its angle:
+        (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos).
+    A pair is channel i with channel i + hs/2 (the halves, as GPT-NeoX and Llama's Hugging Face
+    port pair them; the original pairs neighbours 2i, 2i+1: the same thing up to a fixed
+    permutation of channels). After rotation q_m . k_n depends on m - n only: attention sees
+    relative positions."""
+    x1, x2 = x.float().chunk(2, dim=-1)  # (B, nh, T, hs/2) each
+    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.type_as(x)
+
+
 # -----------------------------------------------------------------------------
 # MLP, Block and the GPT
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * g. LayerNorm without
+    subtracting the mean and without a bias: cheaper, and it trains as well."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))  # the gain g
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps) * self.weight
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
 
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        C, H = config.n_embd, 4 * config.n_embd  # H: the hidden width
+        self.kind = config.mlp
+        if self.kind == "swiglu":  # three matrices instead of two: H = 8C/3 keeps the
+            H = 8 * ((8 * C // 3 + 7) // 8)  # parameters near 2 * 4C * C (a multiple of 8)
+            self.c_gate = nn.Linear(C, H, bias=config.bias)
+        self.c_fc = nn.Linear(C, H, bias=config.bias)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(H, C, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, C)
+        h = self.c_fc(x)  # (B, T, H)
+        if self.kind == "gelu":
+            h = self.gelu(h)
+        elif self.kind == "relu2":  # ReLU^2 (So et al. 2021, Primer): relu(x)^2
+            h = F.relu(h).square()
+        else:  # SwiGLU (Shazeer 2020): (silu(x W1) * x W3) W2, W1 the gate, W3 c_fc, W2 c_proj
+            h = F.silu(self.c_gate(x)) * h
+        return self.dropout(self.c_proj(h))  # (B, T, C)
 
 
 class Block(nn.Module):
@@ -121,9 +198,9 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x, cache=None):
@@ -141,8 +218,10 @@ class GPT(nn.Module):
             "wpe": nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
             "drop": nn.Dropout(config.dropout),
             "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            "ln_f": nn.LayerNorm(config.n_embd, bias=config.bias),
+            "ln_f": make_norm(config),
         })
+        if config.pos_emb == "rope":  # positions enter inside attention instead
+            del self.transformer["wpe"]
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Weight tying: reading a token in and writing it out use one matrix (GPT-2 does this;
         # it saves vocab_size * n_embd parameters). The Linear's weight becomes wte's.
@@ -166,7 +245,7 @@ class GPT(nn.Module):
         """Parameter count. As GPT-2 papers report it, position embeddings are left out; the
         token embeddings stay in, since they are also the (tied) output layer."""
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and "wpe" in self.transformer:
             n -= self.transformer.wpe.weight.numel()
         return n
 
@@ -182,8 +261,10 @@ class GPT(nn.Module):
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens is longer than block_size "
                              f"{self.config.block_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if "wpe" in self.transformer:  # learned positions, added to the token embeddings
+            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+            x = x + self.transformer.wpe(pos)  # (B, T, C) + (T, C)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, cache)
@@ -482,6 +563,7 @@ def crop_block_size(model: GPT, block_size: int) -> None:
         raise ValueError(f"cannot grow the context from {model.config.block_size} to "
                          f"{block_size}")
     model.config.block_size = block_size
-    wpe = model.transformer.wpe
-    wpe.weight = nn.Parameter(wpe.weight[:block_size].detach().clone())
-    wpe.num_embeddings = block_size
+    if "wpe" in model.transformer:
+        wpe = model.transformer.wpe
+        wpe.weight = nn.Parameter(wpe.weight[:block_size].detach().clone())
+        wpe.num_embeddings = block_size

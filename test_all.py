@@ -269,6 +269,75 @@ def test_forward_rejects_too_long():
         m(torch.zeros(1, 17, dtype=torch.long))
 
 
+def test_rope_scores_depend_only_on_the_relative_offset():
+    """Rotary embeddings: shifting every position by s leaves each q_m . k_n unchanged, and
+    the rotation keeps each vector's length."""
+    hs, T = 8, 6
+    q, k = torch.randn(2, 1, 3, T, hs, generator=torch.Generator().manual_seed(0))
+    cos, sin = gpt.rope_tables(64, hs)
+    scores = lambda s: gpt.apply_rope(q, cos[s:s + T], sin[s:s + T]) @ gpt.apply_rope(
+        k, cos[s:s + T], sin[s:s + T]).mT
+    for shift in (1, 7, 50):
+        torch.testing.assert_close(scores(shift), scores(0), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(scores(0), q @ k.mT, atol=1e-3), "the rotation must do something"
+    torch.testing.assert_close(gpt.apply_rope(q, cos[:T], sin[:T]).norm(dim=-1), q.norm(dim=-1))
+
+
+def test_rmsnorm_matches_formula_and_torch():
+    norm = gpt.RMSNorm(16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(16))
+    x = torch.randn(3, 5, 16) * 4
+    by_hand = x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + 1e-5) * norm.weight
+    torch.testing.assert_close(norm(x), by_hand)
+    torch.testing.assert_close(norm(x), F.rms_norm(x, (16,), norm.weight, eps=1e-5))
+
+
+@pytest.mark.parametrize("kind", ["relu2", "swiglu"])
+def test_mlp_variants_match_their_formulas(kind):
+    mlp = gpt.MLP(GPTConfig(n_embd=48, mlp=kind, bias=False))
+    x = torch.randn(2, 5, 48)
+    if kind == "relu2":
+        expected = mlp.c_proj(torch.relu(mlp.c_fc(x)) ** 2)
+    else:  # (silu(x W1) * x W3) W2
+        expected = mlp.c_proj(F.silu(mlp.c_gate(x)) * mlp.c_fc(x))
+        n = sum(p.numel() for p in mlp.parameters())
+        assert abs(n / (8 * 48 * 48) - 1) < 0.05, "SwiGLU's width keeps the parameters at ~8C^2"
+    torch.testing.assert_close(mlp(x), expected)
+
+
+SWITCHES = list(itertools.product(gpt.POS_EMBS, gpt.NORMS, gpt.MLPS, [False, True]))
+
+
+@pytest.mark.parametrize("pos_emb,norm,mlp,qk_norm", SWITCHES)
+def test_every_combination_trains_and_samples(pos_emb, norm, mlp, qk_norm):
+    """Each combination of switches learns (AdamW, or Muon on every other one), samples with
+    the KV cache exactly as without it, past block_size too, and keeps no future leakage."""
+    m = tiny_model(pos_emb=pos_emb, norm=norm, mlp=mlp, qk_norm=qk_norm)
+    assert ("wpe" in m.transformer) == (pos_emb == "learned")
+    muon = SWITCHES.index((pos_emb, norm, mlp, qk_norm)) % 2 == 1
+    opt, _ = train.configure_optimizer(m, 0.0, 1e-2, (0.9, 0.99), 0.05 if muon else None)
+    for group in opt.param_groups:
+        group["lr"] = 1e-2 * group["lr_scale"]
+    x, y = torch.randint(0, 11, (2, 4, 16), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(20):
+        _, loss = m(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+    m.eval()
+    idx = torch.randint(0, 11, (2, 10), generator=torch.Generator().manual_seed(1))
+    a = m.generate(idx, 12, temperature=0, use_cache=True)  # 22 > 16: the window slides
+    assert torch.equal(a, m.generate(idx, 12, temperature=0, use_cache=False))
+    logits, _ = m(idx, idx)
+    changed = idx.clone()
+    changed[:, 5:] = (changed[:, 5:] + 1) % 11
+    torch.testing.assert_close(m(changed, idx)[0][:, :5], logits[:, :5])
+
+
 def test_flops_per_token_matches_counted_flops():
     from torch.utils.flop_counter import FlopCounterMode
     args = {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 32, "vocab_size": 65}
@@ -353,7 +422,8 @@ def test_adamw_keeps_fp32_state_for_low_precision_params():
 
 def test_weight_decay_groups():
     m = tiny_model()
-    opt, (n_decay, n_no_decay) = train.configure_optimizer(m, 0.1, 1e-3, (0.9, 0.99))
+    opt, counts = train.configure_optimizer(m, 0.1, 1e-3, (0.9, 0.99))
+    n_decay, n_no_decay = counts["decayed"], counts["not decayed"]
     decay, no_decay = opt.param_groups
     assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
     assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
@@ -392,6 +462,53 @@ def test_get_lr_corners():
     assert all(x >= y for x, y in itertools.pairwise(after)), "must not increase after warmup"
     # warmup as long as the decay: no division by zero
     assert train.get_lr(100, 1e-3, 100, 100, 1e-4) == pytest.approx(1e-4)
+
+
+def test_newton_schulz_makes_singular_values_about_one():
+    g = torch.Generator().manual_seed(0)
+    for shape in [(96, 32), (32, 96), (128, 48), (3, 32, 16)]:
+        G = torch.randn(*shape, generator=g) * 10
+        s = torch.linalg.svdvals(train.newton_schulz(G))
+        assert 0.65 < s.min() and s.max() < 1.2, (shape, s.min(), s.max())
+    for shape in [(64, 64), (3, 32, 32)]:  # a square one's smallest starts near 0: it may lag
+        s = torch.linalg.svdvals(train.newton_schulz(torch.randn(*shape, generator=g)))
+        assert s.max() < 1.2 and ((s > 0.65) & (s < 1.2)).float().mean() > 0.9, (shape, s)
+
+
+def test_muon_groups_and_update():
+    """Only the 2-D matrices inside the blocks go to Muon; its update on a matrix is the
+    Newton-Schulz of the Nesterov momentum, scaled by the learning rate and the shape."""
+    m = tiny_model()
+    opt, counts = train.configure_optimizer(m, 0.1, 1e-3, (0.9, 0.99), 0.02, 0.95)
+    names = {id(p): n for n, p in m.named_parameters()}
+    muon = [names[id(p)] for g in opt.param_groups if g.get("muon") for p in g["params"]]
+    assert counts["Muon"] == len(muon) == 8
+    assert all(n.startswith("transformer.h.") and n.endswith("weight") for n in muon)
+    assert "transformer.wte.weight" not in muon and "lm_head.weight" not in muon
+    fc = m.transformer.h[0].mlp.c_fc.weight  # (4C, C): scale sqrt(4) = 2
+    before, g = fc.detach().clone(), torch.randn_like(fc)
+    for p in m.parameters():
+        p.grad = torch.zeros_like(p)
+    fc.grad = g.clone()
+    for group in opt.param_groups:
+        group["lr"] = 1e-3 * group["lr_scale"]
+    opt.step()
+    expected = before - 0.02 * 2 * train.newton_schulz(g + 0.95 * g)
+    torch.testing.assert_close(fc.detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_muon_lowers_the_loss():
+    m = tiny_model(vocab_size=20, n_embd=32)
+    x, y = torch.randint(0, 20, (2, 4, 16), generator=torch.Generator().manual_seed(0))
+    opt, _ = train.configure_optimizer(m, 0.0, 3e-3, (0.9, 0.99), 0.02)
+    for group in opt.param_groups:
+        group["lr"] = 3e-3 * group["lr_scale"]
+    for _ in range(100):
+        _, loss = m(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2, f"Muon could not fit one batch: loss {loss.item():.3f}"
 
 
 def test_overfit_one_batch():
@@ -886,6 +1003,28 @@ def test_overfit_batch_resume_is_exact_and_data_may_move(data_dir, tmp_path):
                           "--max_iters=10"])
     np.testing.assert_allclose([v for _, v in resumed["history"]],
                                [v for _, v in full["history"]], rtol=0, atol=1e-6)
+
+
+@slow
+def test_switches_and_muon_resume_exactly_and_sample(data_dir, tmp_path, capsys):
+    flags = ["--pos_emb=rope", "--norm=rmsnorm", "--mlp=swiglu", "--qk_norm",
+             "--optimizer=muon", "--eval_interval=5", "--lr_decay_iters=10"]
+    full = train_tiny(data_dir, tmp_path / "full", "--max_iters=10", *flags)
+    train_tiny(data_dir, tmp_path / "half", "--max_iters=5", *flags)
+    resumed = train.main(["--init_from=resume", f"--out_dir={tmp_path / 'half'}",
+                          "--max_iters=10"])
+    np.testing.assert_allclose([v for _, v in resumed["history"]],
+                               [v for _, v in full["history"]], rtol=0, atol=1e-6)
+    ckpt = torch.load(tmp_path / "half" / "ckpt.pt", weights_only=True)
+    assert ckpt["model_args"]["pos_emb"] == "rope" and ckpt["model_args"]["mlp"] == "swiglu"
+    assert any("momentum_buffer" in s for s in ckpt["optimizer"]["state"].values())
+    assert "Muon" in capsys.readouterr().out
+    [text] = sample.main([f"--out_dir={tmp_path / 'half'}", "--start=All:", "--num_samples=1",
+                          "--max_new_tokens=40"])
+    assert text.startswith("All:") and len(text) == 44
+    err = run_main(capsys, train.main, ["--init_from=resume", f"--out_dir={tmp_path / 'half'}",
+                                        "--mlp=gelu", "--max_iters=12"])
+    assert "--mlp gelu" in err
 
 
 @slow

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gpt import GPT, GPT2_NAMES, GPTConfig, crop_block_size
+from gpt import GPT, GPT2_NAMES, MLPS, NORMS, POS_EMBS, GPTConfig, crop_block_size
 from plumbing import (
     RESUME_KEYS,
     CompiledOrEager,
@@ -129,6 +129,12 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--n_embd", type=int, default=384, help="width of the residual stream")
     g.add_argument("--dropout", type=float, default=0.2, help="dropout rate (0 to turn off)")
     flag("--bias", False, "biases in Linear and LayerNorm layers (GPT-2 has them)")
+    g.add_argument("--pos_emb", choices=POS_EMBS, default="learned",
+                   help="positions: GPT-2's learned table, or rotary embeddings (rope)")
+    g.add_argument("--norm", choices=NORMS, default="layernorm", help="LayerNorm or RMSNorm")
+    g.add_argument("--mlp", choices=MLPS, default="gelu",
+                   help="the MLP's nonlinearity: GELU (GPT-2), ReLU^2 or SwiGLU")
+    flag("--qk_norm", False, "normalise each head's queries and keys before attention")
     g = p.add_argument_group("optimizer (AdamW) and schedule")
     g.add_argument("--learning_rate", type=float, default=1e-3, help="peak learning rate")
     g.add_argument("--max_iters", type=int, default=5000, help="optimizer steps in all")
@@ -136,6 +142,10 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--beta1", type=float, default=0.9, help="momentum of the gradient mean")
     g.add_argument("--beta2", type=float, default=0.99, help="momentum of the squared gradient")
     g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global norm; 0 = off")
+    g.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
+                   help="muon: Muon for the matrices inside the blocks, AdamW for the rest")
+    g.add_argument("--muon_lr", type=float, default=0.02, help="Muon's peak learning rate")
+    g.add_argument("--muon_momentum", type=float, default=0.95, help="Muon's momentum")
     flag("--decay_lr", True, "warm up then decay the learning rate (else keep it flat)")
     g.add_argument("--warmup_iters", type=int, default=100, help="linear warmup steps")
     g.add_argument("--lr_decay_iters", type=int, default=None,
@@ -175,23 +185,26 @@ def parse_args(argv=None) -> argparse.Namespace:
 def check_args(a) -> None:
     """Refuse settings that cannot work, with a message that says what to change."""
     for name in ("learning_rate", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip",
-                 "dropout"):
+                 "dropout", "muon_lr", "muon_momentum"):
         if not math.isfinite(getattr(a, name)):
             raise UserError(f"--{name} must be a finite number, not {getattr(a, name)}")
-    if not (0 <= a.beta1 < 1 and 0 <= a.beta2 < 1):
-        raise UserError(f"--beta1 and --beta2 must be in [0, 1), got {a.beta1} and {a.beta2}")
+    if not (0 <= a.beta1 < 1 and 0 <= a.beta2 < 1 and 0 <= a.muon_momentum < 1):
+        raise UserError(f"--beta1, --beta2 and --muon_momentum must be in [0, 1), got "
+                        f"{a.beta1}, {a.beta2} and {a.muon_momentum}")
+    if a.muon_lr <= 0:
+        raise UserError(f"--muon_lr must be positive, got {a.muon_lr}")
     if not 0 <= a.seed < 2 ** 32:
         raise UserError(f"--seed must be from 0 to 2**32 - 1, got {a.seed}")
     if a.weight_decay < 0:
         raise UserError(f"--weight_decay cannot be negative, got {a.weight_decay}")
-    if a.n_embd % a.n_head != 0:
-        raise UserError(f"n_embd ({a.n_embd}) must be divisible by n_head ({a.n_head})")
-    if a.learning_rate <= 0 or a.min_lr < 0 or (a.decay_lr and a.min_lr > a.learning_rate):
-        raise UserError("need learning_rate > 0 and 0 <= min_lr <= learning_rate")
     for name in ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "eval_iters",
                  "eval_interval", "log_interval", "gradient_accumulation_steps"):
         if getattr(a, name) <= 0:
             raise UserError(f"--{name} must be positive")
+    if a.n_embd % a.n_head != 0:
+        raise UserError(f"n_embd ({a.n_embd}) must be divisible by n_head ({a.n_head})")
+    if a.learning_rate <= 0 or a.min_lr < 0 or (a.decay_lr and a.min_lr > a.learning_rate):
+        raise UserError("need learning_rate > 0 and 0 <= min_lr <= learning_rate")
     if a.max_iters < 0 or a.warmup_iters < 0 or a.grad_clip < 0 or (a.sample_every or 0) < 0:
         raise UserError("max_iters, warmup_iters, grad_clip and sample_every cannot be negative")
     if not 0 <= a.dropout < 1:
@@ -207,7 +220,7 @@ def check_args(a) -> None:
 # A resumed run takes the settings it was started with, except these (about this invocation),
 # and refuses a different shape: its weights have the checkpoint's.
 NOT_INHERITED = {"config", "preset", "init_from", "out_dir", "eval_only", "plot", "overwrite"}
-SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias")
+SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias", "pos_emb", "norm", "mlp", "qk_norm")
 
 
 def resolve_args(a, ckpt: dict | None, local_rank: int, world_size: int, log=print):
@@ -231,7 +244,7 @@ def resolve_args(a, ckpt: dict | None, local_rank: int, world_size: int, log=pri
         a.block_size = meta["example_len"] - 1  # a whole problem, less its last token
     if ckpt is not None:  # the architecture is the checkpoint's
         for k in SHAPE:
-            setattr(a, k, ckpt["model_args"][k])
+            setattr(a, k, ckpt["model_args"].get(k, getattr(GPTConfig, k)))
     if world_size > 1:  # torchrun: one process per GPU, or gloo processes on the CPU
         a.device = f"cuda:{local_rank}" if a.device != "cpu" and torch.cuda.is_available() \
             else "cpu"
@@ -406,44 +419,125 @@ class AdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            lr, (beta1, beta2), eps, wd = (group["lr"], group["betas"], group["eps"],
-                                           group["weight_decay"])
-            for p in params:  # state is created lazily, in fp32 whatever the param dtype
-                if not self.state[p]:
-                    self.state[p] = {"step": torch.tensor(0.0),
-                                     "exp_avg": torch.zeros_like(p, dtype=torch.float32),
-                                     "exp_avg_sq": torch.zeros_like(p, dtype=torch.float32)}
-            states = [self.state[p] for p in params]
-            grads = [p.grad.float() for p in params]
-            m = [s["exp_avg"] for s in states]
-            v = [s["exp_avg_sq"] for s in states]
-            for s in states:  # each parameter counts its own steps, as torch's does
-                s["step"] += 1
-            steps = [s["step"].item() for s in states]
-            if wd != 0:
-                torch._foreach_mul_(params, 1 - lr * wd)
-            torch._foreach_lerp_(m, grads, 1 - beta1)  # m + (1-beta1)(g - m)
-            torch._foreach_mul_(v, beta2)
-            torch._foreach_addcmul_(v, grads, grads, 1 - beta2)
-            # p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps), with bc = 1 - beta^t per parameter
-            denom = torch._foreach_sqrt(v)
-            torch._foreach_div_(denom, [math.sqrt(1 - beta2 ** t) for t in steps])
-            torch._foreach_add_(denom, eps)
-            torch._foreach_addcdiv_(params, m, denom, [-lr / (1 - beta1 ** t) for t in steps])
+            self.adamw_step(group)
         return loss
 
+    def adamw_step(self, group):
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        lr, (beta1, beta2), eps, wd = (group["lr"], group["betas"], group["eps"],
+                                       group["weight_decay"])
+        for p in params:  # state is created lazily, in fp32 whatever the param dtype
+            if not self.state[p]:
+                self.state[p] = {"step": torch.tensor(0.0),
+                                 "exp_avg": torch.zeros_like(p, dtype=torch.float32),
+                                 "exp_avg_sq": torch.zeros_like(p, dtype=torch.float32)}
+        states = [self.state[p] for p in params]
+        grads = [p.grad.float() for p in params]
+        m = [s["exp_avg"] for s in states]
+        v = [s["exp_avg_sq"] for s in states]
+        for s in states:  # each parameter counts its own steps, as torch's does
+            s["step"] += 1
+        steps = [s["step"].item() for s in states]
+        if wd != 0:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        torch._foreach_lerp_(m, grads, 1 - beta1)  # m + (1-beta1)(g - m)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, grads, grads, 1 - beta2)
+        # p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps), with bc = 1 - beta^t per parameter
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, [math.sqrt(1 - beta2 ** t) for t in steps])
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(params, m, denom, [-lr / (1 - beta1 ** t) for t in steps])
 
-def configure_optimizer(model, weight_decay, learning_rate, betas):
-    """Decay matrices and embeddings (2-D and up); not biases or LayerNorm gains (1-D)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return AdamW(groups, lr=learning_rate, betas=betas), (len(decay), len(no_decay))
+
+class Muon(AdamW):
+    """Muon (Jordan et al. 2024: MomentUm Orthogonalized by Newton-Schulz) for the groups
+    marked "muon", the weight matrices inside the blocks; AdamW for the other groups.
+
+    For a weight matrix W (rows x cols) with gradient G, at each step:
+        B <- mu * B + G                       momentum
+        U = G + mu * B                        Nesterov: the gradient one step ahead
+        O = newton_schulz(U)                  U's singular values all set to about 1
+        W <- W - lr * sqrt(max(1, rows / cols)) * O
+    Every direction of the update moves by the same amount, whatever its gradient's size:
+    rare directions learn as fast as common ones. The fused attention matrix c_attn holds
+    three maps (q, k, v) with separate jobs: each third is orthogonalised on its own.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group.get("muon"):
+                self.muon_step(group)
+            else:
+                self.adamw_step(group)
+        return loss
+
+    def muon_step(self, group):
+        lr, mu = group["lr"], group["momentum"]
+        for p, pieces in zip(group["params"], group["pieces"], strict=True):
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+            buf = state["momentum_buffer"]
+            g = p.grad.float()
+            buf.mul_(mu).add_(g)
+            u = g.add(buf, alpha=mu).view(pieces, -1, p.size(1))  # (pieces, rows, cols)
+            rows, cols = u.shape[1:]
+            o = newton_schulz(u).view_as(p)
+            p.add_(o.to(p.dtype), alpha=-lr * max(1.0, rows / cols) ** 0.5)
+
+
+def newton_schulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """About U V^T for G = U S V^T (..., rows, cols): the nearest matrix with every singular
+    value 1. Scaled so no singular value exceeds 1, X takes `steps` of the quintic iteration
+        A = X X^T,  X <- a X + (b A + c A^2) X,  (a, b, c) = (3.4445, -4.7750, 2.0315)
+    which maps each singular value s to a s + b s^3 + c s^5, pulling it into a band around 1
+    in a few matmuls (the coefficients trade exactness for speed: s ends in about [0.7, 1.2];
+    one that starts far below the rest, as a square matrix's smallest can, may lag behind).
+    bf16 on a GPU (fast there), fp32 on a CPU (bf16 matmuls are slow on most CPUs)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.bfloat16() if G.is_cuda else G.float()
+    tall = X.size(-2) > X.size(-1)
+    if tall:  # work on the wide side: A is then the smaller of X X^T and X^T X
+        X = X.mT
+    X = X / (torch.linalg.matrix_norm(X, keepdim=True) + 1e-7)  # Frobenius >= spectral norm
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return (X.mT if tall else X).to(G.dtype)
+
+
+def configure_optimizer(model, weight_decay, learning_rate, betas, muon_lr=None,
+                        muon_momentum=0.95):
+    """AdamW decays matrices and embeddings (2-D and up), not biases or gains (1-D). With
+    muon_lr, the 2-D weight matrices inside the blocks go to Muon instead; the embeddings,
+    the (tied) output layer, gains and biases stay with AdamW. Returns the optimizer and how
+    many tensors each group holds."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    to_muon = [(n, p) for n, p in named
+               if muon_lr is not None and p.dim() == 2 and n.startswith("transformer.h.")]
+    rest = [p for n, p in named if all(p is not q for _, q in to_muon)]
+    decay = [p for p in rest if p.dim() >= 2]
+    no_decay = [p for p in rest if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
+              {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
+    counts = {"decayed": len(decay), "not decayed": len(no_decay)}
+    if muon_lr is None:
+        return AdamW(groups, lr=learning_rate, betas=betas), counts
+    groups.append({"params": [p for _, p in to_muon], "muon": True, "momentum": muon_momentum,
+                   "lr_scale": muon_lr / learning_rate, "weight_decay": 0.0,
+                   "pieces": [3 if n.endswith("attn.c_attn.weight") else 1 for n, _ in to_muon]})
+    counts["Muon"] = len(to_muon)
+    return Muon(groups, lr=learning_rate, betas=betas), counts
 
 
 # -----------------------------------------------------------------------------
@@ -511,8 +605,8 @@ def train_loop(args, run: "Run") -> dict:
                 lr = (get_lr(iter_num, args.learning_rate, args.warmup_iters,
                              args.lr_decay_iters, args.min_lr) if args.decay_lr
                       else args.learning_rate)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                for group in optimizer.param_groups:  # Muon's groups scale it to muon_lr
+                    group["lr"] = lr * group["lr_scale"]
 
                 # 2) evaluate now and then, and at the very end; save the latest state
                 last = iter_num >= args.max_iters
@@ -693,13 +787,16 @@ class Run:
 
 def build_model(args, meta: dict, ckpt: dict | None) -> tuple[GPT, dict]:
     """From scratch, from our checkpoint (resume) or from OpenAI's GPT-2: (model, model_args)."""
-    model_args = {"n_layer": args.n_layer, "n_head": args.n_head, "n_embd": args.n_embd,
-                  "block_size": args.block_size, "bias": args.bias,
-                  "vocab_size": meta["vocab_size"], "dropout": args.dropout}
+    model_args = {k: getattr(args, k) for k in SHAPE}
+    model_args.update(vocab_size=meta["vocab_size"], dropout=args.dropout)
     if ckpt is not None:
         return model_from_checkpoint(ckpt, Path(args.out_dir) / "ckpt.pt", dropout=args.dropout)
     if args.init_from == "scratch":
         return GPT(GPTConfig(**model_args)), model_args
+    switched = [k for k in SHAPE[5:] if getattr(args, k) != getattr(GPTConfig, k)]
+    if switched:
+        raise UserError(f"--init_from {args.init_from} loads GPT-2's architecture: drop "
+                        + ", ".join(f"--{k}" for k in switched))
     if meta["tokenizer"] != "gpt2":  # OpenAI's GPT-2 weights, to fine-tune
         raise UserError(f"--init_from {args.init_from} needs GPT-2 BPE data, and "
                         f"data/{args.dataset} is {meta['tokenizer']}: try --dataset "
@@ -749,8 +846,9 @@ def setup(args, settings: dict, meta: dict, ckpt: dict | None, rank: int,
         torch.backends.cudnn.allow_tf32 = True
     model, model_args = build_model(args, meta, ckpt)
     model = model.to(device)
-    optimizer, (n_decay, n_no_decay) = configure_optimizer(
-        model, args.weight_decay, args.learning_rate, (args.beta1, args.beta2))
+    optimizer, counts = configure_optimizer(
+        model, args.weight_decay, args.learning_rate, (args.beta1, args.beta2),
+        args.muon_lr if args.optimizer == "muon" else None, args.muon_momentum)
     scaler = torch.amp.GradScaler("cuda", enabled=(args.dtype == "float16"))
     splits, n_windows, get_split_batch = data_loader(args, meta, device)
     # Which windows each step trains on. Every rank draws the same offsets for the whole
@@ -780,7 +878,7 @@ def setup(args, settings: dict, meta: dict, ckpt: dict | None, rank: int,
             log_path.unlink(missing_ok=True)
     n_params = model.num_params()
     log(f"model: {n_params / 1e6:.2f}M parameters; device {device}, {args.dtype}; optimizer "
-        f"groups: {n_decay} decayed tensors, {n_no_decay} not"
+        "groups: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + " tensors"
         + (f"; {world_size} processes" if world_size > 1 else ""))
     raw_model = model  # checkpoints save this one: a compiled model prefixes keys "_orig_mod."
     if args.compile:
