@@ -12,7 +12,9 @@ measured side by side in the same run, because shared machines are noisy:
 - adamw: our AdamW's step against torch.optim.AdamW (foreach on CPU, fused on CUDA) on the
   10.7M-parameter baby model, and whether they agree;
 - generate: 500 new tokens from a 256-token context, with and without the KV cache;
-- get_batch: microseconds per batch read from the memory-mapped data.
+- get_batch: microseconds per batch read from the memory-mapped data;
+- cpu_bf16 (on a CPU): a training step in fp32 against bf16 autocast, for the --preset=cpu
+  model and the baby GPT: the measurement train.py's --dtype=auto makes for its own model.
 A human summary goes to stderr, the JSON to stdout: `python bench.py > bench.json`.
 """
 
@@ -40,6 +42,10 @@ CONFIGS = {  # model shape and batch; the same names as train.py's flags
              "vocab_size": 50304},  # 50257 padded to a multiple of 64, as nanoGPT does
     "tiny": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "batch_size": 4,
              "vocab_size": 65},  # for the test suite: checks the code runs, measures nothing
+    "preset": {"n_layer": 2, "n_head": 4, "n_embd": 128, "block_size": 64, "batch_size": 24,
+               "vocab_size": 65},  # train.py --preset=cpu
+    "baby_cpu": {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256, "batch_size": 16,
+                 "vocab_size": 65},  # the baby GPT with a batch a CPU can take
 }
 
 
@@ -135,6 +141,22 @@ def bench_generate(cfg, device, repeats, sync, new_tokens=500, context=256) -> d
     return out
 
 
+def bench_cpu_bf16(configs: list[str], repeats: int, steps: int) -> dict:
+    """fp32 over bf16-autocast time of a whole training step on the CPU, per config: above 1,
+    bf16 is faster here. Interleaved, so a noisy neighbour slows both alike."""
+    out, cpu, nosync = {}, torch.device("cpu"), (lambda: None)
+    for name in configs:
+        cfg = CONFIGS[name]
+        t = {"float32": [], "bfloat16": []}
+        for _ in range(repeats):
+            for dtype, times in t.items():
+                times.append(bench_train(cfg, cpu, dtype, False, steps, 1, nosync,
+                                         1.0)["ms_per_iter"])
+        fp32, bf16 = statistics.median(t["float32"]), statistics.median(t["bfloat16"])
+        out[name] = {"fp32_ms": fp32, "bf16_ms": bf16, "speedup": round(fp32 / bf16, 2)}
+    return out
+
+
 def bench_get_batch(cfg, device, repeats) -> dict:
     path = train.ROOT / "data" / "shakespeare_char" / "train.bin"
     with tempfile.TemporaryDirectory() as tmp:
@@ -192,6 +214,9 @@ def main(argv=None) -> dict:
         result["generate"] = bench_generate(cfg, device, min(args.repeats, 3), sync, **lengths)
     if "get_batch" not in skip:
         result["get_batch"] = bench_get_batch(cfg, device, args.repeats)
+    if "cpu_bf16" not in skip and device.type == "cpu":
+        configs = ["tiny"] if small else ["preset", "baby_cpu"]
+        result["cpu_bf16"] = bench_cpu_bf16(configs, 1 if small else 3, 1 if small else 3)
 
     r = result
     summary = [f"{r['device']}, config {r['config']}, peak {r['peak_tflops']} TFLOP/s"]
@@ -210,6 +235,9 @@ def main(argv=None) -> dict:
                        f"{g['speedup']}x")
     if "get_batch" in r:
         summary.append(f"get_batch: {r['get_batch']['us_per_batch']} us")
+    for name, b in r.get("cpu_bf16", {}).items():
+        summary.append(f"cpu bf16, config {name}: {b['fp32_ms']} ms/iter fp32, {b['bf16_ms']} "
+                       f"bf16: {b['speedup']}x")
     print("\n".join(summary), file=sys.stderr)
     print(json.dumps(result))
     return result

@@ -69,16 +69,60 @@ def pick_device(name: str) -> torch.device:
     return dev
 
 
-def pick_dtype(name: str, device: torch.device) -> str:
-    """'auto' is bfloat16 on a GPU that runs it natively (Ampere and later), else float32.
-    V100 and T4 report bf16 support through emulation, which is slower than float32."""
+def pick_dtype(name: str, device: torch.device, cpu_speedup=None) -> str:
+    """'auto' is bfloat16 on a GPU that runs it natively (Ampere and later: V100 and T4 report
+    bf16 support through emulation, which is slower than float32). On a CPU it is bfloat16
+    only where cpu_speedup(), a measurement of this model's training step, finds it at least
+    1.2x faster than float32 (CPUs with AMX or AVX512-BF16 often do, for large enough
+    matrices); else float32. An explicit bfloat16 runs on any CPU, through CPU autocast."""
     if name == "auto":
-        bf16 = (device.type == "cuda"
-                and torch.cuda.is_bf16_supported(including_emulation=False))
+        if device.type == "cuda":
+            bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        else:
+            bf16 = device.type == "cpu" and cpu_speedup is not None and cpu_speedup() >= 1.2
         return "bfloat16" if bf16 else "float32"
-    if name != "float32" and device.type != "cuda":
-        raise UserError(f"--dtype {name} needs a CUDA device; use float32 on {device.type}")
+    if name == "float16" and device.type != "cuda":
+        raise UserError(f"--dtype float16 needs a CUDA device; on {device.type} use bfloat16 "
+                        "or float32")
+    if name == "bfloat16" and device.type == "mps":
+        raise UserError("--dtype bfloat16 is not supported on MPS here; use float32")
     return name
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU does bf16 matrix math in hardware (AMX or AVX512-BF16): elsewhere
+    bf16 is emulated, and slower than float32."""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # torch.cpu's own
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def bf16_speedup(model_args: dict, batch_size: int, log=print, rounds: int = 3) -> float:
+    """How many times faster a training step (forward and backward) of this model runs on the
+    CPU under bf16 autocast than in float32: the best of a few steps each, alternating, on
+    random tokens, measured now, without touching the run's random streams. Small models
+    (n_embd < 256) are not measured: their steps are bound by overheads, and bf16 does not pay
+    there. Neither is a CPU without native bf16."""
+    if model_args["n_embd"] < 256 or not cpu_has_native_bf16():
+        return 1.0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**model_args))
+        x = torch.randint(model_args["vocab_size"], (min(batch_size, 8),
+                                                     model_args["block_size"]))
+        best = {"float32": float("inf"), "bfloat16": float("inf")}
+        for i in range(rounds + 1):  # the first round warms up
+            for dtype in ("float32", "bfloat16"):
+                t0 = time.perf_counter()
+                with autocast_ctx(torch.device("cpu"), dtype):
+                    _, loss = model(x, x)
+                loss.backward()
+                if i > 0:
+                    best[dtype] = min(best[dtype], time.perf_counter() - t0)
+    speedup = best["float32"] / best["bfloat16"]
+    log(f"--dtype auto: a bf16 training step of this model runs {speedup:.2f}x as fast as "
+        f"fp32 on this CPU, so {'bfloat16' if speedup >= 1.2 else 'float32'} (1.2x or more "
+        "picks bfloat16)")
+    return speedup
 
 
 def autocast_ctx(device: torch.device, dtype: str):

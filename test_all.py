@@ -590,9 +590,27 @@ def test_resolve_args_derives_settings_in_one_place(data_dir, tmp_path):
 
 
 def test_dtype_defaults_and_refusals():
-    assert plumbing.pick_dtype("auto", torch.device("cpu")) == "float32"
+    cpu = torch.device("cpu")
+    assert plumbing.pick_dtype("auto", cpu) == "float32"
+    assert plumbing.pick_dtype("auto", cpu, lambda: 2.3) == "bfloat16"  # measured faster
+    assert plumbing.pick_dtype("auto", cpu, lambda: 1.05) == "float32"
+    assert plumbing.pick_dtype("bfloat16", cpu) == "bfloat16"  # CPU autocast
     with pytest.raises(plumbing.UserError, match="needs a CUDA device"):
-        plumbing.pick_dtype("float16", torch.device("cpu"))
+        plumbing.pick_dtype("float16", cpu)
+    small = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 8, "vocab_size": 11}
+    assert plumbing.bf16_speedup(small, 4) == 1.0, "small models are not worth measuring"
+
+
+@slow
+def test_bf16_on_the_cpu_trains_like_fp32(data_dir, tmp_path):
+    a = train_tiny(data_dir, tmp_path / "a", "--max_iters=30", "--dtype=bfloat16",
+                   "--learning_rate=3e-3")
+    b = train_tiny(data_dir, tmp_path / "b", "--max_iters=30", "--dtype=float32",
+                   "--learning_rate=3e-3")
+    assert torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["config"]["dtype"] == \
+        "bfloat16"
+    assert abs(a["final_losses"]["val"] - b["final_losses"]["val"]) < 0.05, (a, b)
+    assert a["final_losses"]["val"] < 2.6
 
 
 @slow

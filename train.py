@@ -40,6 +40,7 @@ from plumbing import (
     all_ranks_any,
     append_log,
     autocast_ctx,
+    bf16_speedup,
     device_peak_flops,
     first_line,
     flops_per_token,
@@ -252,7 +253,10 @@ def resolve_args(a, ckpt: dict | None, local_rank: int, world_size: int, log=pri
             raise UserError(f"--gradient_accumulation_steps ({a.gradient_accumulation_steps}) "
                             f"must be a multiple of the number of processes ({world_size})")
     device = pick_device(a.device)
-    a.device, a.dtype = str(device), pick_dtype(a.dtype, device)
+    shape = {k: getattr(a, k) for k in SHAPE} | {"vocab_size": meta["vocab_size"]}
+    cpu_speedup = ((lambda: bf16_speedup(shape, a.batch_size, log)) if world_size == 1
+                   and a.init_from in ("scratch", "resume") else None)  # (ranks must agree)
+    a.device, a.dtype = str(device), pick_dtype(a.dtype, device, cpu_speedup)
     if a.compile is None:
         a.compile = device.type == "cuda"
     return meta, settings
