@@ -843,7 +843,7 @@ def prepare(source: Source, tokenizer: str, out_dir: Path, val_fraction: float =
     def joined():
         return join_documents(source.items(), sep)
 
-    meta = {"tokenizer": tokenizer, "source": source.describe}
+    meta = {"tokenizer": tokenizer, "source": source.describe, "sha256": ""}  # filled below
     vocab, n_chars = None, 0
     if tokenizer == "char" or source.one_text:
         what = "reading (1 of 2)" if tokenizer == "char" else "counting"
@@ -1023,7 +1023,8 @@ def main(argv=None, chunk_chars: int = CHUNK_CHARS) -> dict:
         print(f"prepare.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     held_out = (f"the last {meta['val_documents']:,} of {meta['documents']:,} documents, "
-                f"from {meta['val_from']}" if meta["split"] == "documents" else "the end")
+                f"from {meta['val_from']}" if meta["split"] == "documents"
+                else "the end of the text")
     print(f"wrote {out_dir}: {meta['tokenizer']} tokens, vocab_size {meta['vocab_size']:,}, "
           f"train {meta['train_tokens']:,}, val {meta['val_tokens']:,} ({held_out})")
     return meta

@@ -574,7 +574,7 @@ def test_preset_sets_defaults_and_flags_still_win():
 def test_resolve_args_derives_settings_in_one_place(data_dir, tmp_path):
     args = train.parse_args(["--overfit_batch", "--dropout=0.2", "--max_iters=50",
                              "--eval_interval=7", "--device=cpu", f"--data_dir={data_dir}",
-                             "--dataset=tiny"])
+                             "--dataset=tiny", "--n_embd=64", "--n_head=4"])
     train.check_args(args)
     meta, settings = train.resolve_args(args, None, 0, 1)
     assert args.dropout == 0.0, "one batch, memorised: no dropout"
@@ -584,7 +584,8 @@ def test_resolve_args_derives_settings_in_one_place(data_dir, tmp_path):
     assert meta["vocab_size"] == 30
     prepare.main(["--dataset", "reverse", "--digits=3", "--num_train=50", "--num_val=5",
                   "--data_dir", str(tmp_path / "tasks")])
-    args = train.parse_args(["--dataset=reverse", f"--data_dir={tmp_path / 'tasks'}"])
+    args = train.parse_args(["--dataset=reverse", f"--data_dir={tmp_path / 'tasks'}",
+                             "--dtype=float32"])
     train.resolve_args(args, None, 0, 1)
     assert args.block_size == 6, "a task's block_size is its problem's length less one"
 
