@@ -569,6 +569,18 @@ def test_preset_sets_defaults_and_flags_still_win():
     assert (args.out_dir, args.block_size, args.n_layer) == ("out-shakespeare-char", 64, 6)
     with pytest.raises(SystemExit):
         train.parse_args(["config/train_gpt2_on_my_cluster.py"])
+    # nanoGPT's GPT-2 configs: the 124M reproduction and the evaluations of OpenAI's weights
+    a = train.parse_args(["config/train_gpt2.py"])
+    assert (a.n_layer, a.n_head, a.n_embd, a.block_size, a.batch_size) == (12, 12, 768, 1024, 12)
+    assert (a.gradient_accumulation_steps, a.max_iters, a.lr_decay_iters) == (40, 600000, 600000)
+    assert (a.learning_rate, a.min_lr, a.warmup_iters) == (6e-4, 6e-5, 2000)
+    assert (a.weight_decay, a.beta2, a.dropout, a.bias) == (0.1, 0.95, 0.0, False)
+    assert a.dataset == "openwebtext"
+    for size in ("", "_medium", "_large", "_xl"):
+        a = train.parse_args([f"config/eval_gpt2{size}.py"])
+        assert a.init_from == "gpt2" + size.replace("_", "-") and a.eval_only
+        assert (a.batch_size, a.eval_iters, a.block_size, a.dataset) == (8, 500, 1024,
+                                                                         "openwebtext")
 
 
 def test_resolve_args_derives_settings_in_one_place(data_dir, tmp_path):

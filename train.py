@@ -81,6 +81,18 @@ PRESETS = {
                              "batch_size": 1, "gradient_accumulation_steps": 32,
                              "max_iters": 20, "learning_rate": 3e-5, "decay_lr": False,
                              "dropout": 0.0, "bias": True},
+    # GPT-2 (124M) on OpenWebText: ~0.5M tokens per step (12 x 1024 x 40), 600k steps
+    "train_gpt2": {"dataset": "openwebtext", "n_layer": 12, "n_head": 12, "n_embd": 768,
+                   "block_size": 1024, "batch_size": 12, "gradient_accumulation_steps": 40,
+                   "max_iters": 600000, "lr_decay_iters": 600000, "learning_rate": 6e-4,
+                   "min_lr": 6e-5, "warmup_iters": 2000, "weight_decay": 0.1, "beta2": 0.95,
+                   "dropout": 0.0, "bias": False, "eval_interval": 1000, "eval_iters": 200,
+                   "log_interval": 10},
+    # OpenAI's weights scored on OpenWebText's val split, nothing written
+    **{f"eval_{name.replace('-', '_')}": {
+        "init_from": name, "eval_only": True, "dataset": "openwebtext", "block_size": 1024,
+        "batch_size": 8, "eval_iters": 500, "dropout": 0.0, "sample_every": 0}
+       for name in GPT2_NAMES},
 }
 
 
