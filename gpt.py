@@ -19,12 +19,9 @@ with a KV cache).
 """
 
 import math
-import os
-import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -505,7 +502,8 @@ def from_pretrained(name_or_dir: str, dropout: float = 0.0) -> GPT:
     if name_or_dir not in GPT2_NAMES and not Path(name_or_dir).is_dir():
         raise ValueError(f"{name_or_dir!r} is neither a folder nor one of {GPT2_NAMES}")
     # offline, the hub client retries for half a minute: look in the local cache alone
-    offline = not Path(name_or_dir).is_dir() and not hub_reachable()
+    from prepare import hub_unreachable  # prepare.py does every download; so it knows
+    offline = not Path(name_or_dir).is_dir() and hub_unreachable()
     try:
         hf_config = AutoConfig.from_pretrained(name_or_dir, local_files_only=offline)
         if hf_config.model_type != "gpt2":
@@ -542,18 +540,6 @@ def from_pretrained(name_or_dir: str, dropout: float = 0.0) -> GPT:
         for k, v in theirs.items():
             ours[k].copy_(v.t() if k.endswith(conv1d) else v)
     return model
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub (or HF_ENDPOINT) answers within `timeout` seconds."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def crop_block_size(model: GPT, block_size: int) -> None:

