@@ -282,7 +282,8 @@ def device_peak_flops(device: torch.device, dtype: str) -> float:
             if key in name:
                 return peak if dtype != "float32" else peak / 2
         return measure_matmul_peak(device, torch.bfloat16, n=4096)
-    return measure_matmul_peak(device)
+    # a CPU's bf16 (AMX) matmuls can run several times its fp32 ones: measure the dtype used
+    return measure_matmul_peak(device, torch.bfloat16 if dtype == "bfloat16" else torch.float32)
 
 
 class Meter:
