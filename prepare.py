@@ -363,9 +363,13 @@ def find_files(names: list[str]) -> list[Path]:
     for name in names:
         path = Path(name)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file()
-                           and p.suffix.lower() in FOLDER_SUFFIXES
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            try:
+                found = sorted(p for p in path.rglob("*") if p.is_file()
+                               and p.suffix.lower() in FOLDER_SUFFIXES and not any(
+                                   part.startswith(".") for part in p.relative_to(path).parts))
+            except OSError as e:  # a folder below it that cannot be listed
+                raise PrepareError(f"cannot read the folder {e.filename or path}: "
+                                   f"{e.strerror or e}") from None
             if not found:
                 raise PrepareError(f"no .txt, .jsonl, .json or .parquet files in {path}")
             files += found

@@ -654,6 +654,17 @@ def test_peak_memory_stays_flat(tmp_path):
     assert peak_mb < 150, f"peak {peak_mb:.0f} MB for a 64 MB text"
 
 
+def test_unlistable_folder_is_one_line(tmp_path, capsys, monkeypatch):
+    (tmp_path / "corpus").mkdir()
+
+    def cannot_list(self, pattern):
+        raise PermissionError(13, "Permission denied", str(self / "locked"))
+
+    monkeypatch.setattr(Path, "rglob", cannot_list)
+    err = fail(capsys, tmp_path, "--input", str(tmp_path / "corpus"))
+    assert "cannot read the folder" in err and "locked: Permission denied" in err
+
+
 def test_get_batch_windows(data_dir):
     path = data_dir / "tiny" / "train.bin"
     data = np.fromfile(path, dtype=np.uint16)
