@@ -654,6 +654,21 @@ def test_peak_memory_stays_flat(tmp_path):
     assert peak_mb < 150, f"peak {peak_mb:.0f} MB for a 64 MB text"
 
 
+@slow
+@pytest.mark.parametrize("tokenizer", ["char", "gpt2"])
+def test_folder_corpus_round_trips_through_train_and_sample(tmp_path, capsys, tokenizer):
+    """A folder of .txt and .jsonl documents: prepare.py -> train.py -> sample.py."""
+    docs = make_corpus(tmp_path / "corpus")
+    meta = run(tmp_path, "--input", str(tmp_path / "corpus"), "--tokenizer", tokenizer)
+    assert meta["documents"] == len(docs) and meta["val_documents"] == 1
+    flags = CPU_TINY + [f"--data_dir={tmp_path / 'data'}", "--dataset=ds", "--max_iters=3",
+                        "--block_size=2", "--batch_size=2", f"--out_dir={tmp_path / 'out'}"]
+    assert train.main(flags)["iter_num"] == 3
+    [text] = sample.main([f"--out_dir={tmp_path / 'out'}", "--start=Golf", "--num_samples=1",
+                          "--max_new_tokens=8", "--stream=False"])
+    assert text.startswith("Golf")
+
+
 def test_unlistable_folder_is_one_line(tmp_path, capsys, monkeypatch):
     (tmp_path / "corpus").mkdir()
 
