@@ -1045,33 +1045,21 @@ def test_muon_groups_and_update():
     torch.testing.assert_close(fc.detach(), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_muon_lowers_the_loss():
-    m = tiny_model(vocab_size=20, n_embd=32)
+@pytest.mark.parametrize("muon_lr", [None, 0.02])
+def test_overfit_one_batch(muon_lr):
+    """A correct model and optimizer (AdamW, or Muon for the block matrices) drive the loss
+    on one fixed batch towards zero."""
+    m = tiny_model(vocab_size=20, n_embd=32, block_size=16)
     x, y = torch.randint(0, 20, (2, 4, 16), generator=torch.Generator().manual_seed(0))
-    opt, _ = train.configure_optimizer(m, 0.0, 3e-3, (0.9, 0.99), 0.02)
+    opt, _ = train.configure_optimizer(m, 0.0, 3e-3, (0.9, 0.99), muon_lr)
     for group in opt.param_groups:
         group["lr"] = 3e-3 * group["lr_scale"]
-    for _ in range(100):
+    for _ in range(200):
         _, loss = m(x, y)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert loss.item() < 0.2, f"Muon could not fit one batch: loss {loss.item():.3f}"
-
-
-def test_overfit_one_batch():
-    """A correct model and optimizer drive the loss on one fixed batch towards zero."""
-    m = tiny_model(vocab_size=20, n_embd=32, block_size=16)
-    torch.manual_seed(0)
-    x = torch.randint(0, 20, (4, 16))
-    y = torch.randint(0, 20, (4, 16))
-    opt, _ = train.configure_optimizer(m, 0.0, 3e-3, (0.9, 0.99))
-    for _ in range(300):
-        _, loss = m(x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.1, f"could not overfit one batch: loss {loss.item():.3f}"
+    assert loss.item() < 0.2, f"could not overfit one batch: loss {loss.item():.3f}"
 
 
 # =============================================================================

@@ -442,8 +442,11 @@ class AdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            self.adamw_step(group)
+            self.group_step(group)
         return loss
+
+    def group_step(self, group):  # Muon, below, decides per group
+        self.adamw_step(group)
 
     def adamw_step(self, group):
         params = [p for p in group["params"] if p.grad is not None]
@@ -489,18 +492,11 @@ class Muon(AdamW):
     three maps (q, k, v) with separate jobs: each third is orthogonalised on its own.
     """
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            if group.get("muon"):
-                self.muon_step(group)
-            else:
-                self.adamw_step(group)
-        return loss
+    def group_step(self, group):
+        if group.get("muon"):
+            self.muon_step(group)
+        else:
+            self.adamw_step(group)
 
     def muon_step(self, group):
         lr, mu = group["lr"], group["momentum"]
