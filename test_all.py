@@ -398,6 +398,7 @@ def test_parquet_through_datasets(tmp_path, monkeypatch):
     assert meta["val_from"] == f"{tmp_path / 'shards' / '1.parquet'} row 0"
 
 
+@slow  # imports datasets
 @pytest.mark.parametrize("streaming", [True, False])
 def test_json_through_datasets_equals_own_reader(tmp_path, monkeypatch, streaming):
     datasets = pytest.importorskip("datasets")
@@ -2054,6 +2055,7 @@ def test_from_pretrained_matches_transformers(hf_gpt2):
     torch.testing.assert_close(logits, ref, rtol=0, atol=1e-4)
 
 
+@slow  # imports transformers
 def test_from_pretrained_errors(tmp_path):
     with pytest.raises(ValueError, match="neither a folder"):
         GPT.from_pretrained("gpt3")
