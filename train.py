@@ -720,7 +720,8 @@ def save(args, run: "Run", iter_num: int, best_val_loss: float, history: list,
     The first evaluation, of the untrained model, saves nothing; --eval_only never saves."""
     if args.eval_only or (iter_num == 0 and losses is not None):
         return best_val_loss
-    if losses is not None and losses["val"] < best_val_loss:
+    improved = losses is not None and losses["val"] < best_val_loss
+    if improved:
         best_val_loss = losses["val"]
         save_checkpoint({"model": run.raw_model.state_dict(), "model_args": run.model_args,
                          "meta": run.meta, "config": run.settings, "iter_num": iter_num,
@@ -728,7 +729,7 @@ def save(args, run: "Run", iter_num: int, best_val_loss: float, history: list,
     save_checkpoint(run.checkpoint(iter_num, best_val_loss, history, rng), run.ckpt_path)
     run.saved_iter[:] = [iter_num]
     run.log(f"saved {run.ckpt_path}" + (f" and {run.best_path.name} (val {best_val_loss:.4f})"
-                                         if losses and losses["val"] == best_val_loss else ""))
+                                         if improved else ""))
     return best_val_loss
 
 
