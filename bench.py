@@ -13,8 +13,9 @@ measured side by side in the same run, because shared machines are noisy:
   10.7M-parameter baby model, and whether they agree;
 - generate: 500 new tokens from a 256-token context, with and without the KV cache;
 - get_batch: microseconds per batch read from the memory-mapped data;
-- cpu_bf16 (on a CPU): a training step in fp32 against bf16 autocast, for the --preset=cpu
-  model and the baby GPT: the measurement train.py's --dtype=auto makes for its own model.
+- cpu_bf16 (on a CPU): a whole training step in fp32 against bf16 autocast, for the
+  --preset=cpu model and the baby GPT (train.py's --dtype=auto times the forward and backward
+  of its own model the same way before it picks).
 A human summary goes to stderr, the JSON to stdout: `python bench.py > bench.json`.
 """
 

@@ -90,8 +90,8 @@ class CausalSelfAttention(nn.Module):
             q, k = F.rms_norm(q, (hs,)), F.rms_norm(k, (hs,))  # so no score can blow up
         if self.rope:  # rotate q and k by their positions' angles (the first new one: start)
             start = cache.pos if cache is not None else 0
-            q = apply_rope(q, self.cos[start:start + T], self.sin[start:start + T])
-            k = apply_rope(k, self.cos[start:start + T], self.sin[start:start + T])
+            cos, sin = self.cos[start:start + T], self.sin[start:start + T]  # (T, hs/2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         causal, mask = T > 1, None  # without a cache: query t sees keys 0..t
         if cache is not None:  # generating: add these keys and values to the ones kept so far
             k, v, mask = cache.update(self.layer_idx, k, v)  # (B, nh, S, hs), mask (T, S)

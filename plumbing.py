@@ -21,16 +21,11 @@ import numpy as np
 import torch
 
 from gpt import GPT, GPTConfig
+from prepare import first_line
 
 
 class UserError(Exception):
     """Bad input from the user: printed as one line, exit code 2, no traceback."""
-
-
-def first_line(e: Exception) -> str:
-    """An exception as one short line, for one-line error messages."""
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def str2bool(s: str) -> bool:
@@ -190,15 +185,23 @@ def model_from_checkpoint(ckpt: dict, path: Path, **overrides) -> tuple[GPT, dic
     return model, model_args
 
 
-def rng_state(batch_gen: torch.Generator) -> dict:
-    """Every random stream a run draws from, so a resumed run continues it exactly."""
-    np_state = np.random.get_state()
+def step_rng_state(batch_gen: torch.Generator) -> dict:
+    """The streams a training step draws from (dropout's, and the batches'): a few
+    microseconds, cheap enough to take before every step."""
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
         "batches": batch_gen.get_state(),
     }
+
+
+def rng_state(batch_gen: torch.Generator, step_state: dict | None = None) -> dict:
+    """Every random stream a run draws from, so a resumed run continues it exactly: now, or
+    as they were at step_state's step (numpy's seeded stream, which no step draws from, is
+    the same then as now)."""
+    np_state = np.random.get_state()
+    return {**(step_state or step_rng_state(batch_gen)),
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
 
 
 def set_rng_state(state: dict, batch_gen: torch.Generator) -> None:

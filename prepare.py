@@ -317,9 +317,10 @@ def import_datasets():
     return datasets
 
 
-def one_line(e: Exception) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+def first_line(e: Exception) -> str:
+    """An exception as one short line, for one-line error messages (here and in plumbing.py)."""
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def dataset_items(open_dataset, field_name: str, name: str):
@@ -346,7 +347,7 @@ def dataset_items(open_dataset, field_name: str, name: str):
     except PrepareError:
         raise
     except Exception as e:  # noqa: BLE001 (datasets raises many kinds; all mean "cannot read")
-        raise PrepareError(f"{name}: datasets could not read it ({one_line(e)})") from None
+        raise PrepareError(f"{name}: datasets could not read it ({type(e).__name__}: {first_line(e)})") from None
 
 
 def parquet_items(path: Path, field_name: str):

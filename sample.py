@@ -33,14 +33,13 @@ from gpt import GPT, eval_mode
 from plumbing import (
     UserError,
     autocast_ctx,
-    first_line,
     load_checkpoint,
     model_from_checkpoint,
     pick_device,
     pick_dtype,
     str2bool,
 )
-from prepare import PrepareError, get_tokenizer, gpt2_encoding, make_problem
+from prepare import PrepareError, first_line, get_tokenizer, gpt2_encoding, make_problem
 
 
 def get_parser() -> argparse.ArgumentParser:

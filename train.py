@@ -42,7 +42,6 @@ from plumbing import (
     autocast_ctx,
     bf16_speedup,
     device_peak_flops,
-    first_line,
     flops_per_token,
     hms,
     load_checkpoint,
@@ -54,10 +53,11 @@ from plumbing import (
     save_checkpoint,
     set_rng_state,
     setup_ddp,
+    step_rng_state,
     str2bool,
     truncate_log,
 )
-from prepare import get_tokenizer
+from prepare import first_line, get_tokenizer
 
 ROOT = Path(__file__).resolve().parent
 
@@ -240,7 +240,13 @@ def check_args(a) -> None:
 # A resumed run takes the settings it was started with, except these (about this invocation),
 # and refuses a different shape: its weights have the checkpoint's.
 NOT_INHERITED = {"config", "preset", "init_from", "out_dir", "eval_only", "plot", "overwrite"}
-SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias", "pos_emb", "norm", "mlp", "qk_norm")
+SWITCHES = ("pos_emb", "norm", "mlp", "qk_norm")  # beyond GPT-2: gpt.py's GPTConfig
+SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias", *SWITCHES)
+
+
+def model_args_of(a, vocab_size: int) -> dict:
+    """GPTConfig's fields, as these settings give them."""
+    return {k: getattr(a, k) for k in SHAPE} | {"vocab_size": vocab_size, "dropout": a.dropout}
 
 
 def resolve_args(a, ckpt: dict | None, local_rank: int, world_size: int, log=print):
@@ -272,7 +278,7 @@ def resolve_args(a, ckpt: dict | None, local_rank: int, world_size: int, log=pri
             raise UserError(f"--gradient_accumulation_steps ({a.gradient_accumulation_steps}) "
                             f"must be a multiple of the number of processes ({world_size})")
     device = pick_device(a.device)
-    shape = {k: getattr(a, k) for k in SHAPE} | {"vocab_size": meta["vocab_size"]}
+    shape = model_args_of(a, meta["vocab_size"])
     cpu_speedup = ((lambda: bf16_speedup(shape, a.batch_size, log)) if world_size == 1
                    and a.init_from in ("scratch", "resume") else None)  # (ranks must agree)
     a.device, a.dtype = str(device), pick_dtype(a.dtype, device, cpu_speedup)
@@ -622,7 +628,7 @@ def train_loop(args, run: "Run") -> dict:
     with StopSignals(log) as signals:
         try:
             while not stop:
-                rng = rng_state(run.batch_gen)  # where a stop in this step resumes from
+                rng = step_rng_state(run.batch_gen)  # where a stop in this step resumes
                 # 1) set this step's learning rate
                 lr = (get_lr(iter_num, args.learning_rate, args.warmup_iters,
                              args.lr_decay_iters, args.min_lr) if args.decay_lr
@@ -679,7 +685,7 @@ def train_loop(args, run: "Run") -> dict:
                                grad_norm=f"{normf:.6g}", ms_per_iter=f"{m['ms']:.3f}",
                                tokens_per_s=f"{m['tokens_per_s']:.1f}", mfu=f"{m['mfu']:.4f}")
             else:  # stopped by a signal between steps: the state is whole, save it as it is
-                rng = rng_state(run.batch_gen)
+                rng = None
         except StopNow:  # stopped mid-step or mid-evaluation: the last whole step's state
             stop = True
     if stop and run.master and not args.eval_only:
@@ -810,13 +816,12 @@ class Run:
 
 def build_model(args, meta: dict, ckpt: dict | None) -> tuple[GPT, dict]:
     """From scratch, from our checkpoint (resume) or from OpenAI's GPT-2: (model, model_args)."""
-    model_args = {k: getattr(args, k) for k in SHAPE}
-    model_args.update(vocab_size=meta["vocab_size"], dropout=args.dropout)
+    model_args = model_args_of(args, meta["vocab_size"])
     if ckpt is not None:
         return model_from_checkpoint(ckpt, Path(args.out_dir) / "ckpt.pt", dropout=args.dropout)
     if args.init_from == "scratch":
         return GPT(GPTConfig(**model_args)), model_args
-    switched = [k for k in SHAPE[5:] if getattr(args, k) != getattr(GPTConfig, k)]
+    switched = [k for k in SWITCHES if getattr(args, k) != getattr(GPTConfig, k)]
     if switched:
         raise UserError(f"--init_from {args.init_from} loads GPT-2's architecture: drop "
                         + ", ".join(f"--{k}" for k in switched))
@@ -914,7 +919,7 @@ def setup(args, settings: dict, meta: dict, ckpt: dict | None, rank: int,
         return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "model_args": model_args, "config": settings,
                 "iter_num": iter_num, "best_val_loss": best_val_loss, "meta": meta,
-                "rng": rng or rng_state(batch_gen), "history": history}
+                "rng": rng_state(batch_gen, rng), "history": history}
 
     # a fixed prompt for the samples printed at evaluations: the start of the val split
     # (for a task, its first problem, answered greedily)
