@@ -14,6 +14,7 @@ import socket
 import sys
 import tempfile
 import time
+import zipfile
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -157,6 +158,9 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     if not path.exists():
         raise UserError(f"no checkpoint at {path}: train one with `python train.py "
                         f"--out_dir {path.parent}`")
+    if not zipfile.is_zipfile(path):  # what torch.save writes
+        raise UserError(f"{path} is not a checkpoint: it is truncated or corrupt, or some "
+                        "other file")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 (torch.load raises many types for a bad file)
@@ -170,6 +174,17 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
 
 
 RESUME_KEYS = {"optimizer", "iter_num", "best_val_loss", "rng"}  # besides the model's own
+
+
+def run_checkpoint(path: Path) -> Path | None:
+    """Our checkpoint at path: a file itself, or in a run folder best.pt (the best weights),
+    else ckpt.pt (the latest state). None for a folder with neither (GPT-2's, say) or nothing."""
+    if path.is_file():
+        return path
+    for name in ("best.pt", "ckpt.pt"):
+        if (path / name).is_file():
+            return path / name
+    return None
 
 
 def model_from_checkpoint(ckpt: dict, path: Path, **overrides) -> tuple[GPT, dict]:

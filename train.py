@@ -50,6 +50,7 @@ from plumbing import (
     pick_dtype,
     plot_losses,
     rng_state,
+    run_checkpoint,
     save_checkpoint,
     set_rng_state,
     setup_ddp,
@@ -125,6 +126,7 @@ def get_parser() -> argparse.ArgumentParser:
          "state (ckpt.pt) is saved at every evaluation anyway, the best weights to best.pt")
     g.add_argument("--init_from", default="scratch",
                    help="scratch, resume (from out_dir/ckpt.pt, with that run's settings), "
+                        "a checkpoint of ours or its run folder (a new run from its weights), "
                         "gpt2[-medium|-large|-xl] or a folder of GPT-2 weights")
     flag("--overwrite", False, "start afresh in an out_dir that holds another run's checkpoint, "
          "replacing it (without this, such a run is refused)")
@@ -232,9 +234,10 @@ def check_args(a) -> None:
     if a.decay_lr and a.lr_decay_iters is not None and a.warmup_iters > a.lr_decay_iters:
         raise UserError(f"warmup_iters ({a.warmup_iters}) is longer than lr_decay_iters "
                         f"({a.lr_decay_iters}): lower --warmup_iters")
-    if a.init_from not in ("scratch", "resume", *GPT2_NAMES) and not Path(a.init_from).is_dir():
-        raise UserError(f"--init_from must be scratch, resume, one of {', '.join(GPT2_NAMES)} "
-                        f"or a folder of GPT-2 weights, not {a.init_from!r}")
+    if a.init_from not in ("scratch", "resume", *GPT2_NAMES) and not Path(a.init_from).exists():
+        raise UserError(f"--init_from {a.init_from}: no such file or folder (it takes scratch, "
+                        f"resume, {', '.join(GPT2_NAMES)}, a checkpoint of ours or its run "
+                        "folder, or a folder of GPT-2 weights)")
 
 
 # A resumed run takes the settings it was started with, except these (about this invocation),
@@ -249,10 +252,12 @@ def model_args_of(a, vocab_size: int) -> dict:
     return {k: getattr(a, k) for k in SHAPE} | {"vocab_size": vocab_size, "dropout": a.dropout}
 
 
-def resolve_args(a, ckpt: dict | None, local_rank: int, world_size: int, log=print):
+def resolve_args(a, ckpt: dict | None, local_rank: int, world_size: int, log=print,
+                 start: tuple[dict, Path] | None = None):
     """Every setting derived from the checkpoint, the data or other settings, in this one
     place; nothing else rewrites them. Returns the dataset's meta, and the settings as given
-    (before anything was derived from them), which the checkpoints keep."""
+    (before anything was derived from them), which the checkpoints keep. ckpt is the state
+    a resume continues; start, the (checkpoint, path) a new run starts from."""
     if ckpt is not None:
         inherit_settings(a, ckpt, log)
     settings = {k: v for k, v in vars(a).items() if k != "given"}
@@ -260,6 +265,8 @@ def resolve_args(a, ckpt: dict | None, local_rank: int, world_size: int, log=pri
     if ckpt is not None and not same_data(ckpt["meta"], meta):
         raise UserError(f"{a.out_dir}/ckpt.pt was trained on other data than "
                         f"{Path(a.data_dir) / a.dataset} (another tokenizer, vocabulary or text)")
+    if start is not None:
+        take_shape(a, meta, *start)
     if a.lr_decay_iters is None:  # a short run (a smoke test) may end inside the warmup
         a.lr_decay_iters = max(a.max_iters, a.warmup_iters)
     if a.sample_every is None:
@@ -268,6 +275,9 @@ def resolve_args(a, ckpt: dict | None, local_rank: int, world_size: int, log=pri
         a.dropout = 0.0  # one batch, memorised: dropout would only fight it
     if meta.get("task"):
         a.block_size = meta["example_len"] - 1  # a whole problem, less its last token
+    if start is not None and a.block_size > start[0]["model_args"]["block_size"]:
+        raise UserError(f"block_size {a.block_size} is longer than {start[1]}'s context of "
+                        f"{start[0]['model_args']['block_size']}: it can shrink, not grow")
     if ckpt is not None:  # the architecture is the checkpoint's
         for k in SHAPE:
             setattr(a, k, ckpt["model_args"].get(k, getattr(GPTConfig, k)))
@@ -280,7 +290,7 @@ def resolve_args(a, ckpt: dict | None, local_rank: int, world_size: int, log=pri
     device = pick_device(a.device)
     shape = model_args_of(a, meta["vocab_size"])
     cpu_speedup = ((lambda: bf16_speedup(shape, a.batch_size, log)) if world_size == 1
-                   and a.init_from in ("scratch", "resume") else None)  # (ranks must agree)
+                   and (a.init_from in ("scratch", "resume") or start) else None)  # (ranks agree)
     a.device, a.dtype = str(device), pick_dtype(a.dtype, device, cpu_speedup)
     if a.compile is None:
         a.compile = device.type == "cuda"
@@ -311,6 +321,39 @@ def same_data(a: dict, b: dict) -> bool:
     keys = ("tokenizer", "vocab_size", "chars", "sha256", "task", "digits", "example_len",
             "prompt_len")
     return all(a.get(k) == b.get(k) for k in keys)
+
+
+def take_shape(a, meta: dict, ckpt: dict, path: Path) -> None:
+    """A new run from our checkpoint (--init_from=PATH) has its architecture: shape flags not
+    given come from it, given ones must match (block_size may shrink: checked in
+    resolve_args, after a task has set it). The data must have its vocabulary."""
+    if not same_vocabulary(ckpt["meta"], meta):
+        folder = Path(a.data_dir) / a.dataset
+        text = "" if a.dataset in BUILT_IN_TEXTS else " --input YOUR_TEXT"
+        theirs, ours = vocabulary_name(ckpt["meta"]), vocabulary_name(meta)
+        raise UserError(f"{path} was trained on {theirs}, and {folder} is "
+                        f"{'another ' * (ours == theirs)}{ours}: prepare it in the checkpoint's "
+                        f"vocabulary with `python prepare.py{text} --dataset {a.dataset} "
+                        f"--vocab_from {path}`")
+    for k in SHAPE:
+        old = ckpt["model_args"].get(k, getattr(GPTConfig, k))
+        if k not in a.given:
+            setattr(a, k, old)
+        elif k != "block_size" and getattr(a, k) != old:
+            raise UserError(f"--{k} {getattr(a, k)}, but {path} has {k} {old}: a run started "
+                            f"from a checkpoint keeps its architecture (drop --{k})")
+
+
+BUILT_IN_TEXTS = ("shakespeare_char", "shakespeare", "other_plays")  # prepare.py needs no --input
+
+
+def same_vocabulary(a: dict, b: dict) -> bool:
+    """Whether the same id means the same token in both: GPT-2 BPE, or one character list."""
+    return all(a.get(k) == b.get(k) for k in ("tokenizer", "vocab_size", "chars"))
+
+
+def vocabulary_name(meta: dict) -> str:
+    return "GPT-2 BPE" if meta["tokenizer"] == "gpt2" else f"{meta['vocab_size']} characters"
 
 
 # -----------------------------------------------------------------------------
@@ -729,10 +772,12 @@ def save(args, run: "Run", iter_num: int, best_val_loss: float, history: list,
     improved = losses is not None and losses["val"] < best_val_loss
     if improved:
         best_val_loss = losses["val"]
-        save_checkpoint({"model": run.raw_model.state_dict(), "model_args": run.model_args,
-                         "meta": run.meta, "config": run.settings, "iter_num": iter_num,
-                         "best_val_loss": best_val_loss}, run.best_path)
-    save_checkpoint(run.checkpoint(iter_num, best_val_loss, history, rng), run.ckpt_path)
+    state = run.checkpoint(iter_num, best_val_loss, history, rng)
+    if improved:  # the weights and what they are, without the training state
+        save_checkpoint({k: state[k] for k in ("model", "model_args", "meta", "config",
+                                               "iter_num", "best_val_loss", "started_from")},
+                        run.best_path)
+    save_checkpoint(state, run.ckpt_path)
     run.saved_iter[:] = [iter_num]
     run.log(f"saved {run.ckpt_path}" + (f" and {run.best_path.name} (val {best_val_loss:.4f})"
                                          if improved else ""))
@@ -814,11 +859,17 @@ class Run:
     sync: Callable
 
 
-def build_model(args, meta: dict, ckpt: dict | None) -> tuple[GPT, dict]:
-    """From scratch, from our checkpoint (resume) or from OpenAI's GPT-2: (model, model_args)."""
+def build_model(args, meta: dict, ckpt: dict | None,
+                start: tuple[dict, Path] | None) -> tuple[GPT, dict]:
+    """From scratch, from our checkpoint (resume, or a new run's start) or from OpenAI's GPT-2:
+    (model, model_args)."""
     model_args = model_args_of(args, meta["vocab_size"])
     if ckpt is not None:
         return model_from_checkpoint(ckpt, Path(args.out_dir) / "ckpt.pt", dropout=args.dropout)
+    if start is not None:  # its weights, maybe with a shorter context (resolve_args checked)
+        model, model_args = model_from_checkpoint(*start, dropout=args.dropout)
+        crop_block_size(model, args.block_size)
+        return model, {**model_args, "block_size": args.block_size}
     if args.init_from == "scratch":
         return GPT(GPTConfig(**model_args)), model_args
     switched = [k for k in SWITCHES if getattr(args, k) != getattr(GPTConfig, k)]
@@ -860,8 +911,8 @@ def data_loader(args, meta: dict, device) -> tuple[dict, dict, Callable]:
                                                           device)
 
 
-def setup(args, settings: dict, meta: dict, ckpt: dict | None, rank: int,
-          world_size: int) -> Run:
+def setup(args, settings: dict, meta: dict, ckpt: dict | None, start: tuple[dict, Path] | None,
+          rank: int, world_size: int) -> Run:
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     device = torch.device(args.device)
@@ -872,7 +923,7 @@ def setup(args, settings: dict, meta: dict, ckpt: dict | None, rank: int,
     if device.type == "cuda":  # TF32 matmuls on Ampere and later (V100, T4: no effect)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    model, model_args = build_model(args, meta, ckpt)
+    model, model_args = build_model(args, meta, ckpt, start)
     model = model.to(device)
     optimizer, counts = configure_optimizer(
         model, args.weight_decay, args.learning_rate, (args.beta1, args.beta2),
@@ -915,11 +966,17 @@ def setup(args, settings: dict, meta: dict, ckpt: dict | None, rank: int,
     if world_size > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    # where the weights came from, when a new run started from a checkpoint: kept by resumes
+    started_from = ckpt.get("started_from") if ckpt is not None else start and {
+        "path": str(start[1]), "iter_num": start[0]["iter_num"],
+        "dataset": start[0].get("config", {}).get("dataset")}
+
     def checkpoint(iter_num, best_val_loss, history, rng=None) -> dict:
         return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "model_args": model_args, "config": settings,
                 "iter_num": iter_num, "best_val_loss": best_val_loss, "meta": meta,
-                "rng": rng_state(batch_gen, rng), "history": history}
+                "rng": rng_state(batch_gen, rng), "history": history,
+                "started_from": started_from}
 
     # a fixed prompt for the samples printed at evaluations: the start of the val split
     # (for a task, its first problem, answered greedily)
@@ -954,10 +1011,11 @@ def train(args) -> dict:
     log = print if rank == 0 else (lambda *a, **k: None)
     lock = None
     try:
-        if rank == 0 and not args.eval_only:  # one run per out_dir; an evaluation writes nothing
-            lock = OutDirLock(Path(args.out_dir)).acquire()
         ckpt = load_resume_state(args) if args.init_from == "resume" else None
-        meta, settings = resolve_args(args, ckpt, local_rank, world_size, log)
+        start = load_start(args, log)
+        meta, settings = resolve_args(args, ckpt, local_rank, world_size, log, start)
+        if rank == 0 and not args.eval_only:  # one run per out_dir; an evaluation writes nothing
+            lock = OutDirLock(Path(args.out_dir)).acquire()  # (the first thing written)
         if ckpt is not None and ckpt["iter_num"] >= args.max_iters and not args.eval_only:
             log(f"{Path(args.out_dir) / 'ckpt.pt'} is at iteration {ckpt['iter_num']}, already "
                 f"at --max_iters {args.max_iters}: nothing to train (raise --max_iters)")
@@ -968,8 +1026,8 @@ def train(args) -> dict:
         if args.warmup_iters > args.max_iters and args.decay_lr:
             log(f"note: --warmup_iters {args.warmup_iters} is longer than the run "
                 f"({args.max_iters} iterations): the learning rate never reaches its peak")
-        run = setup(args, settings, meta, ckpt, rank, world_size)
-        del ckpt  # free the loaded copy before training starts
+        run = setup(args, settings, meta, ckpt, start, rank, world_size)
+        del ckpt, start  # free the loaded copies before training starts
         result = train_loop(args, run)
         if run.master and not args.eval_only and run.log_path.exists():
             try:
@@ -999,6 +1057,25 @@ def load_resume_state(args) -> dict:
     if not RESUME_KEYS <= ckpt.keys():
         raise UserError(f"{path} holds a model but not a training state to resume")
     return ckpt
+
+
+def load_start(args, log=print) -> tuple[dict, Path] | None:
+    """--init_from=PATH, a checkpoint of ours or a run folder (its best.pt, else ckpt.pt): the
+    (checkpoint, path) whose weights and architecture a new run starts from, at iteration 0
+    with a fresh optimizer and schedule. None for the other --init_from values."""
+    if args.init_from in ("scratch", "resume", *GPT2_NAMES):
+        return None
+    path = run_checkpoint(Path(args.init_from))
+    if path is None:  # a folder without best.pt or ckpt.pt: GPT-2's weights, say
+        return None
+    if path.resolve().parent == Path(args.out_dir).resolve():
+        raise UserError(f"{path} is in this run's own --out_dir {args.out_dir}: to continue "
+                        "that run use --init_from=resume, or pick another --out_dir")
+    ckpt = load_checkpoint(path)
+    log(f"a new run from {path}" + (" (the run folder's best weights)" if path.name ==
+                                    "best.pt" and path != Path(args.init_from) else "")
+        + f": iteration {ckpt['iter_num']} of a run on {ckpt.get('config', {}).get('dataset')}")
+    return ckpt, path
 
 
 def refuse_to_overwrite(args) -> None:
