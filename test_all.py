@@ -1677,6 +1677,109 @@ def test_switches_and_muon_resume_exactly_and_sample(data_dir, tmp_path, capsys)
     assert "--mlp gelu" in err
 
 
+# -----------------------------------------------------------------------------
+# A new run from our own checkpoint (--init_from=PATH): pretrain on one text, fine-tune on another
+
+FT_TEXT = "Speak, hear me.\nAll:\nBefore any further speak, proceed.\n\n" * 100  # TEXT's characters
+
+
+@pytest.fixture
+def pretrained(data_dir, tmp_path) -> Path:
+    """A run folder pretrained on 'tiny' with the modern switches, and a second text, 'ft',
+    prepared in its vocabulary."""
+    train_tiny(data_dir, tmp_path / "pre", "--max_iters=6", "--eval_interval=3",
+               "--pos_emb=rope", "--norm=rmsnorm", "--mlp=relu2", "--qk_norm",
+               "--optimizer=muon", "--learning_rate=2e-3")
+    (tmp_path / "ft.txt").write_text(FT_TEXT, encoding="utf-8")
+    prepare.main(["--input", str(tmp_path / "ft.txt"), "--dataset", "ft", "--data_dir",
+                  str(data_dir), "--vocab_from", str(data_dir / "tiny")])
+    return tmp_path / "pre"
+
+
+@slow
+def test_new_run_from_checkpoint_starts_from_its_weights(data_dir, pretrained, tmp_path,
+                                                         capsys):
+    """Iteration 0 is the checkpoint evaluated on the new data; then a fresh optimizer and
+    schedule, the run's own settings, the checkpoint's architecture, a record of where it
+    started, and an exact resume."""
+    def finetune(out, *flags):
+        return train_tiny(data_dir, out, "--dataset=ft", f"--init_from={pretrained}",
+                          "--lr_decay_iters=8", "--learning_rate=1e-3", "--eval_interval=4",
+                          *flags)
+
+    zero = finetune(tmp_path / "zero", "--max_iters=0")
+    assert f"a new run from {pretrained / 'best.pt'}" in capsys.readouterr().out
+    best = torch.load(pretrained / "best.pt", weights_only=True)
+    model, _ = plumbing.model_from_checkpoint(best, pretrained / "best.pt")
+    folder, cpu = data_dir / "ft", torch.device("cpu")
+    n_windows = {s: train.num_tokens(folder / f"{s}.bin") - 32 for s in ("train", "val")}
+    expected = train.estimate_loss(
+        model, lambda s, ix: train.get_batch(folder / f"{s}.bin", ix, 32, cpu), n_windows,
+        eval_iters=2, batch_size=8, seed=1337)
+    assert zero["final_losses"] == pytest.approx(expected, abs=1e-6)
+
+    out = tmp_path / "ft"
+    result = finetune(out, "--max_iters=4")
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert [it for it, _ in result["history"]] == [1, 2, 3, 4] and ckpt["iter_num"] == 4
+    steps = {s["step"].item() for s in ckpt["optimizer"]["state"].values()}
+    assert steps == {4.0}, "a fresh optimizer: the pretraining's steps are not counted"
+    lr = next(float(r["lr"]) for r in plumbing.read_log(out / "log.csv") if r["iter"] == "1")
+    assert lr == pytest.approx(train.get_lr(0, 1e-3, 2, 8, 1e-4), rel=1e-5), "a new schedule"
+    args = ckpt["model_args"]
+    assert (args["pos_emb"], args["norm"], args["mlp"], args["qk_norm"]) == (
+        "rope", "rmsnorm", "relu2", True), "the switches come with the weights, unasked"
+    assert (ckpt["config"]["learning_rate"], ckpt["config"]["optimizer"]) == (1e-3, "adamw")
+    started = {"path": str(pretrained / "best.pt"), "iter_num": best["iter_num"],
+               "dataset": "tiny"}
+    assert ckpt["started_from"] == started
+    assert torch.load(out / "best.pt", weights_only=True)["started_from"] == started
+    # stopped at 4 and resumed: exactly the uninterrupted run, still knowing where it began
+    full = finetune(tmp_path / "full", "--max_iters=8")
+    resumed = train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=8"])
+    assert [it for it, _ in resumed["history"]] == list(range(1, 9))
+    np.testing.assert_allclose([v for _, v in resumed["history"]],
+                               [v for _, v in full["history"]], rtol=0, atol=1e-6)
+    assert torch.load(out / "ckpt.pt", weights_only=True)["started_from"] == started
+
+
+@slow
+def test_new_run_from_checkpoint_refusals(data_dir, pretrained, tmp_path, capsys):
+    """Each refusal is one line and exit 2, and writes nothing; dropout may change and the
+    context may shrink."""
+    (tmp_path / "other.txt").write_text("xyz\n" * 300, encoding="utf-8")
+    prepare.main(["--input", str(tmp_path / "other.txt"), "--dataset", "other", "--data_dir",
+                  str(data_dir)])
+    (tmp_path / "junk.pt").write_text("hello", encoding="utf-8")
+    best, out = pretrained / "best.pt", tmp_path / "new"
+    cases = [
+        ([f"--init_from={tmp_path / 'nope'}"], "nope: no such file or folder"),
+        ([f"--init_from={tmp_path / 'junk.pt'}"], "junk.pt is not a checkpoint"),
+        ([f"--init_from={pretrained}", "--dataset=other"],
+         (f"{best} was trained on 30 characters, and {data_dir / 'other'} is 4 characters: "
+          f"prepare it in the checkpoint's vocabulary with `python prepare.py --input "
+          f"YOUR_TEXT --dataset other --vocab_from {best}`")),
+        ([f"--init_from={pretrained}", "--n_layer=3"], f"--n_layer 3, but {best} has n_layer 2"),
+        ([f"--init_from={pretrained}", "--mlp=gelu"], "--mlp gelu, but"),
+        ([f"--init_from={best}", "--block_size=64"], "context of 32: it can shrink, not grow"),
+    ]
+    for flags, message in cases:
+        err = run_main(capsys, lambda a: train_tiny(data_dir, out, "--dataset=ft", *a), flags)
+        assert message in err and not out.exists(), (flags, err)
+    before = folder_bytes(pretrained)
+    for path in (pretrained, best):  # the run's own checkpoint: that is a resume
+        err = run_main(capsys, lambda a: train_tiny(data_dir, pretrained, *a),
+                       [f"--init_from={path}", "--dataset=ft"])
+        assert "--init_from=resume" in err and folder_bytes(pretrained) == before, err
+    # scoring the checkpoint on the new text writes nothing either
+    train_tiny(data_dir, out, "--dataset=ft", f"--init_from={pretrained}", "--eval_only")
+    assert "val loss" in capsys.readouterr().out and not out.exists()
+    train_tiny(data_dir, out, "--dataset=ft", f"--init_from={pretrained}", "--block_size=16",
+               "--dropout=0.1", "--max_iters=1")
+    args = torch.load(out / "ckpt.pt", weights_only=True)["model_args"]
+    assert (args["block_size"], args["dropout"], args["n_layer"]) == (16, 0.1, 2)
+
+
 @slow
 def test_compile_failure_falls_back_to_eager(data_dir, tmp_path, monkeypatch, capsys):
     def compile_without_triton(model, **kwargs):
