@@ -1717,6 +1717,10 @@ def test_new_run_from_checkpoint_starts_from_its_weights(data_dir, pretrained, t
         model, lambda s, ix: train.get_batch(folder / f"{s}.bin", ix, 32, cpu), n_windows,
         eval_iters=2, batch_size=8, seed=1337)
     assert zero["final_losses"] == pytest.approx(expected, abs=1e-6)
+    kept = torch.load(tmp_path / "zero" / "best.pt", weights_only=True)
+    assert kept["iter_num"] == 0 and kept["best_val_loss"] == zero["final_losses"]["val"], \
+        "until fine-tuning beats them, the best weights on the new data are the starting ones"
+    assert_same_params(kept["model"], best["model"], atol=0)
 
     out = tmp_path / "ft"
     result = finetune(out, "--max_iters=4")

@@ -766,8 +766,10 @@ def save(args, run: "Run", iter_num: int, best_val_loss: float, history: list,
          losses: dict | None = None, rng: dict | None = None) -> float:
     """Save the latest training state to ckpt.pt (what --init_from=resume continues from), and
     when val improves, the weights to best.pt (what sample.py loads). Returns the best val loss.
-    The first evaluation, of the untrained model, saves nothing; --eval_only never saves."""
-    if args.eval_only or (iter_num == 0 and losses is not None):
+    The first evaluation of a scratch run, an untrained model, saves nothing; that of a run
+    started from a checkpoint does: if training on the new data never beats the weights it
+    started from, best.pt keeps them. --eval_only never saves."""
+    if args.eval_only or (iter_num == 0 and losses is not None and not run.started_from):
         return best_val_loss
     improved = losses is not None and losses["val"] < best_val_loss
     if improved:
@@ -841,6 +843,7 @@ class Run:
     ckpt_path: Path  # the latest training state: what --init_from=resume continues from
     best_path: Path  # the weights with the best val loss: what sample.py loads
     saved_iter: list  # the iteration ckpt_path holds, once this run has one
+    started_from: dict | None  # the checkpoint a new run started from: path, iteration, data
     log_path: Path
     log: Callable  # print on rank 0, nothing elsewhere
     rank: int
@@ -992,6 +995,7 @@ def setup(args, settings: dict, meta: dict, ckpt: dict | None, start: tuple[dict
             args.gradient_accumulation_steps, args.batch_size), generator=batch_gen),
         checkpoint=checkpoint, settings=settings, ckpt_path=ckpt_path,
         best_path=out_dir / "best.pt", saved_iter=[iter_num] if ckpt else [],
+        started_from=started_from,
         log_path=log_path, log=log, rank=rank, world_size=world_size, master=master,
         gas=args.gradient_accumulation_steps // world_size, iter_num=iter_num,
         best_val_loss=best_val_loss, history=history, prompt=prompt,
