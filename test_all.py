@@ -1708,7 +1708,8 @@ def test_new_run_from_checkpoint_starts_from_its_weights(data_dir, pretrained, t
                           *flags)
 
     zero = finetune(tmp_path / "zero", "--max_iters=0")
-    assert f"a new run from {pretrained / 'best.pt'}" in capsys.readouterr().out
+    assert f"a new run from {pretrained / 'best.pt'} (its best weights)" in \
+        capsys.readouterr().out
     best = torch.load(pretrained / "best.pt", weights_only=True)
     model, _ = plumbing.model_from_checkpoint(best, pretrained / "best.pt")
     folder, cpu = data_dir / "ft", torch.device("cpu")

@@ -1076,9 +1076,10 @@ def load_start(args, log=print) -> tuple[dict, Path] | None:
         raise UserError(f"{path} is in this run's own --out_dir {args.out_dir}: to continue "
                         "that run use --init_from=resume, or pick another --out_dir")
     ckpt = load_checkpoint(path)
-    log(f"a new run from {path}" + (" (the run folder's best weights)" if path.name ==
-                                    "best.pt" and path != Path(args.init_from) else "")
-        + f": iteration {ckpt['iter_num']} of a run on {ckpt.get('config', {}).get('dataset')}")
+    picked = {"best.pt": "its best weights", "ckpt.pt": "its latest state: it has no best.pt"}
+    log(f"a new run from {path}" + (f" ({picked[path.name]})" if path.parent.samefile(
+        args.init_from) else "") + f": iteration {ckpt['iter_num']} of a run on "
+        f"{ckpt.get('config', {}).get('dataset')}")
     return ckpt, path
 
 
