@@ -45,8 +45,9 @@ from prepare import PrepareError, first_line, get_tokenizer, gpt2_encoding, make
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--init_from", default="resume",
-                   help="resume (out_dir/ckpt.pt), gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a "
-                        "folder saved by Hugging Face transformers")
+                   help="resume (the run in --out_dir), a checkpoint of ours (.pt) or its run "
+                        "folder, gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a folder saved by "
+                        "Hugging Face transformers")
     p.add_argument("--out_dir", default="out", help="the training run's folder")
     p.add_argument("--checkpoint", choices=["best", "latest"], default="best",
                    help="best: the weights with the lowest val loss (best.pt); latest: where "
@@ -147,11 +148,13 @@ def load_model(init_from: str, out_dir: Path, device,
                which: str = "best") -> tuple[GPT, dict]:
     """The model and the meta its tokenizer is built from: our checkpoint alone (its config,
     weights and dataset meta), or GPT-2's weights, which always go with GPT-2's BPE.
-    `which` is best (best.pt, or ckpt.pt while there is none) or latest (ckpt.pt)."""
-    if init_from == "resume":
-        path = out_dir / "best.pt"
-        if which == "latest" or not path.exists():
-            path = out_dir / "ckpt.pt"
+    init_from is resume (out_dir), a checkpoint file or run folder of ours, or GPT-2's;
+    `which` is best (a folder's best.pt, or ckpt.pt while there is none) or latest (ckpt.pt)."""
+    folder = out_dir if init_from == "resume" else Path(init_from)  # or a checkpoint file
+    path = folder if folder.is_file() else folder / ("best.pt" if which == "best" else "ckpt.pt")
+    if not path.exists():  # no best.pt before a run's first improvement
+        path = folder / "ckpt.pt"
+    if init_from == "resume" or path.exists():
         ckpt = load_checkpoint(path, map_location=device)
         model, _ = model_from_checkpoint(ckpt, path)
         meta = ckpt["meta"]

@@ -2147,6 +2147,16 @@ def test_streamed_sample_equals_unstreamed(ckpt_dir, capsys):
 
 
 @slow
+def test_sample_from_a_checkpoint_path(ckpt_dir, capsys):
+    """--init_from takes a checkpoint file or a run folder, as train.py does."""
+    argv = ["--device=cpu", "--start=All:", "--num_samples=1", "--max_new_tokens=30"]
+    expected = sample.main([f"--out_dir={ckpt_dir}", *argv])
+    for path in (ckpt_dir, ckpt_dir / "best.pt"):
+        assert sample.main([f"--init_from={path}", *argv]) == expected
+    latest = sample.main([f"--out_dir={ckpt_dir}", "--checkpoint=latest", *argv])
+    assert sample.main([f"--init_from={ckpt_dir}", "--checkpoint=latest", *argv]) == latest
+
+@slow
 def test_sample_errors(ckpt_dir, tmp_path, capsys):
     capsys.readouterr()
     assert "'Z'" in run_main(capsys, sample.main, [f"--out_dir={ckpt_dir}", "--start=Zed"])
