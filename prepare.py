@@ -555,19 +555,24 @@ def vocabulary_of(path: Path) -> dict:
     a .pt file, or a run folder (its best.pt, else ckpt.pt)."""
     if (path / "meta.json").is_file():
         try:
-            return json.loads((path / "meta.json").read_text(encoding="utf-8"))
+            meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError) as e:
             raise PrepareError(f"--vocab_from {path}: meta.json is unreadable ({first_line(e)})") \
                 from None
-    from plumbing import UserError, load_checkpoint, run_checkpoint  # torch, only for this
-    ckpt_path = run_checkpoint(path)
-    if ckpt_path is None:
-        raise PrepareError(f"--vocab_from {path}: not a prepared dataset (no meta.json), a "
-                           "checkpoint (.pt) or a run folder (no best.pt or ckpt.pt)")
-    try:
-        return load_checkpoint(ckpt_path)["meta"]
-    except UserError as e:
-        raise PrepareError(f"--vocab_from: {e}") from None
+    else:
+        from plumbing import UserError, load_checkpoint, run_checkpoint  # torch, only for this
+        ckpt_path = run_checkpoint(path)
+        if ckpt_path is None:
+            raise PrepareError(f"--vocab_from {path}: not a prepared dataset (no meta.json), a "
+                               "checkpoint (.pt) or a run folder (no best.pt or ckpt.pt)")
+        try:
+            meta = load_checkpoint(ckpt_path)["meta"]
+        except UserError as e:
+            raise PrepareError(f"--vocab_from: {e}") from None
+    if not isinstance(meta, dict) or meta.get("tokenizer") not in ("char", "gpt2") or (
+            meta["tokenizer"] == "char" and not isinstance(meta.get("chars"), list)):
+        raise PrepareError(f"--vocab_from {path}: its meta names no tokenizer and vocabulary")
+    return meta
 
 
 def unknown_characters(items, table: np.ndarray) -> dict:

@@ -731,6 +731,10 @@ def test_vocab_from_refusals_and_gpt2(tmp_path, capsys):
                                                  "--drop_unknown")
     assert "not a prepared dataset" in fail(capsys, tmp_path, "--input", str(src),
                                             "--vocab_from", str(tmp_path))
+    (tmp_path / "data" / "odd").mkdir()
+    (tmp_path / "data" / "odd" / "meta.json").write_text('{"vocab_size": 3}')
+    assert "names no tokenizer" in fail(capsys, tmp_path, "--input", str(src), "--vocab_from",
+                                        str(tmp_path / "data/odd"))
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     assert "not a checkpoint" in fail(capsys, tmp_path, "--input", str(src), "--vocab_from",
                                       str(tmp_path / "junk.pt"))
