@@ -176,12 +176,13 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
 RESUME_KEYS = {"optimizer", "iter_num", "best_val_loss", "rng"}  # besides the model's own
 
 
-def run_checkpoint(path: Path) -> Path | None:
+def run_checkpoint(path: Path, which: str = "best") -> Path | None:
     """Our checkpoint at path: a file itself, or in a run folder best.pt (the best weights),
-    else ckpt.pt (the latest state). None for a folder with neither (GPT-2's, say) or nothing."""
+    else ckpt.pt (the latest state); with which="latest", ckpt.pt alone. None for a folder
+    with neither (GPT-2's, say) or nothing."""
     if path.is_file():
         return path
-    for name in ("best.pt", "ckpt.pt"):
+    for name in ("best.pt", "ckpt.pt") if which == "best" else ("ckpt.pt",):
         if (path / name).is_file():
             return path / name
     return None

@@ -37,6 +37,7 @@ from plumbing import (
     model_from_checkpoint,
     pick_device,
     pick_dtype,
+    run_checkpoint,
     str2bool,
 )
 from prepare import PrepareError, first_line, get_tokenizer, gpt2_encoding, make_problem
@@ -150,11 +151,10 @@ def load_model(init_from: str, out_dir: Path, device,
     weights and dataset meta), or GPT-2's weights, which always go with GPT-2's BPE.
     init_from is resume (out_dir), a checkpoint file or run folder of ours, or GPT-2's;
     `which` is best (a folder's best.pt, or ckpt.pt while there is none) or latest (ckpt.pt)."""
-    folder = out_dir if init_from == "resume" else Path(init_from)  # or a checkpoint file
-    path = folder if folder.is_file() else folder / ("best.pt" if which == "best" else "ckpt.pt")
-    if not path.exists():  # no best.pt before a run's first improvement
-        path = folder / "ckpt.pt"
-    if init_from == "resume" or path.exists():
+    path = run_checkpoint(out_dir if init_from == "resume" else Path(init_from), which)
+    if path is None and init_from == "resume":
+        path = out_dir / "ckpt.pt"  # there is none: load_checkpoint says how to train one
+    if path is not None:
         ckpt = load_checkpoint(path, map_location=device)
         model, _ = model_from_checkpoint(ckpt, path)
         meta = ckpt["meta"]
