@@ -20,9 +20,11 @@ from. It is JSON, so anyone can read it.
 Each file, JSON record or dataset row is one document. Documents are joined by <|endoftext|> for
 GPT-2 BPE (so the model learns where a text ends) and by a newline for characters. A single text
 (one file, or Tiny Shakespeare) gives its first 90% of characters to train and the last 10% to
-val; a collection holds out its last 10% of documents, whole (--val_fraction). The text is read
-and written piece by piece, so memory stays flat whatever its size, and GPT-2 BPE runs on every
-core (--num_proc). Parquet files and --hf_dataset are read with `datasets` (pip install datasets).
+val; a collection holds out its last 10% of documents, whole (--val_fraction). Tiny Shakespeare
+in characters (1 MB) is prepared whole, the lecture's way: the first section below. Everything
+else is read and written piece by piece, so memory stays flat whatever its size, and GPT-2 BPE
+runs on every core (--num_proc). For the same one text, both ways write the same bytes.
+Parquet files and --hf_dataset are read with `datasets` (pip install datasets).
 """
 
 import argparse
@@ -73,12 +75,59 @@ EOT = "<|endoftext|>"
 TASKS = ("reverse", "addition")
 CHUNK_CHARS = 1 << 20  # characters per piece of work: memory holds a few pieces per process
 QUIET_BYTES = 8 << 20  # inputs smaller than this finish before a progress line would help
+PLAIN_BYTES = 16 << 20  # Tiny Shakespeare under this is prepared whole (~12x its size in memory)
 DOCUMENT_SUFFIXES = (".jsonl", ".json", ".parquet")  # files holding many documents
 FOLDER_SUFFIXES = (".txt", *DOCUMENT_SUFFIXES)  # the files taken from a folder
 
 
 class PrepareError(Exception):
     """A problem with the user's input: reported as one line, never a traceback."""
+
+
+# -----------------------------------------------------------------------------
+# The character tokenizer, as in the lecture
+#
+# All of it, for one text held in memory whole: what `python prepare.py` does with Tiny
+# Shakespeare (1 MB). The sections below do the same in pieces, so that memory stays flat for
+# texts of any size, and split collections of documents; for one text they write these very
+# bytes (test_plain_and_streaming_write_the_same_files).
+
+
+def char_tokenizer(text: str):
+    """(chars, encode, decode): the text's sorted characters, str -> list[int] and back."""
+    chars = sorted(set(text))  # every character the text uses, in code point order
+    stoi = {ch: i for i, ch in enumerate(chars)}  # string to integer
+    itos = {i: ch for i, ch in enumerate(chars)}  # integer to string
+    encode = lambda s: [stoi[c] for c in s]  # take a string, output a list of integers
+    decode = lambda ids: "".join([itos[i] for i in ids])  # take a list of integers, output a string
+    return chars, encode, decode
+
+
+def prepare_plain(text: str, out_dir: Path, describe: str, documents: int = 1,
+                  val_fraction: float = 0.1) -> dict:
+    """One text (at most 65,536 distinct characters) -> out_dir/{train.bin, val.bin, meta.json},
+    byte for byte what prepare() writes for it. documents: how many were joined by newlines
+    into text. Returns the meta."""
+    chars, encode, _ = char_tokenizer(text)  # decoding is sample.py's, from meta's chars
+    data = np.array(encode(text), dtype=np.uint16)  # 2 bytes a token: ids up to 65,535
+    n = int((1 - val_fraction) * len(data))  # first 90% will be train, rest val
+    train_data, val_data = data[:n], data[n:]
+    if min(len(train_data), len(val_data)) < 2:  # as prepare() refuses it
+        raise PrepareError(f"the text is too short for a train/val split ({len(text):,} "
+                           "characters)")
+    meta = {"tokenizer": "char", "source": describe, "sha256": sha256_of(text.encode("utf-8")),
+            "vocab_size": len(chars), "chars": chars,  # ids back to text: decode, in JSON
+            "train_tokens": len(train_data), "val_tokens": len(val_data),
+            "split": "text", "documents": documents, "val_from_char": n}
+    check_out_dir(out_dir)
+    try:  # plumbing, as in prepare(): temporary files renamed into place, meta.json last
+        with temp_bins(out_dir) as (train_tmp, val_tmp):
+            write_synced(train_tmp, train_data.tobytes())
+            write_synced(val_tmp, val_data.tobytes())
+            commit(out_dir, train_tmp, val_tmp, meta)
+    except OSError as e:  # a full disk, say: the old dataset stays
+        raise PrepareError(f"cannot write in {out_dir}: {e.strerror or e}") from None
+    return meta
 
 
 # -----------------------------------------------------------------------------
@@ -1154,6 +1203,7 @@ def main(argv=None, chunk_chars: int = CHUNK_CHARS) -> dict:
         tokenizer, given_vocab = choose_tokenizer(args)
         text_field = args.text_field or "text"
         num_proc = args.num_proc or os.cpu_count() or 1
+        plain = False
         if args.hf_dataset:
             source = hub_source(args.hf_dataset, args.split or "train", args.streaming,
                                 text_field, num_proc)
@@ -1163,9 +1213,18 @@ def main(argv=None, chunk_chars: int = CHUNK_CHARS) -> dict:
             source = other_plays_source()
         else:
             source = shakespeare_source()
+            # small enough to hold whole: the lecture's way (prepare_plain), same bytes
+            plain = (tokenizer == "char" and given_vocab is None
+                     and source.total_bytes < PLAIN_BYTES)
         print(f"source: {source.describe}")
-        meta = prepare(source, tokenizer, out_dir, args.val_fraction or 0.1, num_proc,
-                       chunk_chars, given_vocab, args.drop_unknown)
+        val_fraction = args.val_fraction or 0.1
+        if plain:  # one text item per play, joined by newlines as prepare() joins documents
+            plays = [value for kind, value in source.items() if kind == "text"]
+            meta = prepare_plain("\n".join(plays), out_dir, source.describe, len(plays),
+                                 val_fraction)
+        else:
+            meta = prepare(source, tokenizer, out_dir, val_fraction, num_proc, chunk_chars,
+                           given_vocab, args.drop_unknown)
     except PrepareError as e:
         print(f"prepare.py: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -8,9 +8,11 @@ Train a GPT on a prepared dataset.
         --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0   # nanoGPT's CPU recipe
     python train.py --init_from=resume                      # continue from out_dir/ckpt.pt
 
-Read it top to bottom: the settings, the data (get_batch, estimate_loss), the three formulas
-(AdamW, get_lr, clip_grad_norm) and the training loop. The model lives in gpt.py; checkpoint
-files, devices, several processes, logs and signals live in plumbing.py.
+Read it top to bottom: the data (get_batch, estimate_loss, the training batches), the three
+formulas (AdamW, get_lr, clip_grad_norm) and the training loop; that is the lesson. Below a
+fence come the settings and presets, task data, Muon, evaluation and checkpoints, the set-up
+and main(). The model lives in gpt.py; checkpoint files, devices, several processes, logs
+and signals live in plumbing.py.
 """
 
 import argparse
@@ -62,6 +64,279 @@ from prepare import first_line, get_tokenizer
 
 ROOT = Path(__file__).resolve().parent
 
+
+# -----------------------------------------------------------------------------
+# Data: windows of tokens, and the loss on them
+
+
+def get_batch(path: Path, ix: torch.Tensor, block_size: int, device: torch.device):
+    """Token windows starting at offsets ix (B,): x (B, T) and y = x shifted by one (B, T).
+
+    The file is memory-mapped afresh for each batch: a long-lived np.memmap keeps growing
+    in memory as pages are touched.
+    """
+    data = np.memmap(path, dtype=np.uint16, mode="r")
+    rows = data[ix.numpy()[:, None] + np.arange(block_size + 1)]  # (B, T+1) in one gather
+    xy = torch.from_numpy(rows.astype(np.int64))
+    return to_device(xy[:, :-1].contiguous(), xy[:, 1:].contiguous(), device)
+
+def to_device(x, y, device):
+    if device.type == "cuda":  # pinned memory lets the copy overlap with compute
+        return (x.pin_memory().to(device, non_blocking=True),
+                y.pin_memory().to(device, non_blocking=True))
+    return x.to(device), y.to(device)
+
+def num_tokens(path: Path) -> int:
+    return path.stat().st_size // 2
+
+@torch.no_grad()
+def estimate_loss(model, get_split_batch, n_windows: dict, eval_iters: int, batch_size: int,
+                  seed: int = 0, ctx=None) -> dict:
+    """Mean loss over eval_iters batches of each split, in eval mode (no dropout).
+
+    The batches come from their own generator, seeded the same each time: every evaluation
+    scores the same windows, so successive numbers compare, and training's random stream
+    is left untouched (which keeps resumed runs exact).
+    """
+    out, ctx = {}, ctx or nullcontext()  # ctx: autocast to the training dtype, if any
+    model.eval()
+    for split, high in n_windows.items():
+        g = torch.Generator().manual_seed(seed)
+        losses = torch.zeros(eval_iters)
+        for k in range(eval_iters):
+            ix = torch.randint(high, (batch_size,), generator=g)
+            x, y = get_split_batch(split, ix)
+            with ctx:
+                _, loss = model(x, y)
+            losses[k] = loss.item()
+        out[split] = losses.mean().item()
+    model.train()
+    return out
+
+
+class Batches:
+    """The training batches, step after step: each step draws gradient_accumulation_steps x
+    batch_size window offsets, from a generator of its own (evaluations never disturb it, and a
+    resume restores it). Under DDP every rank draws the whole global batch and keeps its own
+    share of micro-batches, so N processes train on exactly what one process would.
+    get_batch(ix) turns offsets ix (B,) into x, y (B, T)."""
+
+    def __init__(self, get_batch: Callable, n_windows: int, accumulation_steps: int,
+                 batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 fixed: bool = False):
+        self.get_batch, self.n_windows = get_batch, n_windows
+        self.shape = (accumulation_steps, batch_size)
+        self.micro_steps = accumulation_steps // world_size  # this rank's share
+        self.first = rank * self.micro_steps
+        self.generator = torch.Generator().manual_seed(seed)
+        self.fixed_ix = self.draw() if fixed else None  # --overfit_batch: one batch, always
+
+    def draw(self) -> torch.Tensor:
+        return torch.randint(self.n_windows, self.shape, generator=self.generator)  # (gas, B)
+
+    def __call__(self):
+        """This step's micro-batches for this rank: (x, y) pairs, each (B, T)."""
+        ix = self.fixed_ix if self.fixed_ix is not None else self.draw()
+        return (self.get_batch(row) for row in ix[self.first:self.first + self.micro_steps])
+
+
+# -----------------------------------------------------------------------------
+# Optimizer: AdamW, by hand
+
+
+class AdamW(torch.optim.Optimizer):
+    """Adam with decoupled weight decay (Loshchilov & Hutter), as torch.optim.AdamW computes it.
+
+    For each parameter p with gradient g, at step t (1-based):
+        p <- p * (1 - lr * weight_decay)            decay, separate from the gradient
+        m <- beta1 * m + (1 - beta1) * g            running mean of gradients
+        v <- beta2 * v + (1 - beta2) * g^2          running mean of squared gradients
+        m_hat = m / (1 - beta1^t)                   bias correction: m, v start at 0
+        v_hat = v / (1 - beta2^t)
+        p <- p - lr * m_hat / (sqrt(v_hat) + eps)
+    The work is done on all of a group's tensors at once (torch._foreach_*), which is what
+    makes torch's own implementation fast; the math is the same line by line.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+        if lr <= 0 or eps <= 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"invalid AdamW settings: lr={lr}, betas={betas}, eps={eps}")
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self.group_step(group)
+        return loss
+
+    def group_step(self, group):  # Muon, below, decides per group
+        self.adamw_step(group)
+
+    def adamw_step(self, group):
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        lr, (beta1, beta2), eps, wd = (group["lr"], group["betas"], group["eps"],
+                                       group["weight_decay"])
+        for p in params:  # state is created lazily, in fp32 whatever the param dtype
+            if not self.state[p]:
+                self.state[p] = {"step": torch.tensor(0.0),
+                                 "exp_avg": torch.zeros_like(p, dtype=torch.float32),
+                                 "exp_avg_sq": torch.zeros_like(p, dtype=torch.float32)}
+        states = [self.state[p] for p in params]
+        grads = [p.grad.float() for p in params]
+        m = [s["exp_avg"] for s in states]
+        v = [s["exp_avg_sq"] for s in states]
+        for s in states:  # each parameter counts its own steps, as torch's does
+            s["step"] += 1
+        steps = [s["step"].item() for s in states]
+        if wd != 0:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        torch._foreach_lerp_(m, grads, 1 - beta1)  # m + (1-beta1)(g - m)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, grads, grads, 1 - beta2)
+        # p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps), with bc = 1 - beta^t per parameter
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, [math.sqrt(1 - beta2 ** t) for t in steps])
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(params, m, denom, [-lr / (1 - beta1 ** t) for t in steps])
+
+
+# -----------------------------------------------------------------------------
+# Learning-rate schedule
+
+
+def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int,
+           min_lr: float) -> float:
+    """The learning rate for step `it` (0-based), a pure function of the schedule."""
+    # 1) linear warmup, as nanoGPT does it: step 0 already gets lr/(warmup_iters+1), never 0
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    # 2) after the decay, stay at min_lr
+    if it >= lr_decay_iters:
+        return min_lr
+    # 3) in between, cosine from learning_rate down to min_lr
+    progress = (it - warmup_iters) / (lr_decay_iters - warmup_iters)  # 0 -> 1
+    coeff = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0
+    return min_lr + coeff * (learning_rate - min_lr)
+
+
+# -----------------------------------------------------------------------------
+# Gradient clipping
+
+
+def grad_norm(parameters) -> torch.Tensor:
+    """The global L2 norm: sqrt(sum over every gradient entry of g^2)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float())
+                                                 for g in grads]))
+
+def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """Scale all gradients by one factor so their global L2 norm is at most max_norm.
+    Returns the norm before clipping."""
+    parameters = list(parameters)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    norm = grad_norm(parameters)
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # 1 when already small enough
+    torch._foreach_mul_(grads, scale.to(grads[0].dtype))
+    return norm
+
+
+# -----------------------------------------------------------------------------
+# The training loop
+
+
+class Diverged(Exception):
+    """The loss or the gradient norm stopped being a finite number."""
+
+
+@dataclass
+class Training:
+    """What the loop trains, with what, and from where; setup(), at the bottom, builds it."""
+    model: torch.nn.Module  # what the loop calls: maybe compiled, maybe wrapped in DDP
+    raw_model: torch.nn.Module  # the plain GPT: its parameters are clipped and saved
+    optimizer: AdamW
+    batches: Batches  # () -> this step's micro-batches
+    ctx: object  # autocast to the training dtype, or nothing for float32
+    scaler: torch.amp.GradScaler  # float16's loss scaling; a no-op for other dtypes
+    iter_num: int  # where training starts: 0, or a resumed checkpoint's step
+    best_val_loss: float
+    history: list  # (iteration, training loss) at each log line
+    run: "Run"  # the plumbing: evaluation, checkpoints, logs, signals, DDP (below)
+
+
+def train_loop(args, t: Training) -> dict:
+    """Steps 1-5, max_iters times: what every training script does."""
+    model, optimizer, run = t.model, t.optimizer, t.run
+    iter_num, best_val_loss, history = t.iter_num, t.best_val_loss, t.history
+    meter = make_meter(args, run, iter_num)  # ms/iter, tokens/s, MFU, time left
+    losses, stop = {}, False
+    with StopSignals(run.log) as signals:  # Ctrl-C, SIGTERM: finish the step, save, stop
+        try:
+            while not stop:
+                rng = step_rng_state(t.batches.generator)  # where a stop in this step resumes
+                # 1) set this step's learning rate
+                lr = (get_lr(iter_num, args.learning_rate, args.warmup_iters,
+                             args.lr_decay_iters, args.min_lr) if args.decay_lr
+                      else args.learning_rate)
+                for group in optimizer.param_groups:  # Muon's groups scale it to muon_lr
+                    group["lr"] = lr * group["lr_scale"]
+
+                # 2) evaluate now and then, and at the very end; save the latest state
+                last = iter_num >= args.max_iters
+                if iter_num % args.eval_interval == 0 or last or args.eval_only:
+                    losses, best_val_loss = evaluate_and_save(args, run, iter_num, best_val_loss,
+                                                              history, meter, signals)
+                if last or args.eval_only:
+                    break
+
+                # 3) forward, backward over this step's micro-batches; gradients add up
+                loss_sum = 0.0
+                for micro_step, (x, y) in enumerate(t.batches()):
+                    sync_gradients(model, micro_step == t.batches.micro_steps - 1)  # DDP
+                    with t.ctx:
+                        _, loss = model(x, y)
+                        loss = loss / t.batches.micro_steps  # the mean over them, not the sum
+                    t.scaler.scale(loss).backward()
+                    loss_sum = loss_sum + loss.detach()
+
+                # 4) clip the global gradient norm (of the unscaled gradients), check, step
+                t.scaler.unscale_(optimizer)
+                params = t.raw_model.parameters()
+                norm = (clip_grad_norm(params, args.grad_clip) if args.grad_clip
+                        else grad_norm(params))
+                stop = check_finite(loss_sum, norm, iter_num, run, signals.asked, args.grad_clip)
+                with signals.critical():  # a second Ctrl-C waits until the step is whole
+                    t.scaler.step(optimizer)
+                    t.scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                    iter_num += 1
+                stop = stop or signals.now
+                meter.step()
+
+                # 5) log now and then: formatting, CSV and timing need the host
+                if iter_num % args.log_interval == 0:
+                    log_step(run, meter, iter_num, lr, loss_sum, norm, history)
+            else:  # stopped by a signal between steps: the state is whole, save it as it is
+                rng = None
+        except StopNow:  # stopped mid-step or mid-evaluation: the last whole step's state
+            stop = True
+    if stop:
+        save_and_say_how_to_resume(args, run, iter_num, best_val_loss, history, rng)
+    return {"iter_num": iter_num, "best_val_loss": best_val_loss, "history": history,
+            "final_losses": losses, "ckpt_path": str(run.ckpt_path), "stopped": stop,
+            "elapsed": time.perf_counter() - meter.t_start}
+
+
+# =============================================================================
+# Everything below builds what the loop above uses: settings and presets, task data, Muon,
+# evaluation and checkpoints, the set-up and main(). The lesson ends here.
+
+
 # -----------------------------------------------------------------------------
 # Settings
 
@@ -102,7 +377,6 @@ PRESETS = {
         "batch_size": 8, "eval_iters": 500, "dropout": 0.0, "sample_every": 0}
        for name in GPT2_NAMES},
 }
-
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train a GPT on data/<dataset>/.")
@@ -183,7 +457,6 @@ def get_parser() -> argparse.ArgumentParser:
                    help="distributed backend under torchrun: auto (nccl on CUDA, else gloo)")
     return p
 
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = get_parser()
     args = p.parse_args(argv)
@@ -202,7 +475,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         action.default = argparse.SUPPRESS
     args.given = set(vars(p.parse_args(argv))) | set(PRESETS.get(args.preset) or {})
     return args
-
 
 def check_args(a) -> None:
     """Refuse settings that cannot work, with a message that says what to change."""
@@ -239,7 +511,6 @@ def check_args(a) -> None:
                         f"resume, {', '.join(GPT2_NAMES)}, a checkpoint of ours or its run "
                         "folder, or a folder of GPT-2 weights)")
 
-
 # A resumed run takes the settings it was started with, except these (about this invocation),
 # and refuses a different shape: its weights have the checkpoint's.
 NOT_INHERITED = {"config", "preset", "init_from", "out_dir", "eval_only", "plot", "overwrite"}
@@ -250,7 +521,6 @@ SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias", *SWITCHES)
 def model_args_of(a, vocab_size: int) -> dict:
     """GPTConfig's fields, as these settings give them."""
     return {k: getattr(a, k) for k in SHAPE} | {"vocab_size": vocab_size, "dropout": a.dropout}
-
 
 def resolve_args(a, ckpt: dict | None, local_rank: int, world_size: int, log=print,
                  start: tuple[dict, Path] | None = None):
@@ -296,7 +566,6 @@ def resolve_args(a, ckpt: dict | None, local_rank: int, world_size: int, log=pri
         a.compile = device.type == "cuda"
     return meta, settings
 
-
 def inherit_settings(a, ckpt: dict, log=print) -> None:
     """Settings not given now come from the checkpoint; given ones that differ are named in
     one line; a different shape is refused (the weights could not take it)."""
@@ -314,14 +583,12 @@ def inherit_settings(a, ckpt: dict, log=print) -> None:
     if changed:
         log("overriding: " + ", ".join(changed))
 
-
 def same_data(a: dict, b: dict) -> bool:
     """Whether two datasets' metas describe the same tokens: tokenizer, vocabulary, text and
     task layout (not where the text was read from)."""
     keys = ("tokenizer", "vocab_size", "chars", "sha256", "task", "digits", "example_len",
             "prompt_len")
     return all(a.get(k) == b.get(k) for k in keys)
-
 
 def take_shape(a, meta: dict, ckpt: dict, path: Path) -> None:
     """A new run from our checkpoint (--init_from=PATH) has its architecture: shape flags not
@@ -343,22 +610,14 @@ def take_shape(a, meta: dict, ckpt: dict, path: Path) -> None:
             raise UserError(f"--{k} {getattr(a, k)}, but {path} has {k} {old}: a run started "
                             f"from a checkpoint keeps its architecture (drop --{k})")
 
-
 BUILT_IN_TEXTS = ("shakespeare_char", "shakespeare", "other_plays")  # prepare.py needs no --input
-
 
 def same_vocabulary(a: dict, b: dict) -> bool:
     """Whether the same id means the same token in both: GPT-2 BPE, or one character list."""
     return all(a.get(k) == b.get(k) for k in ("tokenizer", "vocab_size", "chars"))
 
-
 def vocabulary_name(meta: dict) -> str:
     return "GPT-2 BPE" if meta["tokenizer"] == "gpt2" else f"{meta['vocab_size']} characters"
-
-
-# -----------------------------------------------------------------------------
-# Data
-
 
 def load_meta(data_dir: Path, dataset: str) -> dict:
     """data/<dataset>/meta.json, checked: it and both splits must be there and readable."""
@@ -380,16 +639,8 @@ def load_meta(data_dir: Path, dataset: str) -> dict:
     return meta
 
 
-def get_batch(path: Path, ix: torch.Tensor, block_size: int, device: torch.device):
-    """Token windows starting at offsets ix (B,): x (B, T) and y = x shifted by one (B, T).
-
-    The file is memory-mapped afresh for each batch: a long-lived np.memmap keeps growing
-    in memory as pages are touched.
-    """
-    data = np.memmap(path, dtype=np.uint16, mode="r")
-    rows = data[ix.numpy()[:, None] + np.arange(block_size + 1)]  # (B, T+1) in one gather
-    xy = torch.from_numpy(rows.astype(np.int64))
-    return to_device(xy[:, :-1].contiguous(), xy[:, 1:].contiguous(), device)
+# -----------------------------------------------------------------------------
+# Tasks with known answers: whole problems, the loss on the answer
 
 
 def get_task_batch(path: Path, ix: torch.Tensor, meta: dict, device: torch.device):
@@ -404,50 +655,12 @@ def get_task_batch(path: Path, ix: torch.Tensor, meta: dict, device: torch.devic
     y = mask_prompt_targets(rows[:, 1:], meta["prompt_len"])
     return to_device(rows[:, :-1].contiguous(), y, device)
 
-
 def mask_prompt_targets(y: torch.Tensor, prompt_len: int) -> torch.Tensor:
     """y (B, L-1) with -1 wherever the target is a prompt token: y[:, j] is token j+1, and
     the answer starts at token prompt_len."""
     y = y.clone()
     y[:, :prompt_len - 1] = -1
     return y
-
-
-def to_device(x, y, device):
-    if device.type == "cuda":  # pinned memory lets the copy overlap with compute
-        return (x.pin_memory().to(device, non_blocking=True),
-                y.pin_memory().to(device, non_blocking=True))
-    return x.to(device), y.to(device)
-
-
-def num_tokens(path: Path) -> int:
-    return path.stat().st_size // 2
-
-
-@torch.no_grad()
-def estimate_loss(model, get_split_batch, n_windows: dict, eval_iters: int, batch_size: int,
-                  seed: int = 0, ctx=None) -> dict:
-    """Mean loss over eval_iters batches of each split, in eval mode (no dropout).
-
-    The batches come from their own generator, seeded the same each time: every evaluation
-    scores the same windows, so successive numbers compare, and training's random stream
-    is left untouched (which keeps resumed runs exact).
-    """
-    out, ctx = {}, ctx or nullcontext()  # ctx: autocast to the training dtype, if any
-    model.eval()
-    for split, high in n_windows.items():
-        g = torch.Generator().manual_seed(seed)
-        losses = torch.zeros(eval_iters)
-        for k in range(eval_iters):
-            ix = torch.randint(high, (batch_size,), generator=g)
-            x, y = get_split_batch(split, ix)
-            with ctx:
-                _, loss = model(x, y)
-            losses[k] = loss.item()
-        out[split] = losses.mean().item()
-    model.train()
-    return out
-
 
 @torch.no_grad()
 def exact_match(model, path: Path, meta: dict, device, batch_size: int = 500) -> float:
@@ -462,69 +675,7 @@ def exact_match(model, path: Path, meta: dict, device, batch_size: int = 500) ->
 
 
 # -----------------------------------------------------------------------------
-# Optimizer: AdamW, by hand
-
-
-class AdamW(torch.optim.Optimizer):
-    """Adam with decoupled weight decay (Loshchilov & Hutter), as torch.optim.AdamW computes it.
-
-    For each parameter p with gradient g, at step t (1-based):
-        p <- p * (1 - lr * weight_decay)            decay, separate from the gradient
-        m <- beta1 * m + (1 - beta1) * g            running mean of gradients
-        v <- beta2 * v + (1 - beta2) * g^2          running mean of squared gradients
-        m_hat = m / (1 - beta1^t)                   bias correction: m, v start at 0
-        v_hat = v / (1 - beta2^t)
-        p <- p - lr * m_hat / (sqrt(v_hat) + eps)
-    The work is done on all of a group's tensors at once (torch._foreach_*), which is what
-    makes torch's own implementation fast; the math is the same line by line.
-    """
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
-        if lr <= 0 or eps <= 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"invalid AdamW settings: lr={lr}, betas={betas}, eps={eps}")
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            self.group_step(group)
-        return loss
-
-    def group_step(self, group):  # Muon, below, decides per group
-        self.adamw_step(group)
-
-    def adamw_step(self, group):
-        params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            return
-        lr, (beta1, beta2), eps, wd = (group["lr"], group["betas"], group["eps"],
-                                       group["weight_decay"])
-        for p in params:  # state is created lazily, in fp32 whatever the param dtype
-            if not self.state[p]:
-                self.state[p] = {"step": torch.tensor(0.0),
-                                 "exp_avg": torch.zeros_like(p, dtype=torch.float32),
-                                 "exp_avg_sq": torch.zeros_like(p, dtype=torch.float32)}
-        states = [self.state[p] for p in params]
-        grads = [p.grad.float() for p in params]
-        m = [s["exp_avg"] for s in states]
-        v = [s["exp_avg_sq"] for s in states]
-        for s in states:  # each parameter counts its own steps, as torch's does
-            s["step"] += 1
-        steps = [s["step"].item() for s in states]
-        if wd != 0:
-            torch._foreach_mul_(params, 1 - lr * wd)
-        torch._foreach_lerp_(m, grads, 1 - beta1)  # m + (1-beta1)(g - m)
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, grads, grads, 1 - beta2)
-        # p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps), with bc = 1 - beta^t per parameter
-        denom = torch._foreach_sqrt(v)
-        torch._foreach_div_(denom, [math.sqrt(1 - beta2 ** t) for t in steps])
-        torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(params, m, denom, [-lr / (1 - beta1 ** t) for t in steps])
+# Muon, and the optimizer's parameter groups
 
 
 class Muon(AdamW):
@@ -566,7 +717,6 @@ class Muon(AdamW):
             for (p, u), o_p in zip(todo, o.split([u.size(0) for _, u in todo]), strict=True):
                 p.add_(o_p.view_as(p).to(p.dtype), alpha=-lr * max(1.0, rows / cols) ** 0.5)
 
-
 def newton_schulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """About U V^T for G = U S V^T (..., rows, cols): the nearest matrix with every singular
     value 1. Scaled so no singular value exceeds 1, X takes `steps` of the quintic iteration
@@ -585,7 +735,6 @@ def newton_schulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
     return (X.mT if tall else X).to(G.dtype)
-
 
 def configure_optimizer(model, weight_decay, learning_rate, betas, muon_lr=None,
                         muon_momentum=0.95):
@@ -612,132 +761,55 @@ def configure_optimizer(model, weight_decay, learning_rate, betas, muon_lr=None,
 
 
 # -----------------------------------------------------------------------------
-# Learning-rate schedule
+# What the loop's one-line calls do: evaluation, checkpoints, logs, DDP
 
 
-def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int,
-           min_lr: float) -> float:
-    """The learning rate for step `it` (0-based), a pure function of the schedule."""
-    # 1) linear warmup, as nanoGPT does it: step 0 already gets lr/(warmup_iters+1), never 0
-    if it < warmup_iters:
-        return learning_rate * (it + 1) / (warmup_iters + 1)
-    # 2) after the decay, stay at min_lr
-    if it >= lr_decay_iters:
-        return min_lr
-    # 3) in between, cosine from learning_rate down to min_lr
-    progress = (it - warmup_iters) / (lr_decay_iters - warmup_iters)  # 0 -> 1
-    coeff = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0
-    return min_lr + coeff * (learning_rate - min_lr)
+def make_meter(args, run: "Run", iter_num: int) -> Meter:
+    return Meter(run.tokens_per_iter, run.flops_per_iter, run.peak, run.sync, iter_num,
+                 args.max_iters, on_cpu=run.device.type == "cpu", log=run.log)
 
 
-# -----------------------------------------------------------------------------
-# Gradient clipping
+def evaluate_and_save(args, run: "Run", iter_num: int, best_val_loss: float, history: list,
+                      meter: Meter, signals: StopSignals) -> tuple[dict, float]:
+    """On rank 0: evaluate (not counted in the speed, stopped at once by a signal), then save.
+    Returns the losses and the best val loss so far."""
+    if not run.master:
+        return {}, best_val_loss
+    with meter.paused(), signals.interruptible():
+        losses = evaluate(args, run, iter_num)
+    return losses, save(args, run, iter_num, best_val_loss, history, losses)
 
 
-def grad_norm(parameters) -> torch.Tensor:
-    """The global L2 norm: sqrt(sum over every gradient entry of g^2)."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float())
-                                                 for g in grads]))
+def sync_gradients(model, last_micro_step: bool) -> None:
+    """Under DDP, all-reduce the gradients once, after the last micro-batch of a step."""
+    if isinstance(model, DDP):
+        model.require_backward_grad_sync = last_micro_step
 
 
-def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
-    """Scale all gradients by one factor so their global L2 norm is at most max_norm.
-    Returns the norm before clipping."""
-    parameters = list(parameters)
-    grads = [p.grad for p in parameters if p.grad is not None]
-    norm = grad_norm(parameters)
-    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # 1 when already small enough
-    torch._foreach_mul_(grads, scale.to(grads[0].dtype))
-    return norm
+def log_step(run: "Run", meter: Meter, iter_num: int, lr: float, loss_sum, norm,
+             history: list) -> None:
+    """On rank 0: one line of loss, learning rate, gradient norm and speed, and a CSV row."""
+    if not run.master:
+        return
+    m = meter.read(iter_num)
+    lossf, normf = loss_sum.item(), norm.item()
+    history.append((iter_num, lossf))
+    run.log(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, grad norm {normf:.3f}, "
+            f"{m['ms']:.1f} ms/iter, {m['tokens_per_s']:,.0f} tokens/s, "
+            f"MFU {100 * m['mfu']:.1f}%, {hms(m['elapsed'])} elapsed, {hms(m['eta'])} left")
+    append_log(run.log_path, iter=iter_num, loss=f"{lossf:.6f}", lr=f"{lr:.6g}",
+               grad_norm=f"{normf:.6g}", ms_per_iter=f"{m['ms']:.3f}",
+               tokens_per_s=f"{m['tokens_per_s']:.1f}", mfu=f"{m['mfu']:.4f}")
 
 
-# -----------------------------------------------------------------------------
-# The training loop
-
-
-class Diverged(Exception):
-    """The loss or the gradient norm stopped being a finite number."""
-
-
-def train_loop(args, run: "Run") -> dict:
-    """Steps 1-5, max_iters times: what every training script does. `run` holds the model,
-    the optimizer and the data, built by setup() below."""
-    model, optimizer, log = run.model, run.optimizer, run.log
-    iter_num, best_val_loss, history = run.iter_num, run.best_val_loss, run.history
-    meter = Meter(run.tokens_per_iter, run.flops_per_iter, run.peak, run.sync, iter_num,
-                  args.max_iters, on_cpu=run.device.type == "cpu", log=log)
-    losses, stop = {}, False
-    with StopSignals(log) as signals:
-        try:
-            while not stop:
-                rng = step_rng_state(run.batch_gen)  # where a stop in this step resumes
-                # 1) set this step's learning rate
-                lr = (get_lr(iter_num, args.learning_rate, args.warmup_iters,
-                             args.lr_decay_iters, args.min_lr) if args.decay_lr
-                      else args.learning_rate)
-                for group in optimizer.param_groups:  # Muon's groups scale it to muon_lr
-                    group["lr"] = lr * group["lr_scale"]
-
-                # 2) evaluate now and then, and at the very end; save the latest state
-                last = iter_num >= args.max_iters
-                if run.master and (iter_num % args.eval_interval == 0 or last or args.eval_only):
-                    with meter.paused(), signals.interruptible():
-                        losses = evaluate(args, run, iter_num)
-                    best_val_loss = save(args, run, iter_num, best_val_loss, history, losses)
-                if last or args.eval_only:
-                    break
-
-                # 3) forward, backward over this rank's micro-batches; gradients add up
-                ix = run.fixed_ix if run.fixed_ix is not None else run.draw_offsets()
-                loss_sum = 0.0
-                for micro_step in range(run.gas):
-                    if run.world_size > 1:  # all-reduce the gradients once, after the last
-                        model.require_backward_grad_sync = micro_step == run.gas - 1
-                    x, y = run.get_batch("train", ix[run.rank * run.gas + micro_step])
-                    with run.ctx:
-                        _, loss = model(x, y)
-                        loss = loss / run.gas  # the mean over all micro-batches, not the sum
-                    run.scaler.scale(loss).backward()
-                    loss_sum = loss_sum + loss.detach()
-
-                # 4) clip the global gradient norm (of the unscaled gradients), check, step
-                run.scaler.unscale_(optimizer)
-                params = run.raw_model.parameters()
-                norm = (clip_grad_norm(params, args.grad_clip) if args.grad_clip
-                        else grad_norm(params))
-                stop = check_finite(loss_sum, norm, iter_num, run, signals.asked, args.grad_clip)
-                with signals.critical():  # a second Ctrl-C waits until the step is whole
-                    run.scaler.step(optimizer)
-                    run.scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                    iter_num += 1
-                stop = stop or signals.now
-                meter.step()
-
-                # 5) log now and then: formatting, CSV and timing need the host
-                if iter_num % args.log_interval == 0 and run.master:
-                    m = meter.read(iter_num)
-                    lossf, normf = loss_sum.item(), norm.item()
-                    history.append((iter_num, lossf))
-                    log(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, grad norm {normf:.3f}, "
-                        f"{m['ms']:.1f} ms/iter, {m['tokens_per_s']:,.0f} tokens/s, "
-                        f"MFU {100 * m['mfu']:.1f}%, {hms(m['elapsed'])} elapsed, "
-                        f"{hms(m['eta'])} left")
-                    append_log(run.log_path, iter=iter_num, loss=f"{lossf:.6f}", lr=f"{lr:.6g}",
-                               grad_norm=f"{normf:.6g}", ms_per_iter=f"{m['ms']:.3f}",
-                               tokens_per_s=f"{m['tokens_per_s']:.1f}", mfu=f"{m['mfu']:.4f}")
-            else:  # stopped by a signal between steps: the state is whole, save it as it is
-                rng = None
-        except StopNow:  # stopped mid-step or mid-evaluation: the last whole step's state
-            stop = True
-    if stop and run.master and not args.eval_only:
+def save_and_say_how_to_resume(args, run: "Run", iter_num: int, best_val_loss: float,
+                               history: list, rng: dict | None) -> None:
+    """After a stop signal: save the last whole step's state (rng: the random streams as they
+    were at its start, or None when it ended between steps) and print the resume command."""
+    if run.master and not args.eval_only:
         save(args, run, iter_num, best_val_loss, history, rng=rng)
-        log(f"stopped at iteration {iter_num}; resume with: python train.py "
-            f"--init_from=resume --out_dir={args.out_dir}")
-    return {"iter_num": iter_num, "best_val_loss": best_val_loss, "history": history,
-            "final_losses": losses, "ckpt_path": str(run.ckpt_path), "stopped": stop,
-            "elapsed": time.perf_counter() - meter.t_start}
+        run.log(f"stopped at iteration {iter_num}; resume with: python train.py "
+                f"--init_from=resume --out_dir={args.out_dir}")
 
 
 def evaluate(args, run: "Run", iter_num: int) -> dict:
@@ -760,7 +832,6 @@ def evaluate(args, run: "Run", iter_num: int) -> dict:
         generate_and_print_sample(run.raw_model, run.prompt, run.decode, seed=args.seed,
                                   **run.sample_args)
     return losses
-
 
 def save(args, run: "Run", iter_num: int, best_val_loss: float, history: list,
          losses: dict | None = None, rng: dict | None = None) -> float:
@@ -785,7 +856,6 @@ def save(args, run: "Run", iter_num: int, best_val_loss: float, history: list,
                                          if improved else ""))
     return best_val_loss
 
-
 def check_finite(loss_sum, norm, iter_num: int, run: "Run", stop_asked: bool,
                  grad_clip: float) -> bool:
     """Stop a diverged run before it steps on a NaN; returns whether any rank asked to stop.
@@ -804,7 +874,6 @@ def check_finite(loss_sum, norm, iter_num: int, run: "Run", stop_asked: bool,
                        f"iteration {iter_num}: not finite; {kept}; {advice}")
     return stop
 
-
 def generate_and_print_sample(model, prompt, decode, seed: int, max_new_tokens: int = 100,
                               temperature: float = 0.8):
     """What the model writes now, from a fixed prompt and seed: a qualitative progress check."""
@@ -820,13 +889,9 @@ def generate_and_print_sample(model, prompt, decode, seed: int, max_new_tokens: 
 
 @dataclass
 class Run:
-    """What setup() builds and the training loop uses."""
-    model: torch.nn.Module  # what the loop calls: maybe compiled, maybe wrapped in DDP
+    """What setup() builds for the loop's plumbing: evaluation, checkpoints, logs, DDP."""
     raw_model: GPT  # the plain module: its parameters, its state_dict (no "_orig_mod." keys)
     eval_model: torch.nn.Module  # evaluation runs on rank 0 alone, outside DDP
-    model_args: dict  # GPTConfig's fields, saved with the weights
-    optimizer: AdamW
-    scaler: torch.amp.GradScaler  # float16's loss scaling; a no-op for other dtypes
     ctx: object  # autocast to the dtype, or nothing for float32
     device: torch.device
     dtype: str
@@ -835,24 +900,15 @@ class Run:
     splits: dict  # split -> path of its .bin
     n_windows: dict  # split -> how many batch windows (or problems) it has
     get_batch: Callable  # (split, ix) -> x, y on the device
-    batch_gen: torch.Generator  # draws the training batches' offsets
-    draw_offsets: Callable  # () -> (gradient_accumulation_steps, batch_size) offsets
-    fixed_ix: torch.Tensor | None  # --overfit_batch: the one batch, again and again
     checkpoint: Callable  # (iter_num, best_val_loss, history, rng) -> the dict to save
-    settings: dict  # the run's settings as given, saved so a resume continues with them
     ckpt_path: Path  # the latest training state: what --init_from=resume continues from
     best_path: Path  # the weights with the best val loss: what sample.py loads
     saved_iter: list  # the iteration ckpt_path holds, once this run has one
     started_from: dict | None  # the checkpoint a new run started from: path, iteration, data
     log_path: Path
     log: Callable  # print on rank 0, nothing elsewhere
-    rank: int
     world_size: int
     master: bool  # rank 0 prints, logs and saves
-    gas: int  # micro-steps per optimizer step on this rank
-    iter_num: int
-    best_val_loss: float
-    history: list
     prompt: torch.Tensor  # for the samples printed at evaluations
     decode: Callable
     sample_args: dict
@@ -860,7 +916,6 @@ class Run:
     flops_per_iter: float
     peak: float
     sync: Callable
-
 
 def build_model(args, meta: dict, ckpt: dict | None,
                 start: tuple[dict, Path] | None) -> tuple[GPT, dict]:
@@ -896,7 +951,6 @@ def build_model(args, meta: dict, ckpt: dict | None,
     crop_block_size(model, args.block_size)
     return model, {k: getattr(model.config, k) for k in model_args}
 
-
 def data_loader(args, meta: dict, device) -> tuple[dict, dict, Callable]:
     """(splits, n_windows, get_batch(split, ix)) for text windows or a task's problems."""
     folder = Path(args.data_dir) / args.dataset
@@ -913,9 +967,8 @@ def data_loader(args, meta: dict, device) -> tuple[dict, dict, Callable]:
     return splits, n_windows, lambda split, ix: get_batch(splits[split], ix, args.block_size,
                                                           device)
 
-
 def setup(args, settings: dict, meta: dict, ckpt: dict | None, start: tuple[dict, Path] | None,
-          rank: int, world_size: int) -> Run:
+          rank: int, world_size: int) -> Training:
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     device = torch.device(args.device)
@@ -933,13 +986,10 @@ def setup(args, settings: dict, meta: dict, ckpt: dict | None, start: tuple[dict
         args.muon_lr if args.optimizer == "muon" else None, args.muon_momentum)
     scaler = torch.amp.GradScaler("cuda", enabled=(args.dtype == "float16"))
     splits, n_windows, get_split_batch = data_loader(args, meta, device)
-    # Which windows each step trains on. Every rank draws the same offsets for the whole
-    # global batch and takes its own slice, so N processes see exactly what one would.
-    batch_gen = torch.Generator().manual_seed(args.seed)
-    fixed_ix = None
-    if args.overfit_batch:  # drawn before any resume, so a resumed run keeps the same batch
-        fixed_ix = torch.randint(n_windows["train"], (args.gradient_accumulation_steps,
-                                                      args.batch_size), generator=batch_gen)
+    # --overfit_batch's one batch is drawn here, before any resume: a resumed run keeps it
+    batches = Batches(lambda ix: get_split_batch("train", ix), n_windows["train"],
+                      args.gradient_accumulation_steps, args.batch_size, args.seed, rank,
+                      world_size, fixed=args.overfit_batch)
     iter_num, best_val_loss, history = 0, float("inf"), []
     out_dir = Path(args.out_dir)
     ckpt_path, log_path = out_dir / "ckpt.pt", out_dir / "log.csv"
@@ -949,7 +999,7 @@ def setup(args, settings: dict, meta: dict, ckpt: dict | None, start: tuple[dict
             scaler.load_state_dict(ckpt["scaler"])
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         history = ckpt.get("history", [])
-        set_rng_state(ckpt["rng"], batch_gen)
+        set_rng_state(ckpt["rng"], batches.generator)
         log(f"resuming from {ckpt_path} at iteration {iter_num}")
     if rank > 0:
         torch.manual_seed(args.seed + rank)  # dropout masks differ between ranks
@@ -978,7 +1028,7 @@ def setup(args, settings: dict, meta: dict, ckpt: dict | None, start: tuple[dict
         return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "model_args": model_args, "config": settings,
                 "iter_num": iter_num, "best_val_loss": best_val_loss, "meta": meta,
-                "rng": rng_state(batch_gen, rng), "history": history,
+                "rng": rng_state(batches.generator, rng), "history": history,
                 "started_from": started_from}
 
     # a fixed prompt for the samples printed at evaluations: the start of the val split
@@ -986,27 +1036,22 @@ def setup(args, settings: dict, meta: dict, ckpt: dict | None, start: tuple[dict
     prompt = torch.from_numpy(np.fromfile(splits["val"], dtype=np.uint16, count=meta.get(
         "prompt_len", 16)).astype(np.int64))[None].to(device)
     tokens_per_iter = args.gradient_accumulation_steps * args.batch_size * args.block_size
-    return Run(
-        model=model, raw_model=raw_model, eval_model=eval_model, model_args=model_args,
-        optimizer=optimizer, scaler=scaler, ctx=autocast_ctx(device, args.dtype), device=device,
+    ctx = autocast_ctx(device, args.dtype)
+    run = Run(
+        raw_model=raw_model, eval_model=eval_model, ctx=ctx, device=device,
         dtype=args.dtype, meta=meta, task=meta.get("task"), splits=splits, n_windows=n_windows,
-        get_batch=get_split_batch, batch_gen=batch_gen, fixed_ix=fixed_ix,
-        draw_offsets=lambda: torch.randint(n_windows["train"], (
-            args.gradient_accumulation_steps, args.batch_size), generator=batch_gen),
-        checkpoint=checkpoint, settings=settings, ckpt_path=ckpt_path,
+        get_batch=get_split_batch, checkpoint=checkpoint, ckpt_path=ckpt_path,
         best_path=out_dir / "best.pt", saved_iter=[iter_num] if ckpt else [],
-        started_from=started_from,
-        log_path=log_path, log=log, rank=rank, world_size=world_size, master=master,
-        gas=args.gradient_accumulation_steps // world_size, iter_num=iter_num,
-        best_val_loss=best_val_loss, history=history, prompt=prompt,
-        decode=get_tokenizer(meta)[1],
+        started_from=started_from, log_path=log_path, log=log, world_size=world_size,
+        master=master, prompt=prompt, decode=get_tokenizer(meta)[1],
         sample_args={"max_new_tokens": meta["answer_len"], "temperature": 0}
         if meta.get("task") else {},
         tokens_per_iter=tokens_per_iter,
         flops_per_iter=flops_per_token(model_args, n_params) * tokens_per_iter / world_size,
         peak=device_peak_flops(device, args.dtype) if master else 1.0,
         sync=torch.cuda.synchronize if device.type == "cuda" else (lambda: None))
-
+    return Training(model, raw_model, optimizer, batches, ctx, scaler, iter_num, best_val_loss,
+                    history, run)
 
 def train(args) -> dict:
     """Check the settings, set up (DDP, lock, checkpoint, data, model), train, draw the curves."""
@@ -1030,10 +1075,10 @@ def train(args) -> dict:
         if args.warmup_iters > args.max_iters and args.decay_lr:
             log(f"note: --warmup_iters {args.warmup_iters} is longer than the run "
                 f"({args.max_iters} iterations): the learning rate never reaches its peak")
-        run = setup(args, settings, meta, ckpt, start, rank, world_size)
+        training = setup(args, settings, meta, ckpt, start, rank, world_size)
         del ckpt, start  # free the loaded copies before training starts
-        result = train_loop(args, run)
-        if run.master and not args.eval_only and run.log_path.exists():
+        result = train_loop(args, training)
+        if rank == 0 and not args.eval_only and training.run.log_path.exists():
             try:
                 log(f"wrote {plot_losses(Path(args.out_dir))}")
             except ImportError:
@@ -1053,7 +1098,6 @@ def train(args) -> dict:
         if torch.distributed.is_initialized():  # torchrun, even with a single process
             torch.distributed.destroy_process_group()
 
-
 def load_resume_state(args) -> dict:
     """out_dir/ckpt.pt, checked to hold a whole training state."""
     path = Path(args.out_dir) / "ckpt.pt"
@@ -1061,7 +1105,6 @@ def load_resume_state(args) -> dict:
     if not RESUME_KEYS <= ckpt.keys():
         raise UserError(f"{path} holds a model but not a training state to resume")
     return ckpt
-
 
 def load_start(args, log=print) -> tuple[dict, Path] | None:
     """--init_from=PATH, a checkpoint of ours or a run folder (its best.pt, else ckpt.pt): the
@@ -1082,7 +1125,6 @@ def load_start(args, log=print) -> tuple[dict, Path] | None:
         f"{ckpt.get('config', {}).get('dataset')}")
     return ckpt, path
 
-
 def refuse_to_overwrite(args) -> None:
     """A new run never replaces another run's checkpoint without being told to."""
     ckpt_path = Path(args.out_dir) / "ckpt.pt"
@@ -1092,7 +1134,6 @@ def refuse_to_overwrite(args) -> None:
                         "--overwrite, or pick another --out_dir")
     if args.overwrite:  # the old run's best weights must not pass for this run's
         (Path(args.out_dir) / "best.pt").unlink(missing_ok=True)
-
 
 def main(argv=None) -> dict | None:
     """Train, and return what happened (losses by step, best val loss, checkpoint path)."""
