@@ -5,13 +5,15 @@ The GPT-2 model, written plainly, and text generation.
     model = GPT(GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128))
     logits, loss = model(idx, targets)          # training: (B, T, vocab), scalar
     out = model.generate(idx, max_new_tokens=100, temperature=0.8, top_k=200)
+    out = model.generate_plain(idx, 100, temperature=0.8, top_k=200)  # the lecture's loop
     for tok in model.generate_stream(idx, 100):  # the same, one (B, 1) token at a time
         ...
     beams, scores = model.beam_search(idx, max_new_tokens=50, beam_width=4)  # idx (1, T)
     model = GPT.from_pretrained("gpt2")         # OpenAI's weights, via Hugging Face transformers
 
-Read it top to bottom: the config, attention, the MLP, the block, the GPT, the loss, generation
-with a KV cache, the sampling filters, and last GPT-2's weights.
+Read it top to bottom: the config, attention, the MLP, the block, the GPT, then generation as
+in the lecture (a plain loop), the sampling filters it uses, the loss, generation again with a
+KV cache (the optimisation: the same tokens, faster), beam search, and last GPT-2's weights.
 
 Shapes use one alphabet: B batch, T time (sequence length), C channels (n_embd),
 nh number of heads, hs head size (C // nh), V vocab_size, S keys attended to (T, or more
@@ -274,10 +276,14 @@ class GPT(nn.Module):
         loss = cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))  # may be a slice
         return logits, loss
 
-    # Generation and GPT-2's weights are written out further down this file, after the loss;
-    # these give them nanoGPT's interface (model.generate(...), GPT.from_pretrained(...)).
+    # Generation and GPT-2's weights are written out further down this file; these give them
+    # nanoGPT's interface (model.generate(...), GPT.from_pretrained(...)). model.generate is
+    # the fast one, with a KV cache; model.generate_plain is the lecture's loop, the same tokens.
     def generate(self, *args, **kwargs):
         return generate(self, *args, **kwargs)
+
+    def generate_plain(self, *args, **kwargs):
+        return generate_plain(self, *args, **kwargs)
 
     def generate_stream(self, *args, **kwargs):
         return generate_stream(self, *args, **kwargs)
@@ -288,6 +294,98 @@ class GPT(nn.Module):
     @staticmethod
     def from_pretrained(name_or_dir: str, dropout: float = 0.0) -> "GPT":
         return from_pretrained(name_or_dir, dropout)
+
+
+# -----------------------------------------------------------------------------
+# Generation, as in the lecture: crop, forward, last logits, filter, sample, append
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Run the block in eval mode (no dropout), then restore the mode the model was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def generate_plain(model: GPT, idx, max_new_tokens: int, temperature: float = 1.0,
+                   top_k: int | None = None, top_p: float | None = None,
+                   generator: torch.Generator | None = None):
+    """Extend idx (B, T) by max_new_tokens sampled tokens: (B, T + max_new_tokens).
+
+    Each new token costs a forward pass over the whole (cropped) context, and no KV cache:
+    generate, further down, gives the same tokens faster. temperature 0 means greedy (argmax);
+    top_k (None or 0: off) and top_p (None: off) are the filters of the next section.
+    """
+    with eval_mode(model):  # no dropout while generating; the caller's mode comes back after
+        for _ in range(max_new_tokens):
+            # the model has position embeddings for block_size tokens only: past that, the
+            # window slides and the oldest tokens drop out of sight
+            idx_cond = idx[:, -model.config.block_size:]  # (B, T') with T' <= block_size
+            logits, _ = model(idx_cond)  # (B, 1, V): without targets, only the last position
+            logits = logits[:, -1, :].float()  # (B, V) scores for the next token
+            if temperature == 0:  # greedy: the likeliest token, no randomness
+                idx_next = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+            else:
+                # minus the max first (softmax ignores it), or a tiny temperature makes inf - inf
+                logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+                if top_k is not None and top_k > 0:
+                    logits = top_k_filter(logits, top_k)  # (B, V), all but k -> -inf
+                if top_p is not None:
+                    logits = top_p_filter(logits, top_p)  # (B, V), outside the nucleus -> -inf
+                probs = F.softmax(logits, dim=-1)  # (B, V), renormalised over the survivors
+                idx_next = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+            idx = torch.cat((idx, idx_next), dim=1)  # (B, T+1)
+    return idx
+
+
+# -----------------------------------------------------------------------------
+# Sampling: each filter is a small pure function on logits (B, V)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits per row (ties at the k-th value all stay); the rest -> -inf."""
+    k = min(k, logits.size(-1))
+    kth = torch.topk(logits, k, dim=-1).values[:, [-1]]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of most likely tokens whose probability sums to
+    at least p; the rest -> -inf. The most likely token always survives, and a token tied
+    with the last one kept stays too (as in top_k_filter), so ties never depend on sort order.
+    The sums run in float64: at GPT-2's 50,257 tokens, float32's rounding in the cumulative
+    sum can drop the very token that crosses p."""
+    if p >= 1.0:
+        return logits  # all of them: a float cumsum that rounds to 1 early must not drop any
+    sorted_logits = torch.sort(logits, dim=-1, descending=True).values  # (B, V)
+    probs = sorted_logits.double().softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above each one
+    keep = before < p  # a token is needed while those above it fall short of p
+    cutoff = sorted_logits.masked_fill(~keep, float("inf")).amin(dim=-1, keepdim=True)  # (B, 1)
+    return logits.masked_fill(logits < cutoff, float("-inf"))
+
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """logits (B, V) -> next token ids (B, 1). temperature 0 means greedy (argmax).
+
+    generate_plain's steps after the forward pass, as one function for the cached loop."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float()
+    # softmax(z / T) is unchanged by subtracting max(z) first, and that keeps a tiny T from
+    # turning logits into inf - inf = nan: the largest becomes 0, the rest -inf
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+    if top_k is not None and top_k > 0:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None:
+        logits = top_p_filter(logits, top_p)
+    probs = F.softmax(logits, dim=-1)  # renormalised over the survivors
+    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
 
 
 # -----------------------------------------------------------------------------
@@ -311,7 +409,13 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
 
 
 # -----------------------------------------------------------------------------
-# Generation, with a KV cache
+# Generation, with a KV cache: the same loop, feeding one new token per step
+#
+# generate_plain runs the model over the whole context for every new token, though while the
+# context fits in block_size the keys and values of the old positions never change (attention
+# is causal: a position never sees the ones after it). Keeping them in a cache, each step feeds
+# the one new token (B, 1) and attends to the stored keys: the same logits up to rounding, far
+# less work. The tests check that both loops give the same tokens.
 
 
 class KVCache:
@@ -347,17 +451,6 @@ class KVCache:
         self.v = [v.index_select(0, rows) for v in self.v]
 
 
-@contextmanager
-def eval_mode(model: nn.Module):
-    """Run the block in eval mode (no dropout), then restore the mode the model was in."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
 def next_logits(model: GPT, idx, cache: KVCache | None, use_cache: bool = True):
     """Logits (B, V) for the token after idx (B, T), and the cache to pass next time.
 
@@ -385,7 +478,8 @@ def generate_stream(model: GPT, idx, max_new_tokens: int, temperature: float = 1
                     top_k: int | None = None, top_p: float | None = None,
                     generator: torch.Generator | None = None, use_cache: bool = True):
     """Yield the next token ids (B, 1) of idx (B, T), one step at a time, as they are sampled:
-    the lecture's loop (logits of the last position -> filters -> sample -> append)."""
+    generate_plain's loop, with next_logits feeding the model only what its cache has not seen,
+    and sample_next_token doing the temperature, the filters and the draw."""
     cache = None
     with eval_mode(model):  # no dropout while generating; restored even if stopped early
         for _ in range(max_new_tokens):
@@ -397,10 +491,15 @@ def generate_stream(model: GPT, idx, max_new_tokens: int, temperature: float = 1
 
 @torch.no_grad()
 def generate(model: GPT, idx, max_new_tokens: int, *args, **kwargs):
-    """Extend idx (B, T) by max_new_tokens sampled tokens: (B, T + max_new_tokens).
-    Takes generate_stream's settings (temperature, top_k, top_p, generator, use_cache)."""
+    """Extend idx (B, T) by max_new_tokens sampled tokens: (B, T + max_new_tokens), the same
+    tokens as generate_plain, faster. Takes generate_stream's settings (temperature, top_k,
+    top_p, generator, use_cache)."""
     new = generate_stream(model, idx, max_new_tokens, *args, **kwargs)
     return torch.cat([idx, *new], dim=1)
+
+
+# -----------------------------------------------------------------------------
+# Beam search: the likeliest continuations rather than sampled ones
 
 
 @torch.no_grad()
@@ -440,49 +539,6 @@ def beam_search(model: GPT, idx, max_new_tokens: int, beam_width: int,
             if done.all():
                 break
     return idx, scores
-
-
-# -----------------------------------------------------------------------------
-# Sampling: each filter is a small pure function on logits (B, V)
-
-
-def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest logits per row (ties at the k-th value all stay); the rest -> -inf."""
-    k = min(k, logits.size(-1))
-    kth = torch.topk(logits, k, dim=-1).values[:, [-1]]  # (B, 1)
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Nucleus filter: keep the smallest set of most likely tokens whose probability sums to
-    at least p; the rest -> -inf. The most likely token always survives, and a token tied
-    with the last one kept stays too (as in top_k_filter), so ties never depend on sort order.
-    The sums run in float64: at GPT-2's 50,257 tokens, float32's rounding in the cumulative
-    sum can drop the very token that crosses p."""
-    if p >= 1.0:
-        return logits  # all of them: a float cumsum that rounds to 1 early must not drop any
-    sorted_logits = torch.sort(logits, dim=-1, descending=True).values  # (B, V)
-    probs = sorted_logits.double().softmax(dim=-1)
-    before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above each one
-    keep = before < p  # a token is needed while those above it fall short of p
-    cutoff = sorted_logits.masked_fill(~keep, float("inf")).amin(dim=-1, keepdim=True)  # (B, 1)
-    return logits.masked_fill(logits < cutoff, float("-inf"))
-
-
-def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """logits (B, V) -> next token ids (B, 1). temperature 0 means greedy (argmax)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float()
-    # softmax(z / T) is unchanged by subtracting max(z) first, and that keeps a tiny T from
-    # turning logits into inf - inf = nan: the largest becomes 0, the rest -inf
-    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
-    if top_k is not None and top_k > 0:
-        logits = top_k_filter(logits, top_k)
-    if top_p is not None:
-        logits = top_p_filter(logits, top_p)
-    probs = F.softmax(logits, dim=-1)  # renormalised over the survivors
-    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
 
 
 # -----------------------------------------------------------------------------

