@@ -11,9 +11,10 @@ The GPT-2 model, written plainly, and text generation.
     beams, scores = model.beam_search(idx, max_new_tokens=50, beam_width=4)  # idx (1, T)
     model = GPT.from_pretrained("gpt2")         # OpenAI's weights, via Hugging Face transformers
 
-Read it top to bottom: the config, attention, the MLP, the block, the GPT, then generation as
-in the lecture (a plain loop), the sampling filters it uses, the loss, generation again with a
-KV cache (the optimisation: the same tokens, faster), beam search, and last GPT-2's weights.
+Read it top to bottom: the config, attention, the loss, the MLP, the block, the GPT, then
+generation as in the lecture (a plain loop) and the sampling filters it uses; that is the
+lesson. Then generation again with a KV cache (the optimisation: the same tokens, faster),
+beam search, and last GPT-2's weights.
 
 Shapes use one alphabet: B batch, T time (sequence length), C channels (n_embd),
 nh number of heads, hs head size (C // nh), V vocab_size, S keys attended to (T, or more
@@ -143,6 +144,26 @@ def apply_rope(x, cos, sin):
     x1, x2 = x.float().chunk(2, dim=-1)  # (B, nh, T, hs/2) each
     out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return out.type_as(x)
+
+
+# -----------------------------------------------------------------------------
+# The loss, written out
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1):
+    """Mean negative log-likelihood of `targets` under softmax(`logits`).
+
+    logits (N, V), targets (N,). Positions whose target is `ignore_index` carry no loss.
+    log softmax(z)_y = z_y - log sum_j exp(z_j), and subtracting max(z) first keeps exp()
+    from overflowing without changing the result (it cancels in the ratio).
+    """
+    logits = logits.float()  # under bf16 autocast, do the sum in fp32
+    z = logits - logits.max(dim=-1, keepdim=True).values.detach()  # (N, V), max entry is 0
+    log_norm = z.exp().sum(dim=-1).log()  # (N,) log sum_j exp(z_j)
+    keep = targets != ignore_index  # (N,)
+    z_y = z.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (N,)
+    nll = (log_norm - z_y) * keep
+    return nll.sum() / keep.sum().clamp(min=1)
 
 
 # -----------------------------------------------------------------------------
@@ -386,26 +407,6 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
         logits = top_p_filter(logits, top_p)
     probs = F.softmax(logits, dim=-1)  # renormalised over the survivors
     return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
-
-
-# -----------------------------------------------------------------------------
-# The loss, written out
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1):
-    """Mean negative log-likelihood of `targets` under softmax(`logits`).
-
-    logits (N, V), targets (N,). Positions whose target is `ignore_index` carry no loss.
-    log softmax(z)_y = z_y - log sum_j exp(z_j), and subtracting max(z) first keeps exp()
-    from overflowing without changing the result (it cancels in the ratio).
-    """
-    logits = logits.float()  # under bf16 autocast, do the sum in fp32
-    z = logits - logits.max(dim=-1, keepdim=True).values.detach()  # (N, V), max entry is 0
-    log_norm = z.exp().sum(dim=-1).log()  # (N,) log sum_j exp(z_j)
-    keep = targets != ignore_index  # (N,)
-    z_y = z.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (N,)
-    nll = (log_norm - z_y) * keep
-    return nll.sum() / keep.sum().clamp(min=1)
 
 
 # -----------------------------------------------------------------------------
