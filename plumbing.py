@@ -251,6 +251,15 @@ def setup_ddp(device: str, backend: str) -> tuple[int, int, int]:
     return rank, local_rank, world_size
 
 
+def mean_over_ranks(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    """x averaged over every rank (x itself without DDP): a collective, so every rank calls it."""
+    if world_size == 1:
+        return x
+    x = x.detach().clone()
+    torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.SUM)
+    return x / world_size
+
+
 def all_ranks_any(flags: list, world_size: int, device) -> list:
     """Each flag made true on every rank if it is true on any, so all ranks stop together."""
     if world_size == 1:

@@ -47,6 +47,7 @@ from plumbing import (
     flops_per_token,
     hms,
     load_checkpoint,
+    mean_over_ranks,
     model_from_checkpoint,
     pick_device,
     pick_dtype,
@@ -274,11 +275,12 @@ def train_loop(args, t: Training) -> dict:
     model, optimizer, run = t.model, t.optimizer, t.run
     iter_num, best_val_loss, history = t.iter_num, t.best_val_loss, t.history
     meter = make_meter(args, run, iter_num)  # ms/iter, tokens/s, MFU, time left
-    losses, stop = {}, False
+    losses, stop, rng = {}, False, None
     with StopSignals(run.log) as signals:  # Ctrl-C, SIGTERM: finish the step, save, stop
         try:
             while not stop:
-                rng = step_rng_state(t.batches.generator)  # where a stop in this step resumes
+                rng = step_rng_state(t.batches.generator)  # a stop before the step is whole
+                # resumes from here; after it, from the state as it is then (rng = None)
                 # 1) set this step's learning rate
                 lr = (get_lr(iter_num, args.learning_rate, args.warmup_iters,
                              args.lr_decay_iters, args.min_lr) if args.decay_lr
@@ -315,15 +317,14 @@ def train_loop(args, t: Training) -> dict:
                     t.scaler.update()
                     optimizer.zero_grad(set_to_none=True)
                     iter_num += 1
+                    rng = None  # the step is whole: a stop from here on saves the state as is
                 stop = stop or signals.now
                 meter.step()
 
                 # 5) log now and then: formatting, CSV and timing need the host
                 if iter_num % args.log_interval == 0:
                     log_step(run, meter, iter_num, lr, loss_sum, norm, history)
-            else:  # stopped by a signal between steps: the state is whole, save it as it is
-                rng = None
-        except StopNow:  # stopped mid-step or mid-evaluation: the last whole step's state
+        except StopNow:  # stopped at once: rng says which random state goes with the weights
             stop = True
     if stop:
         save_and_say_how_to_resume(args, run, iter_num, best_val_loss, history, rng)
@@ -788,7 +789,10 @@ def sync_gradients(model, last_micro_step: bool) -> None:
 
 def log_step(run: "Run", meter: Meter, iter_num: int, lr: float, loss_sum, norm,
              history: list) -> None:
-    """On rank 0: one line of loss, learning rate, gradient norm and speed, and a CSV row."""
+    """On rank 0: one line of loss, learning rate, gradient norm and speed, and a CSV row.
+    The loss is the whole global batch's: under DDP, each rank's mean, averaged over ranks
+    (every rank takes part in that average, so every rank comes here)."""
+    loss_sum = mean_over_ranks(loss_sum, run.world_size)
     if not run.master:
         return
     m = meter.read(iter_num)
