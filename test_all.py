@@ -1668,14 +1668,42 @@ def start_training(data_dir, out, *flags) -> subprocess.Popen:
                             text=True)
 
 
-def wait_for(proc: subprocess.Popen, prefix: str) -> list[str]:
-    """Read the child's output until a line starts with prefix; return the lines read."""
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith(prefix):
-            return lines
-    raise AssertionError("".join(lines))
+def wait_for(proc: subprocess.Popen, prefix: str, timeout: float = 120) -> list[str]:
+    """Read the child's output until a line starts with prefix; return the lines read. If the
+    child ends first, or no such line comes within timeout seconds, kill it and fail with its
+    output so far. Read byte by byte, so what follows the line is left for finish()."""
+    lines, found = [b""], threading.Event()
+
+    def read():
+        while byte := os.read(proc.stdout.fileno(), 1):
+            lines[-1] += byte
+            if byte == b"\n":
+                if lines[-1].startswith(prefix.encode()):
+                    found.set()
+                    return
+                lines.append(b"")
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not found.is_set():
+        why = f"none within {timeout} s" if reader.is_alive() else "its output ended"
+        proc.kill()  # which also ends the read
+        reader.join(10)
+        raise AssertionError(f"no line starting with {prefix!r}: {why} (exit code "
+                             f"{proc.wait(10)}):\n" + b"".join(lines).decode(errors="replace"))
+    return [line.decode(errors="replace") for line in lines]
+
+
+def finish(proc: subprocess.Popen, timeout: float = 60) -> str:
+    """The rest of the child's output once it has exited; if it has not within timeout
+    seconds, kill it and fail with that output."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"still running after {timeout} s:\n"
+                             + proc.communicate()[0]) from None
 
 
 @slow
@@ -1688,7 +1716,7 @@ def test_stop_signals_save_and_say_how_to_resume(data_dir, tmp_path, signame):
     proc = start_training(data_dir, tmp_path, "--max_iters=100000", "--eval_interval=100000")
     wait_for(proc, "iter 5:")
     proc.send_signal(getattr(signal, signame))
-    out = proc.communicate(timeout=60)[0]
+    out = finish(proc)
     assert proc.returncode == 0, out
     assert signame in out and "saved" in out, out
     command = out.split("resume with: ")[1].splitlines()[0].split()
@@ -1700,17 +1728,29 @@ def test_stop_signals_save_and_say_how_to_resume(data_dir, tmp_path, signame):
 
 
 @slow
-def test_stop_does_not_wait_for_an_evaluation(data_dir, tmp_path):
-    """A signal during a long evaluation stops it at once and saves the latest state."""
-    proc = start_training(data_dir, tmp_path, "--max_iters=100", "--eval_iters=10000000")
-    wait_for(proc, "model:")  # set up; now evaluating step 0, for hours
-    time.sleep(0.5)
+def test_stop_does_not_wait_for_an_evaluation(data_dir, tmp_path, monkeypatch):
+    """A signal during a long evaluation stops it at once and saves the latest state: sent to
+    a resumed run about to evaluate for hours, and raised in a new run's first evaluation,
+    which then saves iteration 0."""
+    train_tiny(data_dir, tmp_path, "--max_iters=1")
+    proc = start_training(data_dir, tmp_path, "--init_from=resume", "--dropout=0",
+                          "--max_iters=100", "--eval_interval=2", "--eval_iters=10000000")
+    wait_for(proc, "iter 2:")  # logged in the loop, inside its stop handlers; next, evaluating
     t0 = time.perf_counter()
     proc.send_signal(signal.SIGINT)
-    out = proc.communicate(timeout=60)[0]
+    out = finish(proc)
     assert proc.returncode == 0 and time.perf_counter() - t0 < 20, out
-    assert "stopped at iteration 0" in out, out
-    assert plumbing.load_checkpoint(tmp_path / "ckpt.pt")["iter_num"] == 0
+    assert "stopped at iteration 2" in out, out
+    assert plumbing.load_checkpoint(tmp_path / "ckpt.pt")["iter_num"] == 2
+
+    def evaluating(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)
+        pytest.fail("the evaluation went on after the signal")
+
+    monkeypatch.setattr(train, "estimate_loss", evaluating)
+    result = train_tiny(data_dir, tmp_path / "new", "--max_iters=100")
+    assert result["stopped"] and result["iter_num"] == 0
+    assert plumbing.load_checkpoint(tmp_path / "new" / "ckpt.pt")["iter_num"] == 0
 
 
 def test_stop_signals_first_asks_second_stops_now():
@@ -1779,7 +1819,7 @@ def test_killed_run_leaves_no_lock_behind(data_dir, tmp_path, capsys):
     held = run_main(capsys, lambda a: train_tiny(data_dir, tmp_path, *a), ["--max_iters=2"])
     assert f"pid {proc.pid}" in held and "another training run" in held
     proc.kill()  # SIGKILL: no handler runs, the lock file stays
-    proc.communicate(timeout=60)
+    finish(proc)
     assert (tmp_path / "train.lock").exists()
     assert train_tiny(data_dir, tmp_path, "--max_iters=2")["iter_num"] == 2
 
@@ -2047,6 +2087,58 @@ def test_new_run_from_checkpoint_refusals(data_dir, pretrained, tmp_path, capsys
 
 
 @slow
+def test_resume_refuses_other_data(ckpt_dir, data_dir, tmp_path, capsys):
+    """A resume continues on the data it was trained on: another text, even in the same
+    characters, is refused in one line, and the run folder stays as it was."""
+    (tmp_path / "ft.txt").write_text(FT_TEXT, encoding="utf-8")
+    prepare.main(["--input", str(tmp_path / "ft.txt"), "--dataset", "ft", "--data_dir",
+                  str(data_dir), "--vocab_from", str(data_dir / "tiny")])
+    before = folder_bytes(ckpt_dir)
+    err = run_main(capsys, train.main, ["--init_from=resume", f"--out_dir={ckpt_dir}",
+                                        "--dataset=ft"])
+    assert (f"{ckpt_dir}/ckpt.pt was trained on other data than {data_dir / 'ft'} (another "
+            "tokenizer, vocabulary or text)") in err, err
+    assert folder_bytes(ckpt_dir) == before
+
+
+@slow
+def test_resume_refuses_best_pt_copied_over_ckpt_pt(ckpt_dir, capsys):
+    """best.pt holds the weights alone, no optimizer state, step or random streams: resuming
+    from it is refused rather than continued with a fresh optimizer."""
+    (ckpt_dir / "ckpt.pt").write_bytes((ckpt_dir / "best.pt").read_bytes())
+    err = run_main(capsys, train.main, ["--init_from=resume", f"--out_dir={ckpt_dir}"])
+    assert f"{ckpt_dir / 'ckpt.pt'} holds a model but not a training state to resume" in err
+
+
+def test_gradient_accumulation_must_be_a_multiple_of_the_processes(data_dir):
+    """Each of torchrun's processes takes an equal share of a step's micro-batches."""
+    def resolve(steps: int, world_size: int):
+        args = train.parse_args(["--device=cpu", "--dtype=float32", f"--data_dir={data_dir}",
+                                 "--dataset=tiny", f"--gradient_accumulation_steps={steps}"])
+        train.check_args(args)
+        return train.resolve_args(args, None, 0, world_size)
+
+    with pytest.raises(plumbing.UserError) as e:
+        resolve(3, 2)
+    assert str(e.value) == ("--gradient_accumulation_steps (3) must be a multiple of the number "
+                            "of processes (2)")
+    resolve(4, 2)
+    resolve(3, 1)
+
+
+def test_init_from_gpt2_refuses_switches_before_any_download(data_dir, tmp_path, capsys,
+                                                             monkeypatch):
+    """GPT-2's weights come with GPT-2's architecture: a switch beyond it is refused in one line
+    naming the flags to drop, before anything is downloaded (or found missing)."""
+    monkeypatch.setattr(gpt, "from_pretrained",
+                        lambda *a, **k: pytest.fail("GPT-2 was fetched before the flags' check"))
+    err = run_main(capsys, train.main, CPU_TINY + [
+        f"--data_dir={data_dir}", "--dataset=tiny", f"--out_dir={tmp_path / 'out'}",
+        "--init_from=gpt2", "--pos_emb=rope", "--qk_norm"])
+    assert "--init_from gpt2 loads GPT-2's architecture: drop --pos_emb, --qk_norm" in err, err
+
+
+@slow
 def test_compile_failure_falls_back_to_eager(data_dir, tmp_path, monkeypatch, capsys):
     def compile_without_triton(model, **kwargs):
         def compiled(*args, **kw):
@@ -2092,28 +2184,47 @@ def test_bad_files_get_one_line(data_dir, tmp_path, capsys, monkeypatch, damage)
     assert expected in err, err
 
 
-def test_other_scripts_bad_flags(data_dir, capsys):
+def test_other_scripts_bad_flags(data_dir, capsys, monkeypatch):
+    """--device cuda where there is none: refused in one line, on any machine (on one with a
+    GPU these flags would otherwise start a benchmark and a training run)."""
     import bench
-    assert "no CUDA" in run_main(capsys, bench.main, ["--device=cuda"])
-    assert "--device cuda" in run_main(capsys, bigram.main, ["--device=cuda",
-                                                            f"--data_dir={data_dir}"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert run_main(capsys, bench.main, ["--device=cuda"]).endswith(
+        "--device cuda, but this PyTorch sees no CUDA GPU (try --device cpu)")
+    assert run_main(capsys, bigram.main, ["--device=cuda", f"--data_dir={data_dir}"]).endswith(
+        "--device cuda is not available here: use cpu")
     assert "--eval_interval" in run_main(capsys, bigram.main, ["--eval_interval=0",
                                                               f"--data_dir={data_dir}"])
 
 
 @slow
 def test_truncated_checkpoint_and_offline_hub(tmp_path, capsys, monkeypatch):
-    pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers")
+    hub = pytest.importorskip("huggingface_hub.constants")  # comes with transformers
     plumbing.save_checkpoint({"model": {"w": torch.ones(1000)}, "model_args": {}, "meta": {}},
                              tmp_path / "ckpt.pt")
     data = (tmp_path / "ckpt.pt").read_bytes()
     (tmp_path / "ckpt.pt").write_bytes(data[:len(data) // 2])
     assert "truncated or corrupt" in run_main(capsys, sample.main, [f"--out_dir={tmp_path}"])
+    # an empty Hugging Face cache of the test's own, whatever this machine's holds: the
+    # variables are read when huggingface_hub is imported, the constant at each download
+    for name, value in empty_hf_caches(tmp_path).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     monkeypatch.setattr(prepare, "hub_unreachable", lambda: True)
     t0 = time.perf_counter()
-    with pytest.raises(ValueError, match="hub cannot be reached"):
+    with pytest.raises(ValueError, match="hub cannot be reached and it is not in the local cache"):
         GPT.from_pretrained("gpt2")
     assert time.perf_counter() - t0 < 20, "offline, it must not wait on retries"
+    # offline, a copy in the cache is what loads
+    cached = tmp_path / "hf" / "hub" / "models--gpt2"
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=1, n_head=2, n_embd=16, n_positions=32, vocab_size=100, bos_token_id=0,
+        eos_token_id=0)).save_pretrained(cached / "snapshots" / ("0" * 40))
+    (cached / "refs").mkdir()
+    (cached / "refs" / "main").write_text("0" * 40, encoding="utf-8")
+    assert GPT.from_pretrained("gpt2").config.vocab_size == 100
 
 
 @slow
@@ -2606,6 +2717,29 @@ def test_from_pretrained_errors(tmp_path):
         GPT.from_pretrained(str(tmp_path))  # a folder with no model in it
 
 
+@slow  # imports transformers
+@pytest.mark.parametrize("change", [
+    {"activation_function": "relu"}, {"layer_norm_epsilon": 1e-6}, {"n_inner": 48},
+    {"scale_attn_weights": False}, {"scale_attn_by_inverse_layer_idx": True},
+    {"tie_word_embeddings": False}, "another architecture"])
+def test_from_pretrained_refuses_models_it_does_not_implement(tmp_path, change):
+    """A folder holding another architecture, or a GPT-2 whose block differs from ours, is
+    refused rather than loaded subtly wrong."""
+    transformers = pytest.importorskip("transformers")
+    if change == "another architecture":
+        transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=64).save_pretrained(tmp_path / "hf")
+        message = f"cannot load GPT-2 from '{tmp_path / 'hf'}': it holds a 'bert' model, not 'gpt2'"
+    else:
+        transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_layer=1, n_head=2, n_embd=16, n_positions=32, vocab_size=100, bos_token_id=0,
+            eos_token_id=0, **change)).save_pretrained(tmp_path / "hf")
+        message = f"'{tmp_path / 'hf'}' is a GPT-2 variant this model does not implement"
+    with pytest.raises(ValueError) as e:
+        GPT.from_pretrained(str(tmp_path / "hf"))
+    assert str(e.value) == message
+
+
 @slow
 def test_sample_from_pretrained_folder(hf_gpt2, capsys):
     folder, _ = hf_gpt2
@@ -2623,6 +2757,37 @@ def test_sample_from_pretrained_folder(hf_gpt2, capsys):
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert e.value.code == 2 and "vocabulary has 100 tokens" in last, last
     assert "cannot load" in run_main(capsys, sample.main, [f"--init_from={folder.parent}"])
+
+
+def test_endoftext_ends_a_bpe_sample(tmp_path, capsys, monkeypatch):
+    """GPT-2's <|endoftext|> ends a document, so it ends a sample: streamed, printed whole or
+    from beam search, the sample stops there, without the token or anything after it."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=8, vocab_size=50257, n_layer=1, n_head=1, n_embd=8)
+    plumbing.save_checkpoint({"model": GPT(cfg).state_dict(), "model_args": dict(cfg.__dict__),
+                              "meta": {"tokenizer": "gpt2", "vocab_size": 50257,
+                                       "eot_token": EOT_ID}}, tmp_path / "ckpt.pt")
+    encode = gpt2()
+    new = encode(" to be") + [EOT_ID] + encode(" or not")  # what the model "samples"
+
+    def generate_stream(self, idx, max_new_tokens, *args, **kwargs):
+        yield from (torch.tensor([[t]]) for t in new[:max_new_tokens])
+
+    def beam_search(self, idx, max_new_tokens, beam_width, eot_token=None, **kwargs):
+        assert eot_token == EOT_ID
+        end = new.index(EOT_ID)  # a finished beam goes on with <|endoftext|> alone
+        row = idx[0].tolist() + (new[:end] + [EOT_ID] * max_new_tokens)[:max_new_tokens]
+        return torch.tensor([row] * beam_width), torch.zeros(beam_width)
+
+    monkeypatch.setattr(GPT, "generate_stream", generate_stream)
+    monkeypatch.setattr(GPT, "beam_search", beam_search)
+    argv = [f"--init_from={tmp_path / 'ckpt.pt'}", "--device=cpu", "--start=Hello",
+            "--num_samples=1", "--max_new_tokens=10"]
+    for flags in (["--stream=True"], ["--stream=False"], ["--beam_width=2"]):
+        capsys.readouterr()
+        assert sample.main(argv + flags) == ["Hello to be"], flags
+        out = capsys.readouterr().out
+        assert out.startswith("Hello to be\n---------------  (2 tokens, "), (flags, out)
 
 
 @slow
@@ -2748,6 +2913,33 @@ def test_tiny_reversal_run_learns(tmp_path, capsys):
                                                                "--start=1234567"])
 
 
+@pytest.mark.parametrize("answer,verdict", [("9750", "(= 579, right)"),
+                                            ("9751", "(= 1579, wrong)"), ("97+0", "(wrong)")])
+def test_sample_says_whether_an_addition_answer_is_right(tmp_path, capsys, monkeypatch, answer,
+                                                         verdict):
+    """sample.py answers an addition problem greedily and says whether the answer is right,
+    with the sum it reads from the answer's reversed digits."""
+    meta, *_ = prepare_task(tmp_path, "addition", "--digits=3", "--num_train=50",
+                            "--num_val=5")
+    cfg = GPTConfig(block_size=meta["example_len"] - 1, vocab_size=meta["vocab_size"],
+                    n_layer=1, n_head=1, n_embd=8)
+    plumbing.save_checkpoint({"model": GPT(cfg).state_dict(), "model_args": dict(cfg.__dict__),
+                              "meta": meta}, tmp_path / "ckpt.pt")
+    encode, _ = prepare.get_tokenizer(meta)
+
+    def generate(self, idx, max_new_tokens, temperature=1.0, *args, **kwargs):
+        assert temperature == 0 and max_new_tokens == meta["answer_len"] == 4
+        assert idx[0].tolist() == encode("123+456=")
+        return torch.cat([idx, torch.tensor([encode(answer)])], dim=1)
+
+    monkeypatch.setattr(GPT, "generate", generate)  # the model's answer, fixed
+    capsys.readouterr()
+    texts = sample.main([f"--init_from={tmp_path / 'ckpt.pt'}", "--device=cpu",
+                         "--start=123+456"])
+    assert texts == ["123+456=" + answer]
+    assert capsys.readouterr().out == f"123+456={answer}   {verdict}\n"
+
+
 # =============================================================================
 # Tools: bench.py
 
@@ -2762,3 +2954,52 @@ def test_bench_runs_and_reports(capsys):
     assert result["adamw"]["max_param_diff"] < 1e-6  # ours and torch's agree
     g = result["generate"]
     assert g["speedup"] == round(g["cache_tokens_per_s"] / g["no_cache_tokens_per_s"], 2)
+    # the figures agree with each other, by arithmetic done here: config tiny is a batch of
+    # 4 x 32 = 128 tokens a step (bench has no gradient accumulation) on a model of 26,816
+    # parameters (wte 65 x 32, and per block 2 x 32 + 96 x 32 + 32 x 32 + 2 x 128 x 32, plus
+    # ln_f's 32), so 6 x 26,816 + 12 x 2 x 32 x 32 = 185,472 FLOPs a token
+    t = result["train"]
+    assert t["params_M"] == 0.03
+    ms = t["ms_per_iter"]  # rounded to 0.01 ms
+    assert t["tokens_per_s"] == pytest.approx(128 * 1e3 / ms, rel=0.006 / ms, abs=1), t
+    mfu = 185_472 * t["tokens_per_s"] / (result["peak_tflops"] * 1e12)  # peak: 3 decimals
+    assert t["mfu"] == pytest.approx(mfu, rel=0.0006 / result["peak_tflops"], abs=6e-4), \
+        (t, result["peak_tflops"], mfu)
+    b = result["cpu_bf16"]["tiny"]
+    assert b["speedup"] == pytest.approx(b["fp32_ms"] / b["bf16_ms"], abs=0.006), b
+
+
+def test_bench_figures_follow_from_the_measured_times(monkeypatch, capsys):
+    """With the clock replaced by known times, every figure bench.py reports is the one worked
+    out by hand: ms/iter, tokens/s and MFU of a training step, each ratio the right way up."""
+    import bench
+    times = [0.010,  # train: 2 steps of 5 ms
+             0.003, 0.002,  # adamw, 1 step: ours 3 ms, torch's 2 ms
+             0.1, 0.4,  # generate 8 tokens: 80/s with the cache, 20/s without
+             0.06, 0.02]  # cpu_bf16, 1 step: fp32 60 ms, bf16 20 ms
+    calls = []
+
+    def fake_median_time(fn, repeats, sync, warmup=True):
+        fn()  # the code still runs, once
+        calls.append(fn)
+        assert len(calls) <= len(times), "bench timed more things than this test expects"
+        return times[len(calls) - 1]
+
+    monkeypatch.setattr(bench, "median_time", fake_median_time)
+    monkeypatch.setattr(plumbing, "measure_matmul_peak", lambda *args, **kwargs: 1e10)
+    monkeypatch.setitem(bench.CONFIGS, "baby", bench.CONFIGS["tiny"])  # adamw's: any will do
+    r = bench.main(["--device=cpu", "--config=tiny", "--repeats=1", "--skip=get_batch"])
+    assert len(calls) == len(times), f"{len(calls)} timings, expected {len(times)}"
+    assert r["peak_tflops"] == 0.01
+    # 128 tokens in 5 ms; 185,472 FLOPs a token (see test_bench_runs_and_reports) x 128 in
+    # 5 ms is 4.748e9 FLOP/s, 0.4748 of the 1e10 peak
+    assert r["train"] == {"params_M": 0.03, "ms_per_iter": 5.0, "tokens_per_s": 25600,
+                          "mfu": 0.475}, r["train"]
+    a = r["adamw"]
+    assert (a["ours_ms"], a["torch_ms"], a["ratio"]) == (3.0, 2.0, 1.5), a
+    g = r["generate"]
+    assert (g["cache_tokens_per_s"], g["no_cache_tokens_per_s"], g["speedup"]) == \
+        (80.0, 20.0, 4.0), g
+    assert r["cpu_bf16"] == {"tiny": {"fp32_ms": 60.0, "bf16_ms": 20.0, "speedup": 3.0}}
+    err = capsys.readouterr().err
+    assert "5.0 ms/iter, 25,600 tokens/s, MFU 47.5%" in err and "4.0x" in err, err
