@@ -9,6 +9,7 @@ and stop signals. Nothing here changes what the model computes or how it learns.
 import argparse
 import csv
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -377,6 +378,58 @@ def hms(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free now: CUDA's count, the CPU's MemAvailable (else its free pages); None if
+    unknown (MPS)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+RUN_FILES = ("ckpt.pt", "best.pt", "log.csv", "loss.png")  # what a run writes in its out_dir
+
+
+def keep_earlier_run(out_dir: Path, keep: int, log=print) -> Path | None:
+    """Before a new run in a used out_dir: move the earlier run's files into
+    out_dir/runs/<the time it last wrote>/, and delete the oldest kept runs beyond `keep` (0:
+    keep none). Returns the folder they went to, or None when there was nothing to keep."""
+    files = [out_dir / f for f in RUN_FILES if (out_dir / f).is_file()]
+    if not files:
+        return None
+    when = time.strftime("%Y-%m-%d_%H%M%S", time.localtime(max(f.stat().st_mtime
+                                                                 for f in files)))
+    runs = out_dir / "runs"
+    dest, n = runs / when, 1
+    while dest.exists():  # two runs in the same second
+        n += 1
+        dest = runs / f"{when}_{n}"
+    try:
+        dest.mkdir(parents=True)
+        for f in files:
+            os.replace(f, dest / f.name)
+    except OSError as e:
+        raise UserError(f"cannot keep the earlier run's files in {dest}: {e.strerror or e}; "
+                        "pass --overwrite to replace them, or pick another --out_dir") from None
+    log(f"the earlier run in {out_dir} ({', '.join(f.name for f in files)}) is now in {dest}")
+    kept = sorted((d for d in runs.iterdir() if d.is_dir()), key=lambda d: d.name)
+    for old in kept[:max(len(kept) - keep, 0)]:
+        shutil.rmtree(old, ignore_errors=True)
+        log(f"deleted {old}: --keep_runs {keep} keeps the newest {keep} earlier runs")
+    return None if keep == 0 else dest
+
+
 # -----------------------------------------------------------------------------
 # Logs and plots
 
@@ -485,20 +538,25 @@ class StopSignals:
     during one (`with signals.interruptible():`) raises StopNow at once. A second signal raises
     StopNow wherever the loop is, except inside `with signals.critical():` (the optimizer
     step, which must not be cut in half), where it sets `now` for the loop to see after it.
+    With at_once=False (DDP) a second signal outside an evaluation does no more than the first:
+    a rank that left mid-step would leave the others waiting in its collectives, so every rank
+    finishes the step and they stop together.
     The old handlers come back at the end. Windows has no SIGUSR1: it is skipped there."""
 
-    def __init__(self, log=print):
+    def __init__(self, log=print, at_once: bool = True):
         self.asked = self.now = self.in_critical = self.in_eval = False
-        self.log, self.old = log, {}
+        self.log, self.old, self.at_once = log, {}, at_once
 
     def handler(self, signum, frame):
         name = signal.Signals(signum).name
         if not self.asked:
             self.asked = True
-            self.log(f"\n{name}: saving and stopping after this step (again to stop at once)",
-                     flush=True)
+            again = "again to stop at once" if self.at_once else "every process finishes it"
+            self.log(f"\n{name}: saving and stopping after this step ({again})", flush=True)
             if self.in_eval:
                 raise StopNow(name)
+        elif not (self.at_once or self.in_eval):
+            return  # DDP: the first signal's stop, at the end of the step, on every rank
         elif self.in_critical:
             self.now = True
         else:

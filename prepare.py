@@ -293,20 +293,34 @@ def not_utf8(path: Path) -> str:
     return f"{path}: not UTF-8 text"
 
 
-def text_file_items(path: Path, chunk_chars: int):
-    """A text file: one document, read chunk_chars characters at a time."""
+def text_pieces(path: Path, chunk_chars: int):
+    """A UTF-8 text file's text, chunk_chars characters at a time, read the one way every script
+    reads a text file: UTF-16 refused, a byte-order mark opening the file dropped (utf-8-sig: it
+    is not part of the text), and Windows line ends read as "\n" (text mode), as this script
+    always has."""
     refuse_utf16(path)
-    yield "doc", str(path)
     try:
-        # utf-8-sig: a byte-order mark opening the file is not part of the text. Text mode also
-        # reads Windows line ends as "\n", as this script always has.
         with open(path, encoding="utf-8-sig") as f:
             while piece := f.read(chunk_chars):
-                yield "text", piece
+                yield piece
     except UnicodeDecodeError:
         raise PrepareError(not_utf8(path)) from None
     except OSError as e:
         raise PrepareError(f"cannot read {path}: {e.strerror}") from None
+
+
+def read_text_file(path: Path) -> str:
+    """A whole text file, read as --input reads it (see text_pieces); sample.py reads its
+    FILE: prompts and --score files with this, so they give the ids prepare.py would."""
+    return "".join(text_pieces(Path(path), CHUNK_CHARS))
+
+
+def text_file_items(path: Path, chunk_chars: int):
+    """A text file: one document, read chunk_chars characters at a time."""
+    refuse_utf16(path)
+    yield "doc", str(path)
+    for piece in text_pieces(path, chunk_chars):
+        yield "text", piece
 
 
 def checked_text(text, field_name: str, where: str) -> str:

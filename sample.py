@@ -16,7 +16,8 @@ The sampling itself is in gpt.py: generate_stream (the loop), then sample_next_t
 filters: temperature, top_k_filter and top_p_filter (nucleus sampling). This file loads the
 model, encodes the prompt, and prints. The tokenizer is rebuilt from the meta saved inside the
 checkpoint, so samples always use the vocabulary the model was trained with; GPT-2's weights
-come with GPT-2's BPE.
+come with GPT-2's BPE. A file (FILE:, --score) is read as prepare.py reads one. A flag that
+would do nothing in the mode asked for is refused: see TAKES_EFFECT.
 """
 
 import argparse
@@ -40,7 +41,14 @@ from plumbing import (
     run_checkpoint,
     str2bool,
 )
-from prepare import PrepareError, first_line, get_tokenizer, gpt2_encoding, make_problem
+from prepare import (
+    PrepareError,
+    first_line,
+    get_tokenizer,
+    gpt2_encoding,
+    make_problem,
+    read_text_file,
+)
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -83,9 +91,94 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--compile", type=str2bool, nargs="?", const=True, default=False,
-                   help="torch.compile the forward pass (speeds up --score; generation's "
+                   help="torch.compile the forward pass (--score only; generation's "
                         "shapes change every step, so it stays eager)")
     return p
+
+
+# Every flag takes effect in a mode, or is refused there in one line that says why (only a
+# flag given on the command line: the defaults never are). The mode, first match wins:
+#   score      --score FILE (any model, a task model's too)
+#   task       the checkpoint's meta has "task" (prepare.py's reverse or addition problems)
+#   attention  --attention PNG
+#   beams      --beam_width > 1
+#   greedy     --temperature=0: always the likeliest token
+#   sampling   otherwise
+#
+#   flag               sampling  greedy  beams  score  attention  task
+#   --init_from, --device, --dtype: every mode
+#   --out_dir          every mode, with --init_from=resume (refused with any other --init_from)
+#   --checkpoint       every mode, for a run folder (refused for a .pt file or GPT-2's weights)
+#   --start               Y        Y       Y      -        Y       Y
+#   --num_samples         Y        Y       Y      -        -       -
+#   --max_new_tokens      Y        Y       Y      -        -       -
+#   --temperature         Y        Y       -      -        -       -
+#   --top_k, --top_p      Y        -       -      -        -       -
+#   --seed                Y        -       -      -        -       -
+#   --stream              Y        Y       -      -        -       -
+#   --beam_width          Y (1)    Y (1)   Y      -        -       -
+#   --score_stride        -        -       -      Y        -       -
+#   --attention         (mode)   (mode)  (mode)   -        Y       -
+#   --attention_layers    -        -       -      -        Y       -
+#   --attention_heads     -        -       -      -        Y       -
+#   --compile             -        -       -      Y        -       -
+# (--attention picks its mode over sampling and beams: with it, the sampling flags and
+# --beam_width are the ones refused.)
+TAKES_EFFECT = {
+    "start": {"sampling", "greedy", "beams", "attention", "task"},
+    "num_samples": {"sampling", "greedy", "beams"},
+    "max_new_tokens": {"sampling", "greedy", "beams"},
+    "temperature": {"sampling", "greedy"},
+    "top_k": {"sampling"},
+    "top_p": {"sampling"},
+    "seed": {"sampling"},
+    "stream": {"sampling", "greedy"},
+    "beam_width": {"sampling", "greedy", "beams"},
+    "score_stride": {"score"},
+    "attention": {"attention"},
+    "attention_layers": {"attention"},
+    "attention_heads": {"attention"},
+    "compile": {"score"},
+}  # the other flags (init_from, out_dir, checkpoint, device, dtype) take effect in every mode
+MODE_NAME = {"sampling": "when sampling", "greedy": "with --temperature=0",
+             "beams": "with beam search (--beam_width > 1)", "score": "with --score",
+             "attention": "with --attention", "task": "with a task model"}
+WHY = {  # why a flag does nothing in a mode: the mode's reason, unless the flag has its own
+    "sampling": "sampling draws new tokens after the prompt",
+    "greedy": "greedy decoding always takes the likeliest token, it draws no random tokens",
+    "beams": "beam search keeps the likeliest sequences, it draws no random tokens",
+    "score": "--score only scores the file's text",
+    "attention": "--attention only draws the attention over the prompt, it generates nothing",
+    "task": "a task model only answers the problem in --start, greedily, with the answer's "
+            "fixed length",
+    ("stream", "beams"): "beam search cannot stream: the best beam is known only at the end",
+    ("start", "score"): "--score reads its text from the file, there is no prompt",
+    "score_stride": "it goes with --score only",
+    "attention_layers": "it goes with --attention only",
+    "attention_heads": "it goes with --attention only",
+    "compile": "only --score runs compiled (generation's shapes change every step, so it "
+               "stays eager; --attention is a single forward)",
+}
+
+
+def mode_of(args, meta: dict) -> str:
+    if args.score is not None:
+        return "score"
+    if meta.get("task"):
+        return "task"
+    if args.attention:
+        return "attention"
+    if args.beam_width > 1:
+        return "beams"
+    return "greedy" if args.temperature == 0 else "sampling"
+
+
+def refuse_ignored_flags(args, mode: str) -> None:
+    """The first flag given that would do nothing in this mode, refused in one line."""
+    for flag, modes in TAKES_EFFECT.items():
+        if flag in args.given and mode not in modes:
+            why = WHY.get((flag, mode)) or WHY.get(flag) or WHY[mode]
+            raise UserError(f"--{flag} has no effect {MODE_NAME[mode]}: {why}")
 
 
 def check_args(a) -> None:
@@ -105,7 +198,7 @@ def check_args(a) -> None:
 
 def main(argv=None) -> list[str] | dict:
     """The samples' texts, or with --score a dict of loss, perplexity and tokens."""
-    args = get_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return sample(args)
     except UserError as e:
@@ -113,10 +206,28 @@ def main(argv=None) -> list[str] | dict:
         sys.exit(2)
 
 
+def parse_args(argv=None):
+    """The flags, and in args.given the names of those given on the command line."""
+    p = get_parser()
+    args = p.parse_args(argv)
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    args.given = set(vars(p.parse_args(argv)))
+    return args
+
+
 def sample(args) -> list[str] | dict:
+    if not hasattr(args, "given"):  # built by hand, not by parse_args: everything was given
+        args.given = set(vars(args))
     check_args(args)
+    if "out_dir" in args.given and args.init_from != "resume":
+        raise UserError(f"--out_dir has no effect with --init_from={args.init_from}: it names "
+                        "the run that --init_from=resume loads")
     device = pick_device(args.device)
-    model, meta = load_model(args.init_from, Path(args.out_dir), device, args.checkpoint)
+    model, meta = load_model(args.init_from, Path(args.out_dir), device, args.checkpoint,
+                             "checkpoint" in args.given)
+    mode = mode_of(args, meta)
+    refuse_ignored_flags(args, mode)
     vocab_size = model.config.vocab_size
     if args.compile:
         model = torch.compile(model)
@@ -127,31 +238,41 @@ def sample(args) -> list[str] | dict:
     except PrepareError as e:  # GPT-2's BPE files could not be had
         raise UserError(str(e)) from None
 
-    if args.score is not None:
-        return score_file(model, args, encode, vocab_size, device, ctx)
-    if meta.get("task"):  # a model trained on prepare.py's reverse or addition problems
-        return answer_problem(model, meta, read_prompt(args.start or ""), encode, decode,
-                              device)
-    start_ids = encode_text(encode, read_prompt(args.start or default_prompt(meta)),
+    if mode == "score":
+        text = read_file(Path(args.score))
+        ids = encode_text(file_encoder(meta, encode), text, vocab_size, "text")
+        return score_file(model, args, ids, device, ctx)
+    if mode == "task":  # a model trained on prepare.py's reverse or addition problems
+        with ctx:
+            return answer_problem(model, meta, read_prompt(args.start or "")[1], encode,
+                                  decode, device)
+    from_file, text = read_prompt(args.start or default_prompt(meta))
+    start_ids = encode_text(file_encoder(meta, encode) if from_file else encode, text,
                             vocab_size, "prompt")
     if not start_ids:
         raise UserError("the prompt is empty")
     x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]  # (1, T)
-    if args.attention:
-        return draw_attention(model, x, token_bytes, args)
+    if mode == "attention":
+        with ctx:
+            return draw_attention(model, x, token_bytes, args)
     eot = meta.get("eot_token")  # GPT-2's <|endoftext|> ends a document; chars have none
-    if args.beam_width > 1:
+    if mode == "beams":
         return print_beams(model, x, args, ctx, decode, eot)
     return print_samples(model, x, args, ctx, decode, token_bytes, eot)
 
 
-def load_model(init_from: str, out_dir: Path, device,
-               which: str = "best") -> tuple[GPT, dict]:
+def load_model(init_from: str, out_dir: Path, device, which: str = "best",
+               which_given: bool = False) -> tuple[GPT, dict]:
     """The model and the meta its tokenizer is built from: our checkpoint alone (its config,
     weights and dataset meta), or GPT-2's weights, which always go with GPT-2's BPE.
     init_from is resume (out_dir), a checkpoint file or run folder of ours, or GPT-2's;
-    `which` is best (a folder's best.pt, or ckpt.pt while there is none) or latest (ckpt.pt)."""
-    path = run_checkpoint(out_dir if init_from == "resume" else Path(init_from), which)
+    `which` is best (a folder's best.pt, or ckpt.pt while there is none) or latest (ckpt.pt);
+    which_given: --checkpoint was given, so it is refused where there is no run folder."""
+    folder = out_dir if init_from == "resume" else Path(init_from)
+    path = run_checkpoint(folder, which)
+    if which_given and not (folder.is_dir() and path is not None):
+        raise UserError(f"--checkpoint has no effect with --init_from={init_from}: it picks "
+                        "best.pt or ckpt.pt in a run folder of ours")
     if path is None and init_from == "resume":
         path = out_dir / "ckpt.pt"  # there is none: load_checkpoint says how to train one
     if path is not None:
@@ -168,11 +289,22 @@ def load_model(init_from: str, out_dir: Path, device,
     return model.eval().to(device), meta
 
 
-def read_text(path: Path, what: str) -> str:
+def read_file(path: Path) -> str:
+    """A FILE: prompt or a --score file, read exactly as prepare.py reads a text file: UTF-8,
+    a byte-order mark opening it dropped, Windows line ends read as "\n", UTF-16 refused."""
     try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read the {what} file {path}: {e}") from None
+        return read_text_file(path)
+    except PrepareError as e:
+        raise UserError(str(e)) from None
+
+
+def file_encoder(meta: dict, encode):
+    """How text read from a file is encoded: as prepare.py encodes a document, so a literal
+    "<|endoftext|>" in it is plain text. (A prompt typed as --start=... is encoded by encode,
+    where "<|endoftext|>" is GPT-2's end-of-text token: ask for it by name.)"""
+    if meta["tokenizer"] == "gpt2":
+        return gpt2_encoding().encode_ordinary
+    return encode
 
 
 def default_prompt(meta: dict) -> str:
@@ -181,8 +313,9 @@ def default_prompt(meta: dict) -> str:
     return "\n" if chars is None or "\n" in chars else chars[0]
 
 
-def read_prompt(start: str) -> str:
-    return read_text(Path(start[5:]), "prompt") if start.startswith("FILE:") else start
+def read_prompt(start: str) -> tuple[bool, str]:
+    """(whether it came from a file, the prompt's text)."""
+    return (True, read_file(Path(start[5:]))) if start.startswith("FILE:") else (False, start)
 
 
 def encode_text(encode, text: str, vocab_size: int, what: str) -> list[int]:
@@ -284,8 +417,7 @@ def print_beams(model, x, args, ctx, decode, eot) -> list[str]:
 # Scoring: how surprised is the model by a text?
 
 
-def score_file(model, args, encode, vocab_size, device, ctx) -> dict:
-    ids = encode_text(encode, read_text(Path(args.score), "score"), vocab_size, "text")
+def score_file(model, args, ids: list[int], device, ctx) -> dict:
     if len(ids) < 2:
         raise UserError(f"{args.score} holds {len(ids)} token(s); scoring needs at least 2")
     with ctx:
@@ -305,9 +437,12 @@ def score(model: GPT, ids: torch.Tensor, stride: int = 1,
     first scores all L of its targets; each next one slides `stride` tokens right and scores
     only the targets that are new (a target of -1 carries no loss). With stride 1 every token
     sees all the context the model can take, for one window per token; with stride s a token
-    past the first window sees at least L - s + 1 tokens, for 1/s of the work.
+    past the first window sees at least L - s + 1 tokens, for 1/s of the work. A window holds
+    only L targets, so a stride wider than L slides by L: every token after the first is
+    scored exactly once, at any stride.
     """
     L = min(model.config.block_size, ids.numel() - 1)
+    stride = min(stride, L)  # wider would skip the targets between two windows
     ends = list(range(L, ids.numel() - 1, stride)) + [ids.numel() - 1]  # inputs ids[end-L:end]
     prevs = [0] + ends[:-1]  # targets up to ids[prev] were scored by the window before
     total, count = 0.0, 0
@@ -351,21 +486,35 @@ def answer_problem(model, meta, text, encode, decode, device) -> list[str]:
 # A picture of attention: who looks at whom
 
 
+MAX_TOKENS, MAX_PANELS, MAX_INCHES = 64, 16, 24  # the picture's caps: it fits a screen
+
+
 @torch.no_grad()
-def attention_maps(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+def attention_maps(model: GPT, idx: torch.Tensor, last: int | None = None) -> torch.Tensor:
     """Every layer's attention weights over the prompt idx (1, T): (n_layer, nh, T, T).
-    Row t holds how much token t attends to each token 0..t; each row sums to 1."""
+    Row t holds how much token t attends to each token 0..t; each row sums to 1. With `last`,
+    only the last `last` queries' weights on the last `last` keys are kept, and each layer's
+    are cut as soon as it has run: memory holds one layer's full weights, not all of them."""
     idx = idx[:, -model.config.block_size:]  # the model sees at most block_size tokens
     layers = [block.attn for block in model.transformer.h]
+    kept = []
+
+    def keep(attn, inputs, output):
+        kept.append(attn.att[0, :, -last:, -last:].float().cpu() if last else
+                    attn.att[0].float().cpu())
+        attn.att = None
+
+    hooks = [attn.register_forward_hook(keep) for attn in layers]
     with eval_mode(model):
         for attn in layers:
             attn.explicit = True  # the written-out formula, which keeps its weights
         try:
             model(idx)
         finally:
-            for attn in layers:
+            for attn, hook in zip(layers, hooks):
                 attn.explicit = False
-    return torch.stack([attn.att[0].float().cpu() for attn in layers])
+                hook.remove()
+    return torch.stack(kept)
 
 
 def pick(spec: str | None, n: int, what: str) -> list[int]:
@@ -383,32 +532,41 @@ def pick(spec: str | None, n: int, what: str) -> list[int]:
 
 def draw_attention(model, x, token_bytes, args) -> torch.Tensor:
     """Draw the chosen layers' and heads' attention over the prompt, a heatmap each, with the
-    tokens on both axes; returns the weights drawn (layers, heads, T, T)."""
+    tokens on both axes; returns the weights drawn (layers, heads, T, T).
+
+    The picture is capped so a screen can show it, whatever the prompt and the model: the last
+    MAX_TOKENS tokens (their weights on earlier tokens are left out, so a row may sum to less
+    than 1) and the first MAX_PANELS (layer, head) panels, in a grid at most MAX_INCHES wide
+    and high. What was left out is said, with the flags that pick other panels."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, no window
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("--attention needs matplotlib: pip install matplotlib") from None
-    maps = attention_maps(model, x)  # (n_layer, nh, T, T)
-    layers = pick(args.attention_layers, maps.size(0), "layer")
-    heads = pick(args.attention_heads, maps.size(1), "head")
-    maps = maps[layers][:, heads]
+    n_layer, n_head = model.config.n_layer, model.config.n_head
+    layers = pick(args.attention_layers, n_layer, "layer")
+    heads = pick(args.attention_heads, n_head, "head")
+    seen = min(x.size(1), model.config.block_size)  # the tokens the model attends over
+    maps = attention_maps(model, x, MAX_TOKENS)[layers][:, heads]  # (layers, heads, T, T)
     T = maps.size(-1)
     labels = [token_bytes(i).decode("utf-8", errors="replace") for i in x[0, -T:].tolist()]
     labels = [repr(s)[1:-1] for s in labels]  # '\n' shows as \n
-    size = max(2.0, 0.25 * T)
-    fig, axes = plt.subplots(len(layers), len(heads), squeeze=False,
-                             figsize=(size * len(heads), size * len(layers)))
-    for i, layer in enumerate(layers):
-        for j, head in enumerate(heads):
-            ax = axes[i][j]
-            ax.imshow(maps[i, j].numpy(), cmap="viridis", vmin=0, vmax=1)
-            ax.set_title(f"layer {layer}, head {head}", fontsize=8)
-            ax.set_xticks(range(T), labels, rotation=90, fontsize=6)
-            ax.set_yticks(range(T), labels, fontsize=6)
-            ax.set_xlabel("key (attended to)", fontsize=7)
-            ax.set_ylabel("query", fontsize=7)
+    panels = [(i, j) for i in range(len(layers)) for j in range(len(heads))][:MAX_PANELS]
+    cols = min(len(panels), len(heads), 4)
+    rows = math.ceil(len(panels) / cols)
+    size = min(max(2.0, 0.25 * T), MAX_INCHES / cols, MAX_INCHES / rows)  # inches a panel
+    font = max(2.0, min(6.0, 72 * size / (T + 6)))  # a label's height: what a token row has
+    fig, axes = plt.subplots(rows, cols, squeeze=False, figsize=(size * cols, size * rows))
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (i, j) in zip(axes.flat, panels):
+        ax.imshow(maps[i, j].numpy(), cmap="viridis", vmin=0, vmax=1)
+        ax.set_title(f"layer {layers[i]}, head {heads[j]}", fontsize=8)
+        ax.set_xticks(range(T), labels, rotation=90, fontsize=font)
+        ax.set_yticks(range(T), labels, fontsize=font)
+        ax.set_xlabel("key (attended to)", fontsize=7)
+        ax.set_ylabel("query", fontsize=7)
     fig.tight_layout()
     try:
         fig.savefig(args.attention, dpi=100)
@@ -418,6 +576,15 @@ def draw_attention(model, x, token_bytes, args) -> torch.Tensor:
         plt.close(fig)
     print(f"wrote {args.attention}: attention of {len(layers)} layer(s) x {len(heads)} "
           f"head(s) over {T} tokens")
+    if T < seen:
+        print(f"note: drew the last {T} of the prompt's {seen} tokens (their weights on the "
+              f"first {seen - T} are left out); a shorter --start shows others", file=sys.stderr)
+    if len(panels) < len(layers) * len(heads):
+        (i, j) = panels[-1]
+        print(f"note: drew {len(panels)} of {len(layers) * len(heads)} panels (layer "
+              f"{layers[0]} head {heads[0]} to layer {layers[i]} head {heads[j]}); pick others "
+              f"with --attention_layers and --attention_heads, e.g. "
+              f"--attention_layers={layers[-1]}", file=sys.stderr)
     return maps
 
 

@@ -9,12 +9,14 @@ Sections follow the files: data, model, optimizer and schedule, training, sampli
 tools. Tests marked slow run the scripts end to end or start subprocesses.
 """
 
+import contextlib
 import hashlib
 import itertools
 import json
 import math
 import os
 import pickle
+import re
 import signal
 import socket
 import subprocess
@@ -1517,6 +1519,25 @@ def test_training_learns_logs_and_plots(data_dir, tmp_path, capsys):
     assert "sample: " not in out and "never reaches its peak" in out
 
 
+def test_log_every_step_print_every_print_interval(data_dir, tmp_path, capsys):
+    """log.csv gets loss, lr and grad norm at every --log_interval step (cheap), the screen a
+    line every --print_interval, with the speed over the steps since the last line (in that
+    row too); the cpu preset logs every step, prints every 50 and evaluates every 25."""
+    preset = train.parse_args(["--preset=cpu"])
+    assert (preset.log_interval, preset.print_interval, preset.eval_interval) == (1, 50, 50)
+    assert preset.eval_iters == 20 and preset.max_iters == 250
+    train_tiny(data_dir, tmp_path, "--max_iters=6", "--eval_interval=3", "--print_interval=3")
+    out = capsys.readouterr().out
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("iter ")] == [
+        "iter 3", "iter 6"]
+    rows = [r for r in plumbing.read_log(tmp_path / "log.csv") if r["loss"]]
+    assert [int(r["iter"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(r["lr"] and r["grad_norm"] for r in rows)
+    assert [int(r["iter"]) for r in rows if r["ms_per_iter"]] == [3, 6]
+    evals = [int(r["iter"]) for r in plumbing.read_log(tmp_path / "log.csv") if r["val_loss"]]
+    assert evals == [0, 3, 6]
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--n_embd=30", "--n_head=4"], "divisible"),
     (["--block_size=5000"], "block_size"),  # longer than the 984-token val split
@@ -1532,6 +1553,9 @@ def test_training_learns_logs_and_plots(data_dir, tmp_path, capsys):
     (["--learning_rate=nan"], "finite"),
     (["--dropout=nan"], "finite"),
     (["--weight_decay=-0.1"], "weight_decay"),
+    (["--print_interval=0"], "--print_interval"),
+    (["--log_interval=2", "--print_interval=3"], "multiple of --log_interval"),
+    (["--keep_runs=-1"], "--keep_runs"),
 ])
 def test_train_bad_settings(data_dir, tmp_path, capsys, flags, message):
     err = run_main(capsys, train.main, CPU_TINY + [f"--data_dir={data_dir}", "--dataset=tiny",
@@ -1766,6 +1790,12 @@ def test_stop_signals_first_asks_second_stops_now():
     s = plumbing.StopSignals(quiet)
     with pytest.raises(plumbing.StopNow), s.interruptible():  # an evaluation is not waited for
         s.handler(signal.SIGINT, None)
+    s = plumbing.StopSignals(quiet, at_once=False)  # DDP: every rank finishes the step
+    for _ in range(2):
+        s.handler(signal.SIGTERM, None)
+        with s.critical():
+            s.handler(signal.SIGTERM, None)
+    assert s.asked and not s.now
 
 
 # Where a stop lands, and how many signals: (what is patched, which call, signals sent there)
@@ -1886,20 +1916,154 @@ def test_out_of_memory_names_the_flags_to_lower(data_dir, tmp_path, monkeypatch,
     assert "out of GPU memory" in err and "--batch_size" in err and "untouched" in err
 
 
+def test_run_too_big_for_memory_is_refused_before_anything(data_dir, tmp_path, capsys,
+                                                         monkeypatch):
+    """A model that cannot fit is refused before any allocation, in one line naming what it
+    needs, what is free, and the flags to lower; the allocator's own out-of-memory error, the
+    last resort, is the out-of-memory line too; any other RuntimeError is not hidden."""
+    err = run_main(capsys, lambda a: train_tiny(data_dir, tmp_path / "big", *a),
+                   ["--n_layer=1", "--n_embd=65536", "--max_iters=1"])
+    assert re.search(r"needs about [\d,.]+ GiB .* has [\d,.]+ GiB free", err), err
+    assert "--n_embd" in err and "--batch_size" in err
+    assert not (tmp_path / "big").exists(), "nothing written"
+    monkeypatch.setattr(plumbing, "free_memory", lambda device: 2**20)  # 1 MiB free
+    monkeypatch.setattr(train, "free_memory", plumbing.free_memory)
+    assert "has 0.0 GiB free" in run_main(capsys, lambda a: train_tiny(
+        data_dir, tmp_path / "small", *a), ["--max_iters=1"])
+    monkeypatch.setattr(train, "free_memory", lambda device: None)  # unknown: not checked
+    no_memory = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 TiB"
+    for error, code in ((no_memory, 1), ("something else", None)):
+        def build(*args, error=error):
+            raise RuntimeError(error)
+
+        monkeypatch.setattr(train, "build_model", build)
+        if code is None:
+            with pytest.raises(RuntimeError, match="something else"):
+                train_tiny(data_dir, tmp_path / "out", "--max_iters=1")
+            continue
+        with pytest.raises(SystemExit) as e:
+            train_tiny(data_dir, tmp_path / "out", "--max_iters=1")
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == code and len(err.splitlines()) == 1, err
+        assert "out of CPU memory" in err and "--batch_size" in err
+
+
+def test_earlier_runs_kept_are_bounded(tmp_path):
+    """keep_earlier_run moves a run's files to runs/<the time it last wrote>/ and keeps the
+    newest `keep` of them, saying which it deletes; runs in the same second do not collide."""
+    said = []
+    for i, t in enumerate([1e9, 1e9 + 100, 1e9 + 100, 1e9 + 200]):
+        for name in ("ckpt.pt", "log.csv"):
+            (tmp_path / name).write_bytes(bytes([i]))
+            os.utime(tmp_path / name, (t, t))
+        dest = plumbing.keep_earlier_run(tmp_path, 2, log=said.append)
+        assert (dest / "ckpt.pt").read_bytes() == bytes([i]) and not (tmp_path / "ckpt.pt").exists()
+    stamp = time.strftime("%Y-%m-%d_%H%M%S", time.localtime(1e9 + 100))
+    later = time.strftime("%Y-%m-%d_%H%M%S", time.localtime(1e9 + 200))
+    assert sorted(d.name for d in (tmp_path / "runs").iterdir()) == [f"{stamp}_2", later]
+    deleted = [m for m in said if m.startswith("deleted")]
+    assert len(deleted) == 2 and all("--keep_runs 2" in m for m in deleted)
+    assert plumbing.keep_earlier_run(tmp_path, 2) is None, "nothing to keep"
+    (tmp_path / "best.pt").write_bytes(b"x")
+    assert plumbing.keep_earlier_run(tmp_path, 0) is None, "--keep_runs 0 keeps none"
+    assert list((tmp_path / "runs").iterdir()) == [] and not (tmp_path / "best.pt").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """(data_dir, out_dir) of a 2-step run whose n_head (5) does not divide the default
+    n_embd (384): n_layer 2, n_head 5, n_embd 40, block_size 32, no bias, GPT-2's switches."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    (root / "input.txt").write_text(TEXT, encoding="utf-8")
+    prepare.main(["--input", str(root / "input.txt"), "--dataset", "tiny", "--data_dir",
+                  str(root / "data")])
+    train_tiny(root / "data", root / "out", "--n_head=5", "--n_embd=40", "--max_iters=2",
+               "--eval_interval=2")
+    return root / "data", root / "out"
+
+
+DIFFERENT_SHAPE = {"n_layer": "4", "n_head": "4", "n_embd": "60", "block_size": "16",
+                   "bias": "True", "pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu",
+                   "qk_norm": "True"}
+
+
+@pytest.mark.parametrize("mode,flag", [
+    pytest.param(mode, flag, marks=[slow] if mode == "gpt2" else [])
+    for mode, rules in train.SHAPE_RULES.items() for flag, rule in rules.items()
+    if rule == "kept"])
+def test_every_shape_flag_takes_effect_or_is_refused(tiny_run, tmp_path, capsys, request, mode,
+                                                     flag):
+    """train.py's table of flags against modes (SHAPE_RULES): every cell where a flag would
+    be ignored (the loaded weights keep their shape) refuses a different value in one line
+    that names the flag and the mode, before anything is written or loaded."""
+    data, out = tiny_run
+    value = "False" if (mode, flag) == ("gpt2", "bias") else DIFFERENT_SHAPE[flag]
+    source = {"resume": "resume", "checkpoint": out,
+              "gpt2": mode == "gpt2" and request.getfixturevalue("hf_gpt2")[0]}[mode]
+    new = out if mode == "resume" else tmp_path / "new"
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()  # (transformers' warnings, writing the GPT-2 folder)
+    err = run_main(capsys, train.main, ["--device=cpu", "--compile=False", f"--data_dir={data}",
+                                        "--dataset=tiny", f"--out_dir={new}",
+                                        f"--init_from={source}", "--max_iters=4",
+                                        f"--{flag}={value}"])
+    assert f"--{flag} {value}" in err and (f"drop --{flag}" in err or "drop the flag" in err)
+    assert {"resume": "to resume", "checkpoint": "started from a checkpoint",
+            "gpt2": "GPT-2 weights"}[mode] in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert mode == "resume" or not new.exists()
+
+
+def test_shape_checks_use_the_shape_the_model_has(tiny_run, tmp_path):
+    """n_embd % n_head is checked on the model's shape, not on flags it replaces: n_head 5
+    with the default n_embd (384) is fine when the weights have n_embd 40."""
+    data, out = tiny_run
+    flags = ["--device=cpu", "--compile=False", f"--data_dir={data}", "--dataset=tiny",
+             "--eval_iters=1", "--batch_size=4", "--sample_every=0", "--n_head=5"]
+    result = train.main(flags + [f"--init_from={out}", f"--out_dir={tmp_path / 'ft'}",
+                                 "--max_iters=1", "--block_size=16", "--dropout=0.1"])
+    ckpt = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=True)
+    assert result["iter_num"] == 1 and ckpt["model_args"]["n_embd"] == 40
+    assert (ckpt["model_args"]["block_size"], ckpt["model_args"]["dropout"]) == (16, 0.1)
+
+
+@slow
+def test_gpt2_weights_give_the_shape_not_given(hf_gpt2, data_dir):
+    """--init_from=<a GPT-2 folder>: shape flags not given are the model's (block_size: ours,
+    capped at its context), read from its config.json before any weights are loaded."""
+    folder, _ = hf_gpt2
+    args = train.parse_args(["--device=cpu", f"--data_dir={data_dir}", "--dataset=tiny",
+                             f"--init_from={folder}", "--dropout=0.05"])
+    train.check_args(args)
+    train.resolve_args(args, None, 0, 1)
+    assert (args.n_layer, args.n_head, args.n_embd, args.bias) == (2, 2, 32, True)
+    assert (args.block_size, args.pos_emb, args.dropout) == (64, "learned", 0.05)
+
+
 @slow
 def test_scratch_run_never_replaces_a_checkpoint(data_dir, tmp_path, capsys):
+    """A new run in a used out_dir loses nothing: the earlier run's files move, byte for byte,
+    to out_dir/runs/<its time>/, and the message says where; --overwrite replaces them."""
     out = tmp_path / "out"
     train_tiny(data_dir, out, "--max_iters=6", "--eval_interval=3")
     files = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "train.lock"}
     assert {"ckpt.pt", "best.pt", "log.csv", "loss.png"} <= files.keys()
-    err = run_main(capsys, lambda a: train_tiny(data_dir, out, *a), ["--max_iters=3"])
-    assert "--overwrite" in err and f"--init_from=resume --out_dir={out}" in err
-    # an evaluation alone writes nothing: no checkpoint, no log row, no plot
+    # an evaluation alone writes nothing: no checkpoint, no log row, no plot, nothing moved
     for flags in (["--init_from=resume"], []):
         train_tiny(data_dir, out, "--eval_only", *flags)
         assert "step " in capsys.readouterr().out
         assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in files} == files
+    assert not (out / "runs").exists()
+    train_tiny(data_dir, out, "--max_iters=3")
+    [kept] = (out / "runs").iterdir()
+    assert {p.name: p.read_bytes() for p in kept.iterdir()} == files, "nothing lost"
+    assert f"is now in {kept}" in capsys.readouterr().out
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 3
+    assert train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=4"])[
+        "iter_num"] == 4, "resume continues the new run, in place"
+    assert list((out / "runs").iterdir()) == [kept]
     train_tiny(data_dir, out, "--max_iters=2", "--overwrite")
+    assert list((out / "runs").iterdir()) == [kept], "--overwrite replaces without keeping"
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 2
     assert torch.load(out / "best.pt", weights_only=True)["iter_num"] == 2
 
@@ -2132,10 +2296,13 @@ def test_init_from_gpt2_refuses_switches_before_any_download(data_dir, tmp_path,
     naming the flags to drop, before anything is downloaded (or found missing)."""
     monkeypatch.setattr(gpt, "from_pretrained",
                         lambda *a, **k: pytest.fail("GPT-2 was fetched before the flags' check"))
-    err = run_main(capsys, train.main, CPU_TINY + [
-        f"--data_dir={data_dir}", "--dataset=tiny", f"--out_dir={tmp_path / 'out'}",
-        "--init_from=gpt2", "--pos_emb=rope", "--qk_norm"])
-    assert "--init_from gpt2 loads GPT-2's architecture: drop --pos_emb, --qk_norm" in err, err
+    err = run_main(capsys, train.main, [
+        "--device=cpu", f"--data_dir={data_dir}", "--dataset=tiny",
+        f"--out_dir={tmp_path / 'out'}", "--init_from=gpt2", "--pos_emb=rope", "--qk_norm"])
+    assert err.endswith("--pos_emb rope, --qk_norm True, but gpt2 has pos_emb learned, qk_norm "
+                        "False: a run from GPT-2 weights keeps GPT-2's architecture (drop "
+                        "--pos_emb, --qk_norm)"), err
+    assert not (tmp_path / "out").exists()
 
 
 @slow
@@ -2244,6 +2411,102 @@ def test_ddp_two_processes_match_one(data_dir, tmp_path):
                for d in ("ddp", "one")]
     np.testing.assert_allclose([v for _, v in history[0]], [v for _, v in history[1]],
                                rtol=1e-5)
+
+
+# A torchrun child that sends SIGTERM to rank 0 alone, from inside one call of train.py
+DDP_STOP_CHILD = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import train
+name, at_call, signals = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+original, calls = getattr(train, name), []
+
+def signalled(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == at_call and os.environ["RANK"] == "0":
+        for _ in range(signals):
+            signal.raise_signal(signal.SIGTERM)
+    return original(*args, **kwargs)
+
+setattr(train, name, signalled)
+train.main(sys.argv[4:])
+"""
+
+# Where a stop reaches rank 0 (what is patched, which call, signals sent there); rank 1 goes
+# on to the next step
+DDP_STOP_POINTS = {
+    "in a training step": ("clip_grad_norm", 3, 1),
+    "in an evaluation": ("estimate_loss", 2, 1),
+    "in a checkpoint save": ("save_checkpoint", 1, 1),
+    "in a sample": ("generate_and_print_sample", 2, 1),
+    "two signals, in a training step": ("clip_grad_norm", 3, 2),
+}
+
+
+@slow
+@pytest.mark.parametrize("point", DDP_STOP_POINTS)
+def test_ddp_stop_on_rank_0_stops_every_rank(data_dir, tmp_path, point):
+    """Under torchrun, SIGTERM to rank 0 alone, wherever it is (rank 1 is then waiting in the
+    next step's collectives): every rank stops, torchrun exits 0, no traceback, and resuming
+    the saved state makes the same updates as a run never stopped."""
+    flags = [*CPU_TINY, f"--data_dir={data_dir}", "--dataset=tiny", "--dropout=0",
+             "--max_iters=8", "--eval_interval=4", "--lr_decay_iters=8", "--sample_every=4",
+             "--gradient_accumulation_steps=2"]
+    child = tmp_path / "child.py"
+    child.write_text(DDP_STOP_CHILD.format(root=str(ROOT)), encoding="utf-8")
+    name, at_call, signals = DDP_STOP_POINTS[point]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2", str(child), name, str(at_call), str(signals), *flags,
+                          f"--out_dir={tmp_path / 'ddp'}"],
+                         cwd=ROOT, timeout=120, capture_output=True, text=True, check=False)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0 and "Traceback" not in out, out[-5000:]
+    stopped_at = plumbing.load_checkpoint(tmp_path / "ddp" / "ckpt.pt")["iter_num"]
+    assert 0 < stopped_at < 8 and f"stopped at iteration {stopped_at}" in out, out[-5000:]
+    resumed = train.main(["--init_from=resume", f"--out_dir={tmp_path / 'ddp'}"])
+    full = train.main(flags + [f"--out_dir={tmp_path / 'full'}"])
+    assert resumed["iter_num"] == 8 and [it for it, _ in resumed["history"]][-1] == 8
+    losses = dict(full["history"])
+    for it, loss in resumed["history"]:
+        assert loss == pytest.approx(losses[it], abs=1e-5), f"iteration {it}, stopped {point}"
+    assert_same_params(ckpt_params(tmp_path / "ddp"), ckpt_params(tmp_path / "full"), atol=1e-5)
+
+
+def rank_0_pid(torchrun: subprocess.Popen) -> int:
+    """The pid of torchrun's child with RANK=0, found in /proc (Linux)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == torchrun.pid and b"RANK=0" in (proc / "environ").read_bytes().split(b"\0"):
+                return int(proc.name)
+        except (OSError, ValueError, IndexError):  # not a process, or one that has ended
+            continue
+    raise AssertionError(f"no child of torchrun (pid {torchrun.pid}) has RANK=0")
+
+
+@slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux's /proc")
+def test_ddp_kill_of_rank_0_mid_evaluation_stops_every_rank(data_dir, tmp_path):
+    """`kill -TERM` of rank 0 alone while it evaluates for hours and rank 1 waits for it: both
+    stop at once, torchrun exits 0 with no traceback, and iteration 2 is saved."""
+    train_tiny(data_dir, tmp_path, "--max_iters=1", "--gradient_accumulation_steps=2")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", "train.py", "--init_from=resume",
+                             f"--out_dir={tmp_path}", "--max_iters=100", "--eval_interval=2",
+                             "--eval_iters=10000000"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            start_new_session=True)
+    try:
+        wait_for(proc, "iter 2:")  # next, rank 0 evaluates, and rank 1 waits for it
+        os.kill(rank_0_pid(proc), signal.SIGTERM)
+        out = finish(proc)
+    finally:  # a failed wait kills torchrun alone: its workers too
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0 and "Traceback" not in out, out[-5000:]
+    assert "stopped at iteration 2" in out, out[-5000:]
+    assert plumbing.load_checkpoint(tmp_path / "ckpt.pt")["iter_num"] == 2
 
 
 class Evil:
@@ -2573,6 +2836,170 @@ def test_score_long_text_slides_its_window(stride):
         assert window_start(40) == 24  # full context: 16 tokens
 
 
+@pytest.mark.parametrize("n,stride", [(34, 17), (34, 1), (34, 3), (34, 16), (50, 5),
+                                      (50, 40), (50, 1000)])
+def test_score_every_token_once_at_any_stride(n, stride):
+    """Every token after the first is scored once, at any stride: a stride wider than the
+    window (block_size 16) slides it by 16, never past targets it did not score."""
+    m = tiny_model().eval()
+    ids = torch.randint(0, 11, (n,), generator=torch.Generator().manual_seed(1))
+    nll, count = sample.score(m, ids, stride=stride, batch_size=3)
+    step, ends = min(stride, 16), [16]  # brute force: the windows, one at a time
+    while ends[-1] < n - 1:
+        ends.append(min(ends[-1] + step, n - 1))
+
+    def window_start(t):  # token t is scored in the first window that reaches it
+        return next(e for e in ends if e >= t) - 16 if t > 16 else 0
+
+    assert count == n - 1
+    assert nll == pytest.approx(brute_force_nll(m, ids, window_start), abs=1e-5)
+
+
+def save_model(path: Path, meta: dict, seed=0, **cfg) -> str:
+    """A random model with this dataset meta, saved as our checkpoint: --init_from=path."""
+    torch.manual_seed(seed)
+    cfg = GPTConfig(**{**TINY.__dict__, "vocab_size": meta["vocab_size"], **cfg})
+    plumbing.save_checkpoint({"model": GPT(cfg).state_dict(), "model_args": dict(cfg.__dict__),
+                              "meta": meta}, path)
+    return f"--init_from={path}"
+
+
+@pytest.fixture(scope="module")
+def flag_models(tmp_path_factory) -> dict:
+    """--init_from flags for a character model and a reverse-task model; a text to score."""
+    root = tmp_path_factory.mktemp("flags")
+    (root / "in.txt").write_text("abc de\nfg hij\n" * 20, encoding="utf-8")
+    meta = prepare.main(["--input", str(root / "in.txt"), "--dataset", "c",
+                         "--data_dir", str(root)])
+    prepare.main(["--dataset", "reverse", "--data_dir", str(root), "--digits=3",
+                  "--num_train=20", "--num_val=5"])
+    task = json.loads((root / "reverse" / "meta.json").read_text(encoding="utf-8"))
+    return {"char": save_model(root / "c.pt", meta), "root": root,
+            "task": save_model(root / "t.pt", task, block_size=task["example_len"] - 1)}
+
+
+MODE_FLAGS = {"sampling": [], "greedy": ["--temperature=0"], "beams": ["--beam_width=2"],
+              "score": ["--score={root}/in.txt"], "attention": ["--attention={root}/a.png"],
+              "task": []}
+FLAG_VALUES = {"start": "--start=ab", "num_samples": "--num_samples=2",
+               "max_new_tokens": "--max_new_tokens=3", "temperature": "--temperature=1.5",
+               "top_k": "--top_k=3", "top_p": "--top_p=0.5", "seed": "--seed=3",
+               "stream": "--stream=False", "beam_width": "--beam_width=2",
+               "score_stride": "--score_stride=2", "attention": "--attention={root}/a.png",
+               "attention_layers": "--attention_layers=0", "attention_heads": "--attention_heads=0",
+               "compile": "--compile"}
+REFUSED_CELLS = [(flag, mode) for flag, modes in sample.TAKES_EFFECT.items()
+                 for mode in sample.MODE_NAME if mode not in modes
+                 and not (flag == "attention" and mode in ("sampling", "greedy", "beams"))]
+
+
+def test_flag_table_covers_every_flag():
+    flags = {a.dest for a in sample.get_parser()._actions} - {"help"}
+    every_mode = {"init_from", "out_dir", "checkpoint", "device", "dtype", "score"}
+    assert flags == set(sample.TAKES_EFFECT) | every_mode == set(FLAG_VALUES) | every_mode
+
+
+@pytest.mark.parametrize("flag,mode", REFUSED_CELLS)
+def test_flag_without_effect_in_a_mode_is_refused(flag_models, capsys, flag, mode):
+    """e.g. --beam_width=4 --temperature=1.5: one line naming the flag and the mode, exit 2."""
+    argv = [flag_models["task" if mode == "task" else "char"], "--device=cpu",
+            *MODE_FLAGS[mode], FLAG_VALUES[flag]]
+    argv = [a.format(root=flag_models["root"]) for a in argv]
+    capsys.readouterr()
+    err = run_main(capsys, sample.main, argv)
+    assert f"--{flag} has no effect {sample.MODE_NAME[mode]}: " in err, err
+
+
+@slow
+def test_flags_that_take_effect_change_the_output(flag_models, tmp_path, capsys):
+    char = [flag_models["char"], "--device=cpu", "--start=ab", "--stream=False"]
+    few = char + ["--num_samples=1", "--max_new_tokens=20"]
+    base = sample.main(few)
+    for flag in ("--temperature=3", "--top_k=1", "--top_p=0.05", "--seed=7"):
+        assert sample.main(few + [flag]) != base, flag
+    beams = [flag_models["char"], "--device=cpu", "--start=ab", "--beam_width=3"]
+    assert len(sample.main(beams + ["--num_samples=2", "--max_new_tokens=4"])) == 2
+    assert len(sample.main(beams + ["--num_samples=1", "--max_new_tokens=4"])[0]) == 2 + 4
+    score = [flag_models["char"], "--device=cpu", f"--score={flag_models['root']}/in.txt"]
+    assert sample.main(score)["loss"] != sample.main(score + ["--score_stride=9"])["loss"]
+    assert sample.main(score + ["--score_stride=9"])["tokens"] == 279
+    png = [flag_models["char"], "--device=cpu", f"--attention={tmp_path / 'a.png'}"]
+    assert sample.main(png + ["--start=ab", "--attention_heads=1"]).shape == (2, 1, 2, 2)
+    assert sample.main(png + ["--start=abc d"]).shape == (2, 2, 5, 5)
+    # flags that take effect everywhere but name a model: refused where there is none to name
+    assert "--out_dir has no effect" in run_main(capsys, sample.main, char + ["--out_dir=x"])
+    assert "--checkpoint has no effect" in run_main(capsys, sample.main,
+                                                    char + ["--checkpoint=latest"])
+
+
+def test_score_stride_wider_than_the_window_cli(flag_models, tmp_path, capsys):
+    """The issue's example: 34 characters, block_size 16, --score_stride=17: 33 scored."""
+    (tmp_path / "s.txt").write_text(("abc de\nfg hij\n" * 3)[:34], encoding="utf-8")
+    argv = [flag_models["char"], "--device=cpu", f"--score={tmp_path / 's.txt'}"]
+    one = sample.main(argv)
+    wide = sample.main(argv + ["--score_stride=17"])
+    assert one["tokens"] == wide["tokens"] == 33
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "gpt2"])
+def test_files_are_read_as_prepare_reads_them(tmp_path, capsys, monkeypatch, tokenizer):
+    """A byte-order mark, Windows line ends and a literal <|endoftext|>: prepare.py --input,
+    sample.py --score and --start=FILE: give the same ids. UTF-16 is refused alike."""
+    src = tmp_path / "in.txt"
+    half = "Hello <|endoftext|> world.\r\nBye.\r\n"  # val starts with the second half
+    src.write_bytes(("\ufeff" + half * 2).encode("utf-8"))
+    meta = run(tmp_path, "--input", str(src), "--tokenizer", tokenizer, "--val_fraction=0.5")
+    train_ids, val_ids = bins(tmp_path)
+    prepared = train_ids + val_ids
+    assert prepare.get_tokenizer(meta)[1](prepared) == half.replace("\r\n", "\n") * 2
+    init = save_model(tmp_path / "m.pt", meta, n_embd=8, block_size=64)
+    seen = []
+    monkeypatch.setattr(sample, "score", lambda m, ids, stride: (seen.append(ids.tolist()),
+                                                                  (1.0, len(ids) - 1))[1])
+
+    def generate_stream(self, idx, *args, **kwargs):
+        seen.append(idx[0].tolist())
+        yield from ()
+
+    monkeypatch.setattr(GPT, "generate_stream", generate_stream)
+    sample.main([init, "--device=cpu", f"--score={src}"])
+    one = [init, "--device=cpu", "--num_samples=1", "--max_new_tokens=2"]
+    sample.main(one + [f"--start=FILE:{src}"])
+    assert seen == [prepared, prepared]
+    if tokenizer == "gpt2":  # typed on the command line, <|endoftext|> is the token
+        sample.main(one + ["--start=<|endoftext|>"])
+        assert seen[-1] == [EOT_ID]
+    src.write_bytes("Hello".encode("utf-16"))
+    said = fail(capsys, tmp_path, "--input", str(src)).split("error: ", 1)[1]
+    assert "UTF-16" in said
+    for flag in (f"--score={src}", f"--start=FILE:{src}"):
+        assert run_main(capsys, sample.main, [init, "--device=cpu", flag]) == (
+            f"sample.py: error: {said}")
+
+
+@slow
+def test_attention_picture_is_capped(tmp_path, capsys):
+    """12 heads, 2 layers, a 200-token prompt: the last 64 tokens and 16 of the 24 panels are
+    drawn, in an image a screen can show, and the note says what was left out."""
+    Image = pytest.importorskip("PIL.Image")
+    chars = list("\n abcdefghij")
+    init = save_model(tmp_path / "m.pt", {"tokenizer": "char", "chars": chars,
+                                          "vocab_size": len(chars)},
+                      n_head=12, n_embd=24, block_size=256)
+    png = tmp_path / "a.png"
+    capsys.readouterr()
+    maps = sample.main([init, "--device=cpu", "--start=" + "abcdefghij" * 20,
+                        f"--attention={png}"])
+    assert maps.shape == (2, 12, 64, 64)
+    width, height = Image.open(png).size
+    limit = 100 * sample.MAX_INCHES
+    assert width <= limit and height <= limit
+    err = capsys.readouterr().err
+    assert "the last 64 of the prompt's 200 tokens" in err
+    assert "drew 16 of 24 panels (layer 0 head 0 to layer 1 head 3)" in err
+    assert "--attention_layers" in err
+
+
 @pytest.fixture
 def ckpt_dir(data_dir, tmp_path) -> Path:
     out = tmp_path / "out"
@@ -2630,7 +3057,7 @@ def test_sample_errors(ckpt_dir, tmp_path, capsys):
     few = [f"--out_dir={ckpt_dir}", "--num_samples=1", "--max_new_tokens=20", "--stream=False"]
     assert sample.main(few + ["--temperature=1e-45"]) == sample.main(few + ["--temperature=0"])
     # fewer beams than samples asked for: said, not silently fewer
-    texts = sample.main(few + ["--beam_width=2", "--num_samples=5"])
+    texts = sample.main(few[:-1] + ["--beam_width=2", "--num_samples=5"])  # no --stream
     assert len(texts) == 2 and "prints 2 of the 5" in capsys.readouterr().err
 
 

@@ -45,7 +45,9 @@ from plumbing import (
     bf16_speedup,
     device_peak_flops,
     flops_per_token,
+    free_memory,
     hms,
+    keep_earlier_run,
     load_checkpoint,
     mean_over_ranks,
     model_from_checkpoint,
@@ -276,7 +278,8 @@ def train_loop(args, t: Training) -> dict:
     iter_num, best_val_loss, history = t.iter_num, t.best_val_loss, t.history
     meter = make_meter(args, run, iter_num)  # ms/iter, tokens/s, MFU, time left
     losses, stop, rng = {}, False, None
-    with StopSignals(run.log) as signals:  # Ctrl-C, SIGTERM: finish the step, save, stop
+    # Ctrl-C, SIGTERM: finish the step, save, stop (a second one: at once, without DDP)
+    with StopSignals(run.log, at_once=run.world_size == 1) as signals:
         try:
             while not stop:
                 rng = step_rng_state(t.batches.generator)  # a stop before the step is whole
@@ -291,9 +294,9 @@ def train_loop(args, t: Training) -> dict:
                 # 2) evaluate now and then, and at the very end; save the latest state
                 last = iter_num >= args.max_iters
                 if iter_num % args.eval_interval == 0 or last or args.eval_only:
-                    losses, best_val_loss = evaluate_and_save(args, run, iter_num, best_val_loss,
-                                                              history, meter, signals)
-                if last or args.eval_only:
+                    losses, best_val_loss, stop = evaluate_and_save(
+                        args, run, iter_num, best_val_loss, history, meter, signals, losses)
+                if last or args.eval_only or stop:  # a stop there: every rank, before the step
                     break
 
                 # 3) forward, backward over this step's micro-batches; gradients add up
@@ -342,20 +345,25 @@ def train_loop(args, t: Training) -> dict:
 # Settings
 
 
-# Named sets of defaults; flags given on the command line still win over them.
+# Named sets of defaults; flags given on the command line still win over them. The CPU presets
+# log every step to log.csv (cheap), print every 50 or 100, and evaluate 6 times, so loss.png
+# has curves with a shape: evaluation has its own generator, so training is the same as with
+# one evaluation at the end (the same final val loss), and it costs ~6% more time.
 PRESETS = {
     # The fast CPU recipe: nanoGPT's CPU recipe's val loss in under a quarter of its time, with
     # the modern switches and Muon (the searches that found it are in RESULTS.md).
     "cpu": {"device": "cpu", "compile": False, "n_layer": 2, "n_head": 4, "n_embd": 128,
             "block_size": 64, "batch_size": 24, "max_iters": 250, "learning_rate": 4e-3,
-            "warmup_iters": 30, "min_lr": 1e-4, "dropout": 0.0, "eval_interval": 250,
-            "eval_iters": 20, "log_interval": 50, "sample_every": 0, "pos_emb": "rope",
+            "warmup_iters": 30, "min_lr": 1e-4, "dropout": 0.0, "eval_interval": 50,
+            "eval_iters": 20, "log_interval": 1, "print_interval": 50, "sample_every": 0,
+            "pos_emb": "rope",
             "norm": "rmsnorm", "mlp": "relu2", "qk_norm": True, "optimizer": "muon"},
     # The same model, longer: 0.15 and more below nanoGPT's CPU recipe in its time
     "cpu_best": {"device": "cpu", "compile": False, "n_layer": 2, "n_head": 4, "n_embd": 128,
                  "block_size": 64, "batch_size": 24, "max_iters": 1100, "learning_rate": 4e-3,
-                 "warmup_iters": 30, "min_lr": 1e-4, "dropout": 0.0, "eval_interval": 1100,
-                 "eval_iters": 20, "log_interval": 100, "sample_every": 0, "pos_emb": "rope",
+                 "warmup_iters": 30, "min_lr": 1e-4, "dropout": 0.0, "eval_interval": 220,
+                 "eval_iters": 20, "log_interval": 1, "print_interval": 100, "sample_every": 0,
+                 "pos_emb": "rope",
                  "norm": "rmsnorm", "mlp": "relu2", "qk_norm": True, "optimizer": "muon"},
     # nanoGPT's config files, so its documented command lines run unchanged, e.g.
     # `python train.py config/train_shakespeare_char.py --device=cpu ...`
@@ -394,7 +402,11 @@ def get_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("I/O")
     g.add_argument("--out_dir", default="out", help="where checkpoints and logs go")
     g.add_argument("--eval_interval", type=int, default=250, help="evaluate every this many steps")
-    g.add_argument("--log_interval", type=int, default=10, help="print a line every this many")
+    g.add_argument("--log_interval", type=int, default=10,
+                   help="a log.csv row (loss, lr, grad norm) every this many steps")
+    g.add_argument("--print_interval", type=int, default=None,
+                   help="print a line every this many steps, a multiple of log_interval "
+                        "(default: log_interval)")
     g.add_argument("--eval_iters", type=int, default=200, help="batches per loss estimate")
     flag("--eval_only", False, "evaluate once and exit")
     flag("--always_save_checkpoint", False, "accepted for nanoGPT's command lines: the latest "
@@ -403,8 +415,11 @@ def get_parser() -> argparse.ArgumentParser:
                    help="scratch, resume (from out_dir/ckpt.pt, with that run's settings), "
                         "a checkpoint of ours or its run folder (a new run from its weights), "
                         "gpt2[-medium|-large|-xl] or a folder of GPT-2 weights")
-    flag("--overwrite", False, "start afresh in an out_dir that holds another run's checkpoint, "
-         "replacing it (without this, such a run is refused)")
+    flag("--overwrite", False, "start afresh in an out_dir that holds another run, replacing "
+         "its files (without this, they are moved to out_dir/runs/<its time>/)")
+    g.add_argument("--keep_runs", type=int, default=5,
+                   help="how many earlier runs out_dir/runs/ keeps: the oldest beyond this "
+                        "many are deleted")
     g.add_argument("--sample_every", type=int, default=None,
                    help="print a short sample every this many steps, at an eval (default: "
                         "eval_interval; 0 = never)")
@@ -496,8 +511,12 @@ def check_args(a) -> None:
                  "eval_interval", "log_interval", "gradient_accumulation_steps"):
         if getattr(a, name) <= 0:
             raise UserError(f"--{name} must be positive")
-    if a.n_embd % a.n_head != 0:
-        raise UserError(f"n_embd ({a.n_embd}) must be divisible by n_head ({a.n_head})")
+    if a.print_interval is not None and (a.print_interval <= 0
+                                         or a.print_interval % a.log_interval):
+        raise UserError(f"--print_interval ({a.print_interval}) must be a positive multiple of "
+                        f"--log_interval ({a.log_interval})")
+    if a.keep_runs < 0:
+        raise UserError(f"--keep_runs cannot be negative, got {a.keep_runs}")
     if a.learning_rate <= 0 or a.min_lr < 0 or (a.decay_lr and a.min_lr > a.learning_rate):
         raise UserError("need learning_rate > 0 and 0 <= min_lr <= learning_rate")
     if a.max_iters < 0 or a.warmup_iters < 0 or a.grad_clip < 0 or (a.sample_every or 0) < 0:
@@ -514,9 +533,51 @@ def check_args(a) -> None:
 
 # A resumed run takes the settings it was started with, except these (about this invocation),
 # and refuses a different shape: its weights have the checkpoint's.
-NOT_INHERITED = {"config", "preset", "init_from", "out_dir", "eval_only", "plot", "overwrite"}
+NOT_INHERITED = {"config", "preset", "init_from", "out_dir", "eval_only", "plot", "overwrite",
+                 "keep_runs"}
 SWITCHES = ("pos_emb", "norm", "mlp", "qk_norm")  # beyond GPT-2: gpt.py's GPTConfig
 SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias", *SWITCHES)
+
+
+# Which flags take effect in which mode; every flag not named here takes effect in all four
+# (a resumed run takes those not given from its checkpoint, and names the ones that change).
+#   mode (--init_from)                     n_layer n_head n_embd   block_size   dropout
+#                                          bias pos_emb norm mlp
+#                                          qk_norm
+#   scratch                                set                     set          set
+#   resume (out_dir/ckpt.pt)               kept                    kept         set
+#   checkpoint (PATH: ours, or its folder) kept                    may shrink   set
+#   gpt2 (gpt2* or a GPT-2 weights folder) kept                    may shrink   set
+# kept: not given, it is the loaded model's; given and different, the run is refused in one line
+# naming the flag and the mode (the weights could not take it). may shrink: a shorter context
+# keeps the first position embeddings; a longer one is refused. n_embd % n_head is checked on
+# the shape the model will have, after these rules.
+SHAPE_RULES = {"scratch": dict.fromkeys(SHAPE, "set"), "resume": dict.fromkeys(SHAPE, "kept"),
+               "checkpoint": {**dict.fromkeys(SHAPE, "kept"), "block_size": "shrink"},
+               "gpt2": {**dict.fromkeys(SHAPE, "kept"), "block_size": "shrink"}}
+MODE_NAMES = {"resume": "a resumed run keeps its checkpoint's architecture",
+              "checkpoint": "a run started from a checkpoint keeps its architecture",
+              "gpt2": "a run from GPT-2 weights keeps GPT-2's architecture"}
+GPT2_SHAPES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024),
+               "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600)}  # n_layer, n_head, n_embd
+
+
+def gpt2_shape(init_from: str) -> dict | None:
+    """The shape of OpenAI's GPT-2 (by name) or of a folder of its weights (its config.json),
+    read without loading any weights; None when the folder has no readable config (then
+    loading it says why)."""
+    if init_from in GPT2_SHAPES:
+        n_layer, n_head, n_embd = GPT2_SHAPES[init_from]
+        block_size = 1024
+    else:
+        try:
+            c = json.loads((Path(init_from) / "config.json").read_text(encoding="utf-8"))
+            n_layer, n_head, n_embd, block_size = (int(c["n_layer"]), int(c["n_head"]),
+                                                   int(c["n_embd"]), int(c["n_positions"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return {"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "block_size": block_size,
+            "bias": True, **{k: getattr(GPTConfig, k) for k in SWITCHES}}
 
 
 def model_args_of(a, vocab_size: int) -> dict:
@@ -538,6 +599,8 @@ def resolve_args(a, ckpt: dict | None, local_rank: int, world_size: int, log=pri
                         f"{Path(a.data_dir) / a.dataset} (another tokenizer, vocabulary or text)")
     if start is not None:
         take_shape(a, meta, *start)
+    elif a.init_from not in ("scratch", "resume") and (shape := gpt2_shape(a.init_from)):
+        keep_shape(a, shape, a.init_from, "gpt2")
     if a.lr_decay_iters is None:  # a short run (a smoke test) may end inside the warmup
         a.lr_decay_iters = max(a.max_iters, a.warmup_iters)
     if a.sample_every is None:
@@ -552,6 +615,8 @@ def resolve_args(a, ckpt: dict | None, local_rank: int, world_size: int, log=pri
     if ckpt is not None:  # the architecture is the checkpoint's
         for k in SHAPE:
             setattr(a, k, ckpt["model_args"].get(k, getattr(GPTConfig, k)))
+    if a.n_embd % a.n_head != 0:  # on the shape the model will have, not on replaced flags
+        raise UserError(f"n_embd ({a.n_embd}) must be divisible by n_head ({a.n_head})")
     if world_size > 1:  # torchrun: one process per GPU, or gloo processes on the CPU
         a.device = f"cuda:{local_rank}" if a.device != "cpu" and torch.cuda.is_available() \
             else "cpu"
@@ -560,6 +625,7 @@ def resolve_args(a, ckpt: dict | None, local_rank: int, world_size: int, log=pri
                             f"must be a multiple of the number of processes ({world_size})")
     device = pick_device(a.device)
     shape = model_args_of(a, meta["vocab_size"])
+    check_memory(a, shape, device, world_size)  # before anything is allocated
     cpu_speedup = ((lambda: bf16_speedup(shape, a.batch_size, log)) if world_size == 1
                    and (a.init_from in ("scratch", "resume") or start) else None)  # (ranks agree)
     a.device, a.dtype = str(device), pick_dtype(a.dtype, device, cpu_speedup)
@@ -603,13 +669,26 @@ def take_shape(a, meta: dict, ckpt: dict, path: Path) -> None:
                         f"{'another ' * (ours == theirs)}{ours}: prepare it in the checkpoint's "
                         f"vocabulary with `python prepare.py{text} --dataset {a.dataset} "
                         f"--vocab_from {path}`")
-    for k in SHAPE:
-        old = ckpt["model_args"].get(k, getattr(GPTConfig, k))
-        if k not in a.given:
-            setattr(a, k, old)
-        elif k != "block_size" and getattr(a, k) != old:
-            raise UserError(f"--{k} {getattr(a, k)}, but {path} has {k} {old}: a run started "
-                            f"from a checkpoint keeps its architecture (drop --{k})")
+    keep_shape(a, {k: ckpt["model_args"].get(k, getattr(GPTConfig, k)) for k in SHAPE}, path,
+               "checkpoint")
+
+
+def keep_shape(a, shape: dict, source, mode: str) -> None:
+    """SHAPE_RULES for a new run from loaded weights (resume's are in inherit_settings): a
+    shape flag not given is the model's (for GPT-2, block_size is ours capped at its context);
+    one given and different is refused, all such flags named in one line. A block_size that
+    may shrink is checked once a task has set it (resolve_args, build_model)."""
+    refused = []
+    for k, rule in SHAPE_RULES[mode].items():
+        if k not in a.given:  # (GPT-2's 1024 is a lot for a CPU: there it only caps ours)
+            setattr(a, k, min(a.block_size, shape[k]) if rule == "shrink" and mode == "gpt2"
+                    else shape[k])
+        elif rule == "kept" and getattr(a, k) != shape[k]:
+            refused.append(k)
+    if refused:
+        raise UserError(", ".join(f"--{k} {getattr(a, k)}" for k in refused) + f", but {source} "
+                        "has " + ", ".join(f"{k} {shape[k]}" for k in refused) + ": "
+                        f"{MODE_NAMES[mode]} (drop " + ", ".join(f"--{k}" for k in refused) + ")")
 
 BUILT_IN_TEXTS = ("shakespeare_char", "shakespeare", "other_plays")  # prepare.py needs no --input
 
@@ -619,6 +698,32 @@ def same_vocabulary(a: dict, b: dict) -> bool:
 
 def vocabulary_name(meta: dict) -> str:
     return "GPT-2 BPE" if meta["tokenizer"] == "gpt2" else f"{meta['vocab_size']} characters"
+
+def check_memory(a, shape: dict, device: torch.device, world_size: int) -> None:
+    """Refuse, before anything is allocated, a run that cannot fit in the device's free memory:
+    about 16 bytes a parameter to train (fp32 weights, gradients, two AdamW moments), 4 to
+    evaluate, plus the batch's activations, roughly. A lower bound: a run that passes may still
+    run out (train() says so then), but one that fails this could never have fit."""
+    n_params = count_params(shape)
+    B, T, C = a.batch_size, shape["block_size"], shape["n_embd"]
+    acts = B * T * (shape["n_layer"] * 16 * C + 2 * shape["vocab_size"]) * 4  # saved for backward
+    need = n_params * 4 + (B * T * (C + shape["vocab_size"]) * 4 if a.eval_only
+                           else n_params * 12 + acts)
+    free = free_memory(device)
+    if device.type == "cpu":
+        need *= world_size  # the processes share one machine's memory
+    if free is not None and need > free:
+        raise UserError(f"this run needs about {need / 2**30:,.1f} GiB ({n_params / 1e6:,.1f}M "
+                        f"parameters and a batch's activations), and {device} has "
+                        f"{free / 2**30:,.1f} GiB free: lower --n_embd, --n_layer, --batch_size "
+                        "or --block_size")
+
+
+def count_params(shape: dict) -> int:
+    """The model's parameter count, built on the meta device: shapes only, no memory."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in GPT(GPTConfig(**shape)).parameters())
+
 
 def load_meta(data_dir: Path, dataset: str) -> dict:
     """data/<dataset>/meta.json, checked: it and both splits must be there and readable."""
@@ -771,14 +876,22 @@ def make_meter(args, run: "Run", iter_num: int) -> Meter:
 
 
 def evaluate_and_save(args, run: "Run", iter_num: int, best_val_loss: float, history: list,
-                      meter: Meter, signals: StopSignals) -> tuple[dict, float]:
+                      meter: Meter, signals: StopSignals, losses: dict) -> tuple[dict, float, bool]:
     """On rank 0: evaluate (not counted in the speed, stopped at once by a signal), then save.
-    Returns the losses and the best val loss so far."""
-    if not run.master:
-        return {}, best_val_loss
-    with meter.paused(), signals.interruptible():
-        losses = evaluate(args, run, iter_num)
-    return losses, save(args, run, iter_num, best_val_loss, history, losses)
+    Returns the losses (the last ones, if stopped), the best val loss so far, and whether to
+    stop now. Under DDP the other ranks wait here for rank 0's decision, so a stop while it
+    evaluates, saves or samples stops every rank together, before the step (they would
+    otherwise wait in the step's all-reduce for a rank 0 that has left)."""
+    stop = False
+    if run.master:
+        try:
+            with meter.paused(), signals.interruptible():
+                losses = evaluate(args, run, iter_num)
+            best_val_loss = save(args, run, iter_num, best_val_loss, history, losses)
+        except StopNow:  # the step has not begun: the state of iter_num is saved, below
+            stop = True
+    stop = all_ranks_any([stop or signals.asked], run.world_size, run.device)[0]
+    return losses, best_val_loss, stop
 
 
 def sync_gradients(model, last_micro_step: bool) -> None:
@@ -789,21 +902,24 @@ def sync_gradients(model, last_micro_step: bool) -> None:
 
 def log_step(run: "Run", meter: Meter, iter_num: int, lr: float, loss_sum, norm,
              history: list) -> None:
-    """On rank 0: one line of loss, learning rate, gradient norm and speed, and a CSV row.
-    The loss is the whole global batch's: under DDP, each rank's mean, averaged over ranks
-    (every rank takes part in that average, so every rank comes here)."""
+    """On rank 0: a CSV row of loss, learning rate and gradient norm; every print_interval
+    steps also a printed line with the speed since the last one (in that row too). The loss is
+    the whole global batch's: under DDP, each rank's mean, averaged over ranks (every rank
+    takes part in that average, so every rank comes here)."""
     loss_sum = mean_over_ranks(loss_sum, run.world_size)
     if not run.master:
         return
-    m = meter.read(iter_num)
     lossf, normf = loss_sum.item(), norm.item()
     history.append((iter_num, lossf))
-    run.log(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, grad norm {normf:.3f}, "
-            f"{m['ms']:.1f} ms/iter, {m['tokens_per_s']:,.0f} tokens/s, "
-            f"MFU {100 * m['mfu']:.1f}%, {hms(m['elapsed'])} elapsed, {hms(m['eta'])} left")
-    append_log(run.log_path, iter=iter_num, loss=f"{lossf:.6f}", lr=f"{lr:.6g}",
-               grad_norm=f"{normf:.6g}", ms_per_iter=f"{m['ms']:.3f}",
-               tokens_per_s=f"{m['tokens_per_s']:.1f}", mfu=f"{m['mfu']:.4f}")
+    row = {"iter": iter_num, "loss": f"{lossf:.6f}", "lr": f"{lr:.6g}", "grad_norm": f"{normf:.6g}"}
+    if iter_num % run.print_interval == 0:
+        m = meter.read(iter_num)
+        run.log(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, grad norm {normf:.3f}, "
+                f"{m['ms']:.1f} ms/iter, {m['tokens_per_s']:,.0f} tokens/s, "
+                f"MFU {100 * m['mfu']:.1f}%, {hms(m['elapsed'])} elapsed, {hms(m['eta'])} left")
+        row |= {"ms_per_iter": f"{m['ms']:.3f}", "tokens_per_s": f"{m['tokens_per_s']:.1f}",
+                "mfu": f"{m['mfu']:.4f}"}
+    append_log(run.log_path, **row)
 
 
 def save_and_say_how_to_resume(args, run: "Run", iter_num: int, best_val_loss: float,
@@ -920,6 +1036,7 @@ class Run:
     flops_per_iter: float
     peak: float
     sync: Callable
+    print_interval: int = 1  # log_step prints every this many steps (a multiple of log_interval)
 
 def build_model(args, meta: dict, ckpt: dict | None,
                 start: tuple[dict, Path] | None) -> tuple[GPT, dict]:
@@ -934,10 +1051,6 @@ def build_model(args, meta: dict, ckpt: dict | None,
         return model, {**model_args, "block_size": args.block_size}
     if args.init_from == "scratch":
         return GPT(GPTConfig(**model_args)), model_args
-    switched = [k for k in SWITCHES if getattr(args, k) != getattr(GPTConfig, k)]
-    if switched:
-        raise UserError(f"--init_from {args.init_from} loads GPT-2's architecture: drop "
-                        + ", ".join(f"--{k}" for k in switched))
     if meta["tokenizer"] != "gpt2":  # OpenAI's GPT-2 weights, to fine-tune
         raise UserError(f"--init_from {args.init_from} needs GPT-2 BPE data, and "
                         f"data/{args.dataset} is {meta['tokenizer']}: try --dataset "
@@ -1053,7 +1166,8 @@ def setup(args, settings: dict, meta: dict, ckpt: dict | None, start: tuple[dict
         tokens_per_iter=tokens_per_iter,
         flops_per_iter=flops_per_token(model_args, n_params) * tokens_per_iter / world_size,
         peak=device_peak_flops(device, args.dtype) if master else 1.0,
-        sync=torch.cuda.synchronize if device.type == "cuda" else (lambda: None))
+        sync=torch.cuda.synchronize if device.type == "cuda" else (lambda: None),
+        print_interval=args.print_interval or args.log_interval)
     return Training(model, raw_model, optimizer, batches, ctx, scaler, iter_num, best_val_loss,
                     history, run)
 
@@ -1074,8 +1188,8 @@ def train(args) -> dict:
                 f"at --max_iters {args.max_iters}: nothing to train (raise --max_iters)")
             return {"iter_num": ckpt["iter_num"], "best_val_loss": ckpt["best_val_loss"],
                     "history": ckpt.get("history", []), "final_losses": {}, "stopped": False}
-        if ckpt is None and not args.eval_only:
-            refuse_to_overwrite(args)
+        if ckpt is None and not args.eval_only and rank == 0:
+            make_room(args, log)
         if args.warmup_iters > args.max_iters and args.decay_lr:
             log(f"note: --warmup_iters {args.warmup_iters} is longer than the run "
                 f"({args.max_iters} iterations): the learning rate never reaches its peak")
@@ -1090,7 +1204,10 @@ def train(args) -> dict:
         log(f"done: {result['iter_num']} iterations in {result['elapsed']:.1f}s, best val loss "
             f"{result['best_val_loss']:.4f}")
         return result
-    except (torch.OutOfMemoryError, MemoryError) as e:
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and not any(
+                s in str(e) for s in ("can't allocate memory", "not enough memory")):
+            raise  # the CPU allocator's out of memory is a RuntimeError: only that one here
         where = "GPU" if "CUDA" in str(e) or "MPS" in str(e) else "CPU"
         raise Diverged(f"out of {where} memory: lower --batch_size (raise "
                        "--gradient_accumulation_steps to keep the batch), --block_size, or the "
@@ -1129,15 +1246,14 @@ def load_start(args, log=print) -> tuple[dict, Path] | None:
         f"{ckpt.get('config', {}).get('dataset')}")
     return ckpt, path
 
-def refuse_to_overwrite(args) -> None:
-    """A new run never replaces another run's checkpoint without being told to."""
-    ckpt_path = Path(args.out_dir) / "ckpt.pt"
-    if ckpt_path.exists() and not args.overwrite:
-        raise UserError(f"{ckpt_path} holds another run: continue it with `python train.py "
-                        f"--init_from=resume --out_dir={args.out_dir}`, start over with "
-                        "--overwrite, or pick another --out_dir")
+def make_room(args, log=print) -> None:
+    """A new run in a used out_dir loses nothing: the earlier run's files move to
+    out_dir/runs/<its time>/ (the newest --keep_runs kept), unless --overwrite replaces them."""
+    out_dir = Path(args.out_dir)
     if args.overwrite:  # the old run's best weights must not pass for this run's
-        (Path(args.out_dir) / "best.pt").unlink(missing_ok=True)
+        (out_dir / "best.pt").unlink(missing_ok=True)
+    else:
+        keep_earlier_run(out_dir, args.keep_runs, log)
 
 def main(argv=None) -> dict | None:
     """Train, and return what happened (losses by step, best val loss, checkpoint path)."""
