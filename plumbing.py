@@ -42,6 +42,16 @@ def str2bool(s: str) -> bool:
 # Device and precision
 
 
+def out_of_memory(e: BaseException) -> str | None:
+    """"GPU" or "CPU" when e is running out of memory, else None. torch raises OutOfMemoryError
+    on a GPU, but on a CPU its allocator raises a plain RuntimeError."""
+    text = str(e)
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (isinstance(e, RuntimeError) and any(
+            s in text for s in ("can't allocate memory", "not enough memory"))):
+        return "GPU" if "CUDA" in text or "MPS" in text else "CPU"
+    return None
+
+
 def pick_device(name: str) -> torch.device:
     """'auto' is the best device here: cuda, then mps, then cpu."""
     if name == "auto":

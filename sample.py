@@ -36,6 +36,7 @@ from plumbing import (
     autocast_ctx,
     load_checkpoint,
     model_from_checkpoint,
+    out_of_memory,
     pick_device,
     pick_dtype,
     run_checkpoint,
@@ -204,6 +205,12 @@ def main(argv=None) -> list[str] | dict:
     except UserError as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        if (where := out_of_memory(e)) is None:
+            raise
+        print(f"sample.py: stopped: out of {where} memory: lower --num_samples, --beam_width or "
+              "--max_new_tokens, or use --device=cpu", file=sys.stderr)
+        sys.exit(1)
 
 
 def parse_args(argv=None):

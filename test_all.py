@@ -3030,6 +3030,23 @@ def test_streamed_sample_equals_unstreamed(ckpt_dir, capsys):
     assert decode(y[0].tolist()) == texts[0]
 
 
+@pytest.mark.parametrize("error", [RuntimeError("DefaultCPUAllocator: can't allocate memory: "
+                                                "you tried to allocate 10 GB"), MemoryError()])
+def test_sample_out_of_memory_is_one_line(monkeypatch, capsys, error):
+    """The CPU allocator's out-of-memory is a RuntimeError: one line and exit 1, like torch's
+    own OutOfMemoryError; any other RuntimeError is still raised."""
+    def run_out(args):
+        raise error
+
+    monkeypatch.setattr(sample, "sample", run_out)
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--device=cpu"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and err.splitlines() == [err], err
+    assert "out of CPU memory: lower --num_samples" in err
+    assert plumbing.out_of_memory(RuntimeError("shape mismatch")) is None
+    assert plumbing.out_of_memory(RuntimeError("CUDA error: not enough memory")) == "GPU"
+
 @slow
 def test_sample_from_a_checkpoint_path(ckpt_dir, capsys):
     """--init_from takes a checkpoint file or a run folder, as train.py does."""

@@ -51,6 +51,7 @@ from plumbing import (
     load_checkpoint,
     mean_over_ranks,
     model_from_checkpoint,
+    out_of_memory,
     pick_device,
     pick_dtype,
     plot_losses,
@@ -1205,10 +1206,8 @@ def train(args) -> dict:
             f"{result['best_val_loss']:.4f}")
         return result
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
-        if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and not any(
-                s in str(e) for s in ("can't allocate memory", "not enough memory")):
+        if (where := out_of_memory(e)) is None:
             raise  # the CPU allocator's out of memory is a RuntimeError: only that one here
-        where = "GPU" if "CUDA" in str(e) or "MPS" in str(e) else "CPU"
         raise Diverged(f"out of {where} memory: lower --batch_size (raise "
                        "--gradient_accumulation_steps to keep the batch), --block_size, or the "
                        "model (--n_layer, --n_embd); the checkpoints in --out_dir are "
