@@ -3047,6 +3047,7 @@ def test_sample_out_of_memory_is_one_line(monkeypatch, capsys, error):
     assert plumbing.out_of_memory(RuntimeError("shape mismatch")) is None
     assert plumbing.out_of_memory(RuntimeError("CUDA error: not enough memory")) == "GPU"
 
+
 @slow
 def test_sample_from_a_checkpoint_path(ckpt_dir, capsys):
     """--init_from takes a checkpoint file or a run folder, as train.py does."""
@@ -3056,6 +3057,7 @@ def test_sample_from_a_checkpoint_path(ckpt_dir, capsys):
         assert sample.main([f"--init_from={path}", *argv]) == expected
     latest = sample.main([f"--out_dir={ckpt_dir}", "--checkpoint=latest", *argv])
     assert sample.main([f"--init_from={ckpt_dir}", "--checkpoint=latest", *argv]) == latest
+
 
 @slow
 def test_sample_errors(ckpt_dir, tmp_path, capsys):

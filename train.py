@@ -84,14 +84,17 @@ def get_batch(path: Path, ix: torch.Tensor, block_size: int, device: torch.devic
     xy = torch.from_numpy(rows.astype(np.int64))
     return to_device(xy[:, :-1].contiguous(), xy[:, 1:].contiguous(), device)
 
+
 def to_device(x, y, device):
     if device.type == "cuda":  # pinned memory lets the copy overlap with compute
         return (x.pin_memory().to(device, non_blocking=True),
                 y.pin_memory().to(device, non_blocking=True))
     return x.to(device), y.to(device)
 
+
 def num_tokens(path: Path) -> int:
     return path.stat().st_size // 2
+
 
 @torch.no_grad()
 def estimate_loss(model, get_split_batch, n_windows: dict, eval_iters: int, batch_size: int,
@@ -238,6 +241,7 @@ def grad_norm(parameters) -> torch.Tensor:
     grads = [p.grad for p in parameters if p.grad is not None]
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float())
                                                  for g in grads]))
+
 
 def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     """Scale all gradients by one factor so their global L2 norm is at most max_norm.
@@ -388,6 +392,7 @@ PRESETS = {
        for name in GPT2_NAMES},
 }
 
+
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train a GPT on data/<dataset>/.")
 
@@ -474,6 +479,7 @@ def get_parser() -> argparse.ArgumentParser:
                    help="distributed backend under torchrun: auto (nccl on CUDA, else gloo)")
     return p
 
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = get_parser()
     args = p.parse_args(argv)
@@ -492,6 +498,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         action.default = argparse.SUPPRESS
     args.given = set(vars(p.parse_args(argv))) | set(PRESETS.get(args.preset) or {})
     return args
+
 
 def check_args(a) -> None:
     """Refuse settings that cannot work, with a message that says what to change."""
@@ -531,6 +538,7 @@ def check_args(a) -> None:
         raise UserError(f"--init_from {a.init_from}: no such file or folder (it takes scratch, "
                         f"resume, {', '.join(GPT2_NAMES)}, a checkpoint of ours or its run "
                         "folder, or a folder of GPT-2 weights)")
+
 
 # A resumed run takes the settings it was started with, except these (about this invocation),
 # and refuses a different shape: its weights have the checkpoint's.
@@ -585,6 +593,7 @@ def model_args_of(a, vocab_size: int) -> dict:
     """GPTConfig's fields, as these settings give them."""
     return {k: getattr(a, k) for k in SHAPE} | {"vocab_size": vocab_size, "dropout": a.dropout}
 
+
 def resolve_args(a, ckpt: dict | None, local_rank: int, world_size: int, log=print,
                  start: tuple[dict, Path] | None = None):
     """Every setting derived from the checkpoint, the data or other settings, in this one
@@ -634,6 +643,7 @@ def resolve_args(a, ckpt: dict | None, local_rank: int, world_size: int, log=pri
         a.compile = device.type == "cuda"
     return meta, settings
 
+
 def inherit_settings(a, ckpt: dict, log=print) -> None:
     """Settings not given now come from the checkpoint; given ones that differ are named in
     one line; a different shape is refused (the weights could not take it)."""
@@ -651,12 +661,14 @@ def inherit_settings(a, ckpt: dict, log=print) -> None:
     if changed:
         log("overriding: " + ", ".join(changed))
 
+
 def same_data(a: dict, b: dict) -> bool:
     """Whether two datasets' metas describe the same tokens: tokenizer, vocabulary, text and
     task layout (not where the text was read from)."""
     keys = ("tokenizer", "vocab_size", "chars", "sha256", "task", "digits", "example_len",
             "prompt_len")
     return all(a.get(k) == b.get(k) for k in keys)
+
 
 def take_shape(a, meta: dict, ckpt: dict, path: Path) -> None:
     """A new run from our checkpoint (--init_from=PATH) has its architecture: shape flags not
@@ -691,14 +703,18 @@ def keep_shape(a, shape: dict, source, mode: str) -> None:
                         "has " + ", ".join(f"{k} {shape[k]}" for k in refused) + ": "
                         f"{MODE_NAMES[mode]} (drop " + ", ".join(f"--{k}" for k in refused) + ")")
 
+
 BUILT_IN_TEXTS = ("shakespeare_char", "shakespeare", "other_plays")  # prepare.py needs no --input
+
 
 def same_vocabulary(a: dict, b: dict) -> bool:
     """Whether the same id means the same token in both: GPT-2 BPE, or one character list."""
     return all(a.get(k) == b.get(k) for k in ("tokenizer", "vocab_size", "chars"))
 
+
 def vocabulary_name(meta: dict) -> str:
     return "GPT-2 BPE" if meta["tokenizer"] == "gpt2" else f"{meta['vocab_size']} characters"
+
 
 def check_memory(a, shape: dict, device: torch.device, world_size: int) -> None:
     """Refuse, before anything is allocated, a run that cannot fit in the device's free memory:
@@ -762,12 +778,14 @@ def get_task_batch(path: Path, ix: torch.Tensor, meta: dict, device: torch.devic
     y = mask_prompt_targets(rows[:, 1:], meta["prompt_len"])
     return to_device(rows[:, :-1].contiguous(), y, device)
 
+
 def mask_prompt_targets(y: torch.Tensor, prompt_len: int) -> torch.Tensor:
     """y (B, L-1) with -1 wherever the target is a prompt token: y[:, j] is token j+1, and
     the answer starts at token prompt_len."""
     y = y.clone()
     y[:, :prompt_len - 1] = -1
     return y
+
 
 @torch.no_grad()
 def exact_match(model, path: Path, meta: dict, device, batch_size: int = 500) -> float:
@@ -824,6 +842,7 @@ class Muon(AdamW):
             for (p, u), o_p in zip(todo, o.split([u.size(0) for _, u in todo]), strict=True):
                 p.add_(o_p.view_as(p).to(p.dtype), alpha=-lr * max(1.0, rows / cols) ** 0.5)
 
+
 def newton_schulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """About U V^T for G = U S V^T (..., rows, cols): the nearest matrix with every singular
     value 1. Scaled so no singular value exceeds 1, X takes `steps` of the quintic iteration
@@ -842,6 +861,7 @@ def newton_schulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
     return (X.mT if tall else X).to(G.dtype)
+
 
 def configure_optimizer(model, weight_decay, learning_rate, betas, muon_lr=None,
                         muon_momentum=0.95):
@@ -954,6 +974,7 @@ def evaluate(args, run: "Run", iter_num: int) -> dict:
                                   **run.sample_args)
     return losses
 
+
 def save(args, run: "Run", iter_num: int, best_val_loss: float, history: list,
          losses: dict | None = None, rng: dict | None = None) -> float:
     """Save the latest training state to ckpt.pt (what --init_from=resume continues from), and
@@ -977,6 +998,7 @@ def save(args, run: "Run", iter_num: int, best_val_loss: float, history: list,
                                          if improved else ""))
     return best_val_loss
 
+
 def check_finite(loss_sum, norm, iter_num: int, run: "Run", stop_asked: bool,
                  grad_clip: float) -> bool:
     """Stop a diverged run before it steps on a NaN; returns whether any rank asked to stop.
@@ -994,6 +1016,7 @@ def check_finite(loss_sum, norm, iter_num: int, run: "Run", stop_asked: bool,
         raise Diverged(f"loss {loss_sum.item():.4g}, gradient norm {norm.item():.4g} at "
                        f"iteration {iter_num}: not finite; {kept}; {advice}")
     return stop
+
 
 def generate_and_print_sample(model, prompt, decode, seed: int, max_new_tokens: int = 100,
                               temperature: float = 0.8):
@@ -1039,6 +1062,7 @@ class Run:
     sync: Callable
     print_interval: int = 1  # log_step prints every this many steps (a multiple of log_interval)
 
+
 def build_model(args, meta: dict, ckpt: dict | None,
                 start: tuple[dict, Path] | None) -> tuple[GPT, dict]:
     """From scratch, from our checkpoint (resume, or a new run's start) or from OpenAI's GPT-2:
@@ -1069,6 +1093,7 @@ def build_model(args, meta: dict, ckpt: dict | None,
     crop_block_size(model, args.block_size)
     return model, {k: getattr(model.config, k) for k in model_args}
 
+
 def data_loader(args, meta: dict, device) -> tuple[dict, dict, Callable]:
     """(splits, n_windows, get_batch(split, ix)) for text windows or a task's problems."""
     folder = Path(args.data_dir) / args.dataset
@@ -1084,6 +1109,7 @@ def data_loader(args, meta: dict, device) -> tuple[dict, dict, Callable]:
                         "--block_size or use more text")
     return splits, n_windows, lambda split, ix: get_batch(splits[split], ix, args.block_size,
                                                           device)
+
 
 def setup(args, settings: dict, meta: dict, ckpt: dict | None, start: tuple[dict, Path] | None,
           rank: int, world_size: int) -> Training:
@@ -1172,6 +1198,7 @@ def setup(args, settings: dict, meta: dict, ckpt: dict | None, start: tuple[dict
     return Training(model, raw_model, optimizer, batches, ctx, scaler, iter_num, best_val_loss,
                     history, run)
 
+
 def train(args) -> dict:
     """Check the settings, set up (DDP, lock, checkpoint, data, model), train, draw the curves."""
     check_args(args)
@@ -1218,6 +1245,7 @@ def train(args) -> dict:
         if torch.distributed.is_initialized():  # torchrun, even with a single process
             torch.distributed.destroy_process_group()
 
+
 def load_resume_state(args) -> dict:
     """out_dir/ckpt.pt, checked to hold a whole training state."""
     path = Path(args.out_dir) / "ckpt.pt"
@@ -1225,6 +1253,7 @@ def load_resume_state(args) -> dict:
     if not RESUME_KEYS <= ckpt.keys():
         raise UserError(f"{path} holds a model but not a training state to resume")
     return ckpt
+
 
 def load_start(args, log=print) -> tuple[dict, Path] | None:
     """--init_from=PATH, a checkpoint of ours or a run folder (its best.pt, else ckpt.pt): the
@@ -1245,6 +1274,7 @@ def load_start(args, log=print) -> tuple[dict, Path] | None:
         f"{ckpt.get('config', {}).get('dataset')}")
     return ckpt, path
 
+
 def make_room(args, log=print) -> None:
     """A new run in a used out_dir loses nothing: the earlier run's files move to
     out_dir/runs/<its time>/ (the newest --keep_runs kept), unless --overwrite replaces them."""
@@ -1253,6 +1283,7 @@ def make_room(args, log=print) -> None:
         (out_dir / "best.pt").unlink(missing_ok=True)
     else:
         keep_earlier_run(out_dir, args.keep_runs, log)
+
 
 def main(argv=None) -> dict | None:
     """Train, and return what happened (losses by step, best val loss, checkpoint path)."""
