@@ -38,6 +38,15 @@ def str2bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, got {s!r}")
 
 
+def flags_given(parser: argparse.ArgumentParser, argv=None) -> set:
+    """The names of the flags given on the command line (not those left at their defaults):
+    the same argv parsed again with every default suppressed. The parser's defaults are gone
+    afterwards, so parse with it before calling this."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
 # -----------------------------------------------------------------------------
 # Device and precision
 

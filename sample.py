@@ -34,6 +34,7 @@ from gpt import GPT, eval_mode
 from plumbing import (
     UserError,
     autocast_ctx,
+    flags_given,
     load_checkpoint,
     model_from_checkpoint,
     out_of_memory,
@@ -217,9 +218,7 @@ def parse_args(argv=None):
     """The flags, and in args.given the names of those given on the command line."""
     p = get_parser()
     args = p.parse_args(argv)
-    for action in p._actions:
-        action.default = argparse.SUPPRESS
-    args.given = set(vars(p.parse_args(argv)))
+    args.given = flags_given(p, argv)
     return args
 
 

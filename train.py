@@ -44,6 +44,7 @@ from plumbing import (
     autocast_ctx,
     bf16_speedup,
     device_peak_flops,
+    flags_given,
     flops_per_token,
     free_memory,
     hms,
@@ -494,9 +495,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args = p.parse_args(argv)  # again, so the command line's flags override the preset
     # which settings were given (on the command line or by a preset): a resumed run takes
     # the others from its checkpoint, not from the defaults
-    for action in p._actions:
-        action.default = argparse.SUPPRESS
-    args.given = set(vars(p.parse_args(argv))) | set(PRESETS.get(args.preset) or {})
+    args.given = flags_given(p, argv) | set(PRESETS.get(args.preset) or {})
     return args
 
 
