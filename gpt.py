@@ -348,20 +348,29 @@ def generate_plain(model: GPT, idx, max_new_tokens: int, temperature: float = 1.
             # window slides and the oldest tokens drop out of sight
             idx_cond = idx[:, -model.config.block_size:]  # (B, T') with T' <= block_size
             logits, _ = model(idx_cond)  # (B, 1, V): without targets, only the last position
-            logits = logits[:, -1, :].float()  # (B, V) scores for the next token
-            if temperature == 0:  # greedy: the likeliest token, no randomness
-                idx_next = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-            else:
-                # minus the max first (softmax ignores it), or a tiny temperature makes inf - inf
-                logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
-                if top_k is not None and top_k > 0:
-                    logits = top_k_filter(logits, top_k)  # (B, V), all but k -> -inf
-                if top_p is not None:
-                    logits = top_p_filter(logits, top_p)  # (B, V), outside the nucleus -> -inf
-                probs = F.softmax(logits, dim=-1)  # (B, V), renormalised over the survivors
-                idx_next = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+            logits = logits[:, -1, :]  # (B, V) scores for the next token
+            # temperature, filters, softmax, sample: below
+            idx_next = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B, 1)
             idx = torch.cat((idx, idx_next), dim=1)  # (B, T+1)
     return idx
+
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """logits (B, V) -> next token ids (B, 1): divide by the temperature, filter (top-k, top-p:
+    the next section), softmax, sample. temperature 0 means greedy (argmax). One step of
+    generate_plain, and of the KV-cache loop further down."""
+    if temperature == 0:  # greedy: the likeliest token, no randomness
+        return logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+    logits = logits.float()
+    # softmax(z / T) is unchanged by subtracting max(z) first, and that keeps a tiny T from
+    # turning logits into inf - inf = nan: the largest becomes 0, the rest -inf
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+    if top_k is not None and top_k > 0:
+        logits = top_k_filter(logits, top_k)  # (B, V), all but k -> -inf
+    if top_p is not None:
+        logits = top_p_filter(logits, top_p)  # (B, V), outside the nucleus -> -inf
+    probs = F.softmax(logits, dim=-1)  # (B, V), renormalised over the survivors
+    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
 
 
 # -----------------------------------------------------------------------------
@@ -389,24 +398,6 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     keep = before < p  # a token is needed while those above it fall short of p
     cutoff = sorted_logits.masked_fill(~keep, float("inf")).amin(dim=-1, keepdim=True)  # (B, 1)
     return logits.masked_fill(logits < cutoff, float("-inf"))
-
-
-def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """logits (B, V) -> next token ids (B, 1). temperature 0 means greedy (argmax).
-
-    generate_plain's steps after the forward pass, as one function for the cached loop."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float()
-    # softmax(z / T) is unchanged by subtracting max(z) first, and that keeps a tiny T from
-    # turning logits into inf - inf = nan: the largest becomes 0, the rest -inf
-    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
-    if top_k is not None and top_k > 0:
-        logits = top_k_filter(logits, top_k)
-    if top_p is not None:
-        logits = top_p_filter(logits, top_p)
-    probs = F.softmax(logits, dim=-1)  # renormalised over the survivors
-    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
 
 
 # -----------------------------------------------------------------------------
