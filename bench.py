@@ -11,7 +11,9 @@ measured side by side in the same run, because shared machines are noisy:
 - train: one full optimizer step (forward, backward, clip, AdamW): ms/iter, tokens/s, MFU;
 - adamw: our AdamW's step against torch.optim.AdamW (foreach on CPU, fused on CUDA) on the
   10.7M-parameter baby model, and whether they agree;
-- generate: 500 new tokens from a 256-token context, with and without the KV cache;
+- generate: 500 new tokens from a 256-token context, with and without the KV cache, at batch
+  1 and (on CUDA) 8; on CUDA the cached steps replay a CUDA graph, and the eager cache is
+  timed too;
 - get_batch: microseconds per batch read from the memory-mapped data;
 - cpu_bf16 (on a CPU): a whole training step in fp32 against bf16 autocast, for the
   --preset=cpu model and the baby GPT (train.py's --dtype=auto times the forward and backward
@@ -125,20 +127,30 @@ def bench_adamw(device, steps, repeats, sync) -> dict:
             "ratio": round(statistics.median(ratios), 3), "max_param_diff": diff}
 
 
-def bench_generate(cfg, device, repeats, sync, new_tokens=500, context=256) -> dict:
-    """500 new tokens after a 256-token prompt. The model's context is made long enough
-    (1024, GPT-2's) to hold all of it, so the cache is never slid."""
+def bench_generate(cfg, device, repeats, sync, new_tokens=500, context=256,
+                   batches=(1, 8)) -> dict:
+    """500 new tokens after a 256-token prompt, per batch size, with the KV cache and without.
+    The model's context is made long enough (1024, GPT-2's) to hold all of it, so the cache is
+    never slid. tokens/s counts every row's tokens. On CUDA the cached steps replay a CUDA
+    graph (gpt.CUDAGraphStep); the cache without it is timed too, as eager_cache."""
     block_size = max(1024, context + new_tokens)
     model = make_model(cfg, device, block_size=block_size).eval()
-    idx = torch.randint(cfg["vocab_size"], (1, context), device=device)
-    out = {"block_size": block_size}
-    for name, use_cache in (("cache", True), ("no_cache", False)):
-        model.generate(idx, 8, temperature=0, use_cache=use_cache)  # a short warm-up
-        dt = median_time(lambda c=use_cache: model.generate(idx, new_tokens, temperature=0,
-                                                              use_cache=c), repeats, sync,
-                         warmup=False)
-        out[f"{name}_tokens_per_s"] = round(new_tokens / dt, 1)
-    out["speedup"] = round(out["cache_tokens_per_s"] / out["no_cache_tokens_per_s"], 2)
+    graph = device.type == "cuda"
+    out = {"block_size": block_size, "new_tokens": new_tokens, "context": context,
+           "cuda_graph": graph}
+    ways = {"cache": {}, "no_cache": {"use_cache": False}}
+    if graph:
+        ways["eager_cache"] = {"cuda_graph": False}
+    for B in batches:
+        idx = torch.randint(cfg["vocab_size"], (B, context), device=device)
+        row = {}
+        for name, kw in ways.items():
+            model.generate(idx, 8, temperature=0, **kw)  # a short warm-up
+            dt = median_time(lambda x=idx, kw=kw: model.generate(x, new_tokens, temperature=0,
+                                                                 **kw), repeats, sync, warmup=False)
+            row[f"{name}_tokens_per_s"] = round(B * new_tokens / dt, 1)
+        row["speedup"] = round(row["cache_tokens_per_s"] / row["no_cache_tokens_per_s"], 2)
+        out[f"batch_{B}"] = row
     return out
 
 
@@ -212,7 +224,10 @@ def main(argv=None) -> dict:
         result["adamw"] = bench_adamw(device, 1 if small else 10, args.repeats, sync)
     if "generate" not in skip:
         lengths = {"new_tokens": 8, "context": 8} if small else {}  # tiny: just run it
-        result["generate"] = bench_generate(cfg, device, min(args.repeats, 3), sync, **lengths)
+        # batch 8 without a cache takes minutes on a CPU: there, batch 1 alone
+        batches = (1, 8) if device.type == "cuda" or small else (1,)
+        result["generate"] = bench_generate(cfg, device, min(args.repeats, 3), sync,
+                                            batches=batches, **lengths)
     if "get_batch" not in skip:
         result["get_batch"] = bench_get_batch(cfg, device, args.repeats)
     if "cpu_bf16" not in skip and device.type == "cpu":
@@ -229,11 +244,13 @@ def main(argv=None) -> dict:
         a = r["adamw"]
         summary.append(f"adamw: ours {a['ours_ms']} ms vs torch {a['reference']} "
                        f"{a['torch_ms']} ms: {a['ratio']}x")
-    if "generate" in r:
-        g = r["generate"]
-        summary.append(f"generate (block_size {g['block_size']}): {g['cache_tokens_per_s']} "
-                       f"tokens/s with KV cache, {g['no_cache_tokens_per_s']} without: "
-                       f"{g['speedup']}x")
+    for B in (1, 8):
+        g = r.get("generate", {}).get(f"batch_{B}")
+        if g:
+            graph = " (CUDA graph)" if r["generate"]["cuda_graph"] else ""
+            summary.append(f"generate, batch {B}: {g['cache_tokens_per_s']} tokens/s with KV "
+                           f"cache{graph}, {g['no_cache_tokens_per_s']} without: "
+                           f"{g['speedup']}x")
     if "get_batch" in r:
         summary.append(f"get_batch: {r['get_batch']['us_per_batch']} us")
     for name, b in r.get("cpu_bf16", {}).items():

@@ -91,9 +91,9 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, nh, hs).transpose(1, 2)
         if self.qk_norm:  # QK-norm (Henry et al. 2020; Dehghani et al. 2023): unit-RMS q, k,
             q, k = F.rms_norm(q, (hs,)), F.rms_norm(k, (hs,))  # so no score can blow up
-        if self.rope:  # rotate q and k by their positions' angles (the first new one: start)
-            start = cache.pos if cache is not None else 0
-            cos, sin = self.cos[start:start + T], self.sin[start:start + T]  # (T, hs/2)
+        if self.rope:  # rotate q and k by their positions' angles
+            pos = torch.arange(T, device=x.device) + (cache.pos if cache is not None else 0)
+            cos, sin = self.cos[pos], self.sin[pos]  # (T, hs/2)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         causal, mask = T > 1, None  # without a cache: query t sees keys 0..t
         if cache is not None:  # generating: add these keys and values to the ones kept so far
@@ -277,19 +277,20 @@ class GPT(nn.Module):
         computed: that is all generation needs. With a KVCache, idx holds only the new tokens.
         """
         B, T = idx.size()
-        start = cache.pos if cache is not None else 0  # the first new token's position
-        if start + T > self.config.block_size:
+        # the first new token's position: an int, or a (1,) tensor in a CUDA graph's step
+        start = cache.pos if cache is not None else 0
+        if isinstance(start, int) and start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens is longer than block_size "
                              f"{self.config.block_size}")
         x = self.transformer.wte(idx)  # (B, T, C)
         if "wpe" in self.transformer:  # learned positions, added to the token embeddings
-            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+            pos = torch.arange(T, device=idx.device) + start  # (T,)
             x = x + self.transformer.wpe(pos)  # (B, T, C) + (T, C)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, cache)
-        if cache is not None:
-            cache.pos += T  # every layer has stored these T positions
+        if cache is not None:  # every layer has stored these T positions (a tensor's += is
+            cache.pos += T  # in place: a CUDA graph's replay moves its position on by itself)
         x = self.transformer.ln_f(x)  # (B, T, C)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # (B, 1, V)
@@ -422,6 +423,7 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.pos = 0  # how many positions are filled (GPT.forward moves it on)
+        self.slots = torch.arange(config.block_size, device=device)  # (block_size,)
 
     def update(self, layer: int, k, v):
         """Store one layer's new keys and values k, v (B, nh, T, hs) after the `pos` kept ones.
@@ -430,6 +432,8 @@ class KVCache:
         new query i sits at position pos + i and sees keys 0..pos + i. For one new token the
         mask is None: it sees every key (no mask at all is the fastest path).
         """
+        if torch.is_tensor(self.pos):  # a CUDA graph's step: see update_static
+            return self.update_static(layer, k, v)
         p, T = self.pos, k.size(2)
         self.k[layer][:, :, p:p + T] = k
         self.v[layer][:, :, p:p + T] = v
@@ -437,45 +441,112 @@ class KVCache:
                                               device=k.device).tril(p)
         return self.k[layer][:, :, :p + T], self.v[layer][:, :, :p + T], mask
 
+    def update_static(self, layer: int, k, v):
+        """update() for one new token (T = 1) when pos is a (1,) tensor on the device: the
+        same keys and values with every shape fixed, as a CUDA graph needs. The new ones go in
+        slot pos (index_copy_ reads pos on the device), and attention runs over all block_size
+        slots, the mask (1, block_size) hiding those past pos: the same result, since a masked
+        key gets a weight of exactly 0.
+        """
+        self.k[layer].index_copy_(2, self.pos, k.to(self.k[layer].dtype))
+        self.v[layer].index_copy_(2, self.pos, v.to(self.v[layer].dtype))
+        return self.k[layer], self.v[layer], (self.slots <= self.pos)[None, :]
+
     def reorder(self, rows: torch.Tensor):
         """Keep batch rows `rows` (beam search picks which beams survive)."""
         self.k = [k.index_select(0, rows) for k in self.k]
         self.v = [v.index_select(0, rows) for v in self.v]
 
 
-def next_logits(model: GPT, idx, cache: KVCache | None, use_cache: bool = True):
+def next_logits(model: GPT, idx, cache, use_cache: bool = True, cuda_graph: bool = False):
     """Logits (B, V) for the token after idx (B, T), and the cache to pass next time.
 
     With use_cache, only the tokens the cache has not seen are fed. Learned position
     embeddings tie a key to its position, so once the context is longer than block_size the
     cached keys are stale: from then on each step re-encodes the last block_size tokens,
-    exactly what the no-cache path does.
+    exactly what the no-cache path does. With cuda_graph, the steps after the prompt replay a
+    CUDAGraphStep (below), which then stands in for the cache.
     """
     bs = model.config.block_size
-    fits = idx.size(1) <= bs
-    if use_cache and cache is not None and fits:
-        logits, _ = model(idx[:, cache.pos:], cache=cache)  # only the unseen tokens
-    elif use_cache and fits:
-        p = next(model.parameters())
-        cache = KVCache(model.config, idx.size(0), p.device, p.dtype)
-        logits, _ = model(idx, cache=cache)
-    else:
+    if not (use_cache and idx.size(1) <= bs):
         logits, _ = model(idx[:, -bs:])  # full re-encode of the (cropped) context
-        cache = None
+        return logits[:, -1, :], None
+    if isinstance(cache, CUDAGraphStep):
+        return cache(idx[:, -1:]), cache  # the one new token
+    if cache is not None:
+        logits, _ = model(idx[:, cache.pos:], cache=cache)  # only the unseen tokens
+        return logits[:, -1, :], cache
+    p = next(model.parameters())  # the prompt, all of it at once
+    cache = KVCache(model.config, idx.size(0), p.device, p.dtype)
+    logits, _ = model(idx, cache=cache)
+    if cuda_graph and idx.size(1) < bs:  # room for at least one more token
+        cache = CUDAGraphStep(model, cache)
     return logits[:, -1, :], cache
+
+
+class CUDAGraphStep:
+    """The KV cache's one-token step, captured once as a CUDA graph and then replayed.
+
+    On a GPU, one new token of a small model is a few dozen tiny kernels, and launching them
+    one by one from Python takes longer than running them: the cache alone gave the baby GPT
+    1.11x. A CUDA graph records the launches once; a replay submits them all in one call. It
+    replays fixed work on fixed memory, so the step is written with no shape or address that
+    changes: the token goes in through one buffer (self.idx), the position is a (1,) tensor on
+    the device that the step advances itself, and attention covers all block_size slots of the
+    cache with those past pos masked out (KVCache.update_static).
+    """
+
+    def __init__(self, model: GPT, cache: KVCache):
+        self.model, self.cache, self.pos = model, cache, cache.pos  # pos: filled, an int
+        device = cache.k[0].device
+        cache.pos = torch.tensor([self.pos], device=device)  # from now on on the device
+        self.idx = torch.zeros(cache.k[0].size(0), 1, dtype=torch.long, device=device)  # (B, 1)
+        # Autocast normally caches each weight's low-precision copy until its context exits;
+        # a graph would keep reading that freed memory. Without the cache, the casts are
+        # recorded in the graph and redone at each replay.
+        on = torch.is_autocast_enabled("cuda")
+        autocast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=on,
+                                  cache_enabled=False)
+        side = torch.cuda.Stream(device)  # warm up off the main stream, as capture requires
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side), autocast:
+            for _ in range(2):  # writes slot pos only, which the first real step overwrites
+                cache.pos.fill_(self.pos)
+                model(self.idx, cache=cache)
+        torch.cuda.current_stream(device).wait_stream(side)
+        cache.pos.fill_(self.pos)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), autocast:  # records; runs nothing
+            self.logits, _ = model(self.idx, cache=cache)  # (B, 1, V), rewritten by each replay
+
+    def __call__(self, idx_next):
+        """The new tokens (B, 1) -> the logits (B, V) after them (valid until the next call)."""
+        if self.pos >= self.model.config.block_size:
+            raise ValueError(f"the cache holds block_size {self.model.config.block_size} "
+                             "positions, all filled")
+        self.idx.copy_(idx_next)
+        self.graph.replay()
+        self.pos += 1
+        return self.logits[:, -1, :]
 
 
 @torch.no_grad()
 def generate_stream(model: GPT, idx, max_new_tokens: int, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None,
-                    generator: torch.Generator | None = None, use_cache: bool = True):
+                    generator: torch.Generator | None = None, use_cache: bool = True,
+                    cuda_graph: bool | None = None):
     """Yield the next token ids (B, 1) of idx (B, T), one step at a time, as they are sampled:
     generate_plain's loop, with next_logits feeding the model only what its cache has not seen,
-    and sample_next_token doing the temperature, the filters and the draw."""
+    and sample_next_token doing the temperature, the filters and the draw.
+    cuda_graph (None: on CUDA with use_cache) replays each cached step as a CUDAGraphStep;
+    True off CUDA raises ValueError."""
+    if cuda_graph and not idx.is_cuda:
+        raise ValueError(f"cuda_graph needs a CUDA device, not {idx.device.type}")
+    cuda_graph = use_cache and (idx.is_cuda if cuda_graph is None else cuda_graph)
     cache = None
     with eval_mode(model):  # no dropout while generating; restored even if stopped early
         for _ in range(max_new_tokens):
-            logits, cache = next_logits(model, idx, cache, use_cache)
+            logits, cache = next_logits(model, idx, cache, use_cache, cuda_graph)
             idx_next = sample_next_token(logits, temperature, top_k, top_p, generator)
             idx = torch.cat((idx, idx_next), dim=1)  # (B, T+1)
             yield idx_next
@@ -485,7 +556,7 @@ def generate_stream(model: GPT, idx, max_new_tokens: int, temperature: float = 1
 def generate(model: GPT, idx, max_new_tokens: int, *args, **kwargs):
     """Extend idx (B, T) by max_new_tokens sampled tokens: (B, T + max_new_tokens), the same
     tokens as generate_plain, faster. Takes generate_stream's settings (temperature, top_k,
-    top_p, generator, use_cache)."""
+    top_p, generator, use_cache, cuda_graph)."""
     new = generate_stream(model, idx, max_new_tokens, *args, **kwargs)
     return torch.cat([idx, *new], dim=1)
 

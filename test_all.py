@@ -2575,6 +2575,29 @@ def test_kv_cache_matches_full_forward(prompt_len, new):
         torch.testing.assert_close(lc, lf, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("explicit", [False, True])
+@pytest.mark.parametrize("pos_emb,norm,mlp,qk_norm", SWITCHES)
+def test_static_cache_step_matches_full_forward(pos_emb, norm, mlp, qk_norm, explicit):
+    """The step a CUDAGraphStep replays, run eagerly here: with the position a (1,) tensor,
+    each new token is written at slot pos and attends over all block_size slots, those past pos
+    masked. Its logits are the full forward's at every position up to the last slot, with
+    every switch and both attention paths, and the step moves the tensor position on itself."""
+    m = tiny_model(pos_emb=pos_emb, norm=norm, mlp=mlp, qk_norm=qk_norm).eval()
+    set_explicit(m, explicit)
+    seq = torch.randint(0, 11, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        cache = gpt.KVCache(m.config, 2, "cpu", torch.float32)
+        m(seq[:, :5], cache=cache)  # the prompt, through the ordinary path
+        cache.pos = torch.tensor([cache.pos])
+        for t in range(5, 16):
+            step, _ = m(seq[:, t:t + 1], cache=cache)  # (2, 1, V)
+            full, _ = m(seq[:, :t + 1])
+            torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
+            assert cache.pos.item() == t + 1
+    with pytest.raises(ValueError, match="cuda_graph needs a CUDA device, not cpu"):
+        m.generate(seq[:, :3], 2, cuda_graph=True)
+
+
 @pytest.mark.parametrize("settings", [
     {"temperature": 0},  # greedy
     {"temperature": 0.8},
@@ -3399,7 +3422,11 @@ def test_bench_runs_and_reports(capsys):
     assert 0 < result["train"]["mfu"] < 1
     assert result["adamw"]["max_param_diff"] < 1e-6  # ours and torch's agree
     g = result["generate"]
-    assert g["speedup"] == round(g["cache_tokens_per_s"] / g["no_cache_tokens_per_s"], 2)
+    assert not g["cuda_graph"] and (g["new_tokens"], g["context"]) == (8, 8)
+    for B in (1, 8):
+        row = g[f"batch_{B}"]
+        assert row["speedup"] == round(row["cache_tokens_per_s"] / row["no_cache_tokens_per_s"],
+                                       2)
     # the figures agree with each other, by arithmetic done here: config tiny is a batch of
     # 4 x 32 = 128 tokens a step (bench has no gradient accumulation) on a model of 26,816
     # parameters (wte 65 x 32, and per block 2 x 32 + 96 x 32 + 32 x 32 + 2 x 128 x 32, plus
@@ -3421,7 +3448,8 @@ def test_bench_figures_follow_from_the_measured_times(monkeypatch, capsys):
     import bench
     times = [0.010,  # train: 2 steps of 5 ms
              0.003, 0.002,  # adamw, 1 step: ours 3 ms, torch's 2 ms
-             0.1, 0.4,  # generate 8 tokens: 80/s with the cache, 20/s without
+             0.1, 0.4,  # generate 8 tokens, batch 1: 80/s with the cache, 20/s without
+             0.2, 0.1,  # batch 8: 64 tokens, 320/s with the cache, 640/s without
              0.06, 0.02]  # cpu_bf16, 1 step: fp32 60 ms, bf16 20 ms
     calls = []
 
@@ -3444,8 +3472,12 @@ def test_bench_figures_follow_from_the_measured_times(monkeypatch, capsys):
     a = r["adamw"]
     assert (a["ours_ms"], a["torch_ms"], a["ratio"]) == (3.0, 2.0, 1.5), a
     g = r["generate"]
-    assert (g["cache_tokens_per_s"], g["no_cache_tokens_per_s"], g["speedup"]) == \
-        (80.0, 20.0, 4.0), g
+    assert g["batch_1"] == {"cache_tokens_per_s": 80.0, "no_cache_tokens_per_s": 20.0,
+                            "speedup": 4.0}, g
+    assert g["batch_8"] == {"cache_tokens_per_s": 320.0, "no_cache_tokens_per_s": 640.0,
+                            "speedup": 0.5}, g
     assert r["cpu_bf16"] == {"tiny": {"fp32_ms": 60.0, "bf16_ms": 20.0, "speedup": 3.0}}
     err = capsys.readouterr().err
-    assert "5.0 ms/iter, 25,600 tokens/s, MFU 47.5%" in err and "4.0x" in err, err
+    assert "5.0 ms/iter, 25,600 tokens/s, MFU 47.5%" in err, err
+    assert "batch 1: 80.0 tokens/s with KV cache, 20.0 without: 4.0x" in err, err
+    assert "batch 8: 320.0 tokens/s with KV cache, 640.0 without: 0.5x" in err, err
