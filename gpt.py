@@ -293,7 +293,8 @@ class GPT(nn.Module):
             cache.pos += T  # in place: a CUDA graph's replay moves its position on by itself)
         x = self.transformer.ln_f(x)  # (B, T, C)
         if targets is None:
-            return self.lm_head(x[:, [-1], :]), None  # (B, 1, V)
+            # (B, 1, V); a slice, not x[:, [-1]]: a list index is a tensor copied from
+            return self.lm_head(x[:, -1:, :]), None  # the host, which a CUDA graph cannot hold
         logits = self.lm_head(x)  # (B, T, V)
         loss = cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))  # may be a slice
         return logits, loss

@@ -3481,3 +3481,386 @@ def test_bench_figures_follow_from_the_measured_times(monkeypatch, capsys):
     assert "5.0 ms/iter, 25,600 tokens/s, MFU 47.5%" in err, err
     assert "batch 1: 80.0 tokens/s with KV cache, 20.0 without: 4.0x" in err, err
     assert "batch 8: 320.0 tokens/s with KV cache, 640.0 without: 0.5x" in err, err
+
+
+# =============================================================================
+# The cuda tier: the GPU paths (mixed precision, compile, fused kernels, nccl, CUDA's
+# out-of-memory error), run where CUDA is: python -m pytest -q -m cuda test_all.py. Without
+# CUDA they skip; GPU_TIER_DRY_RUN=1 runs them on the CPU instead, so their code keeps
+# working, and the checks that need CUDA itself (fp16, nccl, CUDA graphs) skip there.
+
+cuda = pytest.mark.cuda
+DRY_RUN = os.environ.get("GPU_TIER_DRY_RUN") == "1"
+
+
+@pytest.fixture(scope="module")
+def tier_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if DRY_RUN:
+        return torch.device("cpu")
+    pytest.skip("CUDA is absent (GPU_TIER_DRY_RUN=1 runs this tier on the CPU)")
+
+
+@pytest.fixture
+def gpu(tier_device):
+    """The device the tier runs on, with TF32 off (train.py turns it on for the process, and
+    it would blur the fp32 comparisons); the flags are put back afterwards."""
+    device = tier_device
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield device
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def needs_cuda(device: torch.device, what: str):
+    if device.type != "cuda":
+        pytest.skip(f"{what} needs CUDA: skipped in the dry run")
+
+
+def compile_on(device: torch.device, model):
+    """torch.compile: inductor on CUDA; in the dry run aot_eager (dynamo and AOT autograd, the
+    same graph capture, without inductor's C++ builds, too slow for 2 CPU cores)."""
+    return torch.compile(model) if device.type == "cuda" else torch.compile(
+        model, backend="aot_eager")
+
+
+def gpu_flags(device: torch.device) -> list[str]:
+    """train.py's flags for the tier's device: bf16 on CUDA (what a GPU run picks), fp32 in the
+    dry run (auto would time bf16 on this CPU first)."""
+    return [f"--device={device.type}",
+            f"--dtype={'bfloat16' if device.type == 'cuda' else 'float32'}"]
+
+
+def spread(m: GPT) -> GPT:
+    """Weights scaled as training would leave them: peaked attention and logits of std ~1, so
+    positions matter and greedy decoding has no near-ties (a random init's are ~0.1)."""
+    with torch.no_grad():
+        m.lm_head.weight.mul_(10)
+        for block in m.transformer.h:
+            block.attn.c_attn.weight.mul_(3)
+    return m
+
+
+def train_steps(device, dtype: str, compiled: bool, steps: int = 8) -> dict:
+    """Losses and gradient norms of `steps` AdamW steps of the tiny model on one batch, taken
+    as train.py takes them: autocast to dtype, scaled backward, unscale_, clip, scaler step.
+    The scaler starts at 2**10, not 2**16: no first step is then skipped for an fp16
+    overflow, so the run compares step for step with fp32 (the scale is kept, and checked)."""
+    m = tiny_model(seed=3).to(device)
+    opt, _ = train.configure_optimizer(m, 0.1, 1e-2, (0.9, 0.99))
+    for group in opt.param_groups:
+        group["lr"] = 1e-2 * group["lr_scale"]
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10, enabled=dtype == "float16")
+    ctx = plumbing.autocast_ctx(device, dtype)
+    forward = compile_on(device, m) if compiled else m
+    x, y = torch.randint(0, 11, (2, 4, 16), generator=torch.Generator().manual_seed(0))
+    x, y = x.to(device), y.to(device)
+    losses, norms = [], []
+    for _ in range(steps):
+        with ctx:
+            _, loss = forward(x, y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        norms.append(train.clip_grad_norm(m.parameters(), 1.0).item())
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return {"loss": losses, "norm": norms, "scale": scaler.get_scale() if scaler.is_enabled()
+            else None}
+
+
+@pytest.fixture(scope="module")
+def fp32_steps(tier_device) -> dict:
+    """The eager fp32 run each mixed-precision and compiled run is compared with."""
+    device = tier_device
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return train_steps(device, "float32", compiled=False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+# (dtype, compiled) -> the relative tolerance on the 8 losses, and on the first step's gradient
+# norm (the same weights: rounding only; later norms are chaotic, bf16's drift ~5e-2 by step
+# 6), against eager fp32. fp32 compiled: 1e-3, inductor reorders and fuses fp32 sums (~1e-6
+# apart), and AdamW's first steps move every weight by about lr whatever its gradient's size,
+# so a near-zero gradient whose sign flips grows that; a wrong fused kernel is off by far more.
+# bf16 and fp16: 1e-2, 20x the ~5e-4 measured with CPU bf16 autocast (an 8-bit mantissa: each
+# matmul rounds to ~4e-3, the loss is a mean of 64 terms summed in fp32); fp16 rounds finer.
+# Skipping autocast would pass these, so a mixed run must also differ from fp32; a gradient
+# not unscaled before clipping would be 2**10 times off.
+MIXED = {("float32", True): 1e-3, ("bfloat16", False): 1e-2, ("bfloat16", True): 1e-2,
+         ("float16", False): 1e-2, ("float16", True): 1e-2}
+
+
+@cuda
+@pytest.mark.parametrize("dtype,compiled", MIXED)
+def test_cuda_training_step_matches_fp32(gpu, fp32_steps, dtype, compiled):
+    """A training step in bf16, in fp16 with the loss scaler, and compiled, makes fp32's
+    losses and gradient norms step by step, to the dtype's rounding, and learns."""
+    if dtype == "float16":
+        needs_cuda(gpu, "fp16 with the loss scaler")
+    run = train_steps(gpu, dtype, compiled)
+    ref, tol = fp32_steps, MIXED[dtype, compiled]
+    np.testing.assert_allclose(run["loss"], ref["loss"], rtol=tol)
+    assert run["norm"][0] == pytest.approx(ref["norm"][0], rel=tol), (run["norm"], ref["norm"])
+    assert run["loss"][-1] < 0.9 * run["loss"][0], run["loss"]  # it learns (fp32: 0.77x)
+    if dtype != "float32":  # the dtype was used: not one loss is fp32's to the bit
+        assert not any(a == b for a, b in zip(run["loss"][1:], ref["loss"][1:])), run["loss"]
+    if dtype == "float16":
+        assert run["scale"] == 2.0**10, f"a step was skipped for overflow: {run['scale']}"
+
+
+@cuda
+@slow
+def test_cuda_resume_is_exact(gpu, data_dir, tmp_path, monkeypatch):
+    """A run stopped at step 4 and resumed on the GPU, dropout on, makes the uninterrupted
+    run's losses and weights: the CUDA RNG, optimizer and batches all come back."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic mode
+    torch.use_deterministic_algorithms(True, warn_only=True)  # atomics' sums in a fixed order
+    try:
+        flags = [*gpu_flags(gpu), "--eval_interval=4", "--lr_decay_iters=8", "--dropout=0.1",
+                 "--learning_rate=3e-3"]
+        full = train_tiny(data_dir, tmp_path / "full", *flags, "--max_iters=8")
+        first = train_tiny(data_dir, tmp_path / "out", *flags, "--max_iters=4")
+        assert first["iter_num"] == 4
+        ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+        ckpt["config"]["max_iters"] = 8  # as if the first run had been stopped at 4
+        torch.save(ckpt, tmp_path / "out" / "ckpt.pt")
+        resumed = train.main(["--init_from=resume", f"--out_dir={tmp_path / 'out'}"])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert resumed["iter_num"] == 8 and [it for it, _ in resumed["history"]][-1] == 8
+    # 1e-4: with deterministic algorithms the two runs take the same kernels in the same order
+    # (exact, as on the CPU); the margin is for an op with no deterministic variant (it warns)
+    # summing in another order, ~1e-7, which can flip a bf16 rounding (~1e-5 on the loss). A
+    # lost dropout RNG moves the loss by ~1e-2, lost AdamW moments the weights by ~lr, 1e-3.
+    losses = dict(full["history"])
+    for it, loss in resumed["history"]:
+        assert loss == pytest.approx(losses[it], abs=1e-4), f"iteration {it}"
+    assert_same_params(ckpt_params(tmp_path / "out"), ckpt_params(tmp_path / "full"), atol=1e-4)
+
+
+@cuda
+@pytest.mark.parametrize("pos_emb,norm,mlp,qk_norm", SWITCHES)
+def test_cuda_kv_cache_matches_full_forward_in_bf16(gpu, pos_emb, norm, mlp, qk_norm):
+    """Under bf16 autocast, each KV-cache step's logits (a 6-token prompt, then 1 token at a
+    time to block_size; on CUDA replayed as a CUDA graph, which must then do without
+    autocast's weight cache) are the full forward's last-position logits, for every switch."""
+    m = spread(tiny_model(pos_emb=pos_emb, norm=norm, mlp=mlp, qk_norm=qk_norm)).to(gpu).eval()
+    idx = torch.randint(0, 11, (2, 16), generator=torch.Generator().manual_seed(1)).to(gpu)
+    cache = None
+    with torch.no_grad(), torch.autocast(gpu.type, torch.bfloat16):
+        for t in range(6, 17):
+            lc, cache = gpt.next_logits(m, idx[:, :t], cache, True, gpu.type == "cuda")
+            lf, _ = gpt.next_logits(m, idx[:, :t], None, use_cache=False)
+            # 3e-2 of the logits' range: bf16 rounds each matmul to ~4e-3 and the two paths
+            # take different kernels (one query over the cache, or the causal whole), so they
+            # differ by ~1e-2 of it at most; a key at a wrong position, or a stale one, moves
+            # the peaked attention and the logits by far more (~0.3 of the range)
+            scale = lf.abs().max().item()
+            torch.testing.assert_close(lc.float(), lf.float(), rtol=0, atol=3e-2 * scale)
+    assert cache.pos == 16
+
+
+@cuda
+def test_cuda_explicit_attention_equals_fused_kernels(gpu):
+    """The written-out attention and the fused kernels (flash or memory-efficient on CUDA, no
+    math fallback) agree: in fp32, and in bf16 where flash attention runs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    m = spread(tiny_model()).to(gpu).eval()
+    idx = torch.randint(0, 11, (2, 16), generator=torch.Generator().manual_seed(0)).to(gpu)
+    # fp32 (TF32 off): 1e-4, two orders of summation of the same fp32 products (~1e-6).
+    # bf16: 3e-2 of the logits' range, the two round q k^T and the softmax in different places
+    for dtype, kernels, tol in ((torch.float32, [SDPBackend.EFFICIENT_ATTENTION], 1e-4),
+                                (torch.bfloat16, [SDPBackend.FLASH_ATTENTION,
+                                                  SDPBackend.EFFICIENT_ATTENTION], 3e-2)):
+        on_gpu = sdpa_kernel(kernels) if gpu.type == "cuda" else contextlib.nullcontext()
+        amp = (torch.autocast(gpu.type, dtype) if dtype != torch.float32
+               else contextlib.nullcontext())
+        with torch.no_grad(), amp:
+            set_explicit(m, False)
+            with on_gpu:
+                fused, _ = m(idx, idx)
+            set_explicit(m, True)
+            explicit, _ = m(idx, idx)
+        set_explicit(m, False)
+        scale = fused.abs().max().item()
+        torch.testing.assert_close(explicit.float(), fused.float(), rtol=0, atol=tol * scale,
+                                   msg=str(dtype))
+        att = m.transformer.h[1].attn.att
+        assert (att.triu(1) == 0).all() and att.sum(-1).float().sub(1).abs().max() < 1e-2
+
+
+@cuda
+def test_cuda_newton_schulz_in_bf16(gpu):
+    """On the GPU newton_schulz runs in bf16: the singular values still land about 1, and the
+    result is fp32's to bf16's rounding (and not fp32's to the bit, so bf16 was used)."""
+    g = torch.Generator().manual_seed(0)
+    for shape in [(96, 32), (32, 96), (3, 32, 16)]:
+        G = torch.randn(*shape, generator=g) * 10
+        O = train.newton_schulz(G.to(gpu))
+        assert O.dtype == torch.float32 and O.device.type == gpu.type
+        s = torch.linalg.svdvals(O.cpu())
+        # fp32's band is (0.65, 1.2) (the CPU test); bf16 widens it by its rounding, ~1e-2
+        assert 0.6 < s.min() and s.max() < 1.25, (shape, s.min(), s.max())
+        ref = train.newton_schulz(G)  # fp32, on the CPU
+        # 5e-2 of the norm: 5 iterations of bf16 matmuls (~4e-3 each, amplified by the
+        # quintic's slope) measured at ~1e-2; a wrong transpose or scaling is O(1) off
+        err = (O.cpu() - ref).norm() / ref.norm()
+        assert err < 5e-2, (shape, err)
+        if gpu.type == "cuda":
+            assert err > 0, "bit-identical to fp32: was bf16 used?"
+
+
+@cuda
+@slow
+def test_cuda_ddp_nccl_single_process_matches_plain_run(gpu, data_dir, tmp_path):
+    """train.py under torchrun with nccl, one process, makes the plain run's updates."""
+    needs_cuda(gpu, "nccl")
+    flags = [*CPU_TINY, *gpu_flags(gpu), f"--data_dir={data_dir}", "--dataset=tiny",
+             "--dropout=0", "--sample_every=0", "--max_iters=3"]
+    child = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            "--nproc_per_node=1", "train.py", *flags, "--backend=nccl",
+                            f"--out_dir={tmp_path / 'ddp'}"],
+                           cwd=ROOT, timeout=120, capture_output=True, text=True, check=False)
+    assert child.returncode == 0, child.stdout[-3000:] + child.stderr[-3000:]
+    train.main(flags + [f"--out_dir={tmp_path / 'one'}"])
+    # 1e-4: the same kernels in two processes (TF32 on in both), but CUDA's atomic adds (the
+    # embedding's backward) may sum in another order, ~1e-7, which 3 AdamW steps grow; a
+    # gradient or loss averaged wrongly over the ranks is off by O(1)
+    assert_same_params(ckpt_params(tmp_path / "ddp"), ckpt_params(tmp_path / "one"), atol=1e-4)
+    history = [torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["history"]
+               for d in ("ddp", "one")]
+    assert len(history[0]) == 3
+    np.testing.assert_allclose([v for _, v in history[0]], [v for _, v in history[1]],
+                               rtol=1e-4)
+
+
+@cuda
+@slow
+def test_cuda_out_of_memory_names_the_flags_to_lower(gpu, data_dir, tmp_path, monkeypatch,
+                                                     capsys):
+    """A real allocation too big for the device (1 PiB, inside the training step) stops the
+    run in one line that says which memory ran out and which flags to lower."""
+    real_forward = GPT.forward
+
+    def impossible_allocation(self, idx, targets=None, cache=None):
+        if self.training:
+            torch.empty(2**48, dtype=torch.float32, device=idx.device)  # 2**50 bytes
+        return real_forward(self, idx, targets, cache)
+
+    monkeypatch.setattr(GPT, "forward", impossible_allocation)
+    with pytest.raises(SystemExit) as e:
+        train_tiny(data_dir, tmp_path, *gpu_flags(gpu), "--max_iters=4")
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and len(err.splitlines()) == 1, err
+    where = "GPU" if gpu.type == "cuda" else "CPU"  # the dry run: the CPU allocator's error
+    assert f"out of {where} memory" in err and "--batch_size" in err and "untouched" in err
+    if gpu.type == "cuda":  # the device is still usable
+        torch.cuda.empty_cache()
+        assert torch.ones(4, device=gpu).sum().item() == 4
+
+
+@cuda
+@slow
+def test_cuda_sample_score_compiled_equals_eager(gpu, data_dir, tmp_path, monkeypatch,
+                                                 capsys):
+    """sample.py --score --compile compiles the forward pass and scores as eager does."""
+    out = tmp_path / "out"
+    train_tiny(data_dir, out, *gpu_flags(gpu), "--max_iters=2")
+    text = tmp_path / "score.txt"
+    text.write_text(TEXT[:100], encoding="utf-8")  # longer than block_size 32
+    real_compile, compiled = torch.compile, []
+
+    def spy(model):
+        compiled.append(model)
+        return real_compile(model, **({} if gpu.type == "cuda" else {"backend": "aot_eager"}))
+
+    monkeypatch.setattr(torch, "compile", spy)
+    flags = [f"--out_dir={out}", f"--device={gpu.type}", "--dtype=float32", f"--score={text}",
+             "--score_stride=8"]  # 10 windows: one batch, one shape, so one compilation
+    eager = sample.main(flags)
+    assert not compiled
+    fast = sample.main([*flags, "--compile"])
+    assert len(compiled) == 1 and fast["tokens"] == eager["tokens"] == 99
+    # fp32, TF32 off: 1e-4 relative, inductor's fused sums against eager's (~1e-6)
+    assert fast["loss"] == pytest.approx(eager["loss"], rel=1e-4)
+    assert capsys.readouterr().out.count("99 tokens scored") == 2
+
+
+@cuda
+@slow
+def test_cuda_baby_gpt_prepare_train_sample(gpu, tmp_path, capsys):
+    """prepare.py, then the baby GPT (train.py's defaults: 6 layers, 6 heads, 384 wide, block
+    256) for 300 steps on the GPU: its val loss falls clearly, and sample.py prints text. The
+    dry run trains a small model instead (the baby GPT needs a GPU)."""
+    src = tmp_path / "input.txt"
+    src.write_text(TEXT, encoding="utf-8")
+    prepare.main(["--input", str(src), "--dataset", "tiny", "--data_dir", str(tmp_path / "d")])
+    small = [] if gpu.type == "cuda" else ["--n_layer=2", "--n_head=2", "--n_embd=32",
+                                           "--block_size=64", "--batch_size=8"]
+    iters = 300 if gpu.type == "cuda" else 60
+    result = train.main([f"--data_dir={tmp_path / 'd'}", "--dataset=tiny",
+                         f"--out_dir={tmp_path / 'out'}", *gpu_flags(gpu), "--compile=False",
+                         f"--max_iters={iters}", f"--eval_interval={iters // 3}",
+                         "--eval_iters=10", "--log_interval=10", "--warmup_iters=20",
+                         "--sample_every=0", *small])
+    assert result["iter_num"] == iters
+    vals = [float(r["val_loss"]) for r in plumbing.read_log(tmp_path / "out" / "log.csv")
+            if r.get("val_loss")]
+    # ln(vocab 30) = 3.4 at the start; the text repeats every 66 characters, so the baby GPT
+    # ends well under half of that in 300 steps (the dry run's small model, 60 steps, at 0.75)
+    assert len(vals) == 4 and vals[-1] < (0.5 if gpu.type == "cuda" else 0.85) * vals[0], vals
+    capsys.readouterr()
+    texts = sample.main([f"--out_dir={tmp_path / 'out'}", f"--device={gpu.type}",
+                         "--start=All:", "--num_samples=2", "--max_new_tokens=40"])
+    assert len(texts) == 2 and all(t.startswith("All:") and len(t) == 44 for t in texts)
+    printed = capsys.readouterr().out
+    assert texts[0][4:] in printed, printed
+
+
+# (prompt length, new tokens) for the tiny model's block_size 16: staying inside it, and
+# running past it (the cache then gives way to re-encoding the last 16 tokens)
+GRAPH_RUNS = {"within block_size": (5, 10), "past block_size": (5, 20)}
+
+
+@cuda
+@pytest.mark.parametrize("run", GRAPH_RUNS)
+def test_cuda_graph_generation_matches_eager_and_plain(gpu, run):
+    """Greedy fp32 generation: the CUDA-graph decode, the eager KV cache and generate_plain
+    give the same tokens, inside block_size and past it; a CUDA graph off CUDA is refused.
+    (The dry run checks the eager cache against generate_plain.)"""
+    prompt_len, new = GRAPH_RUNS[run]
+    m = spread(tiny_model(seed=4)).to(gpu).eval()
+    idx = torch.randint(0, 11, (2, prompt_len), generator=torch.Generator().manual_seed(3))
+    idx = idx.to(gpu)
+    plain = gpt.generate_plain(m, idx, new, temperature=0)
+    assert plain.shape == (2, prompt_len + new)
+    assert torch.equal(gpt.generate(m, idx, new, temperature=0), plain)
+    needs_cuda(gpu, "the CUDA-graph decode")
+    # exact: greedy picks the argmax, and the paths' logits differ by fp32 rounding (~1e-6)
+    # against gaps between the top two logits of ~1e-1 (spread's logits of std ~1)
+    for cuda_graph in (False, True, None):
+        out = gpt.generate(m, idx, new, temperature=0, cuda_graph=cuda_graph)
+        assert torch.equal(out, plain), cuda_graph
+    streamed = list(gpt.generate_stream(m, idx, new, temperature=0, cuda_graph=True))
+    assert torch.equal(torch.cat([idx, *streamed], dim=1), plain)
+    assert torch.equal(m.generate(idx, new, temperature=0, cuda_graph=True), plain)
+    with pytest.raises(ValueError):
+        gpt.generate(tiny_model(), idx.cpu(), 2, temperature=0, cuda_graph=True)
+
+
+@cuda
+@pytest.mark.parametrize("pos_emb,norm,mlp,qk_norm", SWITCHES)
+def test_cuda_graph_generation_every_switch(gpu, pos_emb, norm, mlp, qk_norm):
+    """For every switch, greedy fp32 tokens from the CUDA-graph decode are generate_plain's."""
+    needs_cuda(gpu, "the CUDA-graph decode")
+    m = spread(tiny_model(seed=5, pos_emb=pos_emb, norm=norm, mlp=mlp, qk_norm=qk_norm))
+    m = m.to(gpu).eval()
+    idx = torch.randint(0, 11, (2, 4), generator=torch.Generator().manual_seed(6)).to(gpu)
+    out = gpt.generate(m, idx, 10, temperature=0, cuda_graph=True)
+    assert torch.equal(out, gpt.generate_plain(m, idx, 10, temperature=0))  # exact: as above
