@@ -3864,3 +3864,38 @@ def test_cuda_graph_generation_every_switch(gpu, pos_emb, norm, mlp, qk_norm):
     idx = torch.randint(0, 11, (2, 4), generator=torch.Generator().manual_seed(6)).to(gpu)
     out = gpt.generate(m, idx, 10, temperature=0, cuda_graph=True)
     assert torch.equal(out, gpt.generate_plain(m, idx, 10, temperature=0))  # exact: as above
+
+
+# The tier's one command, bash .ci/gpu, kept working by its dry run on the CPU
+@slow
+def test_gpu_tier_dry_run(tmp_path):
+    """bash .ci/gpu --dry-run: every step of the GPU tier runs on the CPU, small, and ends ok;
+    the JSON holds the recipe's best val (finite, below the untrained model's), bench's figures,
+    and the summary is printed last. The cuda tests run in it with GPU_TIER_DRY_RUN=1; set
+    GPU_TIER_CUDA_TESTS=collect to only collect them (the rest takes ~20 s)."""
+    env = dict(os.environ, PYTHON=sys.executable)
+    r = subprocess.run(["bash", str(ROOT / ".ci" / "gpu"), "--dry-run", str(tmp_path)],
+                       capture_output=True, text=True, timeout=900, env=env, cwd=ROOT,
+                       check=False)
+    report = json.loads((tmp_path / "gpu_tier.json").read_text())
+    steps = report["steps"]
+    assert list(steps) == ["env", "cuda_tests", "bench_baby", "bench_gpt2", "prepare", "train",
+                           "sample"]
+    assert {n: s["status"] for n, s in steps.items()} == dict.fromkeys(steps, "ok"), r.stdout
+    assert r.returncode == 0 and report["finished"] and report["ok"]
+    assert report["mode"] == "dry_run" and steps["env"]["result"]["torch"]
+    train = steps["train"]["result"]
+    best, start = train["best_val_loss"], train["start_val_loss"]
+    assert math.isfinite(best) and best < start - 0.5, train
+    assert train["best_iter"] > 0 and train["iters_done"] == 60 and train["ms_per_iter"] > 0
+    assert not train["stopped_by_timeout"]
+    for name in ("bench_baby", "bench_gpt2"):
+        head, bench = steps[name]["result"]["summary"], steps[name]["result"]["bench"]
+        assert head["ms_per_iter"] > 0 and head["tokens_per_s"] > 0 and head["mfu"] is not None
+        assert head["kv_speedup_batch_1"] > 0 and bench["config"] == "tiny"
+    assert steps["sample"]["result"]["text"].strip()
+    assert (tmp_path / "gpu_tier.log").exists() and (tmp_path / "recipe_log.csv").exists()
+    tail = r.stdout.strip().splitlines()[-20:]  # the summary: what a remote caller sees
+    assert tail[-10].startswith("===== GPU tier (dry_run)"), r.stdout
+    assert any(line.startswith("train") and "best val" in line for line in tail)
+    assert tail[-2].endswith("all steps ok") and tail[-1].endswith("gpu_tier.json")
