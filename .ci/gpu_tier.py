@@ -214,9 +214,9 @@ def commands(dry: bool, work: Path, collect: bool = False) -> dict:
         train = ["--dataset=gpu_tier", "--compile=False", "--n_layer=2", "--n_head=2",
                  "--n_embd=64", "--block_size=32", "--batch_size=16", "--max_iters=60",
                  "--eval_interval=20", "--eval_iters=5", "--warmup_iters=10",
-                 "--learning_rate=3e-3", "--dropout=0"]
+                 "--learning_rate=3e-3", "--dropout=0", "--sample_every=0"]
         tokens = 100
-    else:  # train.py's defaults are the baby GPT's recipe; no samples during training
+    else:  # train.py's defaults are the baby GPT's recipe (a sample at each evaluation)
         bench_baby = [*bench, "--config=baby"]
         bench_gpt2 = [*bench, "--config=gpt2", "--skip=adamw"]  # adamw: the baby's, measured
         prepare, train, tokens = [PY, "prepare.py"], [], 300
@@ -225,8 +225,8 @@ def commands(dry: bool, work: Path, collect: bool = False) -> dict:
         "cuda_tests": [PY, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
                        *(["--collect-only"] if collect else []), "test_all.py"],
         "bench_baby": bench_baby, "bench_gpt2": bench_gpt2, "prepare": [*prepare, *data],
-        "train": [PY, "train.py", dev, *data, "--out_dir", recipe, "--sample_every=0",
-                  "--log_interval=10", *train],
+        "train": [PY, "train.py", dev, *data, "--out_dir", recipe, "--log_interval=10",
+                  *train],
         "sample": [PY, "sample.py", dev, "--out_dir", recipe, "--num_samples=1",
                    f"--max_new_tokens={tokens}", "--stream=False"],
     }
