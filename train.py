@@ -100,15 +100,14 @@ def get_chat_batch(path: Path, ix: torch.Tensor, block_size: int, device: torch.
     ids = np.memmap(path, dtype=np.uint16, mode="r")
     mask = np.memmap(chat_file(path, "mask"), dtype=np.uint8, mode="r")
     index = np.memmap(chat_file(path, "index"), dtype="<i8", mode="r")  # c k: [index[k], k+1)
-    x = torch.zeros(len(ix), block_size, dtype=torch.int64)
-    y = torch.full((len(ix), block_size), -1, dtype=torch.int64)
-    for row, k in enumerate(ix.tolist()):
-        start, end = int(index[k]), int(index[k + 1])
-        c = torch.from_numpy(ids[start:end].astype(np.int64))
-        answer = torch.from_numpy(mask[start + 1:end].astype(bool))  # is each target an answer?
-        x[row, :end - start - 1] = c[:-1]
-        y[row, :end - start - 1] = torch.where(answer, c[1:], -1)
-    return to_device(x, y, device)
+    k = ix.numpy()
+    start, length = index[k], index[k + 1] - index[k]  # (B,) each
+    inside = np.arange(block_size + 1) < length[:, None]  # (B, T+1): within the conversation
+    pos = np.where(inside, start[:, None] + np.arange(block_size + 1), 0)  # (B, T+1) offsets
+    c, answer = ids[pos].astype(np.int64), mask[pos].astype(bool) & inside
+    x = np.where(inside[:, 1:], c[:, :-1], 0)  # x[j] is a token with a target after it
+    y = np.where(answer[:, 1:], c[:, 1:], -1)  # is each target an answer?
+    return to_device(torch.from_numpy(x), torch.from_numpy(y), device)
 
 
 def chat_file(path: Path, kind: str) -> Path:
