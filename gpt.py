@@ -677,3 +677,24 @@ def crop_block_size(model: GPT, block_size: int) -> None:
         wpe = model.transformer.wpe
         wpe.weight = nn.Parameter(wpe.weight[:block_size].detach().clone())
         wpe.num_embeddings = block_size
+
+
+def grow_vocab(model: GPT, vocab_size: int) -> None:
+    """Give the model vocab_size tokens by adding rows to its token embedding, which the tied
+    lm_head shares: new tokens, such as a chat template's 4 markers, for a model pretrained
+    without them. Each new row is the mean of the existing rows. A new token then starts as an
+    "average token": its embedding is like the tokens the model knows, and its logit is about
+    their average, never one that stands out the way a random row's can (Hewitt 2021,
+    "Initializing new word embeddings for pretrained language models"). The old rows are not
+    touched, so for inputs of old tokens the old tokens' logits are exactly what they were."""
+    old = model.config.vocab_size
+    if vocab_size < old:
+        raise ValueError(f"cannot shrink the vocabulary from {old} to {vocab_size}")
+    wte = model.transformer.wte
+    w = wte.weight.detach()
+    mean = w.float().mean(dim=0, keepdim=True).to(w.dtype)  # (1, C)
+    wte.weight = nn.Parameter(torch.cat([w, mean.expand(vocab_size - old, -1)]).clone())
+    wte.num_embeddings = vocab_size
+    model.lm_head.weight = wte.weight  # still tied: the output layer grows with it
+    model.lm_head.out_features = vocab_size
+    model.config.vocab_size = vocab_size

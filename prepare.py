@@ -12,6 +12,9 @@ Turn raw text into training data: data/<dataset>/{train.bin, val.bin, meta.json}
     python prepare.py --dataset reverse --digits 8     # a task with known answers
     python prepare.py --dataset other_plays --vocab_from data/shakespeare_char --drop_unknown
                                                        # 29 more plays, in Tiny Shakespeare's ids
+    python prepare.py --input convs.jsonl --dataset mine_chat   # conversations (see below)
+    python prepare.py --dataset instruct               # generated instructions, checkable
+    python prepare.py --dataset shakespeare_chat       # questions on the play, for fine-tuning
 
 train.bin and val.bin hold uint16 token ids; meta.json says how to turn ids back into text (the
 tokenizer kind and, for characters, the vocabulary), plus token counts and where the text came
@@ -25,6 +28,18 @@ in characters (1 MB) is prepared whole, the lecture's way: the first section bel
 else is read and written piece by piece, so memory stays flat whatever its size, and GPT-2 BPE
 runs on every core (--num_proc). For the same one text, both ways write the same bytes.
 Parquet files and --hf_dataset are read with `datasets` (pip install datasets).
+
+Conversations, for instruction tuning: each record of .jsonl / .json / .parquet files (or a
+folder of them) is one, {"prompt": ..., "response": ...} or {"messages": [{"role": "system" |
+"user" | "assistant", "content": ...}, ...]}. They are told from text by their first record: if
+it has "messages", "prompt" or "response", the input is conversations (what a user with such a
+file means; --format chat or text says so outright). chat.py renders each (its markers are 4 ids
+past the tokenizer's), and each split gets three files: s.bin (ids), s_mask.bin (uint8: 1 on
+the assistant's tokens and its <|end|>, the only ones that carry loss) and s_index.bin (int64:
+where each conversation starts); meta.json's "chat" holds the template and the counts. Val holds
+the last conversations, whole. One longer than --block_size + 1 tokens loses its oldest
+exchanges, or is left out when its last one alone does not fit. The reverse and addition tasks,
+and --dataset instruct and shakespeare_chat, are conversations written the same way.
 """
 
 import argparse
@@ -52,6 +67,8 @@ from pathlib import Path
 
 import numpy as np
 
+import chat
+
 ROOT = Path(__file__).resolve().parent
 DATA_DIR = ROOT / "data"
 
@@ -73,11 +90,16 @@ GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2
 EOT = "<|endoftext|>"
 
 TASKS = ("reverse", "addition")
+GENERATED = {"reverse": (100_000, 1_000), "addition": (100_000, 1_000),  # (train, val)
+             "instruct": (30_000, 500), "shakespeare_chat": (5_000, 500)}
 CHUNK_CHARS = 1 << 20  # characters per piece of work: memory holds a few pieces per process
 QUIET_BYTES = 8 << 20  # inputs smaller than this finish before a progress line would help
 PLAIN_BYTES = 16 << 20  # Tiny Shakespeare under this is prepared whole (~12x its size in memory)
 DOCUMENT_SUFFIXES = (".jsonl", ".json", ".parquet")  # files holding many documents
 FOLDER_SUFFIXES = (".txt", *DOCUMENT_SUFFIXES)  # the files taken from a folder
+BINS = ("train.bin", "val.bin")  # token ids, uint16
+CHAT_BINS = ("train_mask.bin", "val_mask.bin",  # uint8 beside each token: 1 = it carries loss
+             "train_index.bin", "val_index.bin")  # int64: where each conversation starts
 
 
 class PrepareError(Exception):
@@ -124,7 +146,7 @@ def prepare_plain(text: str, out_dir: Path, describe: str, documents: int = 1,
         with temp_bins(out_dir) as (train_tmp, val_tmp):
             write_synced(train_tmp, train_data.tobytes())
             write_synced(val_tmp, val_data.tobytes())
-            commit(out_dir, train_tmp, val_tmp, meta)
+            commit(out_dir, BINS, [train_tmp, val_tmp], meta)
     except OSError as e:  # a full disk, say: the old dataset stays
         raise PrepareError(f"cannot write in {out_dir}: {e.strerror or e}") from None
     return meta
@@ -352,8 +374,9 @@ def record_text(record, field_name: str, where: str) -> str:
     return checked_text(record[field_name], field_name, where)
 
 
-def json_lines_items(path: Path, field_name: str):
-    """JSON lines: one record per line, its text one document. Blank lines are skipped."""
+def json_lines_records(path: Path):
+    """(where, record) for each record of a JSON lines file; where is "file:line". Blank lines
+    are skipped."""
     refuse_utf16(path)
     try:
         with open(path, "rb") as f:
@@ -367,23 +390,19 @@ def json_lines_items(path: Path, field_name: str):
                 if not line.strip():
                     continue
                 try:
-                    record = json.loads(line)
+                    yield where, json.loads(line)
                 except json.JSONDecodeError as e:
                     raise PrepareError(bad_json(where, e)) from None
-                text = record_text(record, field_name, where)
-                if text:  # an empty document would add nothing but a separator
-                    yield "doc", where
-                    yield "text", text
     except OSError as e:
         raise PrepareError(f"cannot read {path}: {e.strerror}") from None
 
 
-def json_file_items(path: Path, field_name: str):
-    """A .json file: an array of records (read whole, so prefer JSON lines for big data), or
-    JSON lines under another name, as many datasets ship them."""
+def json_file_records(path: Path):
+    """(where, record) for a .json file: an array of records (read whole, so prefer JSON lines
+    for big data), or JSON lines under another name, as many datasets ship them."""
     head = refuse_utf16(path).decode("utf-8-sig", errors="replace").lstrip()
     if not head.startswith("["):
-        yield from json_lines_items(path, field_name)
+        yield from json_lines_records(path)
         return
     try:
         records = json.loads(path.read_bytes().decode("utf-8-sig"))
@@ -392,7 +411,12 @@ def json_file_items(path: Path, field_name: str):
     except json.JSONDecodeError as e:
         raise PrepareError(bad_json(f"{path}:{e.lineno}", e)) from None
     for number, record in enumerate(records):
-        where = f"{path} record {number}"
+        yield f"{path} record {number}", record
+
+
+def record_items(records, field_name: str):
+    """Records as documents: each record's text one document (an empty one adds nothing)."""
+    for where, record in records:
         text = record_text(record, field_name, where)
         if text:
             yield "doc", where
@@ -415,38 +439,57 @@ def first_line(e: Exception) -> str:
     return text.splitlines()[0][:300] if text else type(e).__name__
 
 
-def dataset_items(open_dataset, field_name: str, name: str):
-    """The rows of a Hugging Face dataset, one document each, streamed in batches. Whatever the
-    library raises, loading or reading, becomes one line that names the dataset."""
+def dataset_rows(open_dataset, name: str, columns: list[str] | None = None):
+    """(where, row as a dict) for the rows of a Hugging Face dataset, streamed in batches; only
+    the given columns (all: None). Whatever the library raises, loading or reading, becomes one
+    line that names the dataset."""
+    hint = "; choose one with --text_field" if columns else ""
     try:
         ds = open_dataset()
-        if ds.column_names is not None:  # known up front: read only that column
-            if field_name not in ds.column_names:
-                raise PrepareError(f"{name}: no {field_name!r} column (it has: "
-                                   f"{', '.join(ds.column_names)}); choose one with --text_field")
-            ds = ds.select_columns([field_name])
+        if columns and ds.column_names is not None:  # known up front: read only those
+            for column in columns:
+                if column not in ds.column_names:
+                    raise PrepareError(f"{name}: no {column!r} column (it has: "
+                                       f"{', '.join(ds.column_names)}){hint}")
+            ds = ds.select_columns(columns)
         row = 0
         for batch in ds.iter(batch_size=1000):
-            if field_name not in batch:
-                raise PrepareError(f"{name}: no {field_name!r} column; choose one with "
-                                   "--text_field")
-            for text in batch[field_name]:
-                text = checked_text(text, field_name, f"{name} row {row}")
-                if text:
-                    yield "doc", f"{name} row {row}"
-                    yield "text", text
+            for column in columns or ():
+                if column not in batch:
+                    raise PrepareError(f"{name}: no {column!r} column{hint}")
+            for values in zip(*batch.values()):
+                yield f"{name} row {row}", dict(zip(batch, values))
                 row += 1
     except PrepareError:
         raise
     except Exception as e:  # noqa: BLE001 (datasets raises many kinds; all mean "cannot read")
-        raise PrepareError(f"{name}: datasets could not read it ({type(e).__name__}: {first_line(e)})") from None
+        raise PrepareError(f"{name}: datasets could not read it ({type(e).__name__}: "
+                           f"{first_line(e)})") from None
 
 
-def parquet_items(path: Path, field_name: str):
-    """A Parquet file, one document per row, streamed by `datasets` (no copy in its cache)."""
+def dataset_items(open_dataset, field_name: str, name: str):
+    """The rows of a Hugging Face dataset, one document each."""
+    for where, row in dataset_rows(open_dataset, name, [field_name]):
+        text = checked_text(row[field_name], field_name, where)
+        if text:
+            yield "doc", where
+            yield "text", text
+
+
+def parquet_rows(path: Path, columns: list[str] | None = None):
+    """A Parquet file's rows, streamed by `datasets` (no copy in its cache)."""
     datasets = import_datasets()
-    yield from dataset_items(lambda: datasets.load_dataset(
-        "parquet", data_files=str(path), split="train", streaming=True), field_name, str(path))
+    yield from dataset_rows(lambda: datasets.load_dataset(
+        "parquet", data_files=str(path), split="train", streaming=True), str(path), columns)
+
+
+def file_records(path: Path, columns: list[str] | None = None):
+    """(where, record) for each record of a .jsonl, .json or .parquet file (of a Parquet file,
+    only the given columns: None, all)."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return parquet_rows(path, columns)
+    return json_lines_records(path) if suffix == ".jsonl" else json_file_records(path)
 
 
 def find_files(names: list[str]) -> list[Path]:
@@ -482,12 +525,8 @@ def file_source(names: list[str], field_name: str, chunk_chars: int) -> Source:
     def items():
         for path in files:
             suffix = path.suffix.lower()
-            if suffix == ".jsonl":
-                yield from json_lines_items(path, field_name)
-            elif suffix == ".json":
-                yield from json_file_items(path, field_name)
-            elif suffix == ".parquet":
-                yield from parquet_items(path, field_name)
+            if suffix in DOCUMENT_SUFFIXES:
+                yield from record_items(file_records(path, [field_name]), field_name)
             else:  # .txt, and any other file named on its own: plain text
                 yield from text_file_items(path, chunk_chars)
 
@@ -569,23 +608,40 @@ def gpt2_encoding():
 
 
 def get_tokenizer(meta: dict):
-    """(encode, decode) for a dataset's meta. encode raises KeyError naming an unknown char."""
+    """(encode, decode) for a dataset's meta. encode raises KeyError naming an unknown char.
+    For a chat dataset's meta, decode also writes the template's markers as their names (so a
+    rendered conversation prints as it reads); encode never gives a marker's id."""
     if meta["tokenizer"] == "gpt2":
         enc = gpt2_encoding()
-        return (lambda s: enc.encode(s, allowed_special={EOT})), enc.decode
-    itos = meta["chars"]
-    stoi = {ch: i for i, ch in enumerate(itos)}
+        encode, decode = (lambda s: enc.encode(s, allowed_special={EOT})), enc.decode
+    else:
+        itos = meta["chars"]
+        stoi = {ch: i for i, ch in enumerate(itos)}
 
-    def encode(s: str) -> list[int]:
-        for ch in s:
-            if ch not in stoi:
-                raise KeyError(f"character {ch!r} is not in this model's vocabulary")
-        return [stoi[ch] for ch in s]
+        def encode(s: str) -> list[int]:
+            for ch in s:
+                if ch not in stoi:
+                    raise KeyError(f"character {ch!r} is not in this model's vocabulary")
+            return [stoi[ch] for ch in s]
 
-    def decode(ids) -> str:
-        return "".join(itos[i] for i in ids)
+        def decode(ids) -> str:
+            return "".join(itos[i] for i in ids)
 
-    return encode, decode
+    if "chat" not in meta:
+        return encode, decode
+    names = {i: m for m, i in meta["chat"]["markers"].items()}
+
+    def decode_with_markers(ids) -> str:
+        out, run = [], []
+        for i in ids:
+            if i in names:
+                out += [decode(run), names[i]]
+                run = []
+            else:
+                run.append(i)
+        return "".join(out) + decode(run)
+
+    return encode, decode_with_markers
 
 
 def codepoints(text: str) -> np.ndarray:
@@ -930,7 +986,7 @@ def check_out_dir(out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise PrepareError(f"cannot make the folder {out_dir}: {e.strerror}") from None
-    for name in ("train.bin", "val.bin", "meta.json"):
+    for name in (*BINS, *CHAT_BINS, "meta.json"):
         if (out_dir / name).is_dir():
             raise PrepareError(f"{out_dir / name} is a folder: move it away first")
 
@@ -947,11 +1003,12 @@ def new_temp(path: Path) -> Path:
 
 
 @contextmanager
-def temp_bins(out_dir: Path):
-    """Temporary train and val files beside the dataset; deleted unless committed."""
+def temp_bins(out_dir: Path, names: tuple[str, ...] = BINS):
+    """Temporary files beside the dataset, one for each name (by default train and val);
+    deleted unless committed."""
     temps = []
     try:
-        for name in ("train.bin", "val.bin"):
+        for name in names:
             temps.append(new_temp(out_dir / name))
         yield temps
     finally:
@@ -987,13 +1044,18 @@ def move_tail(src: Path, dst: Path, offset: int) -> None:
             os.fsync(g.fileno())
 
 
-def commit(out_dir: Path, train_tmp: Path, val_tmp: Path, meta: dict) -> None:
-    """Put the finished files in place of the old ones. meta.json says the folder is complete,
-    so it goes first and comes back last: a crash in between never leaves old meta beside new
-    data. Until this moment the previous dataset is untouched."""
+def commit(out_dir: Path, names: tuple[str, ...], temps: list[Path], meta: dict) -> None:
+    """Put the finished files (temps, to be named names) in place of the old ones. meta.json
+    says the folder is complete, so it goes first and comes back last: a crash in between never
+    leaves old meta beside new data, nor a mask beside tokens it does not match. The files of
+    the other layout go too (a text dataset has no masks). Until this moment the previous
+    dataset is untouched."""
     (out_dir / "meta.json").unlink(missing_ok=True)
-    os.replace(train_tmp, out_dir / "train.bin")
-    os.replace(val_tmp, out_dir / "val.bin")
+    for name in CHAT_BINS:
+        if name not in names:
+            (out_dir / name).unlink(missing_ok=True)
+    for name, tmp in zip(names, temps):
+        os.replace(tmp, out_dir / name)
     write_atomic(out_dir / "meta.json", json.dumps(meta, indent=1).encode("utf-8"))
 
 
@@ -1065,10 +1127,174 @@ def prepare(source: Source, tokenizer: str, out_dir: Path, val_fraction: float =
             cut, split = where_val_starts(w, source)
             move_tail(train_tmp, val_tmp, 2 * cut)  # 2 bytes per uint16 token
             meta.update(sha256=w.sha256, train_tokens=cut, val_tokens=w.tokens - cut, **split)
-            commit(out_dir, train_tmp, val_tmp, meta)
+            commit(out_dir, BINS, [train_tmp, val_tmp], meta)
         except OSError as e:  # a full disk, say: the temporary files go, the old dataset stays
             raise PrepareError(f"cannot write in {out_dir}: {e.strerror or e}") from None
     return meta
+
+
+# -----------------------------------------------------------------------------
+# Conversations: data for instruction tuning (chat.py renders them)
+#
+# Each conversation is rendered by chat.render into token ids and a loss mask; a split's
+# conversations are concatenated into s.bin (uint16 ids) and s_mask.bin (uint8, 1 = a target
+# that carries loss), and s_index.bin (int64) holds the n + 1 offsets where each one starts.
+# Kept whole, never cut: a batch is whole conversations, padded.
+
+
+def read_conversations(files: list[Path]) -> list[tuple[str, list[dict]]]:
+    """(where, messages) for every record of the files, each checked by chat.conversation: a
+    bad one stops everything with one line, 'file:line: reason'."""
+    convs = []
+    for path in files:
+        if path.suffix.lower() not in DOCUMENT_SUFFIXES:
+            raise PrepareError(f"{path}: a text file holds no conversations: give .jsonl, .json "
+                               "or .parquet files, one conversation a record")
+        for where, record in file_records(path):
+            try:
+                convs.append((where, chat.conversation(record)))
+            except chat.ConversationError as e:
+                raise PrepareError(f"{where}: {e}") from None
+    if not convs:
+        raise PrepareError(f"no conversations in {', '.join(map(str, files))}")
+    return convs
+
+
+def looks_like_chat(files: list[Path]) -> bool:
+    """--format auto: the first record of the first .jsonl / .json / .parquet file has
+    "messages", or "prompt" or "response" (what a conversation has, a text record has not)."""
+    for path in files:
+        if path.suffix.lower() in DOCUMENT_SUFFIXES:
+            _, record = next(iter(file_records(path)), (None, None))
+            return isinstance(record, dict) and bool({"messages", "prompt", "response"}
+                                                     & set(record))
+    return False
+
+
+def base_vocabulary(convs: list[tuple[str, list[dict]]], given: dict | None,
+                    drop_unknown: bool) -> tuple[list[str], dict]:
+    """The character vocabulary of conversations: their characters, or --vocab_from's. A
+    character outside the given one is refused, naming where it is first, or (drop_unknown)
+    dropped from the contents: then returns {char: count} of what was dropped."""
+    chars = sorted({ch for _, ms in convs for m in ms for ch in m["content"]})
+    if given is None:
+        return chars, {}
+    known = set(given["chars"])
+    unknown = {}  # char -> [count, where first]
+    for where, messages in convs:
+        for m in messages:
+            for ch in set(m["content"]) - known:
+                unknown.setdefault(ch, [0, where])[0] += m["content"].count(ch)
+    if unknown and not drop_unknown:
+        shown = ", ".join(f"{ch!r} x{n:,} (first at {where})"
+                          for ch, (n, where) in list(unknown.items())[:10])
+        raise PrepareError(f"{len(unknown):,} characters of the conversations are not in the "
+                           f"vocabulary of {given['vocab_from']}: {shown}. Drop them with "
+                           "--drop_unknown")
+    for i, (where, messages) in enumerate(convs):
+        if any(set(m["content"]) - known for m in messages):
+            cleaned = [{**m, "content": "".join(ch for ch in m["content"] if ch in known)}
+                       for m in messages]
+            try:
+                convs[i] = (where, chat.conversation({"messages": cleaned}))
+            except chat.ConversationError as e:
+                raise PrepareError(f"{where}: after --drop_unknown, {e}") from None
+    return list(given["chars"]), {ch: n for ch, (n, _) in unknown.items()}
+
+
+def base_encoder(tokenizer: str, chars: list[str] | None) -> tuple[Callable, int]:
+    """encode (text -> ids, never a marker nor a special token) and the base vocabulary size."""
+    if tokenizer == "gpt2":
+        return gpt2_encoding().encode_ordinary, 50257  # text never spells <|endoftext|>
+    stoi = {ch: i for i, ch in enumerate(chars)}
+    return (lambda s: [stoi[c] for c in s]), len(chars)
+
+
+def render_split(convs: list[list[dict]], encode, tmpl: dict, max_tokens: int, counts: dict):
+    """One split's ids, mask and index arrays. A conversation over max_tokens loses its oldest
+    exchanges (counts["shortened"]) or, if its last exchange alone is too long, is left out
+    (counts["dropped"])."""
+    ids, mask, index = [], [], [0]
+    for messages in convs:
+        fitted, dropped = chat.fit_history(messages, encode, tmpl, max_tokens)
+        if fitted is None:
+            counts["dropped"] += 1
+            continue
+        counts["shortened"] += dropped > 0
+        i, m = chat.render(fitted, encode, tmpl)
+        ids += i
+        mask += m
+        index.append(len(ids))
+    return (np.array(ids, dtype=np.uint16), np.array(mask, dtype=np.uint8),
+            np.array(index, dtype="<i8"))
+
+
+def write_conversations(splits: dict, tokenizer: str, chars: list[str] | None, block_size: int,
+                        checkable: bool, meta: dict, out_dir: Path) -> dict:
+    """Render the conversations of splits {"train": [...], "val": [...]} (lists of messages)
+    into out_dir's six files and meta.json, atomically. meta: what the caller knows (source...);
+    returns it completed."""
+    if block_size < 1:
+        raise PrepareError("--block_size must be at least 1")
+    encode, base = base_encoder(tokenizer, chars)
+    tmpl = chat.chat_template(base)
+    if tmpl["vocab_size"] > 65536:
+        raise PrepareError(f"{len(chars):,} distinct characters and 4 markers: token ids are "
+                           "uint16 (0 to 65,535), so at most 65,532 characters fit")
+    counts, arrays = {"shortened": 0, "dropped": 0}, {}
+    for split, convs in splits.items():
+        arrays[split] = render_split(convs, encode, tmpl, block_size + 1, counts)
+        if len(arrays[split][2]) < 2:
+            raise PrepareError(f"no {split} conversation fits in --block_size {block_size} "
+                               f"({counts['dropped']:,} left out)")
+    sha = hashlib.sha256()
+    for ids, mask, _ in arrays.values():
+        sha.update(ids.tobytes())
+        sha.update(mask.tobytes())
+    lengths = np.concatenate([np.diff(index) for _, _, index in arrays.values()])
+    meta = {"tokenizer": tokenizer, **meta, "sha256": sha.hexdigest(),
+            **tokenizer_meta(tokenizer, chars and [ord(c) for c in chars]),
+            "vocab_size": tmpl["vocab_size"],
+            "train_tokens": len(arrays["train"][0]), "val_tokens": len(arrays["val"][0]),
+            "split": "conversations"}
+    meta["chat"] = {**tmpl, "max_len": int(lengths.max()), "block_size": block_size,
+                    "checkable": checkable,
+                    "train_conversations": len(arrays["train"][2]) - 1,
+                    "val_conversations": len(arrays["val"][2]) - 1, **counts}
+    names = ("train.bin", "train_mask.bin", "train_index.bin",
+             "val.bin", "val_mask.bin", "val_index.bin")
+    check_out_dir(out_dir)
+    try:
+        with temp_bins(out_dir, names) as temps:
+            for tmp, array in zip(temps, (*arrays["train"], *arrays["val"])):
+                write_synced(tmp, array.tobytes())
+            commit(out_dir, names, temps, meta)
+    except OSError as e:  # a full disk, say: the old dataset stays
+        raise PrepareError(f"cannot write in {out_dir}: {e.strerror or e}") from None
+    return meta
+
+
+def prepare_chat(files: list[Path], tokenizer: str, given: dict | None, drop_unknown: bool,
+                 val_fraction: float, block_size: int, out_dir: Path, describe: str) -> dict:
+    """Conversations from files -> a chat dataset. Val: the last conversations, whole, by the
+    rule for documents (val_documents)."""
+    convs = read_conversations(files)
+    if len(convs) < 2:
+        raise PrepareError(f"{describe} holds one conversation, and val holds whole "
+                           "conversations: give two or more")
+    meta = {"source": describe}
+    chars = None
+    if tokenizer == "char":
+        chars, dropped = base_vocabulary(convs, given, drop_unknown)
+        if dropped:
+            meta["dropped_characters"] = dropped
+    if given is not None:
+        meta["vocab_from"] = given["vocab_from"]
+    n_val = val_documents(len(convs), val_fraction)
+    messages = [ms for _, ms in convs]
+    meta["val_from"] = convs[-n_val][0]
+    return write_conversations({"train": messages[:-n_val], "val": messages[-n_val:]},
+                               tokenizer, chars, block_size, False, meta, out_dir)
 
 
 # -----------------------------------------------------------------------------
@@ -1076,17 +1302,18 @@ def prepare(source: Source, tokenizer: str, out_dir: Path, val_fraction: float =
 
 
 def make_problem(task: str, n: int, digits: int) -> tuple[str, str]:
-    """Problem number n as (prompt, answer), in a fixed layout.
+    """Problem number n as (question, answer): a user turn and the assistant's reply.
 
-    reverse:  '01234567|' -> '76543210'     (the digits of n, zero-padded, reversed)
-    addition: '012+345='  -> '7530'          (a + b, its digits reversed: written from
+    reverse:  '01234567' -> '76543210'     (the digits of n, zero-padded, reversed)
+    addition: '012+345'  -> '7530'          (a + b, its digits reversed: written from
               the ones digit up, as people add, each digit depends only on what came before)
+    The markers between the turns say where the question ends: no separator of its own.
     """
     if task == "reverse":
         s = f"{n:0{digits}d}"
-        return s + "|", s[::-1]
+        return s, s[::-1]
     a, b = divmod(n, 10 ** digits)
-    return f"{a:0{digits}d}+{b:0{digits}d}=", f"{a + b:0{digits + 1}d}"[::-1]
+    return f"{a:0{digits}d}+{b:0{digits}d}", f"{a + b:0{digits + 1}d}"[::-1]
 
 
 def distinct_numbers(rng: np.random.Generator, space: int, n: int) -> np.ndarray:
@@ -1100,34 +1327,180 @@ def distinct_numbers(rng: np.random.Generator, space: int, n: int) -> np.ndarray
     return rng.permutation(picked)[:n]
 
 
+def exchange(question: str, answer: str) -> list[dict]:
+    """One user turn and the assistant's answer."""
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
 def prepare_task(task: str, digits: int, num_train: int, num_val: int, seed: int,
-                 out_dir: Path) -> dict:
-    """Write seeded train/val problems (disjoint: no val problem is in train) as fixed-length
-    rows of character ids; meta.json records the layout the trainer masks the loss with."""
+                 out_dir: Path, block_size: int) -> dict:
+    """Write seeded train/val problems (disjoint: no val problem is in train) as conversations,
+    through the one writer: the loss is on the answer, as for any conversation."""
     if not 1 <= digits <= (18 if task == "reverse" else 9):  # problem numbers fit in int64
         raise PrepareError(f"--digits must be from 1 to {18 if task == 'reverse' else 9}")
-    if num_train < 1 or num_val < 1:
-        raise PrepareError("--num_train and --num_val must be at least 1")
     space = 10 ** digits if task == "reverse" else 10 ** (2 * digits)
     numbers = distinct_numbers(np.random.default_rng(seed), space, num_train + num_val)
     problems = [make_problem(task, int(n), digits) for n in numbers]
-    prompt, answer = problems[0]
-    chars = sorted(set("0123456789") | set(prompt))
-    stoi = {ch: i for i, ch in enumerate(chars)}
-    rows = np.array([[stoi[c] for c in p + a] for p, a in problems], dtype=np.uint16)
-    meta = {"tokenizer": "char", "source": f"generated {task} problems ({digits} digits, "
-            f"seed {seed})", "sha256": sha256_of(rows.tobytes()), "vocab_size": len(chars),
-            "chars": chars, "task": task, "digits": digits, "example": prompt + answer,
-            "prompt_len": len(prompt),
-            "answer_len": len(answer), "example_len": len(prompt) + len(answer),
-            "train_examples": num_train, "val_examples": num_val,
-            "train_tokens": rows[:num_train].size, "val_tokens": rows[num_train:].size}
-    check_out_dir(out_dir)
-    with temp_bins(out_dir) as (train_tmp, val_tmp):
-        write_synced(train_tmp, rows[:num_train].tobytes())
-        write_synced(val_tmp, rows[num_train:].tobytes())
-        commit(out_dir, train_tmp, val_tmp, meta)
-    return meta
+    convs = [exchange(q, a) for q, a in problems]
+    chars = sorted(set("0123456789") | set(problems[0][0]))
+    meta = {"source": f"generated {task} problems ({digits} digits, seed {seed})",
+            "task": task, "digits": digits, "example": " -> ".join(problems[0])}
+    return write_conversations({"train": convs[:num_train], "val": convs[num_train:]}, "char",
+                               chars, block_size, True, meta, out_dir)
+
+
+# -----------------------------------------------------------------------------
+# Generated conversations: instructions with checkable answers, and questions on the play
+#
+# --dataset instruct: five kinds of instruction, each worded several ways, answers computed.
+# The characters are few (lowercase letters, digits, some punctuation, and the capitals of the
+# uppercase kind's answers) and conversations short (under 64 characters), so that a small
+# character model learns them all on a CPU in minutes.
+
+INSTRUCT = {  # kind: its wordings ({x}: the input, {c}: a letter to count)
+    "reverse": ("Reverse {x}.", "Write {x} backwards.", "What is {x} reversed?"),
+    "add": ("What is {x}?", "Add {x}.", "Compute {x}."),
+    "sort": ("Sort {x}.", "Put {x} in order.", "Sort these: {x}"),
+    "count": ("How many {c} in {x}?", "Count the letter {c} in {x}.", "How often is {c} in {x}?"),
+    "upper": ("Uppercase {x}.", "Write {x} in capitals.", "Say {x} in upper case."),
+}
+
+
+# how often each kind is drawn for training (val has as many of each): a small model learns
+# to count a letter and to carry in addition last, so it sees more of those
+INSTRUCT_WEIGHTS = {"reverse": 1, "add": 2, "sort": 1, "count": 3, "upper": 1}
+
+
+def made_up_word(rng: np.random.Generator) -> str:
+    """3 to 8 random lowercase letters. Made-up words, not a list of real ones: with a few
+    dozen words the model memorises every count and capitalisation it is shown and fails the
+    held-out ones; with these it must learn to count and to capitalise."""
+    return "".join(chr(97 + int(c)) for c in rng.integers(0, 26, int(rng.integers(3, 9))))
+
+
+def instruction(kind: str, rng: np.random.Generator) -> tuple[str, str, str]:
+    """One instruction of a kind, of a random length: (its input, the question, the answer).
+    The input is what makes it a different problem; the wording does not."""
+    pick = lambda seq: seq[int(rng.integers(len(seq)))]
+    letter = ""
+    if kind == "reverse":  # 2 to 6 digits
+        digits = int(rng.integers(2, 7))
+        x = str(int(rng.integers(10 ** (digits - 1), 10 ** digits)))
+        answer = x[::-1]
+    elif kind == "add":  # numbers of 1 or 2 digits (3 digits: a small model needs far longer)
+        a, b = (int(rng.integers(10 ** int(rng.integers(1, 3)))) for _ in range(2))
+        x, answer = f"{a} + {b}", str(a + b)
+    elif kind == "sort":  # 3 to 5 digits or letters
+        pool = "0123456789" if rng.random() < 0.5 else "abcdefghijklmnopqrstuvwxyz"
+        items = [pick(pool) for _ in range(int(rng.integers(3, 6)))]
+        x, answer = " ".join(items), " ".join(sorted(items))
+    elif kind == "count":  # a letter of a word (or, now and then, one not in it)
+        x = made_up_word(rng)
+        letter = pick(x.replace(" ", "") if rng.random() < 0.9 else "abcdefghijklmnopqrstuvwxyz")
+        answer = str(x.count(letter))
+    else:  # upper: a word
+        x = made_up_word(rng)
+        answer = x.upper()
+    question = pick(INSTRUCT[kind]).format(x=x, c=letter)
+    return f"{x}|{letter}", question, answer
+
+
+def instruct_conversations(num_train: int, num_val: int, seed: int):
+    """(train, val, kinds) conversations: val num_val different problems, train num_train
+    problems none of which is a val problem (the same (kind, input) never in both; train may
+    ask one problem twice, in other words)."""
+    rng, kinds = np.random.default_rng(seed), list(INSTRUCT)
+    val, val_keys, train = [], set(), []
+    while len(val) < num_val:
+        kind = kinds[len(val) % len(kinds)]
+        key, question, answer = instruction(kind, rng)
+        if (kind, key) not in val_keys:
+            val_keys.add((kind, key))
+            val.append(exchange(question, answer))
+    weights = np.array([INSTRUCT_WEIGHTS[k] for k in kinds], dtype=float)
+    while len(train) < num_train:
+        kind = kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
+        key, question, answer = instruction(kind, rng)
+        if (kind, key) not in val_keys:
+            train.append(exchange(question, answer))
+    return train, val, kinds
+
+
+def prepare_instruct(num_train: int, num_val: int, seed: int, block_size: int,
+                     out_dir: Path) -> dict:
+    train, val, kinds = instruct_conversations(num_train, num_val, seed)
+    chars = sorted({ch for ms in train + val for m in ms for ch in m["content"]})
+    meta = {"source": f"generated instructions ({', '.join(kinds)}; seed {seed})",
+            "kinds": kinds, "example": " -> ".join(m["content"] for m in val[0])}
+    return write_conversations({"train": train, "val": val}, "char", chars, block_size, True,
+                               meta, out_dir)
+
+
+# --dataset shakespeare_chat: questions on Tiny Shakespeare, answered from it, to fine-tune a
+# model pretrained on the play. Not checkable by exact match: a line can be said by several.
+
+SPEECH_CHARS = 200  # "Speak as NAME." is answered with a speech of at most this many characters
+PLAY_QUESTIONS = ("Who says: {line}", "What comes after: {line}", "Speak as {name}.")
+
+
+def speeches(text: str) -> list[tuple[str, list[str]]]:
+    """(speaker, lines) of each speech: a 'NAME:' line, its lines, then a blank line."""
+    found = []
+    for block in text.split("\n\n"):
+        lines = [line for line in block.strip("\n").split("\n") if line.strip()]
+        if len(lines) > 1 and lines[0].endswith(":") and len(lines[0]) < 40:
+            found.append((lines[0][:-1], lines[1:]))
+    return found
+
+
+def play_conversations(text: str, n: int, rng: np.random.Generator) -> list[list[dict]]:
+    """n questions on the speeches of text, in turn of the three kinds."""
+    talks = speeches(text)
+    by_speaker = {}
+    for name, lines in talks:
+        if len("\n".join(lines)) <= SPEECH_CHARS:
+            by_speaker.setdefault(name, []).append("\n".join(lines))
+    names = sorted(by_speaker)
+    convs = []
+    while len(convs) < n:
+        kind = len(convs) % len(PLAY_QUESTIONS)
+        if kind == 2:
+            name = names[int(rng.integers(len(names)))]
+            said = by_speaker[name]
+            convs.append(exchange(PLAY_QUESTIONS[2].format(name=name),
+                                  said[int(rng.integers(len(said)))]))
+            continue
+        name, lines = talks[int(rng.integers(len(talks)))]
+        if len(lines) < 1 + kind:  # no line after the only one
+            continue
+        i = int(rng.integers(len(lines) - kind))
+        if len(lines[i]) < 15:  # "My lord," says everyone
+            continue
+        answer = name if kind == 0 else lines[i + 1]
+        convs.append(exchange(PLAY_QUESTIONS[kind].format(line=lines[i].strip()), answer))
+    return convs
+
+
+def prepare_shakespeare_chat(num_train: int, num_val: int, seed: int, block_size: int,
+                             data_dir: Path, out_dir: Path) -> dict:
+    """Questions from the train part of Tiny Shakespeare for train, from its val part for val,
+    in data/shakespeare_char's character ids when that is prepared (to fine-tune its model)."""
+    source = shakespeare_source()
+    text = "\n".join(value for kind, value in source.items() if kind == "text")
+    cut = int(0.9 * len(text))  # as shakespeare_char splits it
+    rng = np.random.default_rng(seed)
+    splits = {"train": play_conversations(text[:cut], num_train, rng),
+              "val": play_conversations(text[cut:], num_val, rng)}
+    meta = {"source": f"questions on {source.describe} (seed {seed})",
+            "kinds": ["who says", "what comes after", "speak as"]}
+    chars = sorted(set(text))
+    if (data_dir / "shakespeare_char" / "meta.json").is_file():
+        given = {**vocabulary_of(data_dir / "shakespeare_char"),
+                 "vocab_from": str(data_dir / "shakespeare_char")}
+        convs = [("generated", ms) for ms in splits["train"] + splits["val"]]
+        chars, _ = base_vocabulary(convs, given, drop_unknown=False)
+        meta["vocab_from"] = given["vocab_from"]
+    return write_conversations(splits, "char", chars, block_size, False, meta, out_dir)
 
 
 # -----------------------------------------------------------------------------
@@ -1137,7 +1510,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--dataset", default="shakespeare_char",
                    help="folder under data/ to write (shakespeare_char, shakespeare, reverse, "
-                   "addition, other_plays: 29 more plays to pretrain on, or any name)")
+                   "addition, other_plays: 29 more plays to pretrain on, instruct: generated "
+                   "instructions, shakespeare_chat: questions on the play, or any name)")
     p.add_argument("--tokenizer", choices=["char", "gpt2"], default=None,
                    help="char or gpt2 BPE (default: gpt2 for 'shakespeare', else char)")
     p.add_argument("--data_dir", default=str(DATA_DIR), help="where dataset folders live")
@@ -1154,6 +1528,11 @@ def parse_args(argv):
     g.add_argument("--split", default=None, help="which split of --hf_dataset (default: train)")
     g.add_argument("--streaming", action="store_true",
                    help="read --hf_dataset as it downloads, without a copy on disk")
+    g.add_argument("--format", choices=["auto", "text", "chat"], default="auto",
+                   help="chat: each record is a conversation, {\"prompt\": ..., \"response\": "
+                   "...} or {\"messages\": [{\"role\": ..., \"content\": ...}, ...]}; text: "
+                   "a document. auto (default): chat when the first record of the first .jsonl, "
+                   ".json or .parquet file has \"messages\", \"prompt\" or \"response\"")
     g.add_argument("--val_fraction", type=float, default=None,
                    help="how much to hold out for val: the end of a single text, or the last "
                    "documents of a collection, whole (default: 0.1)")
@@ -1166,10 +1545,19 @@ def parse_args(argv):
     g.add_argument("--drop_unknown", action="store_true",
                    help="with --vocab_from: drop the characters its vocabulary lacks (without "
                    "it, they are refused and named)")
-    g = p.add_argument_group("tasks (--dataset reverse or addition)")
+    g = p.add_argument_group("conversations (chat input, tasks, instruct, shakespeare_chat)")
+    g.add_argument("--block_size", type=int, default=None,
+                   help="the context to train with: a longer conversation loses its oldest "
+                   "exchanges, or is left out if its last one alone is too long (default: 256 "
+                   "for characters, 1024 for GPT-2 BPE)")
+    g = p.add_argument_group("generated data (--dataset reverse, addition, instruct or "
+                             "shakespeare_chat)")
     g.add_argument("--digits", type=int, default=None, help="digits per number (8 / 3)")
-    g.add_argument("--num_train", type=int, default=100_000, help="training problems")
-    g.add_argument("--num_val", type=int, default=1_000, help="held-out problems")
+    g.add_argument("--num_train", type=int, default=None,
+                   help="training conversations (default: " + ", ".join(
+                       f"{name} {n:,}" for name, (n, _) in GENERATED.items()) + ")")
+    g.add_argument("--num_val", type=int, default=None, help="held-out conversations (default: "
+                   + ", ".join(f"{name} {n:,}" for name, (_, n) in GENERATED.items()) + ")")
     g.add_argument("--seed", type=int, default=1337, help="seed for the problems")
     return p.parse_args(argv)
 
@@ -1178,14 +1566,23 @@ def check_args(args) -> None:
     """Refuse, in one line, flags that would otherwise be silently ignored or misread."""
     text_flags = ("input", "hf_dataset", "text_field", "split", "streaming", "val_fraction",
                   "tokenizer", "num_proc", "vocab_from", "drop_unknown")
-    if args.dataset in TASKS:
-        for name in text_flags:
+    if args.dataset in GENERATED:
+        for name in text_flags + (() if args.dataset in TASKS else ("digits",)):
             if getattr(args, name) not in (None, False):
                 raise PrepareError(f"--{name} does not apply to --dataset {args.dataset}: its "
-                                   "problems are generated (see --digits, --num_train, --num_val)")
+                                   "problems are generated (see --num_train, --num_val"
+                                   f"{', --digits' if args.dataset in TASKS else ''})")
+        if args.format != "auto":
+            raise PrepareError(f"--format does not apply to --dataset {args.dataset}: it is "
+                               "generated as conversations")
         return
-    if args.digits is not None:
-        raise PrepareError("--digits only applies to --dataset reverse or addition")
+    for name in ("digits", "num_train", "num_val"):
+        if getattr(args, name) is not None:
+            raise PrepareError(f"--{name} only applies to --dataset reverse or addition"
+                               + ("" if name == "digits" else ", instruct or shakespeare_chat"))
+    if args.format == "chat" and not args.input:
+        raise PrepareError("--format chat reads conversations from --input files "
+                           "(.jsonl, .json, .parquet)")
     if args.input and args.hf_dataset:
         raise PrepareError("--input and --hf_dataset are two sources: give one")
     for name in ("split", "streaming"):
@@ -1206,18 +1603,22 @@ def main(argv=None, chunk_chars: int = CHUNK_CHARS) -> dict:
     out_dir = Path(args.data_dir) / args.dataset
     try:
         check_args(args)
-        if args.dataset in TASKS:
-            default_digits = 8 if args.dataset == "reverse" else 3
-            digits = default_digits if args.digits is None else args.digits  # 0 is refused
-            meta = prepare_task(args.dataset, digits, args.num_train, args.num_val, args.seed,
-                                out_dir)
-            print(f"wrote {out_dir}: {args.num_train:,} train and {args.num_val:,} val problems, "
-                  f"e.g. {meta['example']}")
-            return meta
+        if args.dataset in GENERATED:
+            return report_chat(prepare_generated(args, out_dir), out_dir)
         tokenizer, given_vocab = choose_tokenizer(args)
         text_field = args.text_field or "text"
         num_proc = args.num_proc or os.cpu_count() or 1
+        val_fraction = args.val_fraction or 0.1
         plain = False
+        if args.input and is_chat_input(args):
+            block_size = args.block_size if args.block_size is not None else (
+                1024 if tokenizer == "gpt2" else 256)
+            meta = prepare_chat(find_files(args.input), tokenizer, given_vocab,
+                                args.drop_unknown, val_fraction, block_size, out_dir,
+                                "file " + ", ".join(args.input))
+            return report_chat(meta, out_dir)
+        if args.block_size is not None:
+            raise PrepareError("--block_size only applies to conversations")
         if args.hf_dataset:
             source = hub_source(args.hf_dataset, args.split or "train", args.streaming,
                                 text_field, num_proc)
@@ -1231,7 +1632,6 @@ def main(argv=None, chunk_chars: int = CHUNK_CHARS) -> dict:
             plain = (tokenizer == "char" and given_vocab is None
                      and source.total_bytes < PLAIN_BYTES)
         print(f"source: {source.describe}")
-        val_fraction = args.val_fraction or 0.1
         if plain:  # one text item per play, joined by newlines as prepare() joins documents
             plays = [value for kind, value in source.items() if kind == "text"]
             meta = prepare_plain("\n".join(plays), out_dir, source.describe, len(plays),
@@ -1248,11 +1648,59 @@ def main(argv=None, chunk_chars: int = CHUNK_CHARS) -> dict:
     held_out = (f"the last {meta['val_documents']:,} of {meta['documents']:,} documents, "
                 f"from {meta['val_from']}" if meta["split"] == "documents"
                 else "the end of the text")
+    report_dropped(meta)
+    print(f"wrote {out_dir}: {meta['tokenizer']} tokens, vocab_size {meta['vocab_size']:,}, "
+          f"train {meta['train_tokens']:,}, val {meta['val_tokens']:,} ({held_out})")
+    return meta
+
+
+def is_chat_input(args) -> bool:
+    """--format chat, or (auto) the first record looks like a conversation; --text_field
+    says text."""
+    if args.format == "auto" and args.text_field is None:
+        return looks_like_chat(find_files(args.input))
+    if args.format == "chat" and args.text_field is not None:
+        raise PrepareError("--text_field does not apply to --format chat: a conversation's "
+                           "fields are its own")
+    return args.format == "chat"
+
+
+def prepare_generated(args, out_dir: Path) -> dict:
+    """--dataset reverse, addition, instruct, shakespeare_chat: conversations made here."""
+    num_train, num_val = GENERATED[args.dataset]
+    num_train = num_train if args.num_train is None else args.num_train
+    num_val = num_val if args.num_val is None else args.num_val
+    block_size = 256 if args.block_size is None else args.block_size
+    if num_train < 1 or num_val < 1:
+        raise PrepareError("--num_train and --num_val must be at least 1")
+    if args.dataset in TASKS:
+        default_digits = 8 if args.dataset == "reverse" else 3
+        digits = default_digits if args.digits is None else args.digits  # 0 is refused
+        return prepare_task(args.dataset, digits, num_train, num_val, args.seed, out_dir,
+                            block_size)
+    if args.dataset == "instruct":
+        return prepare_instruct(num_train, num_val, args.seed, block_size, out_dir)
+    return prepare_shakespeare_chat(num_train, num_val, args.seed, block_size,
+                                    Path(args.data_dir), out_dir)
+
+
+def report_dropped(meta: dict) -> None:
     if dropped := meta.get("dropped_characters"):
         print(f"dropped {sum(dropped.values()):,} characters that {meta['vocab_from']}'s "
               "vocabulary lacks: " + ", ".join(f"{ch!r} {n:,}" for ch, n in dropped.items()))
-    print(f"wrote {out_dir}: {meta['tokenizer']} tokens, vocab_size {meta['vocab_size']:,}, "
-          f"train {meta['train_tokens']:,}, val {meta['val_tokens']:,} ({held_out})")
+
+
+def report_chat(meta: dict, out_dir: Path) -> dict:
+    """What a chat dataset's preparation says: what did not fit, and what was written."""
+    c = meta["chat"]
+    report_dropped(meta)
+    print(f"{c['shortened']:,} conversations longer than block_size + 1 = {c['block_size'] + 1} "
+          f"tokens lost their oldest exchanges; {c['dropped']:,} whose last exchange alone is "
+          "longer were left out")
+    example = f", e.g. {meta['example']!r}" if "example" in meta else ""
+    print(f"wrote {out_dir}: {c['train_conversations']:,} train and {c['val_conversations']:,} "
+          f"val conversations, {meta['tokenizer']} tokens, vocab_size {meta['vocab_size']:,} "
+          f"(4 markers), the longest {c['max_len']} tokens{example}")
     return meta
 
 

@@ -11,13 +11,17 @@ Generate text from a trained checkpoint or from OpenAI's GPT-2, or score a text 
     python sample.py --score some.txt                       # its loss and perplexity, no sampling
     python sample.py --start "ROMEO:" --attention attn.png  # draw the attention over the prompt
     python sample.py --init_from gpt2 --start "Hello"       # GPT-2 weights (needs transformers)
+    python sample.py --chat                                 # talk to a model fine-tuned on chats
+    python sample.py --chat --start "Reverse 123"           # one message, one reply
+    echo "Reverse 123" | python sample.py --chat            # the message from stdin
 
 The sampling itself is in gpt.py: generate_stream (the loop), then sample_next_token with its
 filters: temperature, top_k_filter and top_p_filter (nucleus sampling). This file loads the
 model, encodes the prompt, and prints. The tokenizer is rebuilt from the meta saved inside the
 checkpoint, so samples always use the vocabulary the model was trained with; GPT-2's weights
 come with GPT-2's BPE. A file (FILE:, --score) is read as prepare.py reads one. A flag that
-would do nothing in the mode asked for is refused: see TAKES_EFFECT.
+would do nothing in the mode asked for is refused: see TAKES_EFFECT. --chat renders the
+messages with the chat template saved in the checkpoint (chat.py) and prints the replies alone.
 """
 
 import argparse
@@ -30,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+import chat
 from gpt import GPT, eval_mode
 from plumbing import (
     UserError,
@@ -65,7 +70,12 @@ def get_parser() -> argparse.ArgumentParser:
                         "training stopped (ckpt.pt)")
     p.add_argument("--start", default=None,
                    help="the prompt, or FILE:path to read it from a file (default: a newline, "
-                        "or the vocabulary's first character if it has no newline)")
+                        "or the vocabulary's first character if it has no newline); with "
+                        "--chat, the one message to reply to")
+    p.add_argument("--chat", action="store_true",
+                   help="talk to a model fine-tuned on conversations: a message a line, each "
+                        "reply streamed (/reset forgets, Ctrl-D quits); with --start, or stdin "
+                        "that is not a terminal, one message and its reply alone")
     p.add_argument("--num_samples", type=int, default=5, help="how many samples to draw")
     p.add_argument("--max_new_tokens", type=int, default=500, help="tokens per sample")
     p.add_argument("--temperature", type=float, default=0.8,
@@ -101,40 +111,44 @@ def get_parser() -> argparse.ArgumentParser:
 # Every flag takes effect in a mode, or is refused there in one line that says why (only a
 # flag given on the command line: the defaults never are). The mode, first match wins:
 #   score      --score FILE (any model, a task model's too)
+#   chat       --chat: replies to messages, sampled (a model fine-tuned on conversations)
+#   chatgreedy --chat --temperature=0: the likeliest reply
 #   task       the checkpoint's meta has "task" (prepare.py's reverse or addition problems)
 #   attention  --attention PNG
 #   beams      --beam_width > 1
 #   greedy     --temperature=0: always the likeliest token
 #   sampling   otherwise
 #
-#   flag               sampling  greedy  beams  score  attention  task
+#   flag               sampling  greedy  beams  score  attention  task  chat  chatgreedy
 #   --init_from, --device, --dtype: every mode
 #   --out_dir          every mode, with --init_from=resume (refused with any other --init_from)
 #   --checkpoint       every mode, for a run folder (refused for a .pt file or GPT-2's weights)
-#   --start               Y        Y       Y      -        Y       Y
-#   --num_samples         Y        Y       Y      -        -       -
-#   --max_new_tokens      Y        Y       Y      -        -       -
-#   --temperature         Y        Y       -      -        -       -
-#   --top_k, --top_p      Y        -       -      -        -       -
-#   --seed                Y        -       -      -        -       -
-#   --stream              Y        Y       -      -        -       -
-#   --beam_width          Y (1)    Y (1)   Y      -        -       -
-#   --score_stride        -        -       -      Y        -       -
-#   --attention         (mode)   (mode)  (mode)   -        Y       -
-#   --attention_layers    -        -       -      -        Y       -
-#   --attention_heads     -        -       -      -        Y       -
-#   --compile             -        -       -      Y        -       -
-# (--attention picks its mode over sampling and beams: with it, the sampling flags and
-# --beam_width are the ones refused.)
+#   --chat              -        -       -      -        -       -   (mode)   (mode)
+#   --start               Y        Y       Y      -        Y       Y     Y      Y
+#   --num_samples         Y        Y       Y      -        -       -     -      -
+#   --max_new_tokens      Y        Y       Y      -        -       -     Y      Y
+#   --temperature         Y        Y       -      -        -       -     Y      Y
+#   --top_k, --top_p      Y        -       -      -        -       -     Y      -
+#   --seed                Y        -       -      -        -       -     Y      -
+#   --stream              Y        Y       -      -        -       -     Y      Y
+#   --beam_width          Y (1)    Y (1)   Y      -        -       -     -      -
+#   --score_stride        -        -       -      Y        -       -     -      -
+#   --attention         (mode)   (mode)  (mode)   -        Y       -     -      -
+#   --attention_layers    -        -       -      -        Y       -     -      -
+#   --attention_heads     -        -       -      -        Y       -     -      -
+#   --compile             -        -       -      Y        -       -     -      -
+# (--attention picks its mode over sampling and beams, and --chat over all but --score: with
+# them, the flags of the modes they replace are the ones refused.)
 TAKES_EFFECT = {
-    "start": {"sampling", "greedy", "beams", "attention", "task"},
+    "chat": {"chat", "chatgreedy"},
+    "start": {"sampling", "greedy", "beams", "attention", "task", "chat", "chatgreedy"},
     "num_samples": {"sampling", "greedy", "beams"},
-    "max_new_tokens": {"sampling", "greedy", "beams"},
-    "temperature": {"sampling", "greedy"},
-    "top_k": {"sampling"},
-    "top_p": {"sampling"},
-    "seed": {"sampling"},
-    "stream": {"sampling", "greedy"},
+    "max_new_tokens": {"sampling", "greedy", "beams", "chat", "chatgreedy"},
+    "temperature": {"sampling", "greedy", "chat", "chatgreedy"},
+    "top_k": {"sampling", "chat"},
+    "top_p": {"sampling", "chat"},
+    "seed": {"sampling", "chat"},
+    "stream": {"sampling", "greedy", "chat", "chatgreedy"},
     "beam_width": {"sampling", "greedy", "beams"},
     "score_stride": {"score"},
     "attention": {"attention"},
@@ -144,28 +158,37 @@ TAKES_EFFECT = {
 }  # the other flags (init_from, out_dir, checkpoint, device, dtype) take effect in every mode
 MODE_NAME = {"sampling": "when sampling", "greedy": "with --temperature=0",
              "beams": "with beam search (--beam_width > 1)", "score": "with --score",
-             "attention": "with --attention", "task": "with a task model"}
+             "attention": "with --attention", "task": "with a task model",
+             "chat": "with --chat", "chatgreedy": "with --chat --temperature=0"}
 WHY = {  # why a flag does nothing in a mode: the mode's reason, unless the flag has its own
     "sampling": "sampling draws new tokens after the prompt",
     "greedy": "greedy decoding always takes the likeliest token, it draws no random tokens",
     "beams": "beam search keeps the likeliest sequences, it draws no random tokens",
     "score": "--score only scores the file's text",
     "attention": "--attention only draws the attention over the prompt, it generates nothing",
-    "task": "a task model only answers the problem in --start, greedily, with the answer's "
-            "fixed length",
+    "task": "a task model only answers the problem in --start, greedily, up to its end of turn",
+    "chat": "a chat streams one sampled reply to each message",
+    "chatgreedy": "greedy decoding always takes the likeliest token, it draws no random tokens",
     ("stream", "beams"): "beam search cannot stream: the best beam is known only at the end",
     ("start", "score"): "--score reads its text from the file, there is no prompt",
+    ("num_samples", "chat"): "a chat gives one reply to each message",
+    ("num_samples", "chatgreedy"): "a chat gives one reply to each message",
+    ("beam_width", "chatgreedy"): "a chat streams its reply as it is decoded; beam search "
+                                  "cannot stream",
     "score_stride": "it goes with --score only",
     "attention_layers": "it goes with --attention only",
     "attention_heads": "it goes with --attention only",
     "compile": "only --score runs compiled (generation's shapes change every step, so it "
                "stays eager; --attention is a single forward)",
 }
+CHAT_MODES = ("chat", "chatgreedy")
 
 
 def mode_of(args, meta: dict) -> str:
     if args.score is not None:
         return "score"
+    if args.chat:
+        return "chatgreedy" if args.temperature == 0 else "chat"
     if meta.get("task"):
         return "task"
     if args.attention:
@@ -248,10 +271,11 @@ def sample(args) -> list[str] | dict:
         text = read_file(Path(args.score))
         ids = encode_text(file_encoder(meta, encode), text, vocab_size, "text")
         return score_file(model, args, ids, device, ctx)
-    if mode == "task":  # a model trained on prepare.py's reverse or addition problems
-        with ctx:
-            return answer_problem(model, meta, read_prompt(args.start or "")[1], encode,
-                                  decode, device)
+    if mode in CHAT_MODES or mode == "task":  # a model fine-tuned on conversations
+        talk = Chat(model, meta, args, file_encoder(meta, encode), decode, token_bytes, ctx)
+        if mode == "task":  # prepare.py's reverse or addition problems: is the answer right?
+            return answer_problem(talk, read_prompt(args.start or "")[1])
+        return talk.loop() if args.start is None and sys.stdin.isatty() else [talk.one()]
     from_file, text = read_prompt(args.start or default_prompt(meta))
     start_ids = encode_text(file_encoder(meta, encode) if from_file else encode, text,
                             vocab_size, "prompt")
@@ -293,6 +317,12 @@ def load_model(init_from: str, out_dir: Path, device, which: str = "best",
         eot = 50256 if model.config.vocab_size > 50256 else None  # <|endoftext|>, if it has one
         meta = {"tokenizer": "gpt2", "eot_token": eot}
     return model.eval().to(device), meta
+
+
+def checkpoint_name(args) -> str:
+    """The checkpoint load_model loads, as a path, or GPT-2's weights by name."""
+    folder = Path(args.out_dir) if args.init_from == "resume" else Path(args.init_from)
+    return str(run_checkpoint(folder, args.checkpoint) or args.init_from)
 
 
 def read_file(path: Path) -> str:
@@ -394,6 +424,134 @@ class StreamDecoder:
 
 
 # -----------------------------------------------------------------------------
+# Chat: replies to messages, from a model fine-tuned on conversations (chat.py's template)
+
+
+class Chat:
+    """A conversation with the model. Each message is rendered after the history with the
+    template saved in the checkpoint (chat.render_prompt); the reply is generated a token at a
+    time, streamed through a StreamDecoder, until the model writes <|end|> (not printed) or
+    --max_new_tokens, and joins the history. Any other marker, or GPT-2's <|endoftext|>, ends
+    the reply too: the model would be starting a turn that is not its own.
+
+    The prompt is kept within block_size by dropping the oldest exchanges first
+    (chat.fit_history), leaving the reply room for min(--max_new_tokens, block_size // 4)
+    tokens; a message too long for that may fill all block_size tokens (the window then slides
+    as the model replies), and one longer is refused. Messages are encoded as prepare.py
+    encodes a document: a literal "<|endoftext|>" is plain text, and no text is a marker."""
+
+    def __init__(self, model, meta, args, encode, decode, token_bytes, ctx):
+        self.model, self.meta, self.args, self.ctx = model, meta, args, ctx
+        self.tmpl = saved_template(meta, args)
+        self.encode, self.decode, self.token_bytes = encode, decode, token_bytes
+        self.stops = set(self.tmpl["markers"].values()) | {meta.get("eot_token")}
+        self.block_size = model.config.block_size
+        self.limits = (self.block_size - min(args.max_new_tokens, self.block_size // 4),
+                       self.block_size)  # what the prompt may take: leaving room, or not
+        device = next(model.parameters()).device
+        self.sampling = {"temperature": args.temperature, "top_k": args.top_k,
+                         "top_p": args.top_p,
+                         "generator": torch.Generator(device=device).manual_seed(args.seed)}
+        self.show = (lambda s: print(s, end="", flush=True)) if args.stream else (lambda s: None)
+        self.history = []  # the messages so far, {"role": ..., "content": ...}
+
+    def one(self) -> str:
+        """One message, --start or all of stdin, and the reply alone on stdout."""
+        text = read_prompt(self.args.start)[1] if self.args.start is not None else \
+            sys.stdin.read()
+        if not (message := text.rstrip("\n")):
+            raise UserError("the message is empty")
+        return self.answer(message)
+
+    def loop(self) -> list[str]:
+        """Talk: a message a line, each reply streamed. /reset forgets the conversation; Ctrl-D
+        (or Ctrl-C at the prompt) quits; Ctrl-C during a reply stops it there, and what it said
+        stays in the history. A message that cannot be read is said so, and the chat goes on."""
+        print("chat: type a message and Enter; /reset forgets the conversation, Ctrl-C stops "
+              "a reply, Ctrl-D quits", file=sys.stderr)
+        replies = []
+        while True:
+            try:
+                message = input("> ")
+            except (EOFError, KeyboardInterrupt):
+                print(file=sys.stderr)  # end the prompt's line
+                return replies
+            if message.strip() == "/reset":
+                self.history = []
+                print("(the conversation is forgotten)", file=sys.stderr)
+            elif message.strip():
+                try:
+                    replies.append(self.answer(message, interruptible=True))
+                except UserError as e:
+                    print(f"sample.py: {e}", file=sys.stderr)
+
+    def answer(self, message: str, interruptible: bool = False) -> str:
+        """Reply to message, shown as it comes; message and reply join the history. A task
+        model is asked a problem in the layout it learned (zero-padded: '12+345' is asked as
+        '012+345'), and its answer is checked, on stderr: stdout holds the reply alone."""
+        task = self.meta.get("task")
+        if problem := task and task_problem(task, self.meta["digits"], message):
+            message = problem[0]
+        ids = self.prompt(message)
+        stream, new = StreamDecoder(self.token_bytes), []
+        try:
+            with self.ctx:
+                for t in reply_tokens(self.model, ids, self.args.max_new_tokens, self.stops,
+                                      self.sampling):
+                    new.append(t)
+                    self.show(stream.push([t]))
+        except KeyboardInterrupt:
+            if not interruptible:
+                raise
+        reply = self.decode(new)
+        print(stream.flush() if self.args.stream else reply)
+        self.history += [{"role": "user", "content": message},
+                         {"role": "assistant", "content": reply}]
+        if problem:
+            print(f"{message} -> {reply}   {verdict(task, reply, problem[1])}", file=sys.stderr)
+        return reply
+
+    def prompt(self, message: str) -> list[int]:
+        """The ids that ask for the reply to message: the history that fits, then message."""
+        encode_text(self.encode, message, self.model.config.vocab_size, "message")
+        messages = self.history + [{"role": "user", "content": message}]
+        for limit in self.limits:
+            kept, dropped = chat.fit_history(messages, self.encode, self.tmpl, limit, prompt=True)
+            if kept is not None:
+                break
+        else:
+            n = len(chat.render_prompt(messages[-1:], self.encode, self.tmpl))
+            raise UserError(f"the message takes {n} tokens with the chat's markers, but the "
+                            f"model reads at most {self.block_size}: shorten it")
+        if dropped:
+            print(f"note: forgot the oldest {dropped // 2} exchange(s) to keep the conversation "
+                  f"within the model's {self.block_size} tokens", file=sys.stderr)
+        self.history = kept[:-1]
+        return chat.render_prompt(kept, self.encode, self.tmpl)
+
+
+def saved_template(meta: dict, args) -> dict:
+    """The chat template the checkpoint was trained with; one with none is refused."""
+    if "chat" in meta:
+        return meta["chat"]
+    if meta.get("task"):
+        raise UserError(f"{checkpoint_name(args)} is a task model from before tasks were "
+                        "conversations: prepare the task and train it again (see the README)")
+    raise UserError(f"{checkpoint_name(args)} was not trained on conversations: --chat needs a "
+                    "model fine-tuned on prepare.py's conversations (see the README)")
+
+
+def reply_tokens(model, prompt: list[int], max_new: int, stops: set, sampling: dict):
+    """Yield the reply's token ids as they are generated, up to a stop id (not yielded) or
+    max_new tokens. sampling: generate_stream's temperature, top_k, top_p, generator."""
+    x = torch.tensor([prompt], dtype=torch.long, device=next(model.parameters()).device)
+    for tok in model.generate_stream(x, max_new, **sampling):
+        if (t := tok.item()) in stops:
+            return
+        yield t
+
+
+# -----------------------------------------------------------------------------
 # Beam search: the likeliest continuations instead of samples
 
 
@@ -468,24 +626,40 @@ def score(model: GPT, ids: torch.Tensor, stride: int = 1,
 # Tasks: answer a reversal or addition problem
 
 
-def answer_problem(model, meta, text, encode, decode, device) -> list[str]:
-    """Greedily decode the answer to one problem, e.g. '123+456=' -> '9750', which is 579
-    written from the ones digit up. Shorter numbers are zero-padded to the trained layout."""
-    d, task = meta["digits"], meta["task"]
-    pattern = r"(\d+)\|?" if task == "reverse" else r"(\d+)\+(\d+)=?"
-    m = re.fullmatch(pattern, text.replace(" ", "").strip())
-    if m is None or any(len(n) > d for n in m.groups()):
+def answer_problem(talk: Chat, text: str) -> list[str]:
+    """Greedily answer one problem, asked as the user's message: e.g. '123+456' -> '9750',
+    which is 579 written from the ones digit up. Shorter numbers are zero-padded to the trained
+    layout; the answer ends at <|end|>, or one token past the right answer's length."""
+    task, d = talk.meta["task"], talk.meta["digits"]
+    if (problem := task_problem(task, d, text)) is None:
         example = make_problem(task, 123, d)[0]
         raise UserError(f"this model answers {task} problems of up to {d} digits, like "
                         f"--start '{example}'; got {text!r}")
+    prompt, right = problem
+    ids = chat.render_prompt([{"role": "user", "content": prompt}], talk.encode, talk.tmpl)
+    with talk.ctx:
+        answer = talk.decode(list(reply_tokens(talk.model, ids, len(right) + 1, talk.stops,
+                                               {"temperature": 0})))
+    print(f"{prompt} -> {answer}   {verdict(task, answer, right)}")
+    return [f"{prompt} -> {answer}"]
+
+
+def task_problem(task: str, digits: int, text: str) -> tuple[str, str] | None:
+    """(the problem in text as prepare.py lays it out, its right answer), or None when the text
+    is not a problem of the task: '12+456=' -> ('012+456', '8640')."""
+    pattern = r"(\d+)\|?" if task == "reverse" else r"(\d+)\+(\d+)=?"  # "|", "=": as once laid out
+    m = re.fullmatch(pattern, text.replace(" ", "").strip())
+    if m is None or any(len(n) > digits for n in m.groups()):
+        return None
     numbers = [int(n) for n in m.groups()]  # problem number n, as prepare.py lays it out
-    n = numbers[0] if task == "reverse" else numbers[0] * 10 ** d + numbers[1]
-    prompt, right = make_problem(task, n, d)
-    x = torch.tensor([encode(prompt)], device=device)
-    answer = decode(model.generate(x, meta["answer_len"], temperature=0)[0, len(prompt):].tolist())
+    n = numbers[0] if task == "reverse" else numbers[0] * 10 ** digits + numbers[1]
+    return make_problem(task, n, digits)
+
+
+def verdict(task: str, answer: str, right: str) -> str:
+    """'(right)' or '(wrong)', with the sum an addition answer's reversed digits spell."""
     value = f"= {int(answer[::-1])}, " if task == "addition" and answer.isdigit() else ""
-    print(f"{prompt}{answer}   ({value}{'right' if answer == right else 'wrong'})")
-    return [prompt + answer]
+    return f"({value}{'right' if answer == right else 'wrong'})"
 
 
 # -----------------------------------------------------------------------------

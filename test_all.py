@@ -11,6 +11,7 @@ tools. Tests marked slow run the scripts end to end or start subprocesses.
 
 import contextlib
 import hashlib
+import io
 import itertools
 import json
 import math
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import bigram
+import chat
 import gpt
 import plumbing
 import prepare
@@ -1397,7 +1399,8 @@ def test_resolve_args_derives_settings_in_one_place(data_dir, tmp_path):
     args = train.parse_args(["--dataset=reverse", f"--data_dir={tmp_path / 'tasks'}",
                              "--dtype=float32"])
     train.resolve_args(args, None, 0, 1)
-    assert args.block_size == 6, "a task's block_size is its problem's length less one"
+    assert args.block_size == 9, \
+        "conversations: the longest (<|user|>123<|end|><|assistant|>321<|end|>) less one"
 
 
 def test_dtype_defaults_and_refusals():
@@ -2889,7 +2892,8 @@ def save_model(path: Path, meta: dict, seed=0, **cfg) -> str:
 
 @pytest.fixture(scope="module")
 def flag_models(tmp_path_factory) -> dict:
-    """--init_from flags for a character model and a reverse-task model; a text to score."""
+    """--init_from flags for a character model, a reverse-task model and a chat model; a text
+    to score."""
     root = tmp_path_factory.mktemp("flags")
     (root / "in.txt").write_text("abc de\nfg hij\n" * 20, encoding="utf-8")
     meta = prepare.main(["--input", str(root / "in.txt"), "--dataset", "c",
@@ -2898,13 +2902,14 @@ def flag_models(tmp_path_factory) -> dict:
                   "--num_train=20", "--num_val=5"])
     task = json.loads((root / "reverse" / "meta.json").read_text(encoding="utf-8"))
     return {"char": save_model(root / "c.pt", meta), "root": root,
-            "task": save_model(root / "t.pt", task, block_size=task["example_len"] - 1)}
+            "task": save_model(root / "t.pt", task, block_size=task["chat"]["max_len"] - 1),
+            "chat": save_model(root / "chat.pt", chat_meta(meta["chars"]))}
 
 
 MODE_FLAGS = {"sampling": [], "greedy": ["--temperature=0"], "beams": ["--beam_width=2"],
               "score": ["--score={root}/in.txt"], "attention": ["--attention={root}/a.png"],
-              "task": []}
-FLAG_VALUES = {"start": "--start=ab", "num_samples": "--num_samples=2",
+              "task": [], "chat": ["--chat"], "chatgreedy": ["--chat", "--temperature=0"]}
+FLAG_VALUES = {"chat": "--chat", "start": "--start=ab", "num_samples": "--num_samples=2",
                "max_new_tokens": "--max_new_tokens=3", "temperature": "--temperature=1.5",
                "top_k": "--top_k=3", "top_p": "--top_p=0.5", "seed": "--seed=3",
                "stream": "--stream=False", "beam_width": "--beam_width=2",
@@ -2913,7 +2918,8 @@ FLAG_VALUES = {"start": "--start=ab", "num_samples": "--num_samples=2",
                "compile": "--compile"}
 REFUSED_CELLS = [(flag, mode) for flag, modes in sample.TAKES_EFFECT.items()
                  for mode in sample.MODE_NAME if mode not in modes
-                 and not (flag == "attention" and mode in ("sampling", "greedy", "beams"))]
+                 and not (flag == "attention" and mode in ("sampling", "greedy", "beams"))
+                 and not (flag == "chat" and mode != "score")]  # --chat picks its mode
 
 
 def test_flag_table_covers_every_flag():
@@ -2925,8 +2931,8 @@ def test_flag_table_covers_every_flag():
 @pytest.mark.parametrize("flag,mode", REFUSED_CELLS)
 def test_flag_without_effect_in_a_mode_is_refused(flag_models, capsys, flag, mode):
     """e.g. --beam_width=4 --temperature=1.5: one line naming the flag and the mode, exit 2."""
-    argv = [flag_models["task" if mode == "task" else "char"], "--device=cpu",
-            *MODE_FLAGS[mode], FLAG_VALUES[flag]]
+    model = "task" if mode == "task" else "chat" if mode in sample.CHAT_MODES else "char"
+    argv = [flag_models[model], "--device=cpu", *MODE_FLAGS[mode], FLAG_VALUES[flag]]
     argv = [a.format(root=flag_models["root"]) for a in argv]
     capsys.readouterr()
     err = run_main(capsys, sample.main, argv)
@@ -3298,14 +3304,17 @@ def test_finetune_from_gpt2_weights(tmp_path, data_dir, capsys):
 
 
 def prepare_task(tmp_path, task, *flags):
+    """meta, and the train and val problems as (question, answer) pairs."""
     prepare.main(["--dataset", task, "--data_dir", str(tmp_path / "data"), *flags])
     folder = tmp_path / "data" / task
     meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
     _, decode = prepare.get_tokenizer(meta)
 
     def problems(split):
-        rows = np.fromfile(folder / f"{split}.bin", dtype=np.uint16)
-        return [decode(r) for r in rows.reshape(-1, meta["example_len"]).tolist()]
+        ids = np.fromfile(folder / f"{split}.bin", dtype=np.uint16).tolist()
+        index = np.fromfile(folder / f"{split}_index.bin", dtype=np.int64).tolist()
+        return [tuple(m["content"] for m in chat.parse(ids[a:b], decode, meta["chat"]))
+                for a, b in itertools.pairwise(index)]
 
     return meta, problems("train"), problems("val")
 
@@ -3313,17 +3322,15 @@ def prepare_task(tmp_path, task, *flags):
 def test_task_layouts_are_right_seeded_and_disjoint(tmp_path):
     meta, train_set, val_set = prepare_task(tmp_path, "reverse", "--digits=4",
                                             "--num_train=300", "--num_val=50")
-    assert (meta["prompt_len"], meta["answer_len"], len(train_set), len(val_set)) == (5, 4, 300,
-                                                                                      50)
-    for p in train_set + val_set:
-        digits, answer = p.split("|")
+    assert (meta["chat"]["max_len"], len(train_set), len(val_set)) == (12, 300, 50)
+    assert meta["chat"]["checkable"] and (meta["task"], meta["digits"]) == ("reverse", 4)
+    for digits, answer in train_set + val_set:
         assert len(digits) == 4 and answer == digits[::-1]
     assert not set(train_set) & set(val_set)
     meta_add, add_train, add_val = prepare_task(tmp_path, "addition", "--digits=2",
                                                 "--num_train=300", "--num_val=50")
-    for p in add_train + add_val:  # 'ab+cd=' then the sum's three digits, reversed
-        a, rest = p.split("+")
-        b, answer = rest.split("=")
+    for question, answer in add_train + add_val:  # 'ab+cd', then the sum's digits, reversed
+        a, b = question.split("+")
         assert len(a) == len(b) == 2 and int(answer[::-1]) == int(a) + int(b)
         assert len(answer) == 3
     assert not set(add_train) & set(add_val)
@@ -3335,36 +3342,52 @@ def test_task_layouts_are_right_seeded_and_disjoint(tmp_path):
     assert other["sha256"] != meta_add["sha256"]
 
 
-def test_task_loss_is_on_the_answer_only(tmp_path):
+def test_task_mask_is_on_the_answer_only(tmp_path):
+    """The data half of the old test_task_loss_is_on_the_answer_only: the mask is 1 exactly on
+    the answer's digits and the <|end|> closing it."""
     meta, *_ = prepare_task(tmp_path, "addition", "--digits=2", "--num_train=64",
                             "--num_val=8")
-    P = meta["prompt_len"]
-    path = tmp_path / "data" / "addition" / "train.bin"
-    ix = torch.arange(16)
-    x, y = train.get_task_batch(path, ix, meta, torch.device("cpu"))
-    rows = torch.from_numpy(np.fromfile(path, dtype=np.uint16).astype(np.int64)).view(
-        -1, meta["example_len"])[:16]
+    folder = tmp_path / "data" / "addition"
+    ids = np.fromfile(folder / "train.bin", dtype=np.uint16).reshape(64, -1)
+    mask = np.fromfile(folder / "train_mask.bin", dtype=np.uint8).reshape(64, -1)
+    # <|user|> a a + b b <|end|> <|assistant|> s s s <|end|>: the last four carry the loss
+    assert ids.shape[1] == 12 and (mask == [0] * 8 + [1] * 4).all()
+    assert (ids[:, -1] == meta["chat"]["markers"]["<|end|>"]).all()
+
+
+def test_task_loss_is_on_the_answer_only(tmp_path):
+    prepare.main(["--dataset", "addition", "--digits=2", "--num_train=64", "--num_val=8",
+                  "--data_dir", str(tmp_path / "data")])
+    folder = tmp_path / "data" / "addition"
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    T = meta["chat"]["max_len"] - 1
+    x, y = train.get_chat_batch(folder / "train.bin", torch.arange(16), T, torch.device("cpu"))
+    ids = np.fromfile(folder / "train.bin", dtype=np.uint16).astype(np.int64)
+    mask = np.fromfile(folder / "train_mask.bin", dtype=np.uint8)
+    rows = torch.from_numpy(ids[:16 * (T + 1)].reshape(16, T + 1))  # all the same length
+    answer = torch.from_numpy(mask[:16 * (T + 1)].reshape(16, T + 1)[:, 1:] == 1)
     assert torch.equal(x, rows[:, :-1])
-    assert (y[:, :P - 1] == -1).all() and torch.equal(y[:, P - 1:], rows[:, P:])
-    model = tiny_model(vocab_size=meta["vocab_size"])
+    assert torch.equal(y, torch.where(answer, rows[:, 1:], -1))
+    # the answer: the sum's 3 digits and the closing <|end|>
+    assert answer.sum(1).tolist() == [4] * 16
+    model = tiny_model(vocab_size=meta["vocab_size"], block_size=T)
     logits, loss = model(x, y)
     # what the loss should be: cross-entropy over the answer positions alone
-    answer_only = F.cross_entropy(logits[:, P - 1:].reshape(-1, meta["vocab_size"]),
-                                  rows[:, P:].reshape(-1))
-    torch.testing.assert_close(loss, answer_only)
+    torch.testing.assert_close(loss, F.cross_entropy(logits[answer], rows[:, 1:][answer]))
     # changing a prompt token's target never changes the loss; an answer token's always does
     other = rows[:, 1:].clone()
-    other[:, :P - 1] = torch.randint(meta["vocab_size"], (16, P - 1))
-    _, loss_other_prompt = model(x, train.mask_prompt_targets(other, P))
+    other[~answer] = torch.randint(meta["vocab_size"], (int((~answer).sum()),))
+    _, loss_other_prompt = model(x, torch.where(answer, other, -1))
     assert torch.equal(loss, loss_other_prompt)
-    other[:, P - 1] = (other[:, P - 1] + 1) % meta["vocab_size"]
-    _, loss_other_answer = model(x, train.mask_prompt_targets(other, P))
+    other[answer] = (other[answer] + 1) % meta["vocab_size"]
+    _, loss_other_answer = model(x, torch.where(answer, other, -1))
     assert not torch.allclose(loss, loss_other_answer)
 
 
 @slow
 def test_tiny_reversal_run_learns(tmp_path, capsys):
-    prepare_task(tmp_path, "reverse", "--digits=5", "--num_train=20000", "--num_val=200")
+    prepare.main(["--dataset", "reverse", "--digits=5", "--num_train=20000", "--num_val=200",
+                  "--data_dir", str(tmp_path / "data")])
     result = train.main(["--device=cpu", "--compile=False", "--dataset=reverse",
                          f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}",
                          "--n_layer=2", "--n_head=4", "--n_embd=64", "--batch_size=64",
@@ -3372,41 +3395,1075 @@ def test_tiny_reversal_run_learns(tmp_path, capsys):
                          "--learning_rate=3e-3", "--warmup_iters=20", "--dropout=0",
                          "--log_interval=100"])
     out = capsys.readouterr().out
-    assert "val exact match" in out
+    assert "val exact match" in out and "of 200 conversations" in out
     # chance is 1 in 100,000
     assert result["final_losses"]["val_exact_match"] > 0.5, result["final_losses"]
     # sample.py answers a problem, zero-padding a short one to the trained layout
     [text] = sample.main([f"--out_dir={tmp_path / 'out'}", "--device=cpu", "--start=123"])
-    assert text.startswith("00123|") and len(text) == 11
-    assert "up to 5 digits" in run_main(capsys, sample.main, [f"--out_dir={tmp_path / 'out'}",
-                                                               "--start=1234567"])
+    assert text.startswith("00123 -> ") and len(text) == len("00123 -> ") + 5
 
 
 @pytest.mark.parametrize("answer,verdict", [("9750", "(= 579, right)"),
                                             ("9751", "(= 1579, wrong)"), ("97+0", "(wrong)")])
 def test_sample_says_whether_an_addition_answer_is_right(tmp_path, capsys, monkeypatch, answer,
                                                          verdict):
-    """sample.py answers an addition problem greedily and says whether the answer is right,
-    with the sum it reads from the answer's reversed digits."""
-    meta, *_ = prepare_task(tmp_path, "addition", "--digits=3", "--num_train=50",
-                            "--num_val=5")
-    cfg = GPTConfig(block_size=meta["example_len"] - 1, vocab_size=meta["vocab_size"],
-                    n_layer=1, n_head=1, n_embd=8)
-    plumbing.save_checkpoint({"model": GPT(cfg).state_dict(), "model_args": dict(cfg.__dict__),
-                              "meta": meta}, tmp_path / "ckpt.pt")
+    """sample.py asks a task model the problem as the user's message, takes its reply greedily
+    up to <|end|>, and says whether it is right, with the sum the reversed digits spell."""
+    prepare.main(["--dataset", "addition", "--data_dir", str(tmp_path / "data"), "--digits=3",
+                  "--num_train=50", "--num_val=5"])
+    meta = json.loads((tmp_path / "data" / "addition" / "meta.json").read_text(encoding="utf-8"))
+    init = save_model(tmp_path / "ckpt.pt", meta, block_size=meta["chat"]["max_len"] - 1,
+                      n_layer=1, n_head=1, n_embd=8)
     encode, _ = prepare.get_tokenizer(meta)
+    end = chat.marker_id(meta["chat"], "end")
 
-    def generate(self, idx, max_new_tokens, temperature=1.0, *args, **kwargs):
-        assert temperature == 0 and max_new_tokens == meta["answer_len"] == 4
-        assert idx[0].tolist() == encode("123+456=")
-        return torch.cat([idx, torch.tensor([encode(answer)])], dim=1)
+    asked = chat.render_prompt([{"role": "user", "content": "123+456"}], encode, meta["chat"])
+    calls = []
 
-    monkeypatch.setattr(GPT, "generate", generate)  # the model's answer, fixed
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, **kwargs):
+        calls.append((idx[0].tolist(), max_new_tokens, temperature))
+        for t in encode(answer) + [end]:
+            yield torch.tensor([[t]])
+
+    monkeypatch.setattr(GPT, "generate_stream", generate_stream)  # the model's answer, fixed
     capsys.readouterr()
-    texts = sample.main([f"--init_from={tmp_path / 'ckpt.pt'}", "--device=cpu",
-                         "--start=123+456"])
-    assert texts == ["123+456=" + answer]
-    assert capsys.readouterr().out == f"123+456={answer}   {verdict}\n"
+    texts = sample.main([init, "--device=cpu", "--start=123+456="])
+    assert texts == ["123+456 -> " + answer]
+    assert capsys.readouterr().out == f"123+456 -> {answer}   {verdict}\n"
+    assert calls == [(asked, 4 + 1, 0)]  # greedy, the answer's length and <|end|>
+    # the same with --chat: the reply alone on stdout, the verdict on stderr
+    assert sample.main([init, "--device=cpu", "--chat", "--start=123+456"]) == [answer]
+    out, err = capsys.readouterr()
+    assert out == answer + "\n" and f"123+456 -> {answer}   {verdict}" in err
+    assert calls[1][0] == asked
+
+
+# =============================================================================
+# Conversations: the chat template (chat.py)
+
+TEMPLATE_CHARS = sorted(set("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,?!:'"))
+CONVERSATIONS = [
+    {"prompt": "Reverse 123", "response": "321"},
+    {"messages": [{"role": "system", "content": "Be brief."},
+                  {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                  {"role": "user", "content": "Add 2 and 3"},
+                  {"role": "assistant", "content": "5"}]},
+    {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": " ok "}]},
+]
+
+
+def char_codec():
+    stoi = {ch: i for i, ch in enumerate(TEMPLATE_CHARS)}
+    return (lambda s: [stoi[c] for c in s]), (lambda ids: "".join(TEMPLATE_CHARS[i] for i in ids))
+
+
+@pytest.mark.parametrize("record", CONVERSATIONS)
+def test_chat_render_parse_round_trip_and_mask(record):
+    """A conversation rendered through the template parses back to itself, and its mask is 1
+    exactly on the assistant's content and the <|end|> closing each assistant turn."""
+    encode, decode = char_codec()
+    tmpl = chat.chat_template(len(TEMPLATE_CHARS))
+    messages = chat.conversation(record)
+    ids, mask = chat.render(messages, encode, tmpl)
+    assert chat.parse(ids, decode, tmpl) == messages
+    assert len(ids) == len(mask) == sum(len(m["content"]) + 2 for m in messages)
+    markers = set(tmpl["markers"].values())
+    assert markers == set(range(len(TEMPLATE_CHARS), len(TEMPLATE_CHARS) + 4))
+    assert tmpl["vocab_size"] == len(TEMPLATE_CHARS) + 4
+    # independently: walk the ids, knowing each turn's role from its marker
+    role, expected = None, []
+    for i in ids:
+        if i in (tmpl["markers"]["<|system|>"], tmpl["markers"]["<|user|>"],
+                 tmpl["markers"]["<|assistant|>"]):
+            role = i
+            expected.append(0)
+        else:  # content or <|end|>: learned in an assistant turn only
+            expected.append(int(role == tmpl["markers"]["<|assistant|>"]))
+    assert mask == expected
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    assert sum(mask) == sum(len(a) + 1 for a in answers)
+    prompt = chat.render_prompt(messages[:-1], encode, tmpl)
+    assert prompt == ids[:len(prompt)] and prompt[-1] == tmpl["markers"]["<|assistant|>"]
+
+
+def test_chat_history_drops_oldest_exchanges_first():
+    """fit_history keeps the system message and the newest turns: it drops whole exchanges,
+    oldest first, and gives up (None) when the last exchange alone is too long."""
+    encode, _ = char_codec()
+    tmpl = chat.chat_template(len(TEMPLATE_CHARS))
+    system = [{"role": "system", "content": "Be brief."}]
+    turns = []
+    for n in range(5):
+        turns += [{"role": "user", "content": f"q{n}"}, {"role": "assistant", "content": f"a{n}"}]
+    messages = system + turns
+    full = len(chat.render(messages, encode, tmpl)[0])  # 11 + 5 x 8 = 51
+    assert chat.fit_history(messages, encode, tmpl, full) == (messages, 0)
+    kept, dropped = chat.fit_history(messages, encode, tmpl, full - 1)
+    assert (kept, dropped) == (system + turns[2:], 2)
+    kept, dropped = chat.fit_history(messages, encode, tmpl, 11 + 8)
+    assert (kept, dropped) == (system + turns[8:], 8)
+    assert chat.fit_history(messages, encode, tmpl, 11 + 7) == (None, 0)
+    # a chat's history ends with the user's turn, rendered with <|assistant|> after it
+    ask = messages + [{"role": "user", "content": "q5"}]
+    kept, dropped = chat.fit_history(ask, encode, tmpl, 11 + 8 + 5, prompt=True)
+    assert kept == system + turns[8:] + ask[-1:] and dropped == 8
+    assert len(chat.render_prompt(kept, encode, tmpl)) <= 11 + 8 + 5
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"prompt": "x"}, 'missing field "response"'),
+    ({"text": "x"}, 'missing field "messages" (or "prompt" and "response")'),
+    ({"prompt": "x", "response": " "}, "message 1: an empty response"),
+    ({"messages": [{"role": "bot", "content": "x"}]}, "message 0: unknown role 'bot'"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": "y"}]},
+     "roles out of order: message 1 is 'user', expected 'assistant'"),
+    ({"messages": [{"role": "user", "content": "x"}]},
+     "roles out of order: the last message must be the assistant's"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": 3}]},
+     "message 1 (assistant): content is int, not a string"),
+    ({"messages": [{"role": "user"}]}, 'message 0: missing field "content"'),
+    ([1, 2], "expected a JSON object, got list"),
+])
+def test_chat_bad_records_say_why(record, message):
+    with pytest.raises(chat.ConversationError) as e:
+        chat.conversation(record)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# prepare.py's conversations
+
+
+def read_chat(folder):
+    """meta, and per split a list of (ids, mask) per conversation, from the six files."""
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    out = {}
+    for s in ("train", "val"):
+        ids = np.fromfile(folder / f"{s}.bin", dtype=np.uint16).tolist()
+        mask = np.fromfile(folder / f"{s}_mask.bin", dtype=np.uint8).tolist()
+        index = np.fromfile(folder / f"{s}_index.bin", dtype="<i8").tolist()
+        assert len(ids) == len(mask) == index[-1] and index[0] == 0
+        assert all(a < b for a, b in itertools.pairwise(index))
+        assert meta["chat"][f"{s}_conversations"] == len(index) - 1
+        assert meta[f"{s}_tokens"] == len(ids)
+        out[s] = [(ids[a:b], mask[a:b]) for a, b in itertools.pairwise(index)]
+    return meta, out
+
+
+def expected_mask(ids, markers):
+    """1 on every token after an <|assistant|> marker up to and including its <|end|>; computed
+    from the ids alone, not with chat.render."""
+    role_of = {markers[f"<|{r}|>"]: r for r in ("system", "user", "assistant")}
+    end, role, mask = markers["<|end|>"], None, []
+    for i in ids:
+        if i in role_of:
+            role = role_of[i]
+            mask.append(0)
+        else:
+            mask.append(int(role == "assistant"))
+            if i == end:
+                role = None
+    return mask
+
+
+def conversations(meta, split_convs):
+    _, decode = base_decode(meta)
+    return [chat.parse(ids, decode, meta["chat"]) for ids, _ in split_convs]
+
+
+def base_decode(meta):
+    encode, decode = prepare.get_tokenizer(meta)
+    return encode, decode
+
+
+def jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+SYSTEM = {"role": "system", "content": "Be brief."}
+RECORDS = [
+    {"prompt": "Reverse 123", "response": "321"},
+    {"messages": [SYSTEM, {"role": "user", "content": "Hi there, friend"},
+                  {"role": "assistant", "content": "Hello!"},
+                  {"role": "user", "content": "Count: a, b, c"},
+                  {"role": "assistant", "content": "3 things\nin all."}]},
+    {"prompt": "caf\u00e9 na\u00efve? \U0001F600", "response": "Unicode <|end|> is text"},
+    {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]},
+    {"prompt": "", "response": "An empty question is fine"},
+]
+
+
+def as_messages(record):
+    if "messages" in record:
+        return record["messages"]
+    return [{"role": "user", "content": record["prompt"]},
+            {"role": "assistant", "content": record["response"]}]
+
+
+# -----------------------------------------------------------------------------
+# Conversations from JSON lines: both forms, both tokenizers
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "gpt2"])
+def test_chat_jsonl_round_trips_with_its_mask(tmp_path, capsys, tokenizer):
+    src = jsonl(tmp_path / "convs.jsonl", RECORDS)
+    meta = run(tmp_path, "--input", str(src), "--tokenizer", tokenizer, "--val_fraction", "0.4")
+    out = capsys.readouterr().out
+    assert "0 conversations longer than" in out and "2 val conversations" in out
+    meta_disk, splits = read_chat(tmp_path / "data" / "ds")
+    assert meta_disk == meta and meta["split"] == "conversations"
+    got = conversations(meta, splits["train"]) + conversations(meta, splits["val"])
+    assert got == [as_messages(r) for r in RECORDS], "the last 40% to val, in order"
+    for ids, mask in splits["train"] + splits["val"]:
+        assert mask == expected_mask(ids, meta["chat"]["markers"])
+    c = meta["chat"]
+    assert (c["train_conversations"], c["val_conversations"], c["dropped"], c["shortened"]) == \
+        (3, 2, 0, 0)
+    assert c["checkable"] is False and c["block_size"] == (256 if tokenizer == "char" else 1024)
+    assert c["max_len"] == max(len(ids) for ids, _ in splits["train"] + splits["val"])
+    base = 50257 if tokenizer == "gpt2" else len(meta["chars"])
+    assert c["markers"] == {m: base + i for i, m in enumerate(chat.MARKERS)}
+    assert meta["vocab_size"] == c["vocab_size"] == base + 4
+    if tokenizer == "gpt2":
+        assert meta["vocab_size"] == 50261 and "chars" not in meta
+        enc = prepare.gpt2_encoding()
+        ids, _ = splits["train"][2]  # its text spells <|end|>: ordinary tokens, never a marker
+        assert ids == chat.render(as_messages(RECORDS[2]), enc.encode_ordinary, c)[0]
+        assert max(i for ids, _ in splits["train"] for i in ids) == 50260
+    else:
+        text = "".join(m["content"] for r in RECORDS for m in as_messages(r))
+        assert meta["chars"] == sorted(set(text))
+    _, decode = prepare.get_tokenizer(meta)  # markers print as their names
+    assert decode(splits["train"][0][0]) == \
+        "<|user|>Reverse 123<|end|><|assistant|>321<|end|>"
+
+
+def test_folder_of_jsonl_and_format_detection(tmp_path, capsys):
+    folder = tmp_path / "convs"
+    folder.mkdir()
+    jsonl(folder / "a.jsonl", RECORDS[:2])
+    jsonl(folder / "b.jsonl", RECORDS[2:])
+    meta = run(tmp_path, "--input", str(folder))
+    _, splits = read_chat(tmp_path / "data" / "ds")
+    got = conversations(meta, splits["train"]) + conversations(meta, splits["val"])
+    assert got == [as_messages(r) for r in RECORDS]
+    assert meta["val_from"] == f"{folder / 'b.jsonl'}:3"
+    # a text record is still a document; --format text reads a conversation file's field
+    texts = jsonl(tmp_path / "texts.jsonl", [{"text": "one doc"}, {"text": "two doc"}])
+    assert run(tmp_path, "--input", str(texts), dataset="t")["split"] == "documents"
+    assert not (tmp_path / "data" / "t" / "train_mask.bin").exists()
+    prompts = jsonl(tmp_path / "p.jsonl", [{"prompt": "a b", "response": "c"}] * 3)
+    meta = run(tmp_path, "--input", str(prompts), "--format", "text", "--text_field", "prompt",
+               dataset="t2")
+    assert meta["split"] == "documents" and "chat" not in meta
+    # a text dataset written over a chat dataset leaves no stale masks beside it
+    run(tmp_path, "--input", str(texts), dataset="ds")
+    assert sorted(p.name for p in (tmp_path / "data" / "ds").iterdir()) == \
+        ["meta.json", "train.bin", "val.bin"]
+
+
+BAD_CONVERSATIONS = [  # the second line of a file, and what its one-line error must say
+    ('{"prompt": "only a question"}', ':2: missing field "response"'),
+    ('{"text": "a document"}', ':2: missing field "messages" (or "prompt" and "response")'),
+    ('{"prompt": "q", "response": "  "}', ":2: message 1: an empty response"),
+    ('{"messages": [{"role": "robot", "content": "hi"}]}', ":2: message 0: unknown role 'robot'"),
+    ('{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]}',
+     ":2: roles out of order: message 0 is 'assistant'"),
+    ('{"messages": [{"role": "user", "content": "q"}]}', ":2: roles out of order: the last"),
+    ('{"prompt": 5, "response": "r"}', ":2: message 0 (user): content is int, not a string"),
+    ('{"messages": [{"role": "user"}]}', ':2: message 0: missing field "content"'),
+    ('{"prompt": "q", "response": "r"', ":2: not valid JSON at column"),
+    ('["prompt", "response"]', ":2: expected a JSON object, got list"),
+]
+
+
+@pytest.mark.parametrize("line,message", BAD_CONVERSATIONS)
+def test_bad_conversation_one_line_and_nothing_written(tmp_path, capsys, previous, line,
+                                                       message):
+    src = tmp_path / "bad.jsonl"
+    src.write_text('{"prompt": "fine", "response": "yes"}\n' + line + "\n", encoding="utf-8")
+    err = fail(capsys, tmp_path, "--input", str(src), "--format", "chat")
+    assert f"{src}{message}" in err, err
+    assert folder_bytes(tmp_path / "data" / "ds") == previous
+
+
+def test_chat_input_mistakes_one_line(tmp_path, capsys, previous):
+    (tmp_path / "a.txt").write_text("plain text " * 20, encoding="utf-8")
+    src = jsonl(tmp_path / "c.jsonl", RECORDS)
+    for flags, message in [
+        (["--input", str(tmp_path / "a.txt"), "--format", "chat"], ("a text file holds no "
+         "conversations")),
+        (["--input", str(src), "--format", "chat", "--text_field", "prompt"],
+         "--text_field does not apply to --format chat"),
+        (["--format", "chat"], "--format chat reads conversations from --input files"),
+        (["--input", str(src), "--block_size", "0"], "--block_size must be at least 1"),
+        (["--input", str(tmp_path / "a.txt"), "--block_size", "64"],
+         "--block_size only applies to conversations"),
+        (["--input", str(jsonl(tmp_path / "one.jsonl", RECORDS[:1]))], "holds one conversation"),
+        (["--num_train", "5"], ("--num_train only applies to --dataset reverse or addition, "
+         "instruct or shakespeare_chat")),
+        (["--input", str(src), "--vocab_from", str(tmp_path / "data" / "ds")],
+         "are not in the vocabulary of"),
+    ]:
+        assert message in fail(capsys, tmp_path, *flags), flags
+        assert folder_bytes(tmp_path / "data" / "ds") == previous
+
+
+def test_long_conversations_lose_oldest_exchanges_or_are_left_out(tmp_path, capsys):
+    turns = [SYSTEM]
+    for k in range(6):
+        turns += [{"role": "user", "content": f"q{k}"}, {"role": "assistant", "content": f"a{k}"}]
+    records = [{"messages": turns}, {"prompt": "x" * 40, "response": "too long"},
+               {"prompt": "short", "response": "fine"}, {"messages": turns},
+               {"prompt": "also", "response": "kept"}]
+    meta = run(tmp_path, "--input", str(jsonl(tmp_path / "c.jsonl", records)), "--block_size",
+               "20", "--val_fraction", "0.4")
+    out = capsys.readouterr().out
+    assert "2 conversations longer than block_size + 1 = 21 tokens lost their oldest " \
+        "exchanges; 1 whose last exchange alone is longer were left out" in out, out
+    c = meta["chat"]
+    assert (c["shortened"], c["dropped"], c["train_conversations"], c["val_conversations"]) == \
+        (2, 1, 2, 2)
+    _, splits = read_chat(tmp_path / "data" / "ds")
+    kept = conversations(meta, splits["train"]) + conversations(meta, splits["val"])
+    # system (11) + q5/a5 (4 + 4) = 19 tokens; one more exchange would be 27
+    short = [SYSTEM] + turns[-2:]
+    assert kept == [short, as_messages(records[2]), short, as_messages(records[4])]
+    assert all(len(ids) <= 21 for ids, _ in splits["train"] + splits["val"])
+    assert c["max_len"] == 19
+
+
+def test_chat_vocab_from_and_drop_unknown(tmp_path, capsys):
+    base = jsonl(tmp_path / "base.jsonl", [{"prompt": "abc", "response": "cba"}] * 3)
+    run(tmp_path, "--input", str(base), dataset="base")
+    src = jsonl(tmp_path / "c.jsonl", [{"prompt": "ab!", "response": "ba"},
+                                       {"prompt": "cab", "response": "bac"}])
+    vocab = str(tmp_path / "data" / "base")
+    err = fail(capsys, tmp_path, "--input", str(src), "--vocab_from", vocab)
+    assert f"'!' x1 (first at {src}:1)" in err
+    meta = run(tmp_path, "--input", str(src), "--vocab_from", vocab, "--drop_unknown")
+    base_meta = json.loads((tmp_path / "data" / "base" / "meta.json").read_text())
+    assert meta["chars"] == base_meta["chars"] and meta["dropped_characters"] == {"!": 1}
+    _, splits = read_chat(tmp_path / "data" / "ds")
+    assert conversations(meta, splits["train"])[0][0]["content"] == "ab"
+
+
+def test_crash_while_committing_never_leaves_a_mask_beside_other_tokens(tmp_path, capsys,
+                                                                       previous, monkeypatch):
+    import os
+    real_replace = os.replace
+
+    def crash_at_mask(src, dst):
+        if str(dst).endswith("val_mask.bin"):
+            raise OSError(5, "Input/output error")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_at_mask)
+    src = jsonl(tmp_path / "c.jsonl", RECORDS)
+    assert "Input/output error" in fail(capsys, tmp_path, "--input", str(src))
+    now = folder_bytes(tmp_path / "data" / "ds")
+    assert "meta.json" not in now, "unfinished: no meta.json, so nothing reads it"
+    assert not [name for name in now if name.endswith(".tmp")]
+
+
+# -----------------------------------------------------------------------------
+# Tasks and instructions: seeded, disjoint, right
+
+
+def task(tmp_path, name, *flags):
+    prepare.main(["--dataset", name, "--data_dir", str(tmp_path / "data"), *flags])
+    meta, splits = read_chat(tmp_path / "data" / name)
+    pairs = {s: [tuple(m["content"] for m in ms) for ms in conversations(meta, splits[s])]
+             for s in splits}
+    for ids, mask in splits["train"] + splits["val"]:
+        assert mask == expected_mask(ids, meta["chat"]["markers"])
+    return meta, pairs["train"], pairs["val"]
+
+
+def test_tasks_are_conversations_seeded_disjoint_and_right(tmp_path):
+    meta, train_set, val_set = task(tmp_path, "reverse", "--digits=4", "--num_train=300",
+                                    "--num_val=50")
+    assert (len(train_set), len(val_set)) == (300, 50) and not set(train_set) & set(val_set)
+    for q, a in train_set + val_set:
+        assert len(q) == 4 and q.isdigit() and a == q[::-1]
+    assert (meta["task"], meta["digits"], meta["chat"]["checkable"]) == ("reverse", 4, True)
+    assert meta["chat"]["max_len"] == 12 and "prompt_len" not in meta
+    assert meta["chars"] == list("0123456789") and meta["vocab_size"] == 14
+    meta_add, add_train, add_val = task(tmp_path, "addition", "--digits=2", "--num_train=300",
+                                        "--num_val=50")
+    for q, a in add_train + add_val:  # 'ab+cd', then the sum's three digits, reversed
+        x, y = q.split("+")
+        assert len(x) == len(y) == 2 and len(a) == 3 and int(a[::-1]) == int(x) + int(y)
+    assert not set(add_train) & set(add_val)
+    again, *_ = task(tmp_path, "addition", "--digits=2", "--num_train=300", "--num_val=50")
+    assert again["sha256"] == meta_add["sha256"]
+    other, *_ = task(tmp_path, "addition", "--digits=2", "--num_train=300", "--num_val=50",
+                     "--seed=1")
+    assert other["sha256"] != meta_add["sha256"]
+
+
+INSTRUCT_WORDINGS = {  # kind: a regular expression per wording, written here by hand
+    "reverse": [r"Reverse (\d+)\.", r"Write (\d+) backwards\.", r"What is (\d+) reversed\?"],
+    "add": [r"What is (\d+) \+ (\d+)\?", r"Add (\d+) \+ (\d+)\.", r"Compute (\d+) \+ (\d+)\."],
+    "sort": [r"Sort ([\w ]+)\.", r"Put ([\w ]+) in order\.", r"Sort these: ([\w ]+)"],
+    "count": [r"How many (\w) in ([a-z ]+)\?", r"Count the letter (\w) in ([a-z ]+)\.",
+              r"How often is (\w) in ([a-z ]+)\?"],
+    "upper": [r"Uppercase ([a-z ]+)\.", r"Write ([a-z ]+) in capitals\.",
+              r"Say ([a-z ]+) in upper case\."],
+}
+
+
+def instruct_answer(question: str) -> tuple[str, str, str, int]:
+    """(kind, input, answer, which wording) of an instruction, worked out from its words."""
+    for kind, wordings in INSTRUCT_WORDINGS.items():
+        for w, pattern in enumerate(wordings):
+            m = re.fullmatch(pattern, question)
+            if not m:
+                continue
+            g = m.groups()
+            if kind == "reverse":
+                return kind, g[0], g[0][::-1], w
+            if kind == "add":
+                return kind, f"{g[0]} + {g[1]}", str(int(g[0]) + int(g[1])), w
+            if kind == "sort":
+                return kind, g[0], " ".join(sorted(g[0].split())), w
+            if kind == "count":
+                return kind, f"{g[1]}|{g[0]}", str(g[1].count(g[0])), w
+            return kind, g[0], g[0].upper(), w
+    raise AssertionError(f"not an instruction: {question!r}")
+
+
+def test_instruct_is_seeded_disjoint_varied_and_right(tmp_path):
+    meta, train_set, val_set = task(tmp_path, "instruct", "--num_train=3000", "--num_val=200")
+    assert (len(train_set), len(val_set)) == (3000, 200)
+    assert meta["kinds"] == ["reverse", "add", "sort", "count", "upper"]
+    assert meta["chat"]["checkable"] is True and meta["chat"]["max_len"] < 64
+    assert len(meta["chars"]) <= 70
+    seen = {}
+    for q, a in train_set + val_set:
+        kind, _x, answer, wording = instruct_answer(q)
+        assert a == answer, (q, a)
+        seen.setdefault(kind, set()).add(wording)
+    assert seen == {kind: {0, 1, 2} for kind in meta["kinds"]}, "each kind worded 3 ways"
+    train_keys = {instruct_answer(q)[:2] for q, _ in train_set}
+    val_keys = [instruct_answer(q)[:2] for q, _ in val_set]
+    assert len(set(val_keys)) == len(val_keys) and not train_keys & set(val_keys)
+    lengths = {kind: {len(x) for k, x, _, _ in map(instruct_answer, [q for q, _ in train_set])
+                      if k == kind} for kind in meta["kinds"]}
+    assert all(len(v) >= 3 for v in lengths.values()), "inputs of several lengths"
+    again, *_ = task(tmp_path, "instruct", "--num_train=3000", "--num_val=200")
+    other, *_ = task(tmp_path, "instruct", "--num_train=3000", "--num_val=200", "--seed=2")
+    assert again["sha256"] == meta["sha256"] != other["sha256"]
+
+
+def test_instruct_defaults_are_sized_for_a_cpu(tmp_path, capsys):
+    meta = prepare.main(["--dataset", "instruct", "--data_dir", str(tmp_path / "data")])
+    c = meta["chat"]
+    assert (c["train_conversations"], c["val_conversations"]) == (30_000, 500)
+    assert c["max_len"] < 64 and c["dropped"] == c["shortened"] == 0
+
+
+def test_generated_datasets_refuse_text_flags(tmp_path, capsys, previous):
+    for flags, message in [
+        (["--tokenizer", "gpt2"], "--tokenizer does not apply to --dataset instruct"),
+        (["--digits", "3"], "--digits does not apply to --dataset instruct"),
+        (["--format", "chat"], "--format does not apply to --dataset instruct"),
+        (["--num_val", "0"], "--num_train and --num_val must be at least 1"),
+    ]:
+        assert message in fail(capsys, tmp_path, *flags, dataset="instruct"), flags
+    assert message in fail(capsys, tmp_path, "--num_train", "0", dataset="reverse")
+
+
+# -----------------------------------------------------------------------------
+# Questions on the play, offline
+
+
+def test_shakespeare_chat_offline_in_shakespeare_chars(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(prepare, "download_tiny_shakespeare", lambda cache: None)  # no network
+    data = str(tmp_path / "data")
+    own = prepare.main(["--dataset", "shakespeare_chat", "--data_dir", data, "--num_train=600",
+                        "--num_val=60"])
+    assert "vocab_from" not in own
+    prepare.main(["--data_dir", data])  # shakespeare_char, then its ids are used
+    meta, train_set, val_set = task(tmp_path, "shakespeare_chat", "--num_train=600",
+                                    "--num_val=60")
+    char_meta = json.loads((tmp_path / "data" / "shakespeare_char" / "meta.json").read_text())
+    assert meta["chars"] == char_meta["chars"] and meta["vocab_from"].endswith("shakespeare_char")
+    assert meta["chat"]["checkable"] is False and (len(train_set), len(val_set)) == (600, 60)
+    text = "\n".join(doc for kind, doc in prepare.shakespeare_source().items() if kind == "text")
+    cut = char_meta["val_from_char"]
+    for part, pairs in ((text[:cut], train_set), (text[cut:], val_set)):
+        kinds = set()
+        for q, a in pairs:
+            assert set(q) <= set(meta["chars"]) and len(a) <= 200
+            if q.startswith("Who says: "):
+                kinds.add("who")
+                assert f"\n{a}:\n" in part and q[len("Who says: "):] in part
+            elif q.startswith("What comes after: "):
+                kinds.add("after")
+                assert f"{q[len('What comes after: '):]}\n{a}" in part
+            else:
+                kinds.add("speak")
+                name = re.fullmatch(r"Speak as (.+)\.", q).group(1)
+                assert f"{name}:\n{a}\n" in part
+        assert kinds == {"who", "after", "speak"}
+
+
+# -----------------------------------------------------------------------------
+# Parquet (through datasets)
+
+
+@slow  # imports datasets
+def test_chat_parquet_round_trip_and_bad_row(tmp_path, capsys):
+    import datasets
+    rows = [as_messages(r) for r in RECORDS]
+    datasets.Dataset.from_list([{"messages": ms} for ms in rows]).to_parquet(
+        str(tmp_path / "c.parquet"))
+    meta = run(tmp_path, "--input", str(tmp_path / "c.parquet"))
+    _, splits = read_chat(tmp_path / "data" / "ds")
+    got = conversations(meta, splits["train"]) + conversations(meta, splits["val"])
+    assert got == rows
+    datasets.Dataset.from_list([{"prompt": "q", "response": "r"}, {"prompt": "q",
+                                                                  "response": ""}]).to_parquet(
+        str(tmp_path / "bad.parquet"))
+    before = folder_bytes(tmp_path / "data" / "ds")
+    err = fail(capsys, tmp_path, "--input", str(tmp_path / "bad.parquet"))
+    assert f"{tmp_path / 'bad.parquet'} row 1: message 1: an empty response" in err
+    assert folder_bytes(tmp_path / "data" / "ds") == before
+
+
+# -----------------------------------------------------------------------------
+# A chat dataset written by hand, per the contract (until prepare.py writes them)
+
+
+def write_chat_dataset(folder: Path, splits: dict, chars: list | None = None,
+                       checkable: bool = True, tokenizer: str = "char") -> dict:
+    """data/<dataset>/ for conversations: s.bin, s_mask.bin, s_index.bin per split and
+    meta.json, rendered by chat.render in a character vocabulary (chars: the characters,
+    default those of the conversations) or GPT-2's BPE. splits: split -> list of records."""
+    convs = {s: [chat.conversation(r) for r in recs] for s, recs in splits.items()}
+    if tokenizer == "gpt2":
+        encode, _ = prepare.get_tokenizer({"tokenizer": "gpt2"})
+        tmpl = chat.chat_template(50257)
+    else:
+        if chars is None:
+            chars = sorted({ch for cs in convs.values() for c in cs for m in c
+                            for ch in m["content"]})
+        stoi = {ch: i for i, ch in enumerate(chars)}
+        tmpl = chat.chat_template(len(chars))
+
+        def encode(t):
+            return [stoi[ch] for ch in t]
+    folder.mkdir(parents=True, exist_ok=True)
+    max_len = 0
+    for s, cs in convs.items():
+        ids, mask, index = [], [], [0]
+        for c in cs:
+            i, m = chat.render(c, encode, tmpl)
+            ids += i
+            mask += m
+            index.append(len(ids))
+            max_len = max(max_len, len(i))
+        np.array(ids, dtype=np.uint16).tofile(folder / f"{s}.bin")
+        np.array(mask, dtype=np.uint8).tofile(folder / f"{s}_mask.bin")
+        np.array(index, dtype="<i8").tofile(folder / f"{s}_index.bin")
+    meta = {"tokenizer": tokenizer, **({"chars": chars} if tokenizer == "char" else {}),
+            "vocab_size": tmpl["vocab_size"],
+            "chat": {**tmpl, "max_len": max_len, "block_size": max_len - 1,
+                     "checkable": checkable, "train_conversations": len(convs["train"]),
+                     "val_conversations": len(convs["val"]), "dropped": 0, "shortened": 0}}
+    (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    return meta
+
+
+def reversals(n: int, seed: int, digits=(1, 6), system_every: int = 3) -> list[dict]:
+    """n conversations 'reverse these digits', of several lengths (so micro-batches hold
+    different numbers of answer tokens), some with a system message."""
+    g = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        d = "".join(map(str, g.integers(0, 10, g.integers(*digits))))
+        msgs = [{"role": "user", "content": d}, {"role": "assistant", "content": d[::-1]}]
+        if k % system_every == 0:
+            msgs.insert(0, {"role": "system", "content": "rev"})
+        out.append({"messages": msgs})
+    return out
+
+
+@pytest.fixture
+def chat_dir(tmp_path) -> Path:
+    """data/rev: reversal conversations in characters, train and val disjoint."""
+    write_chat_dataset(tmp_path / "data" / "rev",
+                       {"train": reversals(400, 0), "val": reversals(40, 1)})
+    return tmp_path / "data"
+
+
+def train_chat(data_dir_, out, *flags):
+    return train.main([*CPU_TINY, f"--data_dir={data_dir_}", "--dataset=rev", f"--out_dir={out}",
+                       "--dropout=0", "--sample_every=0", *flags])
+
+
+# -----------------------------------------------------------------------------
+# The batch, the loss on answers only
+
+
+def test_chat_batch_targets_are_answers_only(chat_dir):
+    """x is each conversation less its last token, padded with 0; y the next tokens where
+    they are the assistant's (mask 1), -1 on prompt tokens and on padding."""
+    folder = chat_dir / "rev"
+    ids = np.fromfile(folder / "train.bin", dtype=np.uint16).astype(np.int64)
+    mask = np.fromfile(folder / "train_mask.bin", dtype=np.uint8)
+    index = np.fromfile(folder / "train_index.bin", dtype="<i8")
+    ix, T = torch.tensor([0, 5, 3, 399]), 20
+    x, y = train.get_chat_batch(folder / "train.bin", ix, T, torch.device("cpu"))
+    assert x.shape == y.shape == (4, T) and x.dtype == y.dtype == torch.int64
+    for row, k in enumerate(ix.tolist()):
+        c, m = ids[index[k]:index[k + 1]], mask[index[k]:index[k + 1]]
+        L = len(c) - 1
+        assert x[row, :L].tolist() == c[:-1].tolist() and (x[row, L:] == 0).all()
+        expected = np.where(m[1:] == 1, c[1:], -1).tolist() + [-1] * (T - L)
+        assert y[row].tolist() == expected
+        assert (y[row] != -1).sum() == m.sum() > 0  # every answer token and its <|end|>
+
+
+def test_chat_loss_is_on_the_answers_only(chat_dir):
+    """The model's loss is the cross-entropy over the answer tokens alone: changing a prompt
+    token's target never changes it, an answer token's always does."""
+    meta = json.loads((chat_dir / "rev" / "meta.json").read_text(encoding="utf-8"))
+    T = meta["chat"]["max_len"] - 1
+    x, y = train.get_chat_batch(chat_dir / "rev" / "train.bin", torch.arange(16), T,
+                                torch.device("cpu"))
+    model = tiny_model(vocab_size=meta["vocab_size"], block_size=T)
+    logits, loss = model(x, y)
+    keep = y != -1
+    torch.testing.assert_close(loss, F.cross_entropy(logits[keep], y[keep]))
+    # what the targets would be if prompt positions were not masked: any value there is ignored
+    other = y.clone()
+    other[~keep] = torch.randint(meta["vocab_size"], (int((~keep).sum()),))
+    _, loss_other_prompt = model(x, torch.where(keep, other, -1))
+    assert torch.equal(loss, loss_other_prompt)
+    other[keep] = (other[keep] + 1) % meta["vocab_size"]
+    _, loss_other_answer = model(x, torch.where(keep, other, -1))
+    assert not torch.allclose(loss, loss_other_answer)
+
+
+def test_weights_make_the_mean_over_all_answer_tokens(chat_dir):
+    """weigh_by_targets: micro-batch losses so weighted add up to one big batch's loss, though
+    their answer counts differ (a mean of means would not)."""
+    meta = json.loads((chat_dir / "rev" / "meta.json").read_text(encoding="utf-8"))
+    T = meta["chat"]["max_len"] - 1
+    model = tiny_model(vocab_size=meta["vocab_size"], block_size=T)
+    path, cpu = chat_dir / "rev" / "train.bin", torch.device("cpu")
+    ix = torch.arange(16).view(4, 4)
+    micro = train.weigh_by_targets(train.get_chat_batch(path, row, T, cpu) for row in ix)
+    counts = [int((y != -1).sum()) for _, y, _ in micro]
+    assert len(set(counts)) > 1, "the test needs micro-batches with different answer counts"
+    acc = sum(model(x, y)[1] * w for x, y, w in micro)
+    _, big = model(*train.get_chat_batch(path, ix.flatten(), T, cpu))
+    torch.testing.assert_close(acc, big, rtol=0, atol=1e-6)
+    means = sum(model(x, y)[1] for x, y, _ in micro) / 4
+    assert abs(means.item() - big.item()) > 1e-4
+
+
+@slow
+def test_chat_accumulation_equals_bigger_batch(chat_dir, tmp_path):
+    """4 micro-batches of 2 conversations make exactly the updates of one batch of the same 8,
+    over 3 steps, and log the same loss (the mean over the step's answer tokens)."""
+    train_chat(chat_dir, tmp_path / "acc", "--max_iters=3", "--batch_size=2",
+               "--gradient_accumulation_steps=4")
+    train_chat(chat_dir, tmp_path / "big", "--max_iters=3", "--batch_size=8")
+    assert_same_training(tmp_path / "acc", tmp_path / "big")
+    assert len(logged(tmp_path / "acc", "loss")) == 3
+
+
+@slow
+def test_chat_ddp_two_processes_match_one(chat_dir, tmp_path):
+    """Two processes, two micro-batches each (different answer counts per rank), make one
+    process's updates and log the whole global batch's answer-token mean."""
+    flags = [*CPU_TINY, f"--data_dir={chat_dir}", "--dataset=rev", "--dropout=0",
+             "--sample_every=0", "--max_iters=3", "--gradient_accumulation_steps=4",
+             "--batch_size=2"]
+    child = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            "--nproc_per_node=2", "train.py", *flags,
+                            f"--out_dir={tmp_path / 'ddp'}"],
+                           cwd=ROOT, timeout=180, capture_output=True, text=True, check=False,
+                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert child.returncode == 0, child.stdout[-3000:] + child.stderr[-3000:]
+    train.main(flags + [f"--out_dir={tmp_path / 'one'}"])
+    assert_same_training(tmp_path / "ddp", tmp_path / "one", tol=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# Settings, evaluation, a run that learns
+
+
+def test_chat_block_size_default_and_refusal(chat_dir, tmp_path, capsys):
+    meta = json.loads((chat_dir / "rev" / "meta.json").read_text(encoding="utf-8"))
+    longest = meta["chat"]["max_len"]
+    flags = ["--device=cpu", "--compile=False", f"--data_dir={chat_dir}", "--dataset=rev",
+             f"--out_dir={tmp_path / 'o'}", "--n_layer=1", "--n_head=2", "--n_embd=16",
+             "--eval_only", "--eval_iters=1", "--batch_size=4", "--sample_every=0"]
+    a = train.parse_args(flags)
+    train.resolve_args(a, None, 0, 1)
+    assert a.block_size == longest - 1
+    err = run_main(capsys, train.main, flags + [f"--block_size={longest - 2}"])
+    assert f"--block_size {longest - 2} is shorter than rev's longest conversation " \
+           f"({longest} tokens, so block_size {longest - 1})" in err
+    a = train.parse_args(flags + [f"--block_size={longest + 5}"])  # longer: more padding
+    train.resolve_args(a, None, 0, 1)
+    assert a.block_size == longest + 5
+
+
+def test_estimate_loss_is_the_mean_over_answer_tokens(chat_dir):
+    meta = json.loads((chat_dir / "rev" / "meta.json").read_text(encoding="utf-8"))
+    T = meta["chat"]["max_len"] - 1
+    model = tiny_model(vocab_size=meta["vocab_size"], block_size=T)
+    cpu, folder = torch.device("cpu"), chat_dir / "rev"
+
+    def get(split, ix):
+        return train.get_chat_batch(folder / f"{split}.bin", ix, T, cpu)
+
+    out = train.estimate_loss(model, get, {"val": 40}, eval_iters=3, batch_size=5, seed=7)
+    g = torch.Generator().manual_seed(7)
+    xs, ys = zip(*[get("val", torch.randint(40, (5,), generator=g)) for _ in range(3)])
+    x, y = torch.cat(xs), torch.cat(ys)
+    model.eval()
+    _, loss = model(x, y)
+    assert out["val"] == pytest.approx(loss.item(), abs=1e-6)
+
+
+def test_exact_match_greedy_last_reply(chat_dir, monkeypatch):
+    """exact_match batches prompts of one length, generates the longest reply (with <|end|>)
+    and counts a reply right when it is the reference, then <|end|>."""
+    meta = json.loads((chat_dir / "rev" / "meta.json").read_text(encoding="utf-8"))
+    tmpl, path = meta["chat"], chat_dir / "rev" / "val.bin"
+    pairs = train.last_replies(path, tmpl, 500)
+    assert len(pairs) == 40
+    for prompt, reply in pairs:
+        assert prompt[-1] == chat.marker_id(tmpl, "assistant")
+        assert reply[-1] == chat.marker_id(tmpl, "end")
+    by_prompt = {tuple(p.tolist()): r.tolist() for p, r in pairs}
+    calls = []
+
+    def oracle(self, idx, max_new_tokens, temperature=1.0, **kw):  # the right reply, then junk
+        assert temperature == 0 and len({len(r) for r in idx.tolist()}) == 1
+        calls.append(idx.shape)
+        rows = [by_prompt[tuple(p)] + [0] * max_new_tokens for p in idx.tolist()]
+        return torch.cat([idx, torch.tensor([r[:max_new_tokens] for r in rows])], dim=1)
+
+    monkeypatch.setattr(gpt.GPT, "generate", oracle)
+    model = tiny_model(vocab_size=meta["vocab_size"], block_size=meta["chat"]["max_len"])
+    assert train.exact_match(model, path, tmpl, torch.device("cpu")) == (1.0, 40)
+    assert len(calls) == len({len(p) for p, _ in pairs})  # one batch per prompt length
+    assert train.exact_match(model, path, tmpl, torch.device("cpu"), limit=7) == (1.0, 7)
+
+    def no_end(self, idx, max_new_tokens, temperature=1.0, **kw):  # right digits, no <|end|>
+        rows = [by_prompt[tuple(p)][:-1] + [0] * max_new_tokens for p in idx.tolist()]
+        return torch.cat([idx, torch.tensor([r[:max_new_tokens] for r in rows])], dim=1)
+
+    monkeypatch.setattr(gpt.GPT, "generate", no_end)
+    assert train.exact_match(model, path, tmpl, torch.device("cpu")) == (0.0, 40)
+
+
+@slow
+def test_tiny_chat_run_learns_and_logs_exact_match(chat_dir, tmp_path, capsys):
+    result = train_chat(chat_dir, tmp_path / "out", "--max_iters=60", "--eval_interval=30",
+                        "--batch_size=16", "--learning_rate=3e-3", "--n_embd=48",
+                        "--print_interval=30", "--log_interval=10")
+    out = capsys.readouterr().out
+    assert "val exact match" in out and "of 40 conversations" in out
+    rows = [r for r in plumbing.read_log(tmp_path / "out" / "log.csv") if r["val_loss"]]
+    assert [r["iter"] for r in rows] == ["0", "30", "60"]
+    val = [float(r["val_loss"]) for r in rows]
+    assert val[-1] < val[0] - 0.5, val
+    assert all(0 <= float(r["val_exact_match"]) <= 1 for r in rows)
+    assert "val_exact_match" in result["final_losses"]
+
+
+# -----------------------------------------------------------------------------
+# Fine-tuning a model without the markers into chat
+
+
+def test_grow_vocab_keeps_old_logits_and_adds_mean_rows():
+    for pos_emb in ("learned", "rope"):
+        m = tiny_model(pos_emb=pos_emb)
+        x = torch.randint(11, (3, 10))
+        before, _ = m(x, x)
+        old = m.transformer.wte.weight.detach().clone()
+        gpt.grow_vocab(m, 15)
+        assert m.config.vocab_size == 15 and m.lm_head.weight is m.transformer.wte.weight
+        w = m.transformer.wte.weight
+        assert w.shape == (15, 16) and torch.equal(w[:11], old)
+        torch.testing.assert_close(w[11:], old.mean(0).expand(4, -1), rtol=0, atol=0)
+        after, _ = m(x, x)
+        assert after.shape == (3, 10, 15)  # the same numbers (a wider matmul may round
+        torch.testing.assert_close(after[..., :11], before, rtol=0, atol=1e-6)  # differently)
+        m(torch.tensor([[12, 3, 14]]), torch.tensor([[3, 14, 11]]))[1].backward()  # trains
+        with pytest.raises(ValueError, match="cannot shrink"):
+            gpt.grow_vocab(m, 12)
+
+
+@pytest.fixture
+def chat_in_tiny_chars(data_dir) -> Path:
+    """data/chat_tiny: conversations in data/tiny's characters (the checkpoint's base)."""
+    meta = json.loads((data_dir / "tiny" / "meta.json").read_text(encoding="utf-8"))
+    lines = [ln for ln in TEXT.splitlines() if ln]
+    recs = [{"prompt": lines[k % len(lines)][:8], "response": lines[(k + 1) % len(lines)][:8]}
+            for k in range(60)]
+    write_chat_dataset(data_dir / "chat_tiny", {"train": recs[:50], "val": recs[50:]},
+                       chars=meta["chars"], checkable=False)
+    return data_dir
+
+
+@slow
+def test_init_from_plain_char_checkpoint_grows_and_trains(chat_in_tiny_chars, tmp_path,
+                                                          capsys):
+    data = chat_in_tiny_chars
+    train_tiny(data, tmp_path / "pre", "--max_iters=4", "--eval_interval=2")
+    base = torch.load(tmp_path / "pre" / "best.pt", weights_only=True)
+    V = base["model_args"]["vocab_size"]
+    capsys.readouterr()
+    result = train_tiny(data, tmp_path / "ft", "--dataset=chat_tiny",
+                        f"--init_from={tmp_path / 'pre'}", "--max_iters=3",
+                        "--eval_interval=3")
+    out = capsys.readouterr().out
+    assert f"has no chat markers: its {V} token embeddings grow by 4" in out
+    ckpt = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=True)
+    assert ckpt["model_args"]["vocab_size"] == V + 4 == ckpt["meta"]["vocab_size"]
+    assert ckpt["vocab_grown"] == {"from": V, "to": V + 4, "init": "mean of the old rows"}
+    assert ckpt["model"]["transformer.wte.weight"].shape[0] == V + 4
+    assert result["iter_num"] == 3 and np.isfinite(result["final_losses"]["val"])
+    # the grown rows start as the mean: iteration 0's model, best.pt, is the grown start
+    start = torch.load(tmp_path / "ft" / "best.pt", weights_only=True)
+    if start["iter_num"] == 0:
+        w = base["model"]["transformer.wte.weight"]
+        torch.testing.assert_close(start["model"]["transformer.wte.weight"][V:],
+                                   w.mean(0).expand(4, -1))
+    # and a resume continues it, markers and all
+    resumed = train.main(["--init_from=resume", f"--out_dir={tmp_path / 'ft'}",
+                          "--max_iters=4"])
+    assert resumed["iter_num"] == 4
+    assert torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=True)["vocab_grown"]["to"] == V + 4
+
+
+@slow
+def test_init_from_gpt2_weights_onto_bpe_conversations_grows(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=1, n_head=2, n_embd=32, n_positions=64, vocab_size=50257))
+    hf.save_pretrained(tmp_path / "hf")
+    recs = [{"prompt": f"Say {w}", "response": w} for w in ("yes", "no", "maybe", "hi") * 3]
+    write_chat_dataset(tmp_path / "data" / "bpe_chat", {"train": recs, "val": recs[:4]},
+                       tokenizer="gpt2")
+    train.main(["--device=cpu", "--compile=False", f"--data_dir={tmp_path / 'data'}",
+                "--dataset=bpe_chat", f"--out_dir={tmp_path / 'out'}",
+                f"--init_from={tmp_path / 'hf'}", "--batch_size=2", "--max_iters=1",
+                "--eval_iters=1", "--learning_rate=1e-12", "--min_lr=0", "--weight_decay=0",
+                "--sample_every=0"])
+    assert "has no chat markers: its 50257 token embeddings grow by 4" in \
+        capsys.readouterr().out
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    w = ckpt["model"]["transformer.wte.weight"]
+    assert w.shape[0] == 50261 and ckpt["vocab_grown"]["from"] == 50257
+    theirs = hf.state_dict()["transformer.wte.weight"]
+    torch.testing.assert_close(w[:50257], theirs, rtol=0, atol=1e-6)
+    torch.testing.assert_close(w[50257:], theirs.mean(0).expand(4, -1), rtol=0, atol=1e-6)
+
+
+@slow
+def test_chat_vocabulary_refusals_are_one_line(chat_in_tiny_chars, tmp_path, capsys):
+    """A chat checkpoint onto plain text of its base vocabulary is refused; so is chat data in
+    other characters; a chat checkpoint onto chat data of the same template is fine."""
+    data = chat_in_tiny_chars
+    train_tiny(data, tmp_path / "pre", "--max_iters=2", "--eval_interval=2")
+    train_tiny(data, tmp_path / "chat", "--dataset=chat_tiny", f"--init_from={tmp_path / 'pre'}",
+               "--max_iters=2", "--eval_interval=2")
+    best = tmp_path / "chat" / "best.pt"
+    err = run_main(capsys, lambda a: train_tiny(data, tmp_path / "x", *a),
+                   [f"--init_from={tmp_path / 'chat'}"])
+    assert f"{best} was fine-tuned on conversations, and {data / 'tiny'} is plain text" in err
+    write_chat_dataset(data / "chat_other", {"train": reversals(20, 0), "val": reversals(5, 1)})
+    err = run_main(capsys, lambda a: train_tiny(data, tmp_path / "y", *a),
+                   [f"--init_from={tmp_path / 'pre'}", "--dataset=chat_other"])
+    assert f"was trained on 30 characters, and {data / 'chat_other'} is 13 characters with the " \
+        "chat markers" in err, err
+    # the chat checkpoint, again on conversations of its template: no growth, no refusal
+    capsys.readouterr()
+    train_tiny(data, tmp_path / "again", "--dataset=chat_tiny",
+               f"--init_from={tmp_path / 'chat'}", "--max_iters=1")
+    assert "chat markers" not in capsys.readouterr().out
+    assert torch.load(tmp_path / "again" / "ckpt.pt", weights_only=True)["vocab_grown"] is None
+
+
+# -----------------------------------------------------------------------------
+# sample.py --chat
+
+
+CHAT_CHARS = list("\n abcdefghio")
+
+
+def chat_meta(chars: list[str], **extra) -> dict:
+    """A character dataset's meta with the chat template, as prepare.py writes a chat dataset."""
+    tmpl = chat.chat_template(len(chars))
+    return {"tokenizer": "char", "chars": chars, "vocab_size": tmpl["vocab_size"],
+            "chat": {**tmpl, "max_len": 16, "block_size": 15, "checkable": False}, **extra}
+
+
+def scripted_replies(monkeypatch, replies: list[str], meta: dict) -> list[dict]:
+    """GPT.generate_stream writes each reply in turn ("<|end|>" in it: the marker), then
+    "zz" forever; returns a record of each call: the prompt's ids, the settings, how many
+    tokens were taken from it."""
+    encode, _ = prepare.get_tokenizer(meta)
+    end, calls = chat.marker_id(meta["chat"], "end"), []
+    script = iter(replies)
+
+    def ids(text):
+        parts = text.split("<|end|>")
+        return [t for i, p in enumerate(parts) for t in ([end] if i else []) + encode(p)]
+
+    def generate_stream(self, idx, max_new_tokens, **kwargs):
+        assert idx.size(1) <= self.config.block_size, "the prompt must fit the model"
+        call = {"ids": idx[0].tolist(), "max_new_tokens": max_new_tokens, "taken": 0, **kwargs}
+        calls.append(call)
+        for t in (ids(next(script)) + encode("a") * 1000)[:max_new_tokens]:
+            call["taken"] += 1
+            yield torch.tensor([[t]])
+
+    monkeypatch.setattr(GPT, "generate_stream", generate_stream)
+    return calls
+
+
+def render_asking(meta, *messages) -> list[int]:
+    """The prompt for the last of messages (user, assistant, ..., user) with the history."""
+    encode, _ = prepare.get_tokenizer(meta)
+    roles = itertools.cycle(["user", "assistant"])
+    return chat.render_prompt([{"role": next(roles), "content": m} for m in messages], encode,
+                              meta["chat"])
+
+
+def test_chat_start_prints_the_reply_alone_and_stops_at_end(tmp_path, capsys, monkeypatch):
+    meta = chat_meta(CHAT_CHARS)
+    init = save_model(tmp_path / "m.pt", meta)
+    calls = scripted_replies(monkeypatch, ["ab<|end|>cd<|end|>"], meta)
+    capsys.readouterr()
+    assert sample.main([init, "--device=cpu", "--chat", "--start=hi bob"]) == ["ab"]
+    out, err = capsys.readouterr()
+    assert out == "ab\n" and err == ""  # the reply alone: no marker, nothing after <|end|>
+    assert calls[0]["ids"] == render_asking(meta, "hi bob")
+    assert calls[0]["taken"] == 3  # stopped at <|end|>: "cd" was never generated
+    # not streamed: the same reply, printed when done; --max_new_tokens cuts a reply short
+    calls = scripted_replies(monkeypatch, ["ab<|end|>", "abcd<|end|>"], meta)
+    assert sample.main([init, "--device=cpu", "--chat", "--start=hi", "--stream=False"]) == ["ab"]
+    assert sample.main([init, "--device=cpu", "--chat", "--start=hi",
+                        "--max_new_tokens=2"]) == ["ab"]
+    assert capsys.readouterr().out == "ab\nab\n"
+
+
+def test_chat_replies_with_a_real_model(tmp_path, capsys):
+    """generate_stream itself: a model rigged to always write "b" writes --max_new_tokens of
+    them; rigged to always write <|end|>, its reply is empty."""
+    meta = chat_meta(CHAT_CHARS)
+    end = chat.marker_id(meta["chat"], "end")
+    for token, reply in ((CHAT_CHARS.index("b"), "bbb"), (end, "")):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**{**TINY.__dict__, "vocab_size": meta["vocab_size"]}))
+        with torch.no_grad():  # the final norm's output is its bias alone: the same logits
+            model.transformer.ln_f.weight.zero_()  # at every step, the likeliest is `token`
+            model.transformer.ln_f.bias.copy_(model.transformer.wte.weight[token] * 100)
+        plumbing.save_checkpoint({"model": model.state_dict(), "meta": meta,
+                                  "model_args": dict(model.config.__dict__)}, tmp_path / "m.pt")
+        argv = [f"--init_from={tmp_path / 'm.pt'}", "--device=cpu", "--chat", "--start=hi"]
+        assert sample.main(argv + ["--max_new_tokens=3", "--temperature=0"]) == [reply]
+        assert capsys.readouterr().out == reply + "\n"
+
+
+def test_chat_reads_the_message_from_stdin(tmp_path, capsys, monkeypatch):
+    meta = chat_meta(CHAT_CHARS)
+    init = save_model(tmp_path / "m.pt", meta)
+    calls = scripted_replies(monkeypatch, ["ab<|end|>"], meta)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a bag\nhead\n"))  # not a terminal
+    capsys.readouterr()
+    assert sample.main([init, "--device=cpu", "--chat"]) == ["ab"]
+    assert capsys.readouterr().out == "ab\n"
+    assert calls[0]["ids"] == render_asking(meta, "a bag\nhead")  # the last newline dropped
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n"))
+    assert "the message is empty" in run_main(capsys, sample.main, [init, "--device=cpu",
+                                                                     "--chat"])
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_chat_keeps_its_history_within_block_size(tmp_path, capsys, monkeypatch):
+    """Interactive: each prompt holds the history and fits the model; the oldest exchanges go
+    first; /reset forgets; a message with an unknown character is named and skipped; Ctrl-D
+    quits."""
+    meta = chat_meta(CHAT_CHARS)
+    init = save_model(tmp_path / "m.pt", meta, block_size=32)
+    lines = iter(["aaa", "bbb", "ccc", "ddd", "/reset", "eée", "eee"])
+
+    def typed(prompt):
+        assert prompt == "> "
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", typed)
+    monkeypatch.setattr(sys, "stdin", Terminal())
+    calls = scripted_replies(monkeypatch, ["hh<|end|>"] * 6, meta)
+    capsys.readouterr()
+    assert sample.main([init, "--device=cpu", "--chat"]) == ["hh"] * 5
+    out, err = capsys.readouterr()
+    assert out == "hh\n" * 5
+    # each exchange takes 9 tokens, a question 6: the prompt may take 32 - 32 // 4 = 24
+    assert [c["ids"] for c in calls] == [
+        render_asking(meta, "aaa"), render_asking(meta, "aaa", "hh", "bbb"),
+        render_asking(meta, "aaa", "hh", "bbb", "hh", "ccc"),
+        render_asking(meta, "bbb", "hh", "ccc", "hh", "ddd"),  # the oldest exchange went
+        render_asking(meta, "eee")]  # after /reset, and not the message refused
+    assert all(len(c["ids"]) <= 24 for c in calls)
+    assert "Ctrl-D" in err.splitlines()[0] and "/reset" in err.splitlines()[0]
+    assert "forgot the oldest 1 exchange(s)" in err
+    assert "character 'é' is not in this model's vocabulary" in err
+
+
+def test_chat_refuses_a_model_not_trained_on_conversations(flag_models, capsys):
+    path = flag_models["char"].split("=", 1)[1]
+    err = run_main(capsys, sample.main, [flag_models["char"], "--device=cpu", "--chat",
+                                         "--start=ab"])
+    assert err == (f"sample.py: error: {path} was not trained on conversations: --chat needs a "
+                   "model fine-tuned on prepare.py's conversations (see the README)")
+
+
+def test_chat_names_a_character_not_in_the_vocabulary(tmp_path, capsys, monkeypatch):
+    meta = chat_meta(CHAT_CHARS)
+    init = save_model(tmp_path / "m.pt", meta)
+    scripted_replies(monkeypatch, [], meta)
+    err = run_main(capsys, sample.main, [init, "--device=cpu", "--chat", "--start=abZ"])
+    assert "character 'Z' is not in this model's vocabulary" in err
+    # a message longer than the model's context is refused too, in one line
+    err = run_main(capsys, sample.main, [init, "--device=cpu", "--chat", "--start=" + "a" * 20])
+    assert "the message takes 23 tokens" in err and "at most 16" in err
+
+
+def test_chat_flags_reach_the_sampler(flag_models, capsys, monkeypatch):
+    """The flags the table says take effect with --chat are the settings of generate_stream."""
+    meta = chat_meta(CHAT_CHARS)
+    calls = scripted_replies(monkeypatch, ["a<|end|>"] * 2, meta)
+    argv = [flag_models["chat"], "--device=cpu", "--chat", "--start=ab"]
+    sample.main(argv)
+    sample.main(argv + ["--temperature=1.5", "--top_k=3", "--top_p=0.5", "--seed=3",
+                        "--max_new_tokens=7"])
+    first, second = ({k: c[k] for k in ("temperature", "top_k", "top_p", "max_new_tokens")}
+                     for c in calls)
+    assert first == {"temperature": 0.8, "top_k": 200, "top_p": 1.0, "max_new_tokens": 500}
+    assert second == {"temperature": 1.5, "top_k": 3, "top_p": 0.5, "max_new_tokens": 7}
+    assert [c["generator"].initial_seed() for c in calls] == [1337, 3]
 
 
 # =============================================================================

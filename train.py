@@ -8,14 +8,16 @@ Train a GPT on a prepared dataset.
         --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0   # nanoGPT's CPU recipe
     python train.py --init_from=resume                      # continue from out_dir/ckpt.pt
 
-Read it top to bottom: the data (get_batch, estimate_loss, the training batches), the three
-formulas (AdamW, get_lr, clip_grad_norm) and the training loop; that is the lesson. Below a
-fence come the settings and presets, task data, Muon, evaluation and checkpoints, the set-up
-and main(). The model lives in gpt.py; checkpoint files, devices, several processes, logs
-and signals live in plumbing.py.
+Read it top to bottom: the data (get_batch, get_chat_batch for conversations, estimate_loss,
+the training batches), the three formulas (AdamW, get_lr, clip_grad_norm) and the training
+loop; that is the lesson. Below a fence come the settings and presets, exact match on
+conversations, Muon, evaluation and checkpoints, the set-up and main(). The model lives in
+gpt.py; checkpoint files, devices, several processes, logs and signals live in plumbing.py;
+the chat template in chat.py.
 """
 
 import argparse
+import itertools
 import json
 import math
 import signal
@@ -30,7 +32,8 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gpt import GPT, GPT2_NAMES, MLPS, NORMS, POS_EMBS, GPTConfig, crop_block_size
+from chat import marker_id
+from gpt import GPT, GPT2_NAMES, MLPS, NORMS, POS_EMBS, GPTConfig, crop_block_size, grow_vocab
 from plumbing import (
     RESUME_KEYS,
     CompiledOrEager,
@@ -86,6 +89,32 @@ def get_batch(path: Path, ix: torch.Tensor, block_size: int, device: torch.devic
     return to_device(xy[:, :-1].contiguous(), xy[:, 1:].contiguous(), device)
 
 
+def get_chat_batch(path: Path, ix: torch.Tensor, block_size: int, device: torch.device):
+    """Whole conversations number ix (B,) of a chat split: x (B, T) and y (B, T), T = block_size.
+
+    Conversation c (L <= T + 1 tokens) gives x = c[:-1] and y = c[1:], as a window does, but
+    y is -1 where the target is not the assistant's (its mask, in path's _mask.bin, is 0):
+    cross_entropy skips -1, so the model learns to answer, never to write the user's part.
+    Rows are padded to T, x with 0 and y with -1 (no loss either): one shape for every batch.
+    """
+    ids = np.memmap(path, dtype=np.uint16, mode="r")
+    mask = np.memmap(chat_file(path, "mask"), dtype=np.uint8, mode="r")
+    index = np.memmap(chat_file(path, "index"), dtype="<i8", mode="r")  # c k: [index[k], k+1)
+    k = ix.numpy()
+    start, length = index[k], index[k + 1] - index[k]  # (B,) each
+    inside = np.arange(block_size + 1) < length[:, None]  # (B, T+1): within the conversation
+    pos = np.where(inside, start[:, None] + np.arange(block_size + 1), 0)  # (B, T+1) offsets
+    c, answer = ids[pos].astype(np.int64), mask[pos].astype(bool) & inside
+    x = np.where(inside[:, 1:], c[:, :-1], 0)  # x[j] is a token with a target after it
+    y = np.where(answer[:, 1:], c[:, 1:], -1)  # is each target an answer?
+    return to_device(torch.from_numpy(x), torch.from_numpy(y), device)
+
+
+def chat_file(path: Path, kind: str) -> Path:
+    """A chat split's other files: train.bin -> train_mask.bin, train_index.bin."""
+    return path.with_name(f"{path.stem}_{kind}.bin")
+
+
 def to_device(x, y, device):
     if device.type == "cuda":  # pinned memory lets the copy overlap with compute
         return (x.pin_memory().to(device, non_blocking=True),
@@ -100,7 +129,9 @@ def num_tokens(path: Path) -> int:
 @torch.no_grad()
 def estimate_loss(model, get_split_batch, n_windows: dict, eval_iters: int, batch_size: int,
                   seed: int = 0, ctx=None) -> dict:
-    """Mean loss over eval_iters batches of each split, in eval mode (no dropout).
+    """Mean loss over eval_iters batches of each split, in eval mode (no dropout): the mean
+    over every target of them all (for conversations, every answer token: batches with more
+    answer tokens weigh more, as in training; for text windows, the mean of the batches').
 
     The batches come from their own generator, seeded the same each time: every evaluation
     scores the same windows, so successive numbers compare, and training's random stream
@@ -110,24 +141,27 @@ def estimate_loss(model, get_split_batch, n_windows: dict, eval_iters: int, batc
     model.eval()
     for split, high in n_windows.items():
         g = torch.Generator().manual_seed(seed)
-        losses = torch.zeros(eval_iters)
-        for k in range(eval_iters):
+        total, targets = 0.0, 0
+        for _ in range(eval_iters):
             ix = torch.randint(high, (batch_size,), generator=g)
             x, y = get_split_batch(split, ix)
             with ctx:
-                _, loss = model(x, y)
-            losses[k] = loss.item()
-        out[split] = losses.mean().item()
+                _, loss = model(x, y)  # the mean over this batch's n targets (not -1)
+            n = (y != -1).sum().item()
+            total, targets = total + loss.item() * n, targets + n
+        out[split] = total / max(targets, 1)
     model.train()
     return out
 
 
 class Batches:
     """The training batches, step after step: each step draws gradient_accumulation_steps x
-    batch_size window offsets, from a generator of its own (evaluations never disturb it, and a
-    resume restores it). Under DDP every rank draws the whole global batch and keeps its own
-    share of micro-batches, so N processes train on exactly what one process would.
-    get_batch(ix) turns offsets ix (B,) into x, y (B, T)."""
+    batch_size window offsets (or conversation numbers), from a generator of its own
+    (evaluations never disturb it, and a resume restores it). Under DDP every rank draws the
+    whole global batch and keeps its own share of micro-batches, so N processes train on
+    exactly what one process would.
+    get_batch(ix) turns offsets ix (B,) into x, y (B, T); weigh_by_targets, below, gives each
+    micro-batch its weight in the step's loss."""
 
     def __init__(self, get_batch: Callable, n_windows: int, accumulation_steps: int,
                  batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
@@ -146,6 +180,22 @@ class Batches:
         """This step's micro-batches for this rank: (x, y) pairs, each (B, T)."""
         ix = self.fixed_ix if self.fixed_ix is not None else self.draw()
         return (self.get_batch(row) for row in ix[self.first:self.first + self.micro_steps])
+
+
+def weigh_by_targets(micro_batches, world_size: int = 1) -> list:
+    """This step's micro-batches, each (x, y) with its loss's weight: n_i * world_size / N, for
+    n_i targets (not -1) in it and N in the whole step, every micro-batch of every rank.
+
+    The model's loss is its micro-batch's mean over its n_i targets; so weighted, the losses
+    add up to the mean over all N of the step's targets (DDP averages the ranks' gradients,
+    hence the world_size), exactly one big batch's. A plain mean of micro-batch means would
+    count an answer token of a micro-batch with few answers more than one with many. For text
+    windows every n_i is the same and each weight is 1 / micro-batches per rank."""
+    micro_batches = list(micro_batches)
+    counts = [(y != -1).sum().float() for _, y in micro_batches]
+    per_rank = mean_over_ranks(torch.stack(counts).sum(), world_size)  # N / world_size
+    return [(x, y, n / per_rank.clamp(min=1)) for (x, y), n in zip(micro_batches, counts,
+                                                                      strict=True)]
 
 
 # -----------------------------------------------------------------------------
@@ -305,13 +355,16 @@ def train_loop(args, t: Training) -> dict:
                 if last or args.eval_only or stop:  # a stop there: every rank, before the step
                     break
 
-                # 3) forward, backward over this step's micro-batches; gradients add up
+                # 3) forward, backward over this step's micro-batches; gradients add up. Each
+                # loss is its micro-batch's mean, weighted by the micro-batch's share of the
+                # step's targets: the sum is the mean over all of them (text: 1/micro_steps)
                 loss_sum = 0.0
-                for micro_step, (x, y) in enumerate(t.batches()):
+                micro_batches = weigh_by_targets(t.batches(), run.world_size)
+                for micro_step, (x, y, weight) in enumerate(micro_batches):
                     sync_gradients(model, micro_step == t.batches.micro_steps - 1)  # DDP
                     with t.ctx:
                         _, loss = model(x, y)
-                        loss = loss / t.batches.micro_steps  # the mean over them, not the sum
+                        loss = loss * weight  # the mean over the step's targets, not the sum
                     t.scaler.scale(loss).backward()
                     loss_sum = loss_sum + loss.detach()
 
@@ -343,7 +396,7 @@ def train_loop(args, t: Training) -> dict:
 
 
 # =============================================================================
-# Everything below builds what the loop above uses: settings and presets, task data, Muon,
+# Everything below builds what the loop above uses: settings and presets, exact match, Muon,
 # evaluation and checkpoints, the set-up and main(). The lesson ends here.
 
 
@@ -421,7 +474,8 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--init_from", default="scratch",
                    help="scratch, resume (from out_dir/ckpt.pt, with that run's settings), "
                         "a checkpoint of ours or its run folder (a new run from its weights), "
-                        "gpt2[-medium|-large|-xl] or a folder of GPT-2 weights")
+                        "gpt2[-medium|-large|-xl] or a folder of GPT-2 weights; onto "
+                        "conversations, a model without the chat markers gets them added")
     flag("--overwrite", False, "start afresh in an out_dir that holds another run, replacing "
          "its files (without this, they are moved to out_dir/runs/<its time>/)")
     g.add_argument("--keep_runs", type=int, default=5,
@@ -440,7 +494,9 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch_size", type=int, default=64,
                    help="how many independent sequences are processed in parallel?")
     g.add_argument("--block_size", type=int, default=256,
-                   help="what is the maximum context length for predictions?")
+                   help="what is the maximum context length for predictions? (conversations "
+                        "are trained whole: for them the default is the longest, and less is "
+                        "refused)")
     flag("--overfit_batch", False, "train on one fixed batch, dropout off: a debugging check")
     g = p.add_argument_group("model")
     g.add_argument("--n_layer", type=int, default=6, help="how many transformer blocks")
@@ -616,8 +672,8 @@ def resolve_args(a, ckpt: dict | None, local_rank: int, world_size: int, log=pri
         a.sample_every = a.eval_interval
     if a.overfit_batch:
         a.dropout = 0.0  # one batch, memorised: dropout would only fight it
-    if meta.get("task"):
-        a.block_size = meta["example_len"] - 1  # a whole problem, less its last token
+    if meta.get("chat"):
+        chat_block_size(a, meta)
     if start is not None and a.block_size > start[0]["model_args"]["block_size"]:
         raise UserError(f"block_size {a.block_size} is longer than {start[1]}'s context of "
                         f"{start[0]['model_args']['block_size']}: it can shrink, not grow")
@@ -643,6 +699,19 @@ def resolve_args(a, ckpt: dict | None, local_rank: int, world_size: int, log=pri
     return meta, settings
 
 
+def chat_block_size(a, meta: dict) -> None:
+    """Conversations are trained whole: block_size is, unless given, the longest less one
+    token (x = c[:-1]); a given one may be longer (more padding, a longer chat history in
+    sample.py), not shorter: the longest conversation would not fit."""
+    longest = meta["chat"]["max_len"]
+    if "block_size" not in a.given:
+        a.block_size = longest - 1
+    elif a.block_size < longest - 1:
+        raise UserError(f"--block_size {a.block_size} is shorter than {a.dataset}'s longest "
+                        f"conversation ({longest} tokens, so block_size {longest - 1}): drop "
+                        "the flag, or prepare the data with a smaller --block_size")
+
+
 def inherit_settings(a, ckpt: dict, log=print) -> None:
     """Settings not given now come from the checkpoint; given ones that differ are named in
     one line; a different shape is refused (the weights could not take it)."""
@@ -662,18 +731,22 @@ def inherit_settings(a, ckpt: dict, log=print) -> None:
 
 
 def same_data(a: dict, b: dict) -> bool:
-    """Whether two datasets' metas describe the same tokens: tokenizer, vocabulary, text and
-    task layout (not where the text was read from)."""
-    keys = ("tokenizer", "vocab_size", "chars", "sha256", "task", "digits", "example_len",
-            "prompt_len")
+    """Whether two datasets' metas describe the same tokens: tokenizer, vocabulary, text, task
+    and conversations (not where the text was read from)."""
+    keys = ("tokenizer", "vocab_size", "chars", "sha256", "task", "digits", "chat")
     return all(a.get(k) == b.get(k) for k in keys)
 
 
 def take_shape(a, meta: dict, ckpt: dict, path: Path) -> None:
     """A new run from our checkpoint (--init_from=PATH) has its architecture: shape flags not
     given come from it, given ones must match (block_size may shrink: checked in
-    resolve_args, after a task has set it). The data must have its vocabulary."""
-    if not same_vocabulary(ckpt["meta"], meta):
+    resolve_args, after chat data has set it). The data must have its vocabulary, or be
+    conversations in it (build_model then adds the chat markers to the model)."""
+    if ckpt["meta"].get("chat") and not meta.get("chat") and same_base(ckpt["meta"], meta):
+        raise UserError(f"{path} was fine-tuned on conversations, and "
+                        f"{Path(a.data_dir) / a.dataset} is plain text: fine-tune it on "
+                        "conversations, or start from the checkpoint it was fine-tuned from")
+    if not (same_vocabulary(ckpt["meta"], meta) or adds_markers(ckpt["meta"], meta)):
         folder = Path(a.data_dir) / a.dataset
         text = "" if a.dataset in BUILT_IN_TEXTS else " --input YOUR_TEXT"
         theirs, ours = vocabulary_name(ckpt["meta"]), vocabulary_name(meta)
@@ -689,7 +762,7 @@ def keep_shape(a, shape: dict, source, mode: str) -> None:
     """SHAPE_RULES for a new run from loaded weights (resume's are in inherit_settings): a
     shape flag not given is the model's (for GPT-2, block_size is ours capped at its context);
     one given and different is refused, all such flags named in one line. A block_size that
-    may shrink is checked once a task has set it (resolve_args, build_model)."""
+    may shrink is checked once chat data has set it (resolve_args, build_model)."""
     refused = []
     for k, rule in SHAPE_RULES[mode].items():
         if k not in a.given:  # (GPT-2's 1024 is a lot for a CPU: there it only caps ours)
@@ -707,12 +780,29 @@ BUILT_IN_TEXTS = ("shakespeare_char", "shakespeare", "other_plays")  # prepare.p
 
 
 def same_vocabulary(a: dict, b: dict) -> bool:
-    """Whether the same id means the same token in both: GPT-2 BPE, or one character list."""
-    return all(a.get(k) == b.get(k) for k in ("tokenizer", "vocab_size", "chars"))
+    """Whether the same id means the same token in both: GPT-2 BPE, or one character list,
+    and the same chat markers (or none in either)."""
+    return same_base(a, b) and a.get("vocab_size") == b.get("vocab_size") and \
+        (a.get("chat") or {}).get("markers") == (b.get("chat") or {}).get("markers")
+
+
+def same_base(a: dict, b: dict) -> bool:
+    """The same tokenizer and characters, whether or not either has the chat markers."""
+    return a.get("tokenizer") == b.get("tokenizer") and a.get("chars") == b.get("chars")
+
+
+def adds_markers(ckpt_meta: dict, meta: dict) -> bool:
+    """Conversations in the vocabulary of a model trained without the markers: fine-tuning
+    grows its embedding by them (gpt.grow_vocab)."""
+    return (same_base(ckpt_meta, meta) and not ckpt_meta.get("chat") and bool(meta.get("chat"))
+            and ckpt_meta.get("vocab_size") == meta["chat"]["markers"]["<|system|>"])
 
 
 def vocabulary_name(meta: dict) -> str:
-    return "GPT-2 BPE" if meta["tokenizer"] == "gpt2" else f"{meta['vocab_size']} characters"
+    chat = meta.get("chat")
+    base = chat["markers"]["<|system|>"] if chat else meta["vocab_size"]  # the markers' first id
+    return ("GPT-2 BPE" if meta["tokenizer"] == "gpt2" else f"{base} characters") + \
+        (" with the chat markers" if chat else "")
 
 
 def check_memory(a, shape: dict, device: torch.device, world_size: int) -> None:
@@ -755,47 +845,54 @@ def load_meta(data_dir: Path, dataset: str) -> dict:
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise UserError(f"{folder / 'meta.json'} is unreadable ({first_line(e)}): run `{hint}` "
                         "again") from None
+    names = ("{}.bin", "{}_mask.bin", "{}_index.bin") if meta.get("chat") else ("{}.bin",)
     for split in ("train", "val"):
-        if not (folder / f"{split}.bin").is_file():
-            raise UserError(f"{folder} has meta.json but no {split}.bin: run `{hint}` again")
+        for name in (n.format(split) for n in names):
+            if not (folder / name).is_file():
+                raise UserError(f"{folder} has meta.json but no {name}: run `{hint}` again")
     return meta
 
 
 # -----------------------------------------------------------------------------
-# Tasks with known answers: whole problems, the loss on the answer
+# Conversations with checkable answers (instruct, reverse, addition): exact match
 
 
-def get_task_batch(path: Path, ix: torch.Tensor, meta: dict, device: torch.device):
-    """Whole problems number ix (B,) of a task dataset (prepare.py --dataset reverse|addition).
-
-    A row is prompt + answer, L = example_len tokens; x = row[:-1], y = row[1:] (B, L-1), and
-    y is -1 (no loss) where the target is still part of the prompt: the model is scored on
-    the answer alone, the only part it can know.
-    """
-    data = np.memmap(path, dtype=np.uint16, mode="r").reshape(-1, meta["example_len"])
-    rows = torch.from_numpy(data[ix.numpy()].astype(np.int64))  # (B, L)
-    y = mask_prompt_targets(rows[:, 1:], meta["prompt_len"])
-    return to_device(rows[:, :-1].contiguous(), y, device)
-
-
-def mask_prompt_targets(y: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    """y (B, L-1) with -1 wherever the target is a prompt token: y[:, j] is token j+1, and
-    the answer starts at token prompt_len."""
-    y = y.clone()
-    y[:, :prompt_len - 1] = -1
-    return y
+def last_replies(path: Path, tmpl: dict, limit: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The first `limit` conversations of a chat split, each cut before its last reply:
+    (prompt, reply). The prompt ends with the last <|assistant|>, so it is exactly
+    chat.render_prompt(messages[:-1]); the reply is the reference, its <|end|> included."""
+    index = np.fromfile(chat_file(path, "index"), dtype="<i8")[:limit + 1]
+    ids = np.fromfile(path, dtype=np.uint16, count=int(index[-1])).astype(np.int64)
+    out = []
+    for start, end in itertools.pairwise(index):
+        c = ids[start:end]
+        p = np.flatnonzero(c == marker_id(tmpl, "assistant"))[-1] + 1
+        out.append((c[:p], c[p:]))
+    return out
 
 
 @torch.no_grad()
-def exact_match(model, path: Path, meta: dict, device, batch_size: int = 500) -> float:
-    """The share of a task's problems whose whole answer greedy decoding gets right."""
-    L, P = meta["example_len"], meta["prompt_len"]
-    rows = torch.from_numpy(np.fromfile(path, dtype=np.uint16).reshape(-1, L).astype(np.int64))
-    correct = 0
-    for chunk in rows.to(device).split(batch_size):
-        out = model.generate(chunk[:, :P], L - P, temperature=0)  # (B, L)
-        correct += (out[:, P:] == chunk[:, P:]).all(dim=1).sum().item()
-    return correct / len(rows)
+def exact_match(model, path: Path, tmpl: dict, device, limit: int = 500,
+                batch_size: int = 500) -> tuple[float, int]:
+    """The share of (up to `limit`) conversations of a split whose last reply, generated
+    greedily (KV cache) to the conversation before it, is the reference reply exactly, up to
+    and with <|end|>; and how many were checked. Prompts of one length go in one batch;
+    each batch generates its longest reply's tokens (its <|end|> included) and no more."""
+    by_length = {}
+    for prompt, reply in last_replies(path, tmpl, limit):
+        by_length.setdefault(len(prompt), []).append((prompt, reply))
+    correct = checked = 0
+    for P, pairs in by_length.items():
+        for i in range(0, len(pairs), batch_size):
+            chunk = pairs[i:i + batch_size]
+            prompts = torch.from_numpy(np.stack([q for q, _ in chunk])).to(device)  # (B, P)
+            new = max(len(r) for _, r in chunk)
+            out = model.generate(prompts, new, temperature=0)[:, P:].tolist()  # (B, new)
+            # reply[:len(ref)] == ref: the reference, then its <|end|>: what comes after is cut
+            correct += sum(got[:len(r)] == r.tolist() for got, (_, r) in zip(out, chunk,
+                                                                              strict=True))
+            checked += len(chunk)
+    return correct / max(checked, 1), checked
 
 
 # -----------------------------------------------------------------------------
@@ -953,15 +1050,16 @@ def save_and_say_how_to_resume(args, run: "Run", iter_num: int, best_val_loss: f
 
 
 def evaluate(args, run: "Run", iter_num: int) -> dict:
-    """The train and val loss (and, for a task, exact match), logged; now and then a sample."""
+    """The train and val loss (for conversations, on the answer tokens), and where the answers
+    are checkable, the val exact match; logged; now and then a sample."""
     losses = estimate_loss(run.eval_model, run.get_batch, run.n_windows, args.eval_iters,
                            args.batch_size, seed=args.seed, ctx=run.ctx)
-    acc = exact_match(run.raw_model, run.splits["val"], run.meta, run.device) if run.task \
-        else None
+    acc, checked = exact_match(run.raw_model, run.splits["val"], run.meta["chat"],
+                               run.device) if run.checkable else (None, 0)
     run.log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
             f"val perplexity {math.exp(losses['val']):.2f}"
-            + (f", val exact match {100 * acc:.1f}% of {run.n_windows['val']:,} problems"
-               if run.task else ""))
+            + (f", val exact match {100 * acc:.1f}% of {checked:,} conversations"
+               if acc is not None else ""))
     if not args.eval_only:  # an evaluation alone writes nothing
         append_log(run.log_path, iter=iter_num, train_loss=f"{losses['train']:.6f}",
                    val_loss=f"{losses['val']:.6f}",
@@ -989,7 +1087,8 @@ def save(args, run: "Run", iter_num: int, best_val_loss: float, history: list,
     state = run.checkpoint(iter_num, best_val_loss, history, rng)
     if improved:  # the weights and what they are, without the training state
         save_checkpoint({k: state[k] for k in ("model", "model_args", "meta", "config",
-                                               "iter_num", "best_val_loss", "started_from")},
+                                               "iter_num", "best_val_loss", "started_from",
+                                               "vocab_grown")},
                         run.best_path)
     save_checkpoint(state, run.ckpt_path)
     run.saved_iter[:] = [iter_num]
@@ -1039,9 +1138,9 @@ class Run:
     device: torch.device
     dtype: str
     meta: dict
-    task: str | None  # a task dataset (reverse, addition): whole problems, loss on answers
+    checkable: bool  # conversations whose replies exact match can score (instruct, tasks)
     splits: dict  # split -> path of its .bin
-    n_windows: dict  # split -> how many batch windows (or problems) it has
+    n_windows: dict  # split -> how many batch windows (or conversations) it has
     get_batch: Callable  # (split, ix) -> x, y on the device
     checkpoint: Callable  # (iter_num, best_val_loss, history, rng) -> the dict to save
     ckpt_path: Path  # the latest training state: what --init_from=resume continues from
@@ -1062,19 +1161,22 @@ class Run:
     print_interval: int = 1  # log_step prints every this many steps (a multiple of log_interval)
 
 
-def build_model(args, meta: dict, ckpt: dict | None,
-                start: tuple[dict, Path] | None) -> tuple[GPT, dict]:
+def build_model(args, meta: dict, ckpt: dict | None, start: tuple[dict, Path] | None,
+                log=print) -> tuple[GPT, dict, dict | None]:
     """From scratch, from our checkpoint (resume, or a new run's start) or from OpenAI's GPT-2:
-    (model, model_args)."""
+    (model, model_args, vocab_grown: the chat markers added to a model without them, or None)."""
     model_args = model_args_of(args, meta["vocab_size"])
     if ckpt is not None:
-        return model_from_checkpoint(ckpt, Path(args.out_dir) / "ckpt.pt", dropout=args.dropout)
+        return (*model_from_checkpoint(ckpt, Path(args.out_dir) / "ckpt.pt",
+                                       dropout=args.dropout), ckpt.get("vocab_grown"))
     if start is not None:  # its weights, maybe with a shorter context (resolve_args checked)
         model, model_args = model_from_checkpoint(*start, dropout=args.dropout)
         crop_block_size(model, args.block_size)
-        return model, {**model_args, "block_size": args.block_size}
+        grown = add_markers(model, meta, start[1], log)
+        return model, {**model_args, "block_size": args.block_size,
+                       "vocab_size": model.config.vocab_size}, grown
     if args.init_from == "scratch":
-        return GPT(GPTConfig(**model_args)), model_args
+        return GPT(GPTConfig(**model_args)), model_args, None
     if meta["tokenizer"] != "gpt2":  # OpenAI's GPT-2 weights, to fine-tune
         raise UserError(f"--init_from {args.init_from} needs GPT-2 BPE data, and "
                         f"data/{args.dataset} is {meta['tokenizer']}: try --dataset "
@@ -1083,6 +1185,7 @@ def build_model(args, meta: dict, ckpt: dict | None,
         model = GPT.from_pretrained(args.init_from, dropout=args.dropout)
     except ValueError as e:
         raise UserError(first_line(e)) from None
+    grown = add_markers(model, meta, args.init_from, log)
     if model.config.vocab_size < meta["vocab_size"]:
         raise UserError(f"{args.init_from} has {model.config.vocab_size} tokens, fewer "
                         f"than data/{args.dataset}'s {meta['vocab_size']}")
@@ -1090,17 +1193,31 @@ def build_model(args, meta: dict, ckpt: dict | None,
         raise UserError(f"--block_size {args.block_size} is longer than {args.init_from}'s "
                         f"context of {model.config.block_size}")
     crop_block_size(model, args.block_size)
-    return model, {k: getattr(model.config, k) for k in model_args}
+    return model, {k: getattr(model.config, k) for k in model_args}, grown
+
+
+def add_markers(model: GPT, meta: dict, source, log=print) -> dict | None:
+    """Conversations for a model trained without the chat markers (in their base vocabulary,
+    which resolve_args checked): its embedding grows by them (gpt.grow_vocab), said in a line.
+    Returns the record the checkpoints keep, or None when nothing grew."""
+    old = model.config.vocab_size
+    if not meta.get("chat") or old != meta["chat"]["markers"]["<|system|>"]:
+        return None
+    grow_vocab(model, meta["vocab_size"])
+    log(f"{source} has no chat markers: its {old} token embeddings grow by "
+        f"{meta['vocab_size'] - old}, each new one the mean of the old ones")
+    return {"from": old, "to": meta["vocab_size"], "init": "mean of the old rows"}
 
 
 def data_loader(args, meta: dict, device) -> tuple[dict, dict, Callable]:
-    """(splits, n_windows, get_batch(split, ix)) for text windows or a task's problems."""
+    """(splits, n_windows, get_batch(split, ix)) for text windows or whole conversations
+    (then a "window" is a conversation: the sampler draws their numbers)."""
     folder = Path(args.data_dir) / args.dataset
     splits = {s: folder / f"{s}.bin" for s in ("train", "val")}
-    if meta.get("task"):
-        n_windows = {s: num_tokens(p) // meta["example_len"] for s, p in splits.items()}
-        return splits, n_windows, lambda split, ix: get_task_batch(splits[split], ix, meta,
-                                                                   device)
+    if meta.get("chat"):
+        n_windows = {s: chat_file(p, "index").stat().st_size // 8 - 1 for s, p in splits.items()}
+        return splits, n_windows, lambda split, ix: get_chat_batch(splits[split], ix,
+                                                                   args.block_size, device)
     n_windows = {s: num_tokens(p) - args.block_size for s, p in splits.items()}
     if min(n_windows.values()) <= 0:
         raise UserError(f"block_size {args.block_size} is not shorter than the smallest "
@@ -1122,7 +1239,7 @@ def setup(args, settings: dict, meta: dict, ckpt: dict | None, start: tuple[dict
     if device.type == "cuda":  # TF32 matmuls on Ampere and later (V100, T4: no effect)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    model, model_args = build_model(args, meta, ckpt, start)
+    model, model_args, vocab_grown = build_model(args, meta, ckpt, start, log)
     model = model.to(device)
     optimizer, counts = configure_optimizer(
         model, args.weight_decay, args.learning_rate, (args.beta1, args.beta2),
@@ -1172,23 +1289,26 @@ def setup(args, settings: dict, meta: dict, ckpt: dict | None, start: tuple[dict
                 "scaler": scaler.state_dict(), "model_args": model_args, "config": settings,
                 "iter_num": iter_num, "best_val_loss": best_val_loss, "meta": meta,
                 "rng": rng_state(batches.generator, rng), "history": history,
-                "started_from": started_from}
+                "started_from": started_from, "vocab_grown": vocab_grown}
 
     # a fixed prompt for the samples printed at evaluations: the start of the val split
-    # (for a task, its first problem, answered greedily)
-    prompt = torch.from_numpy(np.fromfile(splits["val"], dtype=np.uint16, count=meta.get(
-        "prompt_len", 16)).astype(np.int64))[None].to(device)
+    # (for conversations, the first one's last question, answered greedily)
+    prompt, sample_args = np.fromfile(splits["val"], dtype=np.uint16, count=16), {}
+    if meta.get("chat"):
+        [(prompt, reply)] = last_replies(splits["val"], meta["chat"], 1)
+        sample_args = {"max_new_tokens": len(reply), "temperature": 0}
+    prompt = torch.from_numpy(prompt.astype(np.int64))[None].to(device)
     tokens_per_iter = args.gradient_accumulation_steps * args.batch_size * args.block_size
     ctx = autocast_ctx(device, args.dtype)
     run = Run(
         raw_model=raw_model, eval_model=eval_model, ctx=ctx, device=device,
-        dtype=args.dtype, meta=meta, task=meta.get("task"), splits=splits, n_windows=n_windows,
+        dtype=args.dtype, meta=meta, checkable=bool(meta.get("chat", {}).get("checkable")),
+        splits=splits, n_windows=n_windows,
         get_batch=get_split_batch, checkpoint=checkpoint, ckpt_path=ckpt_path,
         best_path=out_dir / "best.pt", saved_iter=[iter_num] if ckpt else [],
         started_from=started_from, log_path=log_path, log=log, world_size=world_size,
         master=master, prompt=prompt, decode=get_tokenizer(meta)[1],
-        sample_args={"max_new_tokens": meta["answer_len"], "temperature": 0}
-        if meta.get("task") else {},
+        sample_args=sample_args,
         tokens_per_iter=tokens_per_iter,
         flops_per_iter=flops_per_token(model_args, n_params) * tokens_per_iter / world_size,
         peak=device_peak_flops(device, args.dtype) if master else 1.0,
