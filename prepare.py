@@ -45,6 +45,7 @@ and --dataset instruct and shakespeare_chat, are conversations written the same 
 import argparse
 import codecs
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -1411,7 +1412,12 @@ def instruct_conversations(num_train: int, num_val: int, seed: int):
     ask one problem twice, in other words)."""
     rng, kinds = np.random.default_rng(seed), list(INSTRUCT)
     val, val_keys, train = [], set(), []
-    while len(val) < num_val:
+    for tries in itertools.count():
+        if len(val) == num_val:
+            break
+        if tries > 100 * num_val:  # the kinds' problems are not endless: adding has 10,000
+            raise PrepareError(f"--num_val {num_val:,}: only {len(val):,} different "
+                               "instructions turned up; ask for fewer")
         kind = kinds[len(val) % len(kinds)]
         key, question, answer = instruction(kind, rng)
         if (kind, key) not in val_keys:

@@ -396,11 +396,16 @@ def print_samples(model, x, args, ctx, decode, token_bytes, eot) -> list[str]:
 
 def token_bytes_fn(meta: dict):
     """id -> that token's UTF-8 bytes. A GPT-2 BPE token is a run of bytes, not of characters:
-    '🙂' (4 bytes) arrives as two tokens, and neither alone is valid text."""
+    '🙂' (4 bytes) arrives as two tokens, and neither alone is valid text. A chat model's
+    markers are their names, as prepare.get_tokenizer's decode writes them (a model trained on
+    conversations writes <|end|> when it is sampled as plain text too)."""
     if meta["tokenizer"] == "gpt2":
-        return gpt2_encoding().decode_single_token_bytes
-    chars = meta["chars"]
-    return lambda i: chars[i].encode("utf-8")
+        base = gpt2_encoding().decode_single_token_bytes
+    else:
+        chars = meta["chars"]
+        base = lambda i: chars[i].encode("utf-8")
+    names = {i: m.encode("utf-8") for m, i in meta.get("chat", {}).get("markers", {}).items()}
+    return (lambda i: names[i] if i in names else base(i)) if names else base
 
 
 class StreamDecoder:

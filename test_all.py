@@ -4379,6 +4379,25 @@ def test_chat_replies_with_a_real_model(tmp_path, capsys):
         assert capsys.readouterr().out == reply + "\n"
 
 
+def test_plain_sampling_of_a_chat_model_streams_its_markers(tmp_path, capsys):
+    """Sampled as plain text (no --chat), a chat model that writes <|end|> streams it by name,
+    exactly as the unstreamed output writes it, rather than failing to decode the id."""
+    meta = chat_meta(CHAT_CHARS)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**TINY.__dict__, "vocab_size": meta["vocab_size"]}))
+    with torch.no_grad():  # always <|end|>, as test_chat_replies_with_a_real_model rigs it
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(
+            model.transformer.wte.weight[chat.marker_id(meta["chat"], "end")] * 100)
+    plumbing.save_checkpoint({"model": model.state_dict(), "meta": meta,
+                              "model_args": dict(model.config.__dict__)}, tmp_path / "m.pt")
+    argv = [f"--init_from={tmp_path / 'm.pt'}", "--device=cpu", "--start=hi", "--num_samples=1",
+            "--max_new_tokens=2", "--temperature=0"]
+    streamed = sample.main(argv)
+    assert streamed == sample.main([*argv, "--stream=False"]) == ["hi<|end|><|end|>"]
+    assert "hi<|end|><|end|>" in capsys.readouterr().out
+
+
 def test_chat_reads_the_message_from_stdin(tmp_path, capsys, monkeypatch):
     meta = chat_meta(CHAT_CHARS)
     init = save_model(tmp_path / "m.pt", meta)
