@@ -3567,13 +3567,8 @@ def expected_mask(ids, markers):
 
 
 def conversations(meta, split_convs):
-    _, decode = base_decode(meta)
+    _, decode = prepare.get_tokenizer(meta)
     return [chat.parse(ids, decode, meta["chat"]) for ids, _ in split_convs]
-
-
-def base_decode(meta):
-    encode, decode = prepare.get_tokenizer(meta)
-    return encode, decode
 
 
 def jsonl(path, records):
