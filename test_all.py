@@ -38,6 +38,7 @@ import gpt
 import plumbing
 import prepare
 import sample
+import tokenizer
 import train
 from gpt import GPT, GPTConfig, cross_entropy, sample_next_token, top_k_filter, top_p_filter
 
@@ -79,7 +80,7 @@ def data_dir(tmp_path) -> Path:
 
 def test_prepare_char_roundtrip(data_dir):
     meta = json.loads((data_dir / "tiny" / "meta.json").read_text(encoding="utf-8"))
-    encode, decode = prepare.get_tokenizer(meta)
+    encode, decode = tokenizer.get_tokenizer(meta)
     train_ids = np.fromfile(data_dir / "tiny" / "train.bin", dtype=np.uint16)
     val_ids = np.fromfile(data_dir / "tiny" / "val.bin", dtype=np.uint16)
     assert decode(train_ids.tolist()) + decode(val_ids.tolist()) == TEXT
@@ -101,9 +102,9 @@ def gpt2_bpe_from_packaged_files():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tiktoken, "get_encoding", offline)
         mp.setenv("TIKTOKEN_CACHE_DIR", "")  # read the files where they are; no cached copy
-        prepare.gpt2_encoding.cache_clear()
+        tokenizer.gpt2_encoding.cache_clear()
         yield
-    prepare.gpt2_encoding.cache_clear()
+    tokenizer.gpt2_encoding.cache_clear()
 
 
 def test_packaged_gpt2_bpe_is_tiktokens_gpt2(monkeypatch):
@@ -127,8 +128,8 @@ def test_packaged_gpt2_bpe_is_tiktokens_gpt2(monkeypatch):
     theirs = tiktoken.Encoding(**openai_public.gpt2())
     assert asked["vocab_bpe_file"].endswith("/vocab.bpe")  # tiktoken's recipe, with its digests
     assert (asked["vocab_bpe_hash"], asked["encoder_json_hash"]) == (
-        prepare.GPT2_VOCAB_BPE_SHA256, prepare.GPT2_ENCODER_JSON_SHA256)
-    ours = prepare.gpt2_encoding()
+        tokenizer.GPT2_VOCAB_BPE_SHA256, tokenizer.GPT2_ENCODER_JSON_SHA256)
+    ours = tokenizer.gpt2_encoding()
     assert (ours.name, ours.n_vocab, ours.eot_token) == ("gpt2", theirs.n_vocab, 50256)
     assert ours.special_tokens_set == theirs.special_tokens_set
     assert all(ours.decode_single_token_bytes(i) == theirs.decode_single_token_bytes(i)
@@ -141,10 +142,10 @@ def test_packaged_gpt2_bpe_is_tiktokens_gpt2(monkeypatch):
 
 
 def test_gpt2_tokenizer_is_gpt2():
-    enc = prepare.gpt2_encoding()
+    enc = tokenizer.gpt2_encoding()
     assert enc.n_vocab == 50257
     assert enc.encode("Hello world") == [15496, 995]
-    encode, decode = prepare.get_tokenizer({"tokenizer": "gpt2"})
+    encode, decode = tokenizer.get_tokenizer({"tokenizer": "gpt2"})
     s = "To be, or not to be: ¿qué? 日本 <|endoftext|>"
     assert decode(encode(s)) == s
     assert encode("<|endoftext|>") == [50256]
@@ -227,7 +228,7 @@ def fail(capsys, tmp_path, *flags, dataset="ds") -> str:
 
 
 def gpt2():
-    return prepare.gpt2_encoding().encode_ordinary
+    return tokenizer.gpt2_encoding().encode_ordinary
 
 
 # -----------------------------------------------------------------------------
@@ -261,7 +262,7 @@ def test_folder_of_documents_char(tmp_path):
     docs = make_corpus(tmp_path / "corpus")
     meta = run(tmp_path, "--input", str(tmp_path / "corpus"), "--val_fraction", "0.3")
     texts = [text for _, text in docs]
-    _, decode = prepare.get_tokenizer(meta)
+    _, decode = tokenizer.get_tokenizer(meta)
     train, val = bins(tmp_path)
     # val holds the last 3 documents whole; train the first 7, each ended by the separator
     assert decode(train) == "\n".join(texts[:7]) + "\n"
@@ -307,7 +308,7 @@ def test_json_files_array_and_lines(tmp_path):
                                          encoding="utf-8")
     meta = run(tmp_path, "--input", str(tmp_path / "arr.json"), str(tmp_path / "lines.json"),
                "--text_field", "body", "--val_fraction", "0.5")
-    _, decode = prepare.get_tokenizer(meta)
+    _, decode = tokenizer.get_tokenizer(meta)
     train, val = bins(tmp_path)
     assert (decode(train), decode(val)) == ("one\ntwo two\n", "three\nfour")
     assert meta["val_from"] == f"{tmp_path / 'lines.json'}:1"
@@ -376,7 +377,7 @@ def test_single_text_val_fraction_and_windows_line_ends(tmp_path):
     text = "Line one.\r\nLine two, with more words.\r\n" * 20
     (tmp_path / "in.txt").write_bytes(text.encode("utf-8"))
     meta = run(tmp_path, "--input", str(tmp_path / "in.txt"), "--val_fraction", "0.25")
-    _, decode = prepare.get_tokenizer(meta)
+    _, decode = tokenizer.get_tokenizer(meta)
     read = text.replace("\r\n", "\n")  # text mode reads Windows line ends as "\n", as before
     train, val = bins(tmp_path)
     assert (decode(train), decode(val)) == (read[:int(0.75 * len(read))],
@@ -388,7 +389,7 @@ def test_single_text_val_fraction_and_windows_line_ends(tmp_path):
 def test_byte_order_mark_is_not_a_character(tmp_path):
     (tmp_path / "in.txt").write_text("\ufeffHello, world. " * 10, encoding="utf-8")
     meta = run(tmp_path, "--input", str(tmp_path / "in.txt"))
-    _, decode = prepare.get_tokenizer(meta)
+    _, decode = tokenizer.get_tokenizer(meta)
     train, val = bins(tmp_path)
     # only the mark opening the file goes; the ones inside the text are text
     assert decode(train + val) == ("\ufeffHello, world. " * 10)[1:]
@@ -546,7 +547,7 @@ def test_unreachable_hub_turns_on_offline_mode(tmp_path, monkeypatch):
     prepare.hub_source("user/data:config", "train", False, "text", 1)
     assert offline_at_import == ["1"]
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(prepare, "hub_unreachable", lambda: pytest.fail("a folder was probed"))
+    monkeypatch.setattr(plumbing, "hub_unreachable", lambda: pytest.fail("a folder was probed"))
     prepare.hub_source(str(tmp_path), "train", False, "text", 1)
     assert offline_at_import == ["1", None]
 
@@ -739,11 +740,11 @@ def test_peak_memory_stays_flat(tmp_path):
 
 
 @slow
-@pytest.mark.parametrize("tokenizer", ["char", "gpt2"])
-def test_folder_corpus_round_trips_through_train_and_sample(tmp_path, capsys, tokenizer):
+@pytest.mark.parametrize("kind", ["char", "gpt2"])
+def test_folder_corpus_round_trips_through_train_and_sample(tmp_path, capsys, kind):
     """A folder of .txt and .jsonl documents: prepare.py -> train.py -> sample.py."""
     docs = make_corpus(tmp_path / "corpus")
-    meta = run(tmp_path, "--input", str(tmp_path / "corpus"), "--tokenizer", tokenizer)
+    meta = run(tmp_path, "--input", str(tmp_path / "corpus"), "--tokenizer", kind)
     assert meta["documents"] == len(docs) and meta["val_documents"] == 1
     flags = CPU_TINY + [f"--data_dir={tmp_path / 'data'}", "--dataset=ds", "--max_iters=3",
                         "--block_size=2", "--batch_size=2", f"--out_dir={tmp_path / 'out'}"]
@@ -870,7 +871,7 @@ def test_plain_and_streaming_write_the_same_files(tmp_path, docs, val_fraction):
                                   val_fraction)
     assert plain == streamed
     assert folder_bytes(tmp_path / "plain") == folder_bytes(tmp_path / "streamed")
-    chars, encode, decode = prepare.char_tokenizer(text)
+    chars, encode, decode = tokenizer.char_tokenizer(text)
     train_ids, val_ids = (np.fromfile(tmp_path / "plain" / f"{s}.bin", dtype=np.uint16).tolist()
                           for s in ("train", "val"))
     assert chars == plain["chars"] and encode(text) == train_ids + val_ids
@@ -2382,7 +2383,7 @@ def test_truncated_checkpoint_and_offline_hub(tmp_path, capsys, monkeypatch):
     for name, value in empty_hf_caches(tmp_path).items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-    monkeypatch.setattr(prepare, "hub_unreachable", lambda: True)
+    monkeypatch.setattr(plumbing, "hub_unreachable", lambda: True)
     t0 = time.perf_counter()
     with pytest.raises(ValueError, match="hub cannot be reached and it is not in the local cache"):
         GPT.from_pretrained("gpt2")
@@ -2807,7 +2808,7 @@ def test_generate_stream_stops_early_and_restores_mode():
 
 
 def test_stream_decoder_never_splits_a_character():
-    enc = prepare.gpt2_encoding()
+    enc = tokenizer.gpt2_encoding()
     text = "héllo 世界 🙂"
     ids = enc.encode(text)
     stream = sample.StreamDecoder(enc.decode_single_token_bytes)
@@ -2970,17 +2971,17 @@ def test_score_stride_wider_than_the_window_cli(flag_models, tmp_path, capsys):
     assert one["tokens"] == wide["tokens"] == 33
 
 
-@pytest.mark.parametrize("tokenizer", ["char", "gpt2"])
-def test_files_are_read_as_prepare_reads_them(tmp_path, capsys, monkeypatch, tokenizer):
+@pytest.mark.parametrize("kind", ["char", "gpt2"])
+def test_files_are_read_as_prepare_reads_them(tmp_path, capsys, monkeypatch, kind):
     """A byte-order mark, Windows line ends and a literal <|endoftext|>: prepare.py --input,
     sample.py --score and --start=FILE: give the same ids. UTF-16 is refused alike."""
     src = tmp_path / "in.txt"
     half = "Hello <|endoftext|> world.\r\nBye.\r\n"  # val starts with the second half
     src.write_bytes(("\ufeff" + half * 2).encode("utf-8"))
-    meta = run(tmp_path, "--input", str(src), "--tokenizer", tokenizer, "--val_fraction=0.5")
+    meta = run(tmp_path, "--input", str(src), "--tokenizer", kind, "--val_fraction=0.5")
     train_ids, val_ids = bins(tmp_path)
     prepared = train_ids + val_ids
-    assert prepare.get_tokenizer(meta)[1](prepared) == half.replace("\r\n", "\n") * 2
+    assert tokenizer.get_tokenizer(meta)[1](prepared) == half.replace("\r\n", "\n") * 2
     init = save_model(tmp_path / "m.pt", meta, n_embd=8, block_size=64)
     seen = []
     monkeypatch.setattr(sample, "score", lambda m, ids, stride: (seen.append(ids.tolist()),
@@ -2995,7 +2996,7 @@ def test_files_are_read_as_prepare_reads_them(tmp_path, capsys, monkeypatch, tok
     one = [init, "--device=cpu", "--num_samples=1", "--max_new_tokens=2"]
     sample.main(one + [f"--start=FILE:{src}"])
     assert seen == [prepared, prepared]
-    if tokenizer == "gpt2":  # typed on the command line, <|endoftext|> is the token
+    if kind == "gpt2":  # typed on the command line, <|endoftext|> is the token
         sample.main(one + ["--start=<|endoftext|>"])
         assert seen[-1] == [EOT_ID]
     src.write_bytes("Hello".encode("utf-16"))
@@ -3053,7 +3054,7 @@ def test_streamed_sample_equals_unstreamed(ckpt_dir, capsys):
     assert streamed == stdout_text(capsys) == "\n".join(texts).splitlines()
     # and the text is what generate samples with the same seed and defaults
     model, meta = sample.load_model("resume", ckpt_dir, torch.device("cpu"))
-    encode, decode = prepare.get_tokenizer(meta)
+    encode, decode = tokenizer.get_tokenizer(meta)
     y = model.generate(torch.tensor([encode("All:")]), 40, temperature=0.8, top_k=200,
                        generator=torch.Generator().manual_seed(1337))
     assert decode(y[0].tolist()) == texts[0]
@@ -3131,7 +3132,7 @@ def test_sample_score_cli(ckpt_dir, tmp_path, capsys):
         math.exp(result["loss"]))
     assert "perplexity" in capsys.readouterr().out
     model, meta = sample.load_model("resume", ckpt_dir, torch.device("cpu"))
-    ids = torch.tensor(prepare.get_tokenizer(meta)[0](TEXT[:100]))
+    ids = torch.tensor(tokenizer.get_tokenizer(meta)[0](TEXT[:100]))
     assert result["loss"] == pytest.approx(
         brute_force_nll(model, ids, lambda t: max(0, t - 32)), abs=1e-5)
     text.write_text("Zebra", encoding="utf-8")
@@ -3308,7 +3309,7 @@ def prepare_task(tmp_path, task, *flags):
     prepare.main(["--dataset", task, "--data_dir", str(tmp_path / "data"), *flags])
     folder = tmp_path / "data" / task
     meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-    _, decode = prepare.get_tokenizer(meta)
+    _, decode = tokenizer.get_tokenizer(meta)
 
     def problems(split):
         ids = np.fromfile(folder / f"{split}.bin", dtype=np.uint16).tolist()
@@ -3414,7 +3415,7 @@ def test_sample_says_whether_an_addition_answer_is_right(tmp_path, capsys, monke
     meta = json.loads((tmp_path / "data" / "addition" / "meta.json").read_text(encoding="utf-8"))
     init = save_model(tmp_path / "ckpt.pt", meta, block_size=meta["chat"]["max_len"] - 1,
                       n_layer=1, n_head=1, n_embd=8)
-    encode, _ = prepare.get_tokenizer(meta)
+    encode, _ = tokenizer.get_tokenizer(meta)
     end = chat.marker_id(meta["chat"], "end")
 
     asked = chat.render_prompt([{"role": "user", "content": "123+456"}], encode, meta["chat"])
@@ -3567,7 +3568,7 @@ def expected_mask(ids, markers):
 
 
 def conversations(meta, split_convs):
-    _, decode = prepare.get_tokenizer(meta)
+    _, decode = tokenizer.get_tokenizer(meta)
     return [chat.parse(ids, decode, meta["chat"]) for ids, _ in split_convs]
 
 
@@ -3600,10 +3601,10 @@ def as_messages(record):
 # Conversations from JSON lines: both forms, both tokenizers
 
 
-@pytest.mark.parametrize("tokenizer", ["char", "gpt2"])
-def test_chat_jsonl_round_trips_with_its_mask(tmp_path, capsys, tokenizer):
+@pytest.mark.parametrize("kind", ["char", "gpt2"])
+def test_chat_jsonl_round_trips_with_its_mask(tmp_path, capsys, kind):
     src = jsonl(tmp_path / "convs.jsonl", RECORDS)
-    meta = run(tmp_path, "--input", str(src), "--tokenizer", tokenizer, "--val_fraction", "0.4")
+    meta = run(tmp_path, "--input", str(src), "--tokenizer", kind, "--val_fraction", "0.4")
     out = capsys.readouterr().out
     assert "0 conversations longer than" in out and "2 val conversations" in out
     meta_disk, splits = read_chat(tmp_path / "data" / "ds")
@@ -3615,21 +3616,21 @@ def test_chat_jsonl_round_trips_with_its_mask(tmp_path, capsys, tokenizer):
     c = meta["chat"]
     assert (c["train_conversations"], c["val_conversations"], c["dropped"], c["shortened"]) == \
         (3, 2, 0, 0)
-    assert c["checkable"] is False and c["block_size"] == (256 if tokenizer == "char" else 1024)
+    assert c["checkable"] is False and c["block_size"] == (256 if kind == "char" else 1024)
     assert c["max_len"] == max(len(ids) for ids, _ in splits["train"] + splits["val"])
-    base = 50257 if tokenizer == "gpt2" else len(meta["chars"])
+    base = 50257 if kind == "gpt2" else len(meta["chars"])
     assert c["markers"] == {m: base + i for i, m in enumerate(chat.MARKERS)}
     assert meta["vocab_size"] == c["vocab_size"] == base + 4
-    if tokenizer == "gpt2":
+    if kind == "gpt2":
         assert meta["vocab_size"] == 50261 and "chars" not in meta
-        enc = prepare.gpt2_encoding()
+        enc = tokenizer.gpt2_encoding()
         ids, _ = splits["train"][2]  # its text spells <|end|>: ordinary tokens, never a marker
         assert ids == chat.render(as_messages(RECORDS[2]), enc.encode_ordinary, c)[0]
         assert max(i for ids, _ in splits["train"] for i in ids) == 50260
     else:
         text = "".join(m["content"] for r in RECORDS for m in as_messages(r))
         assert meta["chars"] == sorted(set(text))
-    _, decode = prepare.get_tokenizer(meta)  # markers print as their names
+    _, decode = tokenizer.get_tokenizer(meta)  # markers print as their names
     assert decode(splits["train"][0][0]) == \
         "<|user|>Reverse 123<|end|><|assistant|>321<|end|>"
 
@@ -3933,13 +3934,13 @@ def test_chat_parquet_round_trip_and_bad_row(tmp_path, capsys):
 
 
 def write_chat_dataset(folder: Path, splits: dict, chars: list | None = None,
-                       checkable: bool = True, tokenizer: str = "char") -> dict:
+                       checkable: bool = True, kind: str = "char") -> dict:
     """data/<dataset>/ for conversations: s.bin, s_mask.bin, s_index.bin per split and
     meta.json, rendered by chat.render in a character vocabulary (chars: the characters,
     default those of the conversations) or GPT-2's BPE. splits: split -> list of records."""
     convs = {s: [chat.conversation(r) for r in recs] for s, recs in splits.items()}
-    if tokenizer == "gpt2":
-        encode, _ = prepare.get_tokenizer({"tokenizer": "gpt2"})
+    if kind == "gpt2":
+        encode, _ = tokenizer.get_tokenizer({"tokenizer": "gpt2"})
         tmpl = chat.chat_template(50257)
     else:
         if chars is None:
@@ -3963,7 +3964,7 @@ def write_chat_dataset(folder: Path, splits: dict, chars: list | None = None,
         np.array(ids, dtype=np.uint16).tofile(folder / f"{s}.bin")
         np.array(mask, dtype=np.uint8).tofile(folder / f"{s}_mask.bin")
         np.array(index, dtype="<i8").tofile(folder / f"{s}_index.bin")
-    meta = {"tokenizer": tokenizer, **({"chars": chars} if tokenizer == "char" else {}),
+    meta = {"tokenizer": kind, **({"chars": chars} if kind == "char" else {}),
             "vocab_size": tmpl["vocab_size"],
             "chat": {**tmpl, "max_len": max_len, "block_size": max_len - 1,
                      "checkable": checkable, "train_conversations": len(convs["train"]),
@@ -4251,7 +4252,7 @@ def test_init_from_gpt2_weights_onto_bpe_conversations_grows(tmp_path, capsys):
     hf.save_pretrained(tmp_path / "hf")
     recs = [{"prompt": f"Say {w}", "response": w} for w in ("yes", "no", "maybe", "hi") * 3]
     write_chat_dataset(tmp_path / "data" / "bpe_chat", {"train": recs, "val": recs[:4]},
-                       tokenizer="gpt2")
+                       kind="gpt2")
     train.main(["--device=cpu", "--compile=False", f"--data_dir={tmp_path / 'data'}",
                 "--dataset=bpe_chat", f"--out_dir={tmp_path / 'out'}",
                 f"--init_from={tmp_path / 'hf'}", "--batch_size=2", "--max_iters=1",
@@ -4310,7 +4311,7 @@ def scripted_replies(monkeypatch, replies: list[str], meta: dict) -> list[dict]:
     """GPT.generate_stream writes each reply in turn ("<|end|>" in it: the marker), then
     "zz" forever; returns a record of each call: the prompt's ids, the settings, how many
     tokens were taken from it."""
-    encode, _ = prepare.get_tokenizer(meta)
+    encode, _ = tokenizer.get_tokenizer(meta)
     end, calls = chat.marker_id(meta["chat"], "end"), []
     script = iter(replies)
 
@@ -4332,7 +4333,7 @@ def scripted_replies(monkeypatch, replies: list[str], meta: dict) -> list[dict]:
 
 def render_asking(meta, *messages) -> list[int]:
     """The prompt for the last of messages (user, assistant, ..., user) with the history."""
-    encode, _ = prepare.get_tokenizer(meta)
+    encode, _ = tokenizer.get_tokenizer(meta)
     roles = itertools.cycle(["user", "assistant"])
     return chat.render_prompt([{"role": next(roles), "content": m} for m in messages], encode,
                               meta["chat"])
