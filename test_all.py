@@ -18,6 +18,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import regex
 import torch
 import torch.nn.functional as F
 
@@ -911,6 +913,254 @@ def test_get_batch_windows(data_dir):
     # bigram.py's get_batch takes the same arguments and gives the same windows
     bx, by = bigram.get_batch(path, ix, 8, "cpu")
     assert torch.equal(bx, x) and torch.equal(by, y)
+
+
+# =============================================================================
+# Tokenizers: tokenizer.py, and a byte-level BPE learned by prepare.py --tokenizer bpe
+
+BPE_TEXT = TEXT + TRICKY * 4  # pairs enough for --vocab_size 300: 43 merges (and 257 more ids)
+P2, P4 = tokenizer.GPT2_SPLIT_PATTERN, tokenizer.GPT4_SPLIT_PATTERN
+
+
+def bpe_dataset(tmp_path, *flags, text=BPE_TEXT, dataset="ds", **kw) -> dict:
+    """prepare.py --tokenizer bpe --vocab_size 300 on text; returns the meta (with merges)."""
+    src = tmp_path / f"{dataset}.txt"
+    src.write_text(text, encoding="utf-8")
+    return run(tmp_path, "--input", str(src), "--tokenizer", "bpe", "--vocab_size", "300",
+               *flags, dataset=dataset, **kw)
+
+
+def test_every_tokenizer_round_trips_through_get_tokenizer():
+    merges = tokenizer.train_bpe([TRICKY], 60, P2)
+    metas = {"char": {"tokenizer": "char", "chars": sorted(set(TRICKY))},
+             "gpt2": {"tokenizer": "gpt2", "vocab_size": 50257},
+             "bpe": {"tokenizer": "bpe", "bpe": tokenizer.bpe_meta(merges, "gpt2", P2)}}
+    for kind, meta in metas.items():
+        encode, decode = tokenizer.get_tokenizer(meta)
+        assert decode(encode(TRICKY)) == TRICKY, kind
+        assert decode(encode("")) == "", kind
+    # typed, <|endoftext|> is the token (right after the merges); read from a file, it is text,
+    # encoded as the slow reference encoder defines it
+    encode, _ = tokenizer.get_tokenizer(metas["bpe"])
+    assert encode("<|endoftext|>") == [256 + 60]
+    enc = tokenizer.encoding_of(metas["bpe"])
+    assert enc.encode_ordinary(TRICKY) == tokenizer.encode_with_merges(TRICKY, merges, P2)
+    assert 256 + 60 not in enc.encode_ordinary(TRICKY)
+    with pytest.raises(tokenizer.TokenizerError, match="holds no merges"):
+        tokenizer.get_tokenizer({"tokenizer": "bpe", "bpe": {"pattern": P2}})
+
+
+@pytest.mark.parametrize("split", ["gpt2", "gpt4"])
+def test_safe_cuts_keep_every_chunk(split):
+    """prepare.py encodes a long text in pieces cut by last_safe_cut: no cut it picks changes
+    how the split pattern cuts the text into chunks, so no token changes either. Checked on
+    every prefix of the tricky text and on random strings of spaces, newlines, punctuation,
+    letters and digits."""
+    chunks = regex.compile(tokenizer.SPLIT_PATTERNS[split]).findall
+    rng = np.random.default_rng(0)
+    alphabet = list("ab Z9.,'!\n\t\r日é") + [" ", "\u00a0", "\u3000", "😀", "'s", "123"]
+    texts = [TRICKY[:n] for n in range(2, len(TRICKY))] + [
+        "".join(rng.choice(alphabet, size=rng.integers(2, 16))) for _ in range(3000)]
+    cuts = 0
+    for text in texts:
+        if cut := prepare.last_safe_cut(text, split):
+            cuts += 1
+            assert chunks(text[:cut]) + chunks(text[cut:]) == chunks(text), (text, cut)
+    assert cuts > 1000, "the rule must still find places to cut"
+
+
+def test_gpt4_pattern_needs_its_own_cuts():
+    """Why last_safe_cut takes the pattern: GPT-4's keeps the newlines after punctuation with
+    it, so GPT-2's rule (before a newline that precedes a letter) would change its chunks."""
+    text = "Stop.\n\nGo on"
+    chunks = regex.compile(P4).findall
+    assert chunks(text) == ["Stop", ".\n\n", "Go", " on"]
+    cut = prepare.last_safe_cut(text, "gpt2")
+    assert text[cut:] == "\nGo on" and chunks(text[:cut]) + chunks(text[cut:]) != chunks(text)
+    assert text[prepare.last_safe_cut(text, "gpt4"):] == " on"
+
+
+@pytest.mark.parametrize("split,num_proc", [("gpt2", 1), ("gpt4", 2)])
+def test_prepare_bpe_learns_from_train_and_encodes_like_the_reference(tmp_path, capsys, split,
+                                                                      num_proc):
+    """One text: the merges are learned from its train part alone; both splits are the reference
+    encoder's ids, though written in 500-character pieces (by 2 processes for gpt4); meta.json
+    names the merges file and its SHA-256, and the returned meta holds the merges."""
+    meta = bpe_dataset(tmp_path, "--split_pattern", split, "--num_proc", str(num_proc),
+                       chunk_chars=500)
+    folder, pattern = tmp_path / "data" / "ds", tokenizer.SPLIT_PATTERNS[split]
+    cut = meta["val_from_char"]
+    assert cut == int(0.9 * len(BPE_TEXT))
+    merges = tokenizer.train_bpe([BPE_TEXT[:cut]], 300 - 257, pattern)
+    sha = hashlib.sha256((folder / "merges.txt").read_bytes()).hexdigest()
+    assert meta["bpe"] == {"merges_file": "merges.txt", "split_pattern": split,
+                           "pattern": pattern, "special_tokens": {"<|endoftext|>": 299},
+                           "merges": [list(m) for m in merges], "merges_sha256": sha}
+    assert (meta["tokenizer"], meta["vocab_size"], meta["eot_token"]) == ("bpe", 300, 299)
+    on_disk = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    assert on_disk == tokenizer.without_merges(meta) and "merges" not in on_disk["bpe"]
+    assert tokenizer.read_merges(folder / "merges.txt", sha) == merges
+    train_ids, val_ids = bins(tmp_path)
+    assert train_ids == tokenizer.encode_with_merges(BPE_TEXT[:cut], merges, pattern)
+    assert val_ids == tokenizer.encode_with_merges(BPE_TEXT[cut:], merges, pattern)
+    assert (meta["train_tokens"], meta["val_tokens"]) == (len(train_ids), len(val_ids))
+    assert tokenizer.get_tokenizer(meta)[1](train_ids + val_ids) == BPE_TEXT
+    assert "learning 43 merges" in capsys.readouterr().out
+
+
+def test_prepare_bpe_on_documents(tmp_path):
+    """Documents: <|endoftext|> (id 299) between them, and merges learned without the held-out
+    last document; --bpe_train_bytes learns from only the first bytes of the train split."""
+    docs = [TEXT, TRICKY * 4, "zq zq zqzq\n" * 50]
+    files = []
+    for i, doc in enumerate(docs):
+        files.append(tmp_path / f"doc{i}.txt")
+        files[-1].write_text(doc, encoding="utf-8")
+    meta = run(tmp_path, "--input", *map(str, files), "--tokenizer", "bpe", "--vocab_size", "300")
+    merges = tokenizer.train_bpe(docs[:2], 43, P2)
+    assert meta["bpe"]["merges"] == [list(m) for m in merges] and meta["val_documents"] == 1
+    enc = lambda t: tokenizer.encode_with_merges(t, merges, P2)
+    train_ids, val_ids = bins(tmp_path)
+    assert train_ids == enc(docs[0]) + [299] + enc(docs[1]) + [299] and val_ids == enc(docs[2])
+    meta = run(tmp_path, "--input", *map(str, files), "--tokenizer", "bpe", "--vocab_size", "280",
+               "--bpe_train_bytes", "1000", dataset="small")
+    assert meta["bpe"]["merges"] == [list(m) for m in tokenizer.train_bpe([TEXT[:1000]], 23, P2)]
+
+
+BPE = ["--tokenizer", "bpe"]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (BPE + ["--vocab_size", "256"], "the 256 bytes and <|endoftext|> take 257 ids, so give at "),
+    (BPE + ["--vocab_size", "65537"], "--vocab_size 65,537 is too large: token ids are uint16"),
+    (BPE + ["--vocab_size", "4096"], "the text is too small for 3,839 merges: it has pairs for "),
+    (["--vocab_size", "300"], "--vocab_size only applies to --tokenizer bpe"),
+    (["--tokenizer", "gpt2", "--split_pattern", "gpt4"], "--split_pattern only applies to --"),
+    (["--bpe_train_bytes", "100"], "--bpe_train_bytes only applies to --tokenizer bpe"),
+    (BPE + ["--bpe_train_bytes", "0"], "--bpe_train_bytes must be at least 1"),
+    (["--vocab_size", "300", "--vocab_from", "x"], "--vocab_size does not apply with --vocab_"),
+])
+def test_bpe_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, flags, message):
+    src = tmp_path / "in.txt"
+    src.write_text(TRICKY, encoding="utf-8")
+    err = fail(capsys, tmp_path, "--input", str(src), *flags)
+    assert message in err, err
+    folder = tmp_path / "data" / "ds"
+    assert not folder.exists() or list(folder.iterdir()) == [], "nothing written"
+
+
+def test_bpe_flags_are_refused_for_generated_data_and_chat_counts_its_markers(tmp_path, capsys):
+    assert "--vocab_size does not apply to --dataset reverse" in fail(
+        capsys, tmp_path, "--vocab_size", "300", dataset="reverse")
+    src = jsonl(tmp_path / "convs.jsonl", RECORDS)
+    assert "the 256 bytes and <|endoftext|>, <|system|>, <|user|>, <|assistant|>, <|end|> take " \
+        "261 ids, so give at least 261" in fail(capsys, tmp_path, "--input", str(src),
+                                               "--tokenizer", "bpe", "--vocab_size", "260")
+
+
+def test_altered_or_missing_merges_are_one_line_errors(tmp_path, capsys):
+    """train.py and --vocab_from read the merges with the SHA-256 meta.json gives: a changed
+    or missing file is refused in one line, never silently used."""
+    bpe_dataset(tmp_path)
+    folder = tmp_path / "data" / "ds"
+    merges = folder / "merges.txt"
+    good = merges.read_bytes()
+    flags = CPU_TINY + [f"--data_dir={tmp_path / 'data'}", "--dataset=ds", "--max_iters=1",
+                        f"--out_dir={tmp_path / 'out'}"]
+    merges.write_bytes(good + b"1 2\n")  # one merge more
+    err = run_main(capsys, train.main, flags)
+    assert err.startswith("train.py: error: ") and f"{merges} was altered since prepare.py " \
+        "wrote it" in err, err
+    assert f"--vocab_from {folder}: {merges} was altered" in fail(
+        capsys, tmp_path, "--input", str(tmp_path / "ds.txt"), "--vocab_from", str(folder),
+        dataset="other")
+    merges.unlink()
+    assert f"cannot read the merges file {merges}" in run_main(capsys, train.main, flags)
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    del meta["bpe"]["merges_file"]
+    (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    assert "names a BPE tokenizer but not its merges file" in run_main(capsys, train.main, flags)
+    assert not (tmp_path / "out").exists()
+
+
+def test_vocab_from_a_bpe_dataset_or_checkpoint_uses_its_merges(tmp_path, capsys):
+    base = bpe_dataset(tmp_path, dataset="base")
+    text = "Speak, hear me. it's 123 here\n" * 30
+    new = tmp_path / "new.txt"
+    new.write_text(text, encoding="utf-8")
+    capsys.readouterr()
+    meta = run(tmp_path, "--input", str(new), "--vocab_from", str(tmp_path / "data/base"))
+    assert "its 43 merges, so there is nothing to map" in capsys.readouterr().out
+    assert train.same_vocabulary(meta, base) and meta["vocab_from"] == str(tmp_path / "data/base")
+    assert (tmp_path / "data/ds/merges.txt").read_bytes() == \
+        (tmp_path / "data/base/merges.txt").read_bytes()
+    merges, cut = [tuple(m) for m in base["bpe"]["merges"]], meta["val_from_char"]
+    assert bins(tmp_path) == (tokenizer.encode_with_merges(text[:cut], merges, P2),
+                              tokenizer.encode_with_merges(text[cut:], merges, P2))
+    run_dir = tmp_path / "run"  # a checkpoint carries the merges: no data folder needed
+    run_dir.mkdir()
+    plumbing.save_checkpoint({"model": {}, "model_args": {}, "meta": base}, run_dir / "best.pt")
+    meta = run(tmp_path, "--input", str(new), "--vocab_from", str(run_dir), dataset="from_ckpt")
+    assert train.same_vocabulary(meta, base) and bins(tmp_path, "from_ckpt") == bins(tmp_path)
+    assert "--drop_unknown does not apply" in fail(capsys, tmp_path, "--input", str(new),
+                                                   "--vocab_from", str(run_dir), "--drop_unknown")
+    assert "--tokenizer char, but" in fail(capsys, tmp_path, "--input", str(new), "--tokenizer",
+                                           "char", "--vocab_from", str(run_dir))
+
+
+def test_bpe_vocabularies_are_the_same_when_merges_pattern_and_specials_are():
+    merges = [[97, 98], [256, 99]]
+    a = {"tokenizer": "bpe", "vocab_size": 259, "bpe": tokenizer.bpe_meta(merges, "gpt2", P2)}
+    same = json.loads(json.dumps(a))  # as a checkpoint or another meta.json holds it
+    assert train.same_vocabulary(a, same) and train.same_data(a, same)
+    for other in ({**a["bpe"], "merges": [[97, 98], [256, 100]]}, {**a["bpe"], "pattern": P4},
+                  {**a["bpe"], "special_tokens": {"<|endoftext|>": 300}}):
+        assert not train.same_vocabulary(a, {**a, "bpe": other})
+        assert not train.same_data(a, {**a, "bpe": other})
+    assert not train.same_vocabulary(a, {"tokenizer": "char", "vocab_size": 259})
+    assert train.vocabulary_name(a) == "byte-level BPE of 259 tokens"
+
+
+def test_metas_written_before_trained_bpes_still_load(tmp_path):
+    """A character or GPT-2 dataset's meta.json as written before this tokenizer (no "bpe"; for
+    GPT-2, no "eot_token" either) loads in train.py and tokenizes as it did."""
+    for name, meta in {"old_char": {"tokenizer": "char", "vocab_size": 3,
+                                    "chars": ["\n", "a", "b"]},
+                       "old_gpt2": {"tokenizer": "gpt2", "vocab_size": 50257}}.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+        for split in ("train", "val"):
+            np.zeros(8, dtype=np.uint16).tofile(folder / f"{split}.bin")
+        loaded = train.load_meta(tmp_path, name)
+        assert loaded == meta and train.same_data(loaded, meta)
+        encode, decode = tokenizer.get_tokenizer(loaded)
+        assert decode(encode("ab\nba")) == "ab\nba"
+    assert tokenizer.get_tokenizer({"tokenizer": "gpt2"})[0]("Hello world") == [15496, 995]
+
+
+@slow
+def test_bpe_checkpoint_samples_with_its_data_deleted(tmp_path, capsys):
+    """A checkpoint keeps the merges in its meta: with data/ gone, sample.py still encodes
+    the prompt, a FILE: prompt and a --score file, and decodes."""
+    meta = bpe_dataset(tmp_path, dataset="tiny")
+    out = tmp_path / "out"
+    train_tiny(tmp_path / "data", out, "--max_iters=2")
+    ckpt = torch.load(out / "best.pt", weights_only=True)
+    assert ckpt["meta"]["bpe"]["merges"] == meta["bpe"]["merges"]
+    shutil.rmtree(tmp_path / "data")
+    [text] = sample.main([f"--out_dir={out}", "--start=First Citizen", "--num_samples=1",
+                          "--max_new_tokens=8", "--stream=False"])
+    assert text.startswith("First Citizen")
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("it's <|endoftext|> here\n", encoding="utf-8")  # a file's text: plain text
+    [text] = sample.main([f"--out_dir={out}", f"--start=FILE:{prompt}", "--num_samples=1",
+                          "--max_new_tokens=4", "--stream=True"])
+    assert text.startswith("it's <|endoftext|> here\n")
+    merges = [tuple(m) for m in meta["bpe"]["merges"]]
+    ids = tokenizer.encode_with_merges(prompt.read_text(encoding="utf-8"), merges, P2)
+    scored = sample.main([f"--out_dir={out}", f"--score={prompt}"])
+    assert scored["tokens"] == len(ids) - 1 and np.isfinite(scored["loss"])
 
 
 # =============================================================================
@@ -3635,6 +3885,31 @@ def test_chat_jsonl_round_trips_with_its_mask(tmp_path, capsys, kind):
         "<|user|>Reverse 123<|end|><|assistant|>321<|end|>"
 
 
+def test_chat_jsonl_with_a_bpe_of_its_own(tmp_path, capsys):
+    """--tokenizer bpe on conversations: merges learned from the train conversations' messages,
+    <|endoftext|> right after them, the 4 markers after it; --vocab_size counts them all."""
+    src = jsonl(tmp_path / "convs.jsonl", RECORDS)
+    meta = run(tmp_path, "--input", str(src), "--tokenizer", "bpe", "--vocab_size", "275",
+               "--val_fraction", "0.4")
+    meta_disk, splits = read_chat(tmp_path / "data" / "ds")
+    assert meta_disk == tokenizer.without_merges(meta)
+    texts = [m["content"] for r in RECORDS[:3] for m in as_messages(r)]  # the 3 train ones
+    merges = tokenizer.train_bpe(texts, 275 - 261, P2)
+    assert meta["bpe"]["merges"] == [list(m) for m in merges]
+    c = meta["chat"]
+    assert meta["bpe"]["special_tokens"] == {"<|endoftext|>": 270} and meta["eot_token"] == 270
+    assert c["markers"] == {m: 271 + i for i, m in enumerate(chat.MARKERS)}
+    assert meta["vocab_size"] == c["vocab_size"] == 275
+    got = conversations(meta, splits["train"]) + conversations(meta, splits["val"])
+    assert got == [as_messages(r) for r in RECORDS]
+    for ids, mask in splits["train"] + splits["val"]:
+        assert mask == expected_mask(ids, c["markers"])
+    ids, _ = splits["train"][2]  # its text spells <|end|>: ordinary tokens, never a marker
+    encode = lambda t: tokenizer.encode_with_merges(t, merges, P2)
+    assert ids == chat.render(as_messages(RECORDS[2]), encode, c)[0]
+    assert 270 not in {i for ids, _ in splits["train"] + splits["val"] for i in ids}
+
+
 def test_folder_of_jsonl_and_format_detection(tmp_path, capsys):
     folder = tmp_path / "convs"
     folder.mkdir()
@@ -4266,6 +4541,34 @@ def test_init_from_gpt2_weights_onto_bpe_conversations_grows(tmp_path, capsys):
     theirs = hf.state_dict()["transformer.wte.weight"]
     torch.testing.assert_close(w[:50257], theirs, rtol=0, atol=1e-6)
     torch.testing.assert_close(w[50257:], theirs.mean(0).expand(4, -1), rtol=0, atol=1e-6)
+
+
+@slow
+def test_bpe_model_fine_tuned_on_bpe_chat_grows_and_chats(tmp_path, capsys):
+    """A model pretrained on a BPE of ours, fine-tuned on conversations written with its merges
+    (--vocab_from): the 4 markers are added, and sample.py --chat talks to it with data/ gone.
+    Conversations with merges of their own are refused, naming both vocabularies."""
+    data = tmp_path / "data"
+    bpe_dataset(tmp_path, dataset="tiny")
+    train_tiny(data, tmp_path / "pre", "--max_iters=2", "--block_size=48")
+    src = jsonl(tmp_path / "convs.jsonl", [{"prompt": f"Say {w}", "response": w}
+                                          for w in ("yes", "no", "maybe", "hi") * 3])
+    run(tmp_path, "--input", str(src), "--vocab_from", str(data / "tiny"), dataset="chat")
+    capsys.readouterr()
+    train_tiny(data, tmp_path / "ft", "--dataset=chat", f"--init_from={tmp_path / 'pre'}",
+               "--max_iters=2")
+    assert "has no chat markers: its 300 token embeddings grow by 4" in capsys.readouterr().out
+    assert torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=True)["vocab_grown"]["to"] == 304
+    run(tmp_path, "--input", str(src), "--tokenizer", "bpe", "--vocab_size", "270",
+        dataset="own_chat")
+    err = run_main(capsys, lambda a: train_tiny(data, tmp_path / "x", *a),
+                   [f"--init_from={tmp_path / 'pre'}", "--dataset=own_chat"])
+    assert "was trained on byte-level BPE of 300 tokens, and " \
+        f"{data / 'own_chat'} is byte-level BPE of 266 tokens with the chat markers" in err, err
+    shutil.rmtree(data)
+    replies = sample.main([f"--out_dir={tmp_path / 'ft'}", "--chat", "--start=Say yes",
+                           "--max_new_tokens=6"])
+    assert len(replies) == 1 and isinstance(replies[0], str)
 
 
 @slow

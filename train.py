@@ -803,7 +803,7 @@ def adds_markers(ckpt_meta: dict, meta: dict) -> bool:
 def vocabulary_name(meta: dict) -> str:
     chat = meta.get("chat")
     base = chat["markers"]["<|system|>"] if chat else meta["vocab_size"]  # the markers' first id
-    name = {"gpt2": "GPT-2 BPE", "bpe": f"a byte-level BPE of {base} tokens"}.get(
+    name = {"gpt2": "GPT-2 BPE", "bpe": f"byte-level BPE of {base} tokens"}.get(
         meta["tokenizer"], f"{base} characters")
     return name + (" with the chat markers" if chat else "")
 
