@@ -763,8 +763,7 @@ def encode_items(items, tokenizer: str, vocab, num_proc: int, chunk_chars: int,
 # --vocab_size counts every id: the 256 bytes, the merges, <|endoftext|> (and a chat dataset's
 # 4 markers), so it is the model's vocab_size exactly. The merges are learned from the train
 # split alone (val stays text the tokenizer has never seen, as for the model), and from at most
-# --bpe_train_bytes of it: training holds its text in memory, and 100 MB teaches the common words
-# of most corpora.
+# --bpe_train_bytes of it (100 MB unless given), since training holds its text in memory.
 
 
 @dataclass
@@ -791,7 +790,8 @@ def bpe_training_texts(items, budget: int, val_fraction: float) -> list[str]:
     """The texts the merges are learned from, one per document, as prepare() reads them:
     the train split, from its start, until budget bytes of UTF-8. A single text's val starts at
     its ("cut", "") item; a collection's val is its last documents, left out when the whole
-    collection fits in the budget (a larger one stops long before them)."""
+    collection fits in the budget (a larger one is read from its start, so the budget runs out
+    before its last tenth, unless those few documents hold most of its bytes)."""
     docs, size = [], 0
     for kind, value in items:
         if kind == "cut" or size >= budget:

@@ -281,6 +281,7 @@ def get_tokenizer(meta: dict):
 import hashlib
 import heapq
 from collections import Counter, defaultdict
+from itertools import pairwise
 from pathlib import Path
 
 import regex  # not `re`: the patterns need \p{L} (any letter) and possessive quantifiers
@@ -341,7 +342,7 @@ def count_pairs(words: list[list[int]], freqs: list[int]):
     index pair -> set of chunk numbers whose ids contain that pair."""
     pair_counts, where = defaultdict(int), defaultdict(set)
     for i, (ids, n) in enumerate(zip(words, freqs)):
-        for pair in zip(ids, ids[1:]):
+        for pair in pairwise(ids):
             pair_counts[pair] += n
             where[pair].add(i)
     return pair_counts, where
@@ -374,10 +375,10 @@ def merge_everywhere(pair, new_id, words, freqs, where) -> dict:
     for i in where.pop(pair):
         old, n = words[i], freqs[i]
         new = merge_pair(old, pair, new_id)
-        old_pairs, new_pairs = set(zip(old, old[1:])), set(zip(new, new[1:]))
-        for p in zip(old, old[1:]):
+        old_pairs, new_pairs = set(pairwise(old)), set(pairwise(new))
+        for p in pairwise(old):
             delta[p] -= n
-        for p in zip(new, new[1:]):
+        for p in pairwise(new):
             delta[p] += n
         for p in old_pairs - new_pairs - {pair}:  # `pair` itself left the index above
             where[p].discard(i)
@@ -442,9 +443,15 @@ def merges_to_tokens(merges) -> list[bytes]:
 
 def bpe_ranks(merges) -> dict[bytes, int]:
     """tiktoken's mergeable_ranks: token bytes -> id, for the 256 bytes and then each merge.
-    A token's id is also its rank: tiktoken joins the adjacent pair whose joined bytes have
-    the lowest rank first, which replays the merges in the order they were learned.
-    Raises TokenizerError if two merges make the same bytes (tiktoken needs one id per bytes)."""
+
+    A token's id is also its rank: within a chunk, tiktoken joins first the adjacent pair whose
+    joined bytes have the lowest rank. It looks up the joined bytes, not the pair itself, so
+    in principle it could join two tokens that no merge joins (a + bc where the merge was
+    ab + c). With merges learned by train_bpe no such case is known (the tests compare it with
+    encode_with_merges, and a randomized search found none), so it replays the merges in the
+    order they were learned.
+    Raises TokenizerError if two merges make the same bytes (tiktoken needs one id per bytes),
+    or if a merge uses an id that does not exist yet."""
     tokens = merges_to_tokens(merges)
     ranks = {token: i for i, token in enumerate(tokens)}
     if len(ranks) < len(tokens):
@@ -473,14 +480,14 @@ def bpe_encoding(merges, pattern: str, special_tokens: dict[str, int],
 def encode_with_merges(text: str, merges, pattern: str) -> list[int]:
     """The token ids of text, by definition: split it with pattern; within each chunk (as UTF-8
     bytes), join the adjacent pair that was learned first (lowest merge index), and repeat
-    until no adjacent pair is a merge. Slow, and the reference tiktoken must agree with."""
+    until no adjacent pair is a merge. Slow: the reference that tiktoken must agree with."""
     rank = {pair: i for i, pair in enumerate(merges)}
     not_a_merge = len(merges)
     ids_out = []
     for chunk in regex.findall(pattern, text):
         ids = list(chunk.encode("utf-8"))
         while len(ids) >= 2:
-            pair = min(zip(ids, ids[1:]), key=lambda p: rank.get(p, not_a_merge))
+            pair = min(pairwise(ids), key=lambda p: rank.get(p, not_a_merge))
             if pair not in rank:
                 break
             ids = merge_pair(ids, pair, 256 + rank[pair])
@@ -489,7 +496,8 @@ def encode_with_merges(text: str, merges, pattern: str) -> list[int]:
 
 
 def write_merges(path, merges) -> str:
-    """Write the merges file; return the SHA-256 (hex) of the bytes written, for meta.json.
+    """Write the merges file; return the SHA-256 (hex) of the bytes written, to be recorded
+    (in meta.json) and checked by read_merges. Errors writing (OSError) are the caller's.
 
     The format is plain ASCII text: a header line giving the number of merges, then one merge
     per line, "a b" (two decimal ids, one space), in order: line i after the header joins a
