@@ -1078,7 +1078,7 @@ def tokenizer_meta(tokenizer: str, vocab, bpe: dict | None = None) -> dict:
 
 def prepare(source: Source, tokenizer: str, out_dir: Path, val_fraction: float = 0.1,
             num_proc: int = 1, chunk_chars: int = CHUNK_CHARS, given_vocab: dict | None = None,
-            drop_unknown: bool = False, learn: "BpeSettings | None" = None) -> dict:
+            drop_unknown: bool = False, learn: BpeSettings | None = None) -> dict:
     """Tokenize a source into out_dir/{train.bin, val.bin, meta.json} (and merges.txt for a
     trained BPE). Returns the meta (a BPE's with its merges, which meta.json leaves to their file).
 
@@ -1302,10 +1302,10 @@ def prepare_chat(files: list[Path], tokenizer: str, given: dict | None, drop_unk
     messages = [ms for _, ms in convs]
     meta["val_from"] = convs[-n_val][0]
     bpe = None
-    if tokenizer == "bpe":  # each message of the train conversations a document, then val
-        items = lambda: itertools.chain(*([("doc", ""), ("text", m["content"])]
-                                          for ms in messages[:-n_val] for m in ms), [("cut", "")])
-        bpe = bpe_merges(given, learn, lambda: bpe_training_texts(items(), learn.train_bytes,
+    if tokenizer == "bpe":  # learned from the train conversations, a message a document
+        items = [item for ms in messages[:-n_val] for m in ms
+                 for item in (("doc", ""), ("text", m["content"]))] + [("cut", "")]  # then val
+        bpe = bpe_merges(given, learn, lambda: bpe_training_texts(items, learn.train_bytes,
                                                                   val_fraction))
     return write_conversations({"train": messages[:-n_val], "val": messages[-n_val:]},
                                tokenizer, chars, block_size, False, meta, out_dir, bpe)

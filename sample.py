@@ -257,7 +257,7 @@ def sample(args) -> list[str] | dict:
     try:
         encode, decode = get_tokenizer(meta)
         token_bytes = token_bytes_fn(meta)
-    except TokenizerError as e:  # GPT-2's BPE files could not be had
+    except TokenizerError as e:  # GPT-2's BPE files could not be had, or a BPE has no merges
         raise UserError(str(e)) from None
 
     if mode == "score":

@@ -19,6 +19,7 @@ Both BPEs encode with tiktoken. A text file is read the same way wherever it ent
 last section.
 """
 
+import codecs
 from functools import cache
 from importlib.util import find_spec
 from pathlib import Path
@@ -58,8 +59,6 @@ def refuse_utf16(path: Path) -> bytes:
 
 def not_utf8(path: Path) -> str:
     """The error message for a file that is not UTF-8, naming the line of its first bad byte."""
-    import codecs
-
     decoder, line = codecs.getincrementaldecoder("utf-8")(), 1
     try:
         with open(path, "rb") as f:
