@@ -480,7 +480,7 @@ def encode_with_merges(text: str, merges, pattern: str) -> list[int]:
     """The token ids of text, by definition: split it with pattern; within each chunk (as UTF-8
     bytes), join the adjacent pair that was learned first (lowest merge index), and repeat
     until no adjacent pair is a merge. Slow: the reference that tiktoken must agree with."""
-    rank = {pair: i for i, pair in enumerate(merges)}
+    rank = {(a, b): i for i, (a, b) in enumerate(merges)}  # merges may be [a, b] lists
     not_a_merge = len(merges)
     ids_out = []
     for chunk in regex.findall(pattern, text):
