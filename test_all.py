@@ -9,14 +9,17 @@ Sections follow the files: data, model, optimizer and schedule, training, sampli
 tools. Tests marked slow run the scripts end to end or start subprocesses.
 """
 
+import ast
 import contextlib
 import hashlib
+import inspect
 import io
 import itertools
 import json
 import math
 import os
 import pickle
+import random
 import re
 import shutil
 import signal
@@ -25,7 +28,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from importlib.util import find_spec
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -1161,6 +1166,342 @@ def test_bpe_checkpoint_samples_with_its_data_deleted(tmp_path, capsys):
     ids = tokenizer.encode_with_merges(prompt.read_text(encoding="utf-8"), merges, P2)
     scored = sample.main([f"--out_dir={out}", f"--score={prompt}"])
     assert scored["tokens"] == len(ids) - 1 and np.isfinite(scored["loss"])
+
+
+# -----------------------------------------------------------------------------
+# The trainer itself: merges against a slow reference and Hugging Face tokenizers, tiktoken
+# against the readable encoder, round trips of every byte string, the merges file.
+
+
+PATTERNS = [tokenizer.GPT2_SPLIT_PATTERN, tokenizer.GPT4_SPLIT_PATTERN]
+
+ENGLISH = """\
+First Citizen: Before we proceed any further, hear me speak. We are accounted poor citizens,
+the patricians good. What authority surfeits on would relieve us: if they would yield us but
+the superfluity, while it were wholesome, we might guess they relieved us humanely; but they
+think we are too dear: the leanness that afflicts us, the object of our misery, is as an
+inventory to particularise their abundance; our sufferance is a gain to them. Let us revenge
+this with our pikes, ere we become rakes: for the gods know I speak this in hunger for bread,
+not in thirst for revenge. It's 1,234 miles; they'll say 2024 -- don't they? I'M SURE WE'LL.
+"""
+MANY_SCRIPTS = ("naïve café — e\u0301 (decomposed) Ærø ÅSA; 日本語のテキスト、中文文本。"
+         " 한국어 텍스트 😀👩\u200d👩\u200d👧 🇫🇷 مرحبا שלום Привет, мир!\t\t tabs\r\n\r\n"
+         "   spaces\u00a0nbsp\u3000ideographic  1234567 3.14159 $5.00 #tag @user ... !!! ???\n")
+
+
+def zipf_text(seed: int, n_words: int) -> str:
+    """Text-like filler: words made of syllables, drawn with Zipfian frequencies (as in real
+    text, so the top pair counts are mostly distinct), with punctuation and line breaks."""
+    rng = random.Random(seed)
+    syllables = ["th", "e", "an", "in", "er", "re", "on", "at", "st", "ou", "ing", "ed", "al",
+                 "qu", "x", "o", "a", "i", "s", "t", "nd", "ch", "ly"]
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4)))
+             for _ in range(400)]
+    weights = [1 / (k + 1) for k in range(len(words))]
+    out = []
+    for w in rng.choices(words, weights, k=n_words):
+        out.append(w.capitalize() if rng.random() < 0.1 else w)
+        out.append(rng.choices([" ", ", ", ". ", ".\n", "'s "], [80, 8, 6, 4, 2])[0])
+    return "".join(out)
+
+
+# -----------------------------------------------------------------------------
+# The slow reference: recount every pair over the whole split text at every step
+
+
+def reference_merge(ids, pair, new_id):
+    out, i = [], 0
+    while i < len(ids):
+        if tuple(ids[i:i + 2]) == pair:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def reference_bpe(texts, num_merges, pattern, tie_order=None):
+    """(merges, tops): BPE by definition. At each step count every adjacent pair in every chunk
+    (a chunk that occurs n times counts n times: the same sums as going through the text chunk
+    by chunk, in fewer terms), take the highest count, the smallest pair among those that have
+    it, and merge it in every chunk. tops[i] is the set of pairs that had the top count at step
+    i (more than one: a tie). Stops early, with fewer merges, when no pair is left.
+    tie_order, if given, renumbers the 256 bytes for breaking ties (another library's rule)."""
+    order = tie_order or list(range(256))
+    renumber = lambda i: order[i] if i < 256 else i
+    chunks = Counter(c for t in texts for c in regex.findall(pattern, t))
+    words = [(list(c.encode("utf-8")), n) for c, n in chunks.items()]
+    merges, tops = [], []
+    for step in range(num_merges):
+        counts = Counter()
+        for ids, n in words:
+            for pair in pairwise(ids):
+                counts[pair] += n
+        if not counts:
+            break
+        top = max(counts.values())
+        tops.append({p for p, c in counts.items() if c == top})
+        merges.append(min(tops[-1], key=lambda p: (renumber(p[0]), renumber(p[1]))))
+        words = [(reference_merge(ids, merges[-1], 256 + step), n) for ids, n in words]
+    return merges, tops
+
+
+def token_bytes(merges):
+    tokens = [bytes([i]) for i in range(256)]
+    for a, b in merges:
+        tokens.append(tokens[a] + tokens[b])
+    return tokens
+
+
+# -----------------------------------------------------------------------------
+# Split patterns
+
+
+def test_split_patterns_are_tiktokens():
+    """GPT-2's is tiktoken's r50k_pat_str; GPT-4's is the pat_str in the source of tiktoken's
+    cl100k_base() (read from its source, since calling it downloads the ranks)."""
+    from tiktoken_ext import openai_public
+
+    assert tokenizer.GPT2_SPLIT_PATTERN == openai_public.r50k_pat_str
+    tree = ast.parse(inspect.getsource(openai_public.cl100k_base))
+    found = [v.value for node in ast.walk(tree) if isinstance(node, ast.Dict)
+             for k, v in zip(node.keys, node.values)
+             if isinstance(k, ast.Constant) and k.value == "pat_str"]
+    assert found == [tokenizer.GPT4_SPLIT_PATTERN]
+    assert tokenizer.SPLIT_PATTERNS == {"gpt2": tokenizer.GPT2_SPLIT_PATTERN, "gpt4": tokenizer.GPT4_SPLIT_PATTERN}
+    s = "I'M here, it's 12345 ok!!\n\n  x"
+    assert regex.findall(tokenizer.GPT2_SPLIT_PATTERN, s) == [
+        "I", "'", "M", " here", ",", " it", "'s", " 12345", " ok", "!!", "\n\n ", " x"]
+    assert regex.findall(tokenizer.GPT4_SPLIT_PATTERN, s) == [
+        "I", "'M", " here", ",", " it", "'s", " ", "123", "45", " ok", "!!\n\n", " ", " x"]
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=["gpt2", "gpt4"])
+@pytest.mark.parametrize("texts, num_merges", [
+    ([ENGLISH], 150),
+    ([ENGLISH, MANY_SCRIPTS, MANY_SCRIPTS.upper()], 120),                  # multi-byte UTF-8 and scripts
+    (["aaaaaa aaa aaaaaaaaa a aa bbbbbbb abababab aaaaaaaaaaaaa"], 12),  # overlapping runs
+    (["abcdefgh ijklmnop qrstuvwx yz", "zyxw vuts rqpo"], 18),  # every count ties at 1
+    ([" ".join(random.Random(1).choices(["ab", "ba", "aab", "bba", "abab", "b a"], k=300))],
+     10),                                                  # few symbols, many equal counts
+    ([zipf_text(2, 3000)], 200),
+    (["a" * 50, "ab", "c"], 7),  # each text split on its own: no pair spans "ab" and "c"
+])
+def test_train_bpe_matches_reference(texts, num_merges, pattern):
+    ref, _ = reference_bpe(texts, num_merges, pattern)
+    assert len(ref) == num_merges  # the cases have enough pairs
+    assert tokenizer.train_bpe(iter(texts), num_merges, pattern) == ref  # any iterable of str
+    assert tokenizer.train_bpe(texts, num_merges // 2, pattern) == ref[:num_merges // 2]
+
+
+def test_train_bpe_tie_rule_and_overlaps():
+    # Every pair in "abcd" counts 1: the smallest, (97, 98) "ab", wins; then [ab, c, d] has
+    # (256, 99) and (99, 100), and the smaller is (99, 100): ids, not positions, break ties
+    assert tokenizer.train_bpe(["abcd"], 3, tokenizer.GPT2_SPLIT_PATTERN) == [(97, 98), (99, 100), (256, 257)]
+    # "aaaaa": (a, a) occurs 4 times; merged left to right it leaves [aa, aa, a], so next
+    # (aa, aa) and (aa, a) tie at 1 and the smaller, (256, 97) wins
+    assert tokenizer.train_bpe(["aaaaa"], 3, tokenizer.GPT2_SPLIT_PATTERN) == [(97, 97), (256, 97), (256, 257)]
+    assert tokenizer.train_bpe(["anything"], 0, tokenizer.GPT2_SPLIT_PATTERN) == []
+
+
+def test_train_bpe_too_small():
+    texts = [ENGLISH[:200]]
+    possible = len(reference_bpe(texts, 10_000, tokenizer.GPT2_SPLIT_PATTERN)[0])
+    with pytest.raises(tokenizer.TokenizerError) as e:
+        tokenizer.train_bpe(texts, 4096, tokenizer.GPT2_SPLIT_PATTERN)
+    assert str(e.value) == (f"the text is too small for 4,096 merges: it has pairs for only "
+                            f"{possible} (use a smaller --vocab_size or more text)")
+    assert len(tokenizer.train_bpe(texts, possible, tokenizer.GPT2_SPLIT_PATTERN)) == possible
+    with pytest.raises(tokenizer.TokenizerError, match="for only 0 "):
+        tokenizer.train_bpe(["a", "b", " ", "c"], 1, tokenizer.GPT2_SPLIT_PATTERN)  # one-byte chunks only
+    with pytest.raises(tokenizer.TokenizerError, match="-1"):
+        tokenizer.train_bpe(["ab"], -1, tokenizer.GPT2_SPLIT_PATTERN)
+
+
+def hf_byte_chars():
+    """The byte -> character map of GPT-2 and of `tokenizers`' ByteLevel: the printable bytes
+    stand for themselves, the other 68 get the characters from U+0100 on, in order."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in kept]
+    return {b: chr(b) for b in kept} | {b: chr(256 + k) for k, b in enumerate(others)}
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=["gpt2", "gpt4"])
+def test_train_bpe_agrees_with_hugging_face_tokenizers(pattern):
+    """Reference: Hugging Face `tokenizers` (Rust), its BpeTrainer on a Split pre-tokenizer
+    with our pattern followed by ByteLevel with its own regex off, so both count the same
+    chunks (checked first). Its tie rule is ours but on its own ids: it numbers the 256 bytes
+    in the order of their stand-in characters (space, U+0120, comes after the letters). So:
+    its merges, as byte strings, must be exactly the slow reference's when that breaks ties
+    in its numbering; and ours may part from its only at a step where the top count is tied."""
+    tokenizers = pytest.importorskip("tokenizers", reason="Hugging Face tokenizers not installed")
+    from tokenizers import Regex, models, pre_tokenizers, trainers
+
+    text, num_merges = zipf_text(3, 20_000).replace("'s", "'s 199"), 300
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    chars = hf_byte_chars()
+    to_byte = {c: b for b, c in chars.items()}
+    theirs_chunks = [bytes(map(to_byte.get, piece))
+                     for piece, _ in tok.pre_tokenizer.pre_tokenize_str(text)]
+    assert theirs_chunks == [c.encode() for c in regex.findall(pattern, text)]
+    trainer = trainers.BpeTrainer(vocab_size=256 + num_merges, min_frequency=0,
+                                  show_progress=False, special_tokens=[],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([text], trainer=trainer)
+    assert tok.get_vocab_size() == 256 + num_merges
+    theirs = [(bytes(map(to_byte.get, a)), bytes(map(to_byte.get, b)))
+              for a, b in json.loads(tok.to_str())["model"]["merges"]]
+
+    hf_order = sorted(range(256), key=lambda b: chars[b])  # its id -> byte
+    hf_ref, _ = reference_bpe([text], num_merges, pattern,
+                              tie_order=[hf_order.index(b) for b in range(256)])
+    tokens = token_bytes(hf_ref)
+    assert theirs == [(tokens[a], tokens[b]) for a, b in hf_ref]
+
+    ours = tokenizer.train_bpe([text], num_merges, pattern)
+    ref, tops = reference_bpe([text], num_merges, pattern)
+    assert ours == ref
+    tokens = token_bytes(ours)
+    ours_bytes = [(tokens[a], tokens[b]) for a, b in ours]
+    parted = next((i for i, (x, y) in enumerate(zip(ours_bytes, theirs)) if x != y), None)
+    if parted is not None:  # on this text: at step 45 (gpt2) or 57 (gpt4), of 300
+        tied = {(tokens[a], tokens[b]) for a, b in tops[parted]}
+        assert parted >= 40 and {ours_bytes[parted], theirs[parted]} <= tied
+
+
+# -----------------------------------------------------------------------------
+# Encoding
+
+
+@pytest.fixture(scope="module", params=PATTERNS, ids=["gpt2", "gpt4"])
+def trained_bpe(request):
+    """(merges, pattern, encoding) learned on English and many scripts, so merges join the
+    bytes inside multi-byte characters too."""
+    pattern = request.param
+    merges = tokenizer.train_bpe([ENGLISH * 5, MANY_SCRIPTS * 20, zipf_text(4, 1000)], 400, pattern)
+    return merges, pattern, tokenizer.bpe_encoding(merges, pattern, {})
+
+
+def varied_strings():
+    rng = random.Random(5)
+    alphabet = "abcXYZ 0123456789 \t\n\r.,'!?-_éñü日本語😀👍\u0301\u200d\u00a0\u3000"
+    fixed = [ENGLISH, MANY_SCRIPTS, "", " ", "a", "  \n\n \t ", "\r\n\r\n", "x" * 300, " " * 40,
+             "it's I'LL you'd", "12345678901", "😀😀😀", "e\u0301\u0301", "<|endoftext|>",
+             "👩\u200d👩\u200d👧\u200d👦 🏳️\u200d🌈", "\x00\x01\x7f", "\ud7ff\ue000\uffff"]
+    return fixed + ["".join(rng.choices(alphabet, k=rng.randint(1, 60))) for _ in range(300)]
+
+
+def test_tiktoken_equals_encode_with_merges(trained_bpe):
+    merges, pattern, enc = trained_bpe
+    for s in varied_strings():
+        assert enc.encode_ordinary(s) == tokenizer.encode_with_merges(s, merges, pattern), repr(s)
+    assert len(enc.encode_ordinary(ENGLISH)) < len(ENGLISH.encode()) / 2  # it does compress
+    as_lists = [list(m) for m in merges]  # as meta.json and checkpoints hold them
+    assert tokenizer.encode_with_merges(MANY_SCRIPTS, as_lists, pattern) == enc.encode_ordinary(MANY_SCRIPTS)
+    assert tokenizer.bpe_encoding(as_lists, pattern, {}).encode_ordinary(MANY_SCRIPTS) == enc.encode_ordinary(
+        MANY_SCRIPTS)
+
+
+def test_encoding_round_trips_every_byte_string(trained_bpe):
+    """Strings through encode_ordinary/decode; bytes, invalid UTF-8 included, through
+    tiktoken's bytes API (Encoding._encode_bytes, private but the one that takes bytes; it
+    splits the valid UTF-8 prefix with the pattern and byte-pair-encodes the rest)."""
+    enc = trained_bpe[2]
+    for s in varied_strings():
+        assert enc.decode(enc.encode_ordinary(s)) == s
+    rng = random.Random(6)
+    samples = [bytes(rng.randrange(256) for _ in range(rng.randint(0, 40))) for _ in range(300)]
+    samples += [b"\xff\xfe", b"\x80", "日本".encode()[:-1], "😀".encode()[:2] + b"abc",
+                bytes(range(256)), ENGLISH.encode() + b"\xc3", MANY_SCRIPTS.encode()[:-7]]
+    pieces = [enc.decode_single_token_bytes(i) for i in range(256, enc.n_vocab)]
+    # many tokens hold bytes of multi-byte characters, and some only part of one
+    assert sum(max(t) > 127 for t in pieces) >= 20
+    assert any(t.decode("utf-8", "ignore").encode() != t for t in pieces)
+    for b in samples:
+        ids = enc._encode_bytes(b)
+        assert enc.decode_bytes(ids) == b
+        assert all(0 <= i < enc.n_vocab for i in ids)
+
+
+def test_bpe_ranks():
+    merges = tokenizer.train_bpe([ENGLISH], 50, tokenizer.GPT2_SPLIT_PATTERN)
+    ranks = tokenizer.bpe_ranks(merges)
+    assert list(ranks.values()) == list(range(256 + 50))
+    assert list(ranks) == token_bytes(merges)
+    assert ranks[b" t"] == 256 + merges.index((32, 116))
+    with pytest.raises(tokenizer.TokenizerError, match=r"merge 1 joins \(300, 1\)"):
+        tokenizer.bpe_ranks([(97, 98), (300, 1)])
+    with pytest.raises(tokenizer.TokenizerError, match="both make the token b'abc'"):
+        tokenizer.bpe_ranks([(97, 98), (98, 99), (256, 99), (97, 257)])
+
+
+def test_special_tokens_come_after_the_merges(trained_bpe):
+    merges, pattern, _ = trained_bpe
+    n = 256 + len(merges)
+    specials = {"<|endoftext|>": n, "<|user|>": n + 1, "<|end|>": n + 2}
+    enc = tokenizer.bpe_encoding(merges, pattern, specials, name="mine")
+    assert (enc.name, enc.n_vocab, enc.max_token_value, enc.eot_token) == ("mine", n + 3, n + 2, n)
+    assert enc.special_tokens_set == set(specials)
+    ids = enc.encode("hi<|user|>there<|end|>", allowed_special={"<|user|>", "<|end|>"})
+    assert ids == enc.encode_ordinary("hi") + [n + 1] + enc.encode_ordinary("there") + [n + 2]
+    assert enc.decode(ids) == "hi<|user|>there<|end|>"
+    assert n not in enc.encode_ordinary("<|endoftext|>")  # as ordinary text it is just text
+    with pytest.raises(ValueError):  # tiktoken refuses specials not allowed explicitly
+        enc.encode("<|endoftext|>")
+    for wrong in ({"<|endoftext|>": n + 1}, {"<|endoftext|>": 0}, {"a": n, "b": n + 2}):
+        with pytest.raises(tokenizer.TokenizerError, match=f"special token ids must be {n} to"):
+            tokenizer.bpe_encoding(merges, pattern, wrong)
+
+
+# -----------------------------------------------------------------------------
+# The merges file
+
+
+def test_merges_file_round_trip_and_errors(tmp_path):
+    merges = tokenizer.train_bpe([ENGLISH, MANY_SCRIPTS], 300, tokenizer.GPT4_SPLIT_PATTERN)
+    path = tmp_path / "merges.txt"
+    digest = tokenizer.write_merges(path, merges)
+    data = path.read_bytes()
+    assert digest == hashlib.sha256(data).hexdigest()
+    assert data.decode().splitlines()[1:3] == [f"{a} {b}" for a, b in merges[:2]]
+    assert tokenizer.read_merges(path, digest) == merges
+    assert tokenizer.read_merges(str(path), digest) == merges  # a str path too
+    empty = tmp_path / "empty.txt"
+    assert tokenizer.read_merges(empty, tokenizer.write_merges(empty, [])) == []
+
+    def fails(content: bytes, digest=None):
+        path.write_bytes(content)
+        with pytest.raises(tokenizer.TokenizerError) as e:
+            tokenizer.read_merges(path, digest or hashlib.sha256(content).hexdigest())
+        assert str(path) in str(e.value) and "\n" not in str(e.value)
+        return str(e.value)
+
+    at = data.index(b"\n", 200) + 1  # a digit at the start of some merge line
+    altered = data[:at] + bytes([ord("0") + (data[at] - ord("0") + 1) % 10]) + data[at + 1:]
+    assert "altered since prepare.py wrote it" in fails(altered, digest)
+    assert "altered since" in fails(data[:-9], digest)  # truncated, checked by the digest
+    assert "truncated" in fails(data[:-1])  # and caught by the format alone, too
+    assert "has 299 merges, its header says 300" in fails(data[:data.rindex(b"\n", 0, -1) + 1])
+    header = data[:data.index(b"\n") + 1]
+    assert "line 3: expected two ids 'a b', got '97 x'" in fails(header + b"97 98\n97 x\n")
+    assert "line 2: expected two ids" in fails(header + b"97  98\n")
+    assert "line 3: merge 1 joins (257, 97)" in fails(header + b"97 98\n257 97\n")
+    assert "not a merges file" in fails(b"97 98\n")
+    assert "not a merges file" in fails(header + "97 9\u0662\n".encode())
+    path.unlink()
+    with pytest.raises(tokenizer.TokenizerError, match="cannot read the merges file .*merges.txt"):
+        tokenizer.read_merges(path, digest)
+    with pytest.raises(tokenizer.TokenizerError, match="cannot read the merges file"):
+        tokenizer.read_merges(tmp_path, digest)  # a folder
 
 
 # =============================================================================
