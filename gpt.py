@@ -626,7 +626,7 @@ def from_pretrained(name_or_dir: str, dropout: float = 0.0) -> GPT:
     if name_or_dir not in GPT2_NAMES and not Path(name_or_dir).is_dir():
         raise ValueError(f"{name_or_dir!r} is neither a folder nor one of {GPT2_NAMES}")
     # offline, the hub client retries for half a minute: look in the local cache alone
-    from prepare import hub_unreachable  # prepare.py does every download; so it knows
+    from plumbing import hub_unreachable  # (plumbing imports this file: imported here)
     offline = not Path(name_or_dir).is_dir() and hub_unreachable()
     try:
         hf_config = AutoConfig.from_pretrained(name_or_dir, local_files_only=offline)

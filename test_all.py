@@ -9,26 +9,33 @@ Sections follow the files: data, model, optimizer and schedule, training, sampli
 tools. Tests marked slow run the scripts end to end or start subprocesses.
 """
 
+import ast
 import contextlib
 import hashlib
+import inspect
 import io
 import itertools
 import json
 import math
 import os
 import pickle
+import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from importlib.util import find_spec
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
 import pytest
+import regex
 import torch
 import torch.nn.functional as F
 
@@ -38,6 +45,7 @@ import gpt
 import plumbing
 import prepare
 import sample
+import tokenizer
 import train
 from gpt import GPT, GPTConfig, cross_entropy, sample_next_token, top_k_filter, top_p_filter
 
@@ -79,7 +87,7 @@ def data_dir(tmp_path) -> Path:
 
 def test_prepare_char_roundtrip(data_dir):
     meta = json.loads((data_dir / "tiny" / "meta.json").read_text(encoding="utf-8"))
-    encode, decode = prepare.get_tokenizer(meta)
+    encode, decode = tokenizer.get_tokenizer(meta)
     train_ids = np.fromfile(data_dir / "tiny" / "train.bin", dtype=np.uint16)
     val_ids = np.fromfile(data_dir / "tiny" / "val.bin", dtype=np.uint16)
     assert decode(train_ids.tolist()) + decode(val_ids.tolist()) == TEXT
@@ -101,9 +109,9 @@ def gpt2_bpe_from_packaged_files():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tiktoken, "get_encoding", offline)
         mp.setenv("TIKTOKEN_CACHE_DIR", "")  # read the files where they are; no cached copy
-        prepare.gpt2_encoding.cache_clear()
+        tokenizer.gpt2_encoding.cache_clear()
         yield
-    prepare.gpt2_encoding.cache_clear()
+    tokenizer.gpt2_encoding.cache_clear()
 
 
 def test_packaged_gpt2_bpe_is_tiktokens_gpt2(monkeypatch):
@@ -127,8 +135,8 @@ def test_packaged_gpt2_bpe_is_tiktokens_gpt2(monkeypatch):
     theirs = tiktoken.Encoding(**openai_public.gpt2())
     assert asked["vocab_bpe_file"].endswith("/vocab.bpe")  # tiktoken's recipe, with its digests
     assert (asked["vocab_bpe_hash"], asked["encoder_json_hash"]) == (
-        prepare.GPT2_VOCAB_BPE_SHA256, prepare.GPT2_ENCODER_JSON_SHA256)
-    ours = prepare.gpt2_encoding()
+        tokenizer.GPT2_VOCAB_BPE_SHA256, tokenizer.GPT2_ENCODER_JSON_SHA256)
+    ours = tokenizer.gpt2_encoding()
     assert (ours.name, ours.n_vocab, ours.eot_token) == ("gpt2", theirs.n_vocab, 50256)
     assert ours.special_tokens_set == theirs.special_tokens_set
     assert all(ours.decode_single_token_bytes(i) == theirs.decode_single_token_bytes(i)
@@ -141,10 +149,10 @@ def test_packaged_gpt2_bpe_is_tiktokens_gpt2(monkeypatch):
 
 
 def test_gpt2_tokenizer_is_gpt2():
-    enc = prepare.gpt2_encoding()
+    enc = tokenizer.gpt2_encoding()
     assert enc.n_vocab == 50257
     assert enc.encode("Hello world") == [15496, 995]
-    encode, decode = prepare.get_tokenizer({"tokenizer": "gpt2"})
+    encode, decode = tokenizer.get_tokenizer({"tokenizer": "gpt2"})
     s = "To be, or not to be: ¿qué? 日本 <|endoftext|>"
     assert decode(encode(s)) == s
     assert encode("<|endoftext|>") == [50256]
@@ -227,7 +235,7 @@ def fail(capsys, tmp_path, *flags, dataset="ds") -> str:
 
 
 def gpt2():
-    return prepare.gpt2_encoding().encode_ordinary
+    return tokenizer.gpt2_encoding().encode_ordinary
 
 
 # -----------------------------------------------------------------------------
@@ -261,7 +269,7 @@ def test_folder_of_documents_char(tmp_path):
     docs = make_corpus(tmp_path / "corpus")
     meta = run(tmp_path, "--input", str(tmp_path / "corpus"), "--val_fraction", "0.3")
     texts = [text for _, text in docs]
-    _, decode = prepare.get_tokenizer(meta)
+    _, decode = tokenizer.get_tokenizer(meta)
     train, val = bins(tmp_path)
     # val holds the last 3 documents whole; train the first 7, each ended by the separator
     assert decode(train) == "\n".join(texts[:7]) + "\n"
@@ -307,7 +315,7 @@ def test_json_files_array_and_lines(tmp_path):
                                          encoding="utf-8")
     meta = run(tmp_path, "--input", str(tmp_path / "arr.json"), str(tmp_path / "lines.json"),
                "--text_field", "body", "--val_fraction", "0.5")
-    _, decode = prepare.get_tokenizer(meta)
+    _, decode = tokenizer.get_tokenizer(meta)
     train, val = bins(tmp_path)
     assert (decode(train), decode(val)) == ("one\ntwo two\n", "three\nfour")
     assert meta["val_from"] == f"{tmp_path / 'lines.json'}:1"
@@ -376,7 +384,7 @@ def test_single_text_val_fraction_and_windows_line_ends(tmp_path):
     text = "Line one.\r\nLine two, with more words.\r\n" * 20
     (tmp_path / "in.txt").write_bytes(text.encode("utf-8"))
     meta = run(tmp_path, "--input", str(tmp_path / "in.txt"), "--val_fraction", "0.25")
-    _, decode = prepare.get_tokenizer(meta)
+    _, decode = tokenizer.get_tokenizer(meta)
     read = text.replace("\r\n", "\n")  # text mode reads Windows line ends as "\n", as before
     train, val = bins(tmp_path)
     assert (decode(train), decode(val)) == (read[:int(0.75 * len(read))],
@@ -388,7 +396,7 @@ def test_single_text_val_fraction_and_windows_line_ends(tmp_path):
 def test_byte_order_mark_is_not_a_character(tmp_path):
     (tmp_path / "in.txt").write_text("\ufeffHello, world. " * 10, encoding="utf-8")
     meta = run(tmp_path, "--input", str(tmp_path / "in.txt"))
-    _, decode = prepare.get_tokenizer(meta)
+    _, decode = tokenizer.get_tokenizer(meta)
     train, val = bins(tmp_path)
     # only the mark opening the file goes; the ones inside the text are text
     assert decode(train + val) == ("\ufeffHello, world. " * 10)[1:]
@@ -546,7 +554,7 @@ def test_unreachable_hub_turns_on_offline_mode(tmp_path, monkeypatch):
     prepare.hub_source("user/data:config", "train", False, "text", 1)
     assert offline_at_import == ["1"]
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(prepare, "hub_unreachable", lambda: pytest.fail("a folder was probed"))
+    monkeypatch.setattr(plumbing, "hub_unreachable", lambda: pytest.fail("a folder was probed"))
     prepare.hub_source(str(tmp_path), "train", False, "text", 1)
     assert offline_at_import == ["1", None]
 
@@ -739,11 +747,11 @@ def test_peak_memory_stays_flat(tmp_path):
 
 
 @slow
-@pytest.mark.parametrize("tokenizer", ["char", "gpt2"])
-def test_folder_corpus_round_trips_through_train_and_sample(tmp_path, capsys, tokenizer):
+@pytest.mark.parametrize("kind", ["char", "gpt2"])
+def test_folder_corpus_round_trips_through_train_and_sample(tmp_path, capsys, kind):
     """A folder of .txt and .jsonl documents: prepare.py -> train.py -> sample.py."""
     docs = make_corpus(tmp_path / "corpus")
-    meta = run(tmp_path, "--input", str(tmp_path / "corpus"), "--tokenizer", tokenizer)
+    meta = run(tmp_path, "--input", str(tmp_path / "corpus"), "--tokenizer", kind)
     assert meta["documents"] == len(docs) and meta["val_documents"] == 1
     flags = CPU_TINY + [f"--data_dir={tmp_path / 'data'}", "--dataset=ds", "--max_iters=3",
                         "--block_size=2", "--batch_size=2", f"--out_dir={tmp_path / 'out'}"]
@@ -870,7 +878,7 @@ def test_plain_and_streaming_write_the_same_files(tmp_path, docs, val_fraction):
                                   val_fraction)
     assert plain == streamed
     assert folder_bytes(tmp_path / "plain") == folder_bytes(tmp_path / "streamed")
-    chars, encode, decode = prepare.char_tokenizer(text)
+    chars, encode, decode = tokenizer.char_tokenizer(text)
     train_ids, val_ids = (np.fromfile(tmp_path / "plain" / f"{s}.bin", dtype=np.uint16).tolist()
                           for s in ("train", "val"))
     assert chars == plain["chars"] and encode(text) == train_ids + val_ids
@@ -910,6 +918,590 @@ def test_get_batch_windows(data_dir):
     # bigram.py's get_batch takes the same arguments and gives the same windows
     bx, by = bigram.get_batch(path, ix, 8, "cpu")
     assert torch.equal(bx, x) and torch.equal(by, y)
+
+
+# =============================================================================
+# Tokenizers: tokenizer.py, and a byte-level BPE learned by prepare.py --tokenizer bpe
+
+BPE_TEXT = TEXT + TRICKY * 4  # pairs enough for --vocab_size 300: 43 merges (and 257 more ids)
+P2, P4 = tokenizer.GPT2_SPLIT_PATTERN, tokenizer.GPT4_SPLIT_PATTERN
+
+
+def bpe_dataset(tmp_path, *flags, text=BPE_TEXT, dataset="ds", **kw) -> dict:
+    """prepare.py --tokenizer bpe --vocab_size 300 on text; returns the meta (with merges)."""
+    src = tmp_path / f"{dataset}.txt"
+    src.write_text(text, encoding="utf-8")
+    return run(tmp_path, "--input", str(src), "--tokenizer", "bpe", "--vocab_size", "300",
+               *flags, dataset=dataset, **kw)
+
+
+def test_every_tokenizer_round_trips_through_get_tokenizer():
+    merges = tokenizer.train_bpe([TRICKY], 60, P2)
+    metas = {"char": {"tokenizer": "char", "chars": sorted(set(TRICKY))},
+             "gpt2": {"tokenizer": "gpt2", "vocab_size": 50257},
+             "bpe": {"tokenizer": "bpe", "bpe": tokenizer.bpe_meta(merges, "gpt2", P2)}}
+    for kind, meta in metas.items():
+        encode, decode = tokenizer.get_tokenizer(meta)
+        assert decode(encode(TRICKY)) == TRICKY, kind
+        assert decode(encode("")) == "", kind
+    # typed, <|endoftext|> is the token (right after the merges); read from a file, it is text,
+    # encoded as the slow reference encoder defines it
+    encode, _ = tokenizer.get_tokenizer(metas["bpe"])
+    assert encode("<|endoftext|>") == [256 + 60]
+    enc = tokenizer.encoding_of(metas["bpe"])
+    assert enc.encode_ordinary(TRICKY) == tokenizer.encode_with_merges(TRICKY, merges, P2)
+    assert 256 + 60 not in enc.encode_ordinary(TRICKY)
+    with pytest.raises(tokenizer.TokenizerError, match="holds no merges"):
+        tokenizer.get_tokenizer({"tokenizer": "bpe", "bpe": {"pattern": P2}})
+
+
+@pytest.mark.parametrize("split", ["gpt2", "gpt4"])
+def test_safe_cuts_keep_every_chunk(split):
+    """prepare.py encodes a long text in pieces cut by last_safe_cut: no cut it picks changes
+    how the split pattern cuts the text into chunks, so no token changes either. Checked on
+    every prefix of the tricky text and on random strings of spaces, newlines, punctuation,
+    letters and digits."""
+    chunks = regex.compile(tokenizer.SPLIT_PATTERNS[split]).findall
+    rng = np.random.default_rng(0)
+    alphabet = list("ab Z9.,'!\n\t\r日é") + [" ", "\u00a0", "\u3000", "😀", "'s", "123"]
+    texts = [TRICKY[:n] for n in range(2, len(TRICKY))] + [
+        "".join(rng.choice(alphabet, size=rng.integers(2, 16))) for _ in range(3000)]
+    cuts = 0
+    for text in texts:
+        if cut := prepare.last_safe_cut(text, split):
+            cuts += 1
+            assert chunks(text[:cut]) + chunks(text[cut:]) == chunks(text), (text, cut)
+    assert cuts > 1000, "the rule must still find places to cut"
+
+
+def test_gpt4_pattern_needs_its_own_cuts():
+    """Why last_safe_cut takes the pattern: GPT-4's keeps the newlines after punctuation with
+    it, so GPT-2's rule (before a newline that precedes a letter) would change its chunks."""
+    text = "Stop.\n\nGo on"
+    chunks = regex.compile(P4).findall
+    assert chunks(text) == ["Stop", ".\n\n", "Go", " on"]
+    cut = prepare.last_safe_cut(text, "gpt2")
+    assert text[cut:] == "\nGo on" and chunks(text[:cut]) + chunks(text[cut:]) != chunks(text)
+    assert text[prepare.last_safe_cut(text, "gpt4"):] == " on"
+
+
+@pytest.mark.parametrize("split,num_proc", [("gpt2", 1), ("gpt4", 2)])
+def test_prepare_bpe_learns_from_train_and_encodes_like_the_reference(tmp_path, capsys, split,
+                                                                      num_proc):
+    """One text: the merges are learned from its train part alone; both splits are the reference
+    encoder's ids, though written in 500-character pieces (by 2 processes for gpt4); meta.json
+    names the merges file and its SHA-256, and the returned meta holds the merges."""
+    meta = bpe_dataset(tmp_path, "--split_pattern", split, "--num_proc", str(num_proc),
+                       chunk_chars=500)
+    folder, pattern = tmp_path / "data" / "ds", tokenizer.SPLIT_PATTERNS[split]
+    cut = meta["val_from_char"]
+    assert cut == int(0.9 * len(BPE_TEXT))
+    merges = tokenizer.train_bpe([BPE_TEXT[:cut]], 300 - 257, pattern)
+    sha = hashlib.sha256((folder / "merges.txt").read_bytes()).hexdigest()
+    assert meta["bpe"] == {"merges_file": "merges.txt", "split_pattern": split,
+                           "pattern": pattern, "special_tokens": {"<|endoftext|>": 299},
+                           "merges": [list(m) for m in merges], "merges_sha256": sha}
+    assert (meta["tokenizer"], meta["vocab_size"], meta["eot_token"]) == ("bpe", 300, 299)
+    on_disk = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    assert on_disk == tokenizer.without_merges(meta) and "merges" not in on_disk["bpe"]
+    assert tokenizer.read_merges(folder / "merges.txt", sha) == merges
+    train_ids, val_ids = bins(tmp_path)
+    assert train_ids == tokenizer.encode_with_merges(BPE_TEXT[:cut], merges, pattern)
+    assert val_ids == tokenizer.encode_with_merges(BPE_TEXT[cut:], merges, pattern)
+    assert (meta["train_tokens"], meta["val_tokens"]) == (len(train_ids), len(val_ids))
+    assert tokenizer.get_tokenizer(meta)[1](train_ids + val_ids) == BPE_TEXT
+    assert "learning 43 merges" in capsys.readouterr().out
+
+
+def test_prepare_bpe_on_documents(tmp_path):
+    """Documents: <|endoftext|> (id 299) between them, and merges learned without the held-out
+    last document; --bpe_train_bytes learns from only the first bytes of the train split."""
+    docs = [TEXT, TRICKY * 4, "zq zq zqzq\n" * 50]
+    files = []
+    for i, doc in enumerate(docs):
+        files.append(tmp_path / f"doc{i}.txt")
+        files[-1].write_text(doc, encoding="utf-8")
+    meta = run(tmp_path, "--input", *map(str, files), "--tokenizer", "bpe", "--vocab_size", "300")
+    merges = tokenizer.train_bpe(docs[:2], 43, P2)
+    assert meta["bpe"]["merges"] == [list(m) for m in merges] and meta["val_documents"] == 1
+    enc = lambda t: tokenizer.encode_with_merges(t, merges, P2)
+    train_ids, val_ids = bins(tmp_path)
+    assert train_ids == enc(docs[0]) + [299] + enc(docs[1]) + [299] and val_ids == enc(docs[2])
+    meta = run(tmp_path, "--input", *map(str, files), "--tokenizer", "bpe", "--vocab_size", "280",
+               "--bpe_train_bytes", "1000", dataset="small")
+    assert meta["bpe"]["merges"] == [list(m) for m in tokenizer.train_bpe([TEXT[:1000]], 23, P2)]
+
+
+BPE = ["--tokenizer", "bpe"]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (BPE + ["--vocab_size", "256"], "the 256 bytes and <|endoftext|> take 257 ids, so give at "),
+    (BPE + ["--vocab_size", "65537"], "--vocab_size 65,537 is too large: token ids are uint16"),
+    (BPE + ["--vocab_size", "4096"], "the text is too small for 3,839 merges: it has pairs for "),
+    (["--vocab_size", "300"], "--vocab_size only applies to --tokenizer bpe"),
+    (["--tokenizer", "gpt2", "--split_pattern", "gpt4"], "--split_pattern only applies to --"),
+    (["--bpe_train_bytes", "100"], "--bpe_train_bytes only applies to --tokenizer bpe"),
+    (BPE + ["--bpe_train_bytes", "0"], "--bpe_train_bytes must be at least 1"),
+    (["--vocab_size", "300", "--vocab_from", "x"], "--vocab_size does not apply with --vocab_"),
+])
+def test_bpe_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, flags, message):
+    src = tmp_path / "in.txt"
+    src.write_text(TRICKY, encoding="utf-8")
+    err = fail(capsys, tmp_path, "--input", str(src), *flags)
+    assert message in err, err
+    folder = tmp_path / "data" / "ds"
+    assert not folder.exists() or list(folder.iterdir()) == [], "nothing written"
+
+
+def test_bpe_flags_are_refused_for_generated_data_and_chat_counts_its_markers(tmp_path, capsys):
+    assert "--vocab_size does not apply to --dataset reverse" in fail(
+        capsys, tmp_path, "--vocab_size", "300", dataset="reverse")
+    src = jsonl(tmp_path / "convs.jsonl", RECORDS)
+    assert "the 256 bytes and <|endoftext|>, <|system|>, <|user|>, <|assistant|>, <|end|> take " \
+        "261 ids, so give at least 261" in fail(capsys, tmp_path, "--input", str(src),
+                                               "--tokenizer", "bpe", "--vocab_size", "260")
+
+
+def test_altered_or_missing_merges_are_one_line_errors(tmp_path, capsys):
+    """train.py and --vocab_from read the merges with the SHA-256 meta.json gives: a changed
+    or missing file is refused in one line, never silently used."""
+    bpe_dataset(tmp_path)
+    folder = tmp_path / "data" / "ds"
+    merges = folder / "merges.txt"
+    good = merges.read_bytes()
+    flags = CPU_TINY + [f"--data_dir={tmp_path / 'data'}", "--dataset=ds", "--max_iters=1",
+                        f"--out_dir={tmp_path / 'out'}"]
+    merges.write_bytes(good + b"1 2\n")  # one merge more
+    err = run_main(capsys, train.main, flags)
+    assert err.startswith("train.py: error: ") and f"{merges} was altered since prepare.py " \
+        "wrote it" in err, err
+    assert f"--vocab_from {folder}: {merges} was altered" in fail(
+        capsys, tmp_path, "--input", str(tmp_path / "ds.txt"), "--vocab_from", str(folder),
+        dataset="other")
+    merges.unlink()
+    assert f"cannot read the merges file {merges}" in run_main(capsys, train.main, flags)
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    del meta["bpe"]["merges_file"]
+    (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    assert "names a BPE tokenizer but not its merges file" in run_main(capsys, train.main, flags)
+    assert not (tmp_path / "out").exists()
+
+
+def test_vocab_from_a_bpe_dataset_or_checkpoint_uses_its_merges(tmp_path, capsys):
+    base = bpe_dataset(tmp_path, dataset="base")
+    text = "Speak, hear me. it's 123 here\n" * 30
+    new = tmp_path / "new.txt"
+    new.write_text(text, encoding="utf-8")
+    capsys.readouterr()
+    meta = run(tmp_path, "--input", str(new), "--vocab_from", str(tmp_path / "data/base"))
+    assert "its 43 merges, so there is nothing to map" in capsys.readouterr().out
+    assert train.same_vocabulary(meta, base) and meta["vocab_from"] == str(tmp_path / "data/base")
+    assert (tmp_path / "data/ds/merges.txt").read_bytes() == \
+        (tmp_path / "data/base/merges.txt").read_bytes()
+    merges, cut = [tuple(m) for m in base["bpe"]["merges"]], meta["val_from_char"]
+    assert bins(tmp_path) == (tokenizer.encode_with_merges(text[:cut], merges, P2),
+                              tokenizer.encode_with_merges(text[cut:], merges, P2))
+    run_dir = tmp_path / "run"  # a checkpoint carries the merges: no data folder needed
+    run_dir.mkdir()
+    plumbing.save_checkpoint({"model": {}, "model_args": {}, "meta": base}, run_dir / "best.pt")
+    meta = run(tmp_path, "--input", str(new), "--vocab_from", str(run_dir), dataset="from_ckpt")
+    assert train.same_vocabulary(meta, base) and bins(tmp_path, "from_ckpt") == bins(tmp_path)
+    assert "--drop_unknown does not apply" in fail(capsys, tmp_path, "--input", str(new),
+                                                   "--vocab_from", str(run_dir), "--drop_unknown")
+    assert "--tokenizer char, but" in fail(capsys, tmp_path, "--input", str(new), "--tokenizer",
+                                           "char", "--vocab_from", str(run_dir))
+
+
+def test_bpe_vocabularies_are_the_same_when_merges_pattern_and_specials_are():
+    merges = [[97, 98], [256, 99]]
+    a = {"tokenizer": "bpe", "vocab_size": 259, "bpe": tokenizer.bpe_meta(merges, "gpt2", P2)}
+    same = json.loads(json.dumps(a))  # as a checkpoint or another meta.json holds it
+    assert train.same_vocabulary(a, same) and train.same_data(a, same)
+    for other in ({**a["bpe"], "merges": [[97, 98], [256, 100]]}, {**a["bpe"], "pattern": P4},
+                  {**a["bpe"], "special_tokens": {"<|endoftext|>": 300}}):
+        assert not train.same_vocabulary(a, {**a, "bpe": other})
+        assert not train.same_data(a, {**a, "bpe": other})
+    assert not train.same_vocabulary(a, {"tokenizer": "char", "vocab_size": 259})
+    assert train.vocabulary_name(a) == "byte-level BPE of 259 tokens"
+
+
+def test_metas_written_before_trained_bpes_still_load(tmp_path):
+    """A character or GPT-2 dataset's meta.json as written before this tokenizer (no "bpe"; for
+    GPT-2, no "eot_token" either) loads in train.py and tokenizes as it did."""
+    for name, meta in {"old_char": {"tokenizer": "char", "vocab_size": 3,
+                                    "chars": ["\n", "a", "b"]},
+                       "old_gpt2": {"tokenizer": "gpt2", "vocab_size": 50257}}.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+        for split in ("train", "val"):
+            np.zeros(8, dtype=np.uint16).tofile(folder / f"{split}.bin")
+        loaded = train.load_meta(tmp_path, name)
+        assert loaded == meta and train.same_data(loaded, meta)
+        encode, decode = tokenizer.get_tokenizer(loaded)
+        assert decode(encode("ab\nba")) == "ab\nba"
+    assert tokenizer.get_tokenizer({"tokenizer": "gpt2"})[0]("Hello world") == [15496, 995]
+
+
+@slow
+def test_bpe_checkpoint_samples_with_its_data_deleted(tmp_path, capsys):
+    """A checkpoint keeps the merges in its meta: with data/ gone, sample.py still encodes
+    the prompt, a FILE: prompt and a --score file, and decodes."""
+    meta = bpe_dataset(tmp_path, dataset="tiny")
+    out = tmp_path / "out"
+    train_tiny(tmp_path / "data", out, "--max_iters=2")
+    ckpt = torch.load(out / "best.pt", weights_only=True)
+    assert ckpt["meta"]["bpe"]["merges"] == meta["bpe"]["merges"]
+    shutil.rmtree(tmp_path / "data")
+    [text] = sample.main([f"--out_dir={out}", "--start=First Citizen", "--num_samples=1",
+                          "--max_new_tokens=8", "--stream=False"])
+    assert text.startswith("First Citizen")
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("it's <|endoftext|> here\n", encoding="utf-8")  # a file's text: plain text
+    [text] = sample.main([f"--out_dir={out}", f"--start=FILE:{prompt}", "--num_samples=1",
+                          "--max_new_tokens=4", "--stream=True"])
+    assert text.startswith("it's <|endoftext|> here\n")
+    merges = [tuple(m) for m in meta["bpe"]["merges"]]
+    ids = tokenizer.encode_with_merges(prompt.read_text(encoding="utf-8"), merges, P2)
+    scored = sample.main([f"--out_dir={out}", f"--score={prompt}"])
+    assert scored["tokens"] == len(ids) - 1 and np.isfinite(scored["loss"])
+
+
+# -----------------------------------------------------------------------------
+# The trainer itself: merges against a slow reference and Hugging Face tokenizers, tiktoken
+# against the readable encoder, round trips of every byte string, the merges file.
+
+
+PATTERNS = [tokenizer.GPT2_SPLIT_PATTERN, tokenizer.GPT4_SPLIT_PATTERN]
+
+ENGLISH = """\
+First Citizen: Before we proceed any further, hear me speak. We are accounted poor citizens,
+the patricians good. What authority surfeits on would relieve us: if they would yield us but
+the superfluity, while it were wholesome, we might guess they relieved us humanely; but they
+think we are too dear: the leanness that afflicts us, the object of our misery, is as an
+inventory to particularise their abundance; our sufferance is a gain to them. Let us revenge
+this with our pikes, ere we become rakes: for the gods know I speak this in hunger for bread,
+not in thirst for revenge. It's 1,234 miles; they'll say 2024 -- don't they? I'M SURE WE'LL.
+"""
+MANY_SCRIPTS = ("naïve café — e\u0301 (decomposed) Ærø ÅSA; 日本語のテキスト、中文文本。"
+         " 한국어 텍스트 😀👩\u200d👩\u200d👧 🇫🇷 مرحبا שלום Привет, мир!\t\t tabs\r\n\r\n"
+         "   spaces\u00a0nbsp\u3000ideographic  1234567 3.14159 $5.00 #tag @user ... !!! ???\n")
+
+
+def zipf_text(seed: int, n_words: int) -> str:
+    """Text-like filler: words made of syllables, drawn with Zipfian frequencies (as in real
+    text, so the top pair counts are mostly distinct), with punctuation and line breaks."""
+    rng = random.Random(seed)
+    syllables = ["th", "e", "an", "in", "er", "re", "on", "at", "st", "ou", "ing", "ed", "al",
+                 "qu", "x", "o", "a", "i", "s", "t", "nd", "ch", "ly"]
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4)))
+             for _ in range(400)]
+    weights = [1 / (k + 1) for k in range(len(words))]
+    out = []
+    for w in rng.choices(words, weights, k=n_words):
+        out.append(w.capitalize() if rng.random() < 0.1 else w)
+        out.append(rng.choices([" ", ", ", ". ", ".\n", "'s "], [80, 8, 6, 4, 2])[0])
+    return "".join(out)
+
+
+# -----------------------------------------------------------------------------
+# The slow reference: recount every pair over the whole split text at every step
+
+
+def reference_merge(ids, pair, new_id):
+    out, i = [], 0
+    while i < len(ids):
+        if tuple(ids[i:i + 2]) == pair:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def reference_bpe(texts, num_merges, pattern, tie_order=None):
+    """(merges, tops): BPE by definition. At each step count every adjacent pair in every chunk
+    (a chunk that occurs n times counts n times: the same sums as going through the text chunk
+    by chunk, in fewer terms), take the highest count, the smallest pair among those that have
+    it, and merge it in every chunk. tops[i] is the set of pairs that had the top count at step
+    i (more than one: a tie). Stops early, with fewer merges, when no pair is left.
+    tie_order, if given, renumbers the 256 bytes for breaking ties (another library's rule)."""
+    order = tie_order or list(range(256))
+    renumber = lambda i: order[i] if i < 256 else i
+    chunks = Counter(c for t in texts for c in regex.findall(pattern, t))
+    words = [(list(c.encode("utf-8")), n) for c, n in chunks.items()]
+    merges, tops = [], []
+    for step in range(num_merges):
+        counts = Counter()
+        for ids, n in words:
+            for pair in pairwise(ids):
+                counts[pair] += n
+        if not counts:
+            break
+        top = max(counts.values())
+        tops.append({p for p, c in counts.items() if c == top})
+        merges.append(min(tops[-1], key=lambda p: (renumber(p[0]), renumber(p[1]))))
+        words = [(reference_merge(ids, merges[-1], 256 + step), n) for ids, n in words]
+    return merges, tops
+
+
+def token_bytes(merges):
+    tokens = [bytes([i]) for i in range(256)]
+    for a, b in merges:
+        tokens.append(tokens[a] + tokens[b])
+    return tokens
+
+
+# -----------------------------------------------------------------------------
+# Split patterns
+
+
+def test_split_patterns_are_tiktokens():
+    """GPT-2's is tiktoken's r50k_pat_str; GPT-4's is the pat_str in the source of tiktoken's
+    cl100k_base() (read from its source, since calling it downloads the ranks)."""
+    from tiktoken_ext import openai_public
+
+    assert tokenizer.GPT2_SPLIT_PATTERN == openai_public.r50k_pat_str
+    tree = ast.parse(inspect.getsource(openai_public.cl100k_base))
+    found = [v.value for node in ast.walk(tree) if isinstance(node, ast.Dict)
+             for k, v in zip(node.keys, node.values)
+             if isinstance(k, ast.Constant) and k.value == "pat_str"]
+    assert found == [tokenizer.GPT4_SPLIT_PATTERN]
+    assert tokenizer.SPLIT_PATTERNS == {"gpt2": tokenizer.GPT2_SPLIT_PATTERN, "gpt4": tokenizer.GPT4_SPLIT_PATTERN}
+    s = "I'M here, it's 12345 ok!!\n\n  x"
+    assert regex.findall(tokenizer.GPT2_SPLIT_PATTERN, s) == [
+        "I", "'", "M", " here", ",", " it", "'s", " 12345", " ok", "!!", "\n\n ", " x"]
+    assert regex.findall(tokenizer.GPT4_SPLIT_PATTERN, s) == [
+        "I", "'M", " here", ",", " it", "'s", " ", "123", "45", " ok", "!!\n\n", " ", " x"]
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=["gpt2", "gpt4"])
+@pytest.mark.parametrize("texts, num_merges", [
+    ([ENGLISH], 150),
+    ([ENGLISH, MANY_SCRIPTS, MANY_SCRIPTS.upper()], 120),                  # multi-byte UTF-8 and scripts
+    (["aaaaaa aaa aaaaaaaaa a aa bbbbbbb abababab aaaaaaaaaaaaa"], 12),  # overlapping runs
+    (["abcdefgh ijklmnop qrstuvwx yz", "zyxw vuts rqpo"], 18),  # every count ties at 1
+    ([" ".join(random.Random(1).choices(["ab", "ba", "aab", "bba", "abab", "b a"], k=300))],
+     10),                                                  # few symbols, many equal counts
+    ([zipf_text(2, 3000)], 200),
+    (["a" * 50, "ab", "c"], 7),  # each text split on its own: no pair spans "ab" and "c"
+])
+def test_train_bpe_matches_reference(texts, num_merges, pattern):
+    ref, _ = reference_bpe(texts, num_merges, pattern)
+    assert len(ref) == num_merges  # the cases have enough pairs
+    assert tokenizer.train_bpe(iter(texts), num_merges, pattern) == ref  # any iterable of str
+    assert tokenizer.train_bpe(texts, num_merges // 2, pattern) == ref[:num_merges // 2]
+
+
+def test_train_bpe_tie_rule_and_overlaps():
+    # Every pair in "abcd" counts 1: the smallest, (97, 98) "ab", wins; then [ab, c, d] has
+    # (256, 99) and (99, 100), and the smaller is (99, 100): ids, not positions, break ties
+    assert tokenizer.train_bpe(["abcd"], 3, tokenizer.GPT2_SPLIT_PATTERN) == [(97, 98), (99, 100), (256, 257)]
+    # "aaaaa": (a, a) occurs 4 times; merged left to right it leaves [aa, aa, a], so next
+    # (aa, aa) and (aa, a) tie at 1 and the smaller, (256, 97) wins
+    assert tokenizer.train_bpe(["aaaaa"], 3, tokenizer.GPT2_SPLIT_PATTERN) == [(97, 97), (256, 97), (256, 257)]
+    assert tokenizer.train_bpe(["anything"], 0, tokenizer.GPT2_SPLIT_PATTERN) == []
+
+
+def test_train_bpe_too_small():
+    texts = [ENGLISH[:200]]
+    possible = len(reference_bpe(texts, 10_000, tokenizer.GPT2_SPLIT_PATTERN)[0])
+    with pytest.raises(tokenizer.TokenizerError) as e:
+        tokenizer.train_bpe(texts, 4096, tokenizer.GPT2_SPLIT_PATTERN)
+    assert str(e.value) == (f"the text is too small for 4,096 merges: it has pairs for only "
+                            f"{possible} (use a smaller --vocab_size or more text)")
+    assert len(tokenizer.train_bpe(texts, possible, tokenizer.GPT2_SPLIT_PATTERN)) == possible
+    with pytest.raises(tokenizer.TokenizerError, match="for only 0 "):
+        tokenizer.train_bpe(["a", "b", " ", "c"], 1, tokenizer.GPT2_SPLIT_PATTERN)  # one-byte chunks only
+    with pytest.raises(tokenizer.TokenizerError, match="-1"):
+        tokenizer.train_bpe(["ab"], -1, tokenizer.GPT2_SPLIT_PATTERN)
+
+
+def hf_byte_chars():
+    """The byte -> character map of GPT-2 and of `tokenizers`' ByteLevel: the printable bytes
+    stand for themselves, the other 68 get the characters from U+0100 on, in order."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in kept]
+    return {b: chr(b) for b in kept} | {b: chr(256 + k) for k, b in enumerate(others)}
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=["gpt2", "gpt4"])
+def test_train_bpe_agrees_with_hugging_face_tokenizers(pattern):
+    """Reference: Hugging Face `tokenizers` (Rust), its BpeTrainer on a Split pre-tokenizer
+    with our pattern followed by ByteLevel with its own regex off, so both count the same
+    chunks (checked first). Its tie rule is ours but on its own ids: it numbers the 256 bytes
+    in the order of their stand-in characters (space, U+0120, comes after the letters). So:
+    its merges, as byte strings, must be exactly the slow reference's when that breaks ties
+    in its numbering; and ours may part from its only at a step where the top count is tied."""
+    tokenizers = pytest.importorskip("tokenizers", reason="Hugging Face tokenizers not installed")
+    from tokenizers import Regex, models, pre_tokenizers, trainers
+
+    text, num_merges = zipf_text(3, 20_000).replace("'s", "'s 199"), 300
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    chars = hf_byte_chars()
+    to_byte = {c: b for b, c in chars.items()}
+    theirs_chunks = [bytes(map(to_byte.get, piece))
+                     for piece, _ in tok.pre_tokenizer.pre_tokenize_str(text)]
+    assert theirs_chunks == [c.encode() for c in regex.findall(pattern, text)]
+    trainer = trainers.BpeTrainer(vocab_size=256 + num_merges, min_frequency=0,
+                                  show_progress=False, special_tokens=[],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([text], trainer=trainer)
+    assert tok.get_vocab_size() == 256 + num_merges
+    theirs = [(bytes(map(to_byte.get, a)), bytes(map(to_byte.get, b)))
+              for a, b in json.loads(tok.to_str())["model"]["merges"]]
+
+    hf_order = sorted(range(256), key=lambda b: chars[b])  # its id -> byte
+    hf_ref, _ = reference_bpe([text], num_merges, pattern,
+                              tie_order=[hf_order.index(b) for b in range(256)])
+    tokens = token_bytes(hf_ref)
+    assert theirs == [(tokens[a], tokens[b]) for a, b in hf_ref]
+
+    ours = tokenizer.train_bpe([text], num_merges, pattern)
+    ref, tops = reference_bpe([text], num_merges, pattern)
+    assert ours == ref
+    tokens = token_bytes(ours)
+    ours_bytes = [(tokens[a], tokens[b]) for a, b in ours]
+    parted = next((i for i, (x, y) in enumerate(zip(ours_bytes, theirs)) if x != y), None)
+    if parted is not None:  # on this text: at step 45 (gpt2) or 57 (gpt4), of 300
+        tied = {(tokens[a], tokens[b]) for a, b in tops[parted]}
+        assert parted >= 40 and {ours_bytes[parted], theirs[parted]} <= tied
+
+
+# -----------------------------------------------------------------------------
+# Encoding
+
+
+@pytest.fixture(scope="module", params=PATTERNS, ids=["gpt2", "gpt4"])
+def trained_bpe(request):
+    """(merges, pattern, encoding) learned on English and many scripts, so merges join the
+    bytes inside multi-byte characters too."""
+    pattern = request.param
+    merges = tokenizer.train_bpe([ENGLISH * 5, MANY_SCRIPTS * 20, zipf_text(4, 1000)], 400, pattern)
+    return merges, pattern, tokenizer.bpe_encoding(merges, pattern, {})
+
+
+def varied_strings():
+    rng = random.Random(5)
+    alphabet = "abcXYZ 0123456789 \t\n\r.,'!?-_éñü日本語😀👍\u0301\u200d\u00a0\u3000"
+    fixed = [ENGLISH, MANY_SCRIPTS, "", " ", "a", "  \n\n \t ", "\r\n\r\n", "x" * 300, " " * 40,
+             "it's I'LL you'd", "12345678901", "😀😀😀", "e\u0301\u0301", "<|endoftext|>",
+             "👩\u200d👩\u200d👧\u200d👦 🏳️\u200d🌈", "\x00\x01\x7f", "\ud7ff\ue000\uffff"]
+    return fixed + ["".join(rng.choices(alphabet, k=rng.randint(1, 60))) for _ in range(300)]
+
+
+def test_tiktoken_equals_encode_with_merges(trained_bpe):
+    merges, pattern, enc = trained_bpe
+    for s in varied_strings():
+        assert enc.encode_ordinary(s) == tokenizer.encode_with_merges(s, merges, pattern), repr(s)
+    assert len(enc.encode_ordinary(ENGLISH)) < len(ENGLISH.encode()) / 2  # it does compress
+    as_lists = [list(m) for m in merges]  # as meta.json and checkpoints hold them
+    assert tokenizer.encode_with_merges(MANY_SCRIPTS, as_lists, pattern) == enc.encode_ordinary(MANY_SCRIPTS)
+    assert tokenizer.bpe_encoding(as_lists, pattern, {}).encode_ordinary(MANY_SCRIPTS) == enc.encode_ordinary(
+        MANY_SCRIPTS)
+
+
+def test_encoding_round_trips_every_byte_string(trained_bpe):
+    """Strings through encode_ordinary/decode; bytes, invalid UTF-8 included, through
+    tiktoken's bytes API (Encoding._encode_bytes, private but the one that takes bytes; it
+    splits the valid UTF-8 prefix with the pattern and byte-pair-encodes the rest)."""
+    enc = trained_bpe[2]
+    for s in varied_strings():
+        assert enc.decode(enc.encode_ordinary(s)) == s
+    rng = random.Random(6)
+    samples = [bytes(rng.randrange(256) for _ in range(rng.randint(0, 40))) for _ in range(300)]
+    samples += [b"\xff\xfe", b"\x80", "日本".encode()[:-1], "😀".encode()[:2] + b"abc",
+                bytes(range(256)), ENGLISH.encode() + b"\xc3", MANY_SCRIPTS.encode()[:-7]]
+    pieces = [enc.decode_single_token_bytes(i) for i in range(256, enc.n_vocab)]
+    # many tokens hold bytes of multi-byte characters, and some only part of one
+    assert sum(max(t) > 127 for t in pieces) >= 20
+    assert any(t.decode("utf-8", "ignore").encode() != t for t in pieces)
+    for b in samples:
+        ids = enc._encode_bytes(b)
+        assert enc.decode_bytes(ids) == b
+        assert all(0 <= i < enc.n_vocab for i in ids)
+
+
+def test_bpe_ranks():
+    merges = tokenizer.train_bpe([ENGLISH], 50, tokenizer.GPT2_SPLIT_PATTERN)
+    ranks = tokenizer.bpe_ranks(merges)
+    assert list(ranks.values()) == list(range(256 + 50))
+    assert list(ranks) == token_bytes(merges)
+    assert ranks[b" t"] == 256 + merges.index((32, 116))
+    with pytest.raises(tokenizer.TokenizerError, match=r"merge 1 joins \(300, 1\)"):
+        tokenizer.bpe_ranks([(97, 98), (300, 1)])
+    with pytest.raises(tokenizer.TokenizerError, match="both make the token b'abc'"):
+        tokenizer.bpe_ranks([(97, 98), (98, 99), (256, 99), (97, 257)])
+
+
+def test_special_tokens_come_after_the_merges(trained_bpe):
+    merges, pattern, _ = trained_bpe
+    n = 256 + len(merges)
+    specials = {"<|endoftext|>": n, "<|user|>": n + 1, "<|end|>": n + 2}
+    enc = tokenizer.bpe_encoding(merges, pattern, specials, name="mine")
+    assert (enc.name, enc.n_vocab, enc.max_token_value, enc.eot_token) == ("mine", n + 3, n + 2, n)
+    assert enc.special_tokens_set == set(specials)
+    ids = enc.encode("hi<|user|>there<|end|>", allowed_special={"<|user|>", "<|end|>"})
+    assert ids == enc.encode_ordinary("hi") + [n + 1] + enc.encode_ordinary("there") + [n + 2]
+    assert enc.decode(ids) == "hi<|user|>there<|end|>"
+    assert n not in enc.encode_ordinary("<|endoftext|>")  # as ordinary text it is just text
+    with pytest.raises(ValueError):  # tiktoken refuses specials not allowed explicitly
+        enc.encode("<|endoftext|>")
+    for wrong in ({"<|endoftext|>": n + 1}, {"<|endoftext|>": 0}, {"a": n, "b": n + 2}):
+        with pytest.raises(tokenizer.TokenizerError, match=f"special token ids must be {n} to"):
+            tokenizer.bpe_encoding(merges, pattern, wrong)
+
+
+# -----------------------------------------------------------------------------
+# The merges file
+
+
+def test_merges_file_round_trip_and_errors(tmp_path):
+    merges = tokenizer.train_bpe([ENGLISH, MANY_SCRIPTS], 300, tokenizer.GPT4_SPLIT_PATTERN)
+    path = tmp_path / "merges.txt"
+    digest = tokenizer.write_merges(path, merges)
+    data = path.read_bytes()
+    assert digest == hashlib.sha256(data).hexdigest()
+    assert data.decode().splitlines()[1:3] == [f"{a} {b}" for a, b in merges[:2]]
+    assert tokenizer.read_merges(path, digest) == merges
+    assert tokenizer.read_merges(str(path), digest) == merges  # a str path too
+    empty = tmp_path / "empty.txt"
+    assert tokenizer.read_merges(empty, tokenizer.write_merges(empty, [])) == []
+
+    def fails(content: bytes, digest=None):
+        path.write_bytes(content)
+        with pytest.raises(tokenizer.TokenizerError) as e:
+            tokenizer.read_merges(path, digest or hashlib.sha256(content).hexdigest())
+        assert str(path) in str(e.value) and "\n" not in str(e.value)
+        return str(e.value)
+
+    at = data.index(b"\n", 200) + 1  # a digit at the start of some merge line
+    altered = data[:at] + bytes([ord("0") + (data[at] - ord("0") + 1) % 10]) + data[at + 1:]
+    assert "altered since prepare.py wrote it" in fails(altered, digest)
+    assert "altered since" in fails(data[:-9], digest)  # truncated, checked by the digest
+    assert "truncated" in fails(data[:-1])  # and caught by the format alone, too
+    assert "has 299 merges, its header says 300" in fails(data[:data.rindex(b"\n", 0, -1) + 1])
+    header = data[:data.index(b"\n") + 1]
+    assert "line 3: expected two ids 'a b', got '97 x'" in fails(header + b"97 98\n97 x\n")
+    assert "line 2: expected two ids" in fails(header + b"97  98\n")
+    assert "line 3: merge 1 joins (257, 97)" in fails(header + b"97 98\n257 97\n")
+    assert "not a merges file" in fails(b"97 98\n")
+    assert "not a merges file" in fails(header + "97 9\u0662\n".encode())
+    path.unlink()
+    with pytest.raises(tokenizer.TokenizerError, match="cannot read the merges file .*merges.txt"):
+        tokenizer.read_merges(path, digest)
+    with pytest.raises(tokenizer.TokenizerError, match="cannot read the merges file"):
+        tokenizer.read_merges(tmp_path, digest)  # a folder
 
 
 # =============================================================================
@@ -2382,7 +2974,7 @@ def test_truncated_checkpoint_and_offline_hub(tmp_path, capsys, monkeypatch):
     for name, value in empty_hf_caches(tmp_path).items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-    monkeypatch.setattr(prepare, "hub_unreachable", lambda: True)
+    monkeypatch.setattr(plumbing, "hub_unreachable", lambda: True)
     t0 = time.perf_counter()
     with pytest.raises(ValueError, match="hub cannot be reached and it is not in the local cache"):
         GPT.from_pretrained("gpt2")
@@ -2807,7 +3399,7 @@ def test_generate_stream_stops_early_and_restores_mode():
 
 
 def test_stream_decoder_never_splits_a_character():
-    enc = prepare.gpt2_encoding()
+    enc = tokenizer.gpt2_encoding()
     text = "héllo 世界 🙂"
     ids = enc.encode(text)
     stream = sample.StreamDecoder(enc.decode_single_token_bytes)
@@ -2970,17 +3562,17 @@ def test_score_stride_wider_than_the_window_cli(flag_models, tmp_path, capsys):
     assert one["tokens"] == wide["tokens"] == 33
 
 
-@pytest.mark.parametrize("tokenizer", ["char", "gpt2"])
-def test_files_are_read_as_prepare_reads_them(tmp_path, capsys, monkeypatch, tokenizer):
+@pytest.mark.parametrize("kind", ["char", "gpt2"])
+def test_files_are_read_as_prepare_reads_them(tmp_path, capsys, monkeypatch, kind):
     """A byte-order mark, Windows line ends and a literal <|endoftext|>: prepare.py --input,
     sample.py --score and --start=FILE: give the same ids. UTF-16 is refused alike."""
     src = tmp_path / "in.txt"
     half = "Hello <|endoftext|> world.\r\nBye.\r\n"  # val starts with the second half
     src.write_bytes(("\ufeff" + half * 2).encode("utf-8"))
-    meta = run(tmp_path, "--input", str(src), "--tokenizer", tokenizer, "--val_fraction=0.5")
+    meta = run(tmp_path, "--input", str(src), "--tokenizer", kind, "--val_fraction=0.5")
     train_ids, val_ids = bins(tmp_path)
     prepared = train_ids + val_ids
-    assert prepare.get_tokenizer(meta)[1](prepared) == half.replace("\r\n", "\n") * 2
+    assert tokenizer.get_tokenizer(meta)[1](prepared) == half.replace("\r\n", "\n") * 2
     init = save_model(tmp_path / "m.pt", meta, n_embd=8, block_size=64)
     seen = []
     monkeypatch.setattr(sample, "score", lambda m, ids, stride: (seen.append(ids.tolist()),
@@ -2995,7 +3587,7 @@ def test_files_are_read_as_prepare_reads_them(tmp_path, capsys, monkeypatch, tok
     one = [init, "--device=cpu", "--num_samples=1", "--max_new_tokens=2"]
     sample.main(one + [f"--start=FILE:{src}"])
     assert seen == [prepared, prepared]
-    if tokenizer == "gpt2":  # typed on the command line, <|endoftext|> is the token
+    if kind == "gpt2":  # typed on the command line, <|endoftext|> is the token
         sample.main(one + ["--start=<|endoftext|>"])
         assert seen[-1] == [EOT_ID]
     src.write_bytes("Hello".encode("utf-16"))
@@ -3053,7 +3645,7 @@ def test_streamed_sample_equals_unstreamed(ckpt_dir, capsys):
     assert streamed == stdout_text(capsys) == "\n".join(texts).splitlines()
     # and the text is what generate samples with the same seed and defaults
     model, meta = sample.load_model("resume", ckpt_dir, torch.device("cpu"))
-    encode, decode = prepare.get_tokenizer(meta)
+    encode, decode = tokenizer.get_tokenizer(meta)
     y = model.generate(torch.tensor([encode("All:")]), 40, temperature=0.8, top_k=200,
                        generator=torch.Generator().manual_seed(1337))
     assert decode(y[0].tolist()) == texts[0]
@@ -3131,7 +3723,7 @@ def test_sample_score_cli(ckpt_dir, tmp_path, capsys):
         math.exp(result["loss"]))
     assert "perplexity" in capsys.readouterr().out
     model, meta = sample.load_model("resume", ckpt_dir, torch.device("cpu"))
-    ids = torch.tensor(prepare.get_tokenizer(meta)[0](TEXT[:100]))
+    ids = torch.tensor(tokenizer.get_tokenizer(meta)[0](TEXT[:100]))
     assert result["loss"] == pytest.approx(
         brute_force_nll(model, ids, lambda t: max(0, t - 32)), abs=1e-5)
     text.write_text("Zebra", encoding="utf-8")
@@ -3308,7 +3900,7 @@ def prepare_task(tmp_path, task, *flags):
     prepare.main(["--dataset", task, "--data_dir", str(tmp_path / "data"), *flags])
     folder = tmp_path / "data" / task
     meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-    _, decode = prepare.get_tokenizer(meta)
+    _, decode = tokenizer.get_tokenizer(meta)
 
     def problems(split):
         ids = np.fromfile(folder / f"{split}.bin", dtype=np.uint16).tolist()
@@ -3414,7 +4006,7 @@ def test_sample_says_whether_an_addition_answer_is_right(tmp_path, capsys, monke
     meta = json.loads((tmp_path / "data" / "addition" / "meta.json").read_text(encoding="utf-8"))
     init = save_model(tmp_path / "ckpt.pt", meta, block_size=meta["chat"]["max_len"] - 1,
                       n_layer=1, n_head=1, n_embd=8)
-    encode, _ = prepare.get_tokenizer(meta)
+    encode, _ = tokenizer.get_tokenizer(meta)
     end = chat.marker_id(meta["chat"], "end")
 
     asked = chat.render_prompt([{"role": "user", "content": "123+456"}], encode, meta["chat"])
@@ -3567,7 +4159,7 @@ def expected_mask(ids, markers):
 
 
 def conversations(meta, split_convs):
-    _, decode = prepare.get_tokenizer(meta)
+    _, decode = tokenizer.get_tokenizer(meta)
     return [chat.parse(ids, decode, meta["chat"]) for ids, _ in split_convs]
 
 
@@ -3600,10 +4192,10 @@ def as_messages(record):
 # Conversations from JSON lines: both forms, both tokenizers
 
 
-@pytest.mark.parametrize("tokenizer", ["char", "gpt2"])
-def test_chat_jsonl_round_trips_with_its_mask(tmp_path, capsys, tokenizer):
+@pytest.mark.parametrize("kind", ["char", "gpt2"])
+def test_chat_jsonl_round_trips_with_its_mask(tmp_path, capsys, kind):
     src = jsonl(tmp_path / "convs.jsonl", RECORDS)
-    meta = run(tmp_path, "--input", str(src), "--tokenizer", tokenizer, "--val_fraction", "0.4")
+    meta = run(tmp_path, "--input", str(src), "--tokenizer", kind, "--val_fraction", "0.4")
     out = capsys.readouterr().out
     assert "0 conversations longer than" in out and "2 val conversations" in out
     meta_disk, splits = read_chat(tmp_path / "data" / "ds")
@@ -3615,23 +4207,48 @@ def test_chat_jsonl_round_trips_with_its_mask(tmp_path, capsys, tokenizer):
     c = meta["chat"]
     assert (c["train_conversations"], c["val_conversations"], c["dropped"], c["shortened"]) == \
         (3, 2, 0, 0)
-    assert c["checkable"] is False and c["block_size"] == (256 if tokenizer == "char" else 1024)
+    assert c["checkable"] is False and c["block_size"] == (256 if kind == "char" else 1024)
     assert c["max_len"] == max(len(ids) for ids, _ in splits["train"] + splits["val"])
-    base = 50257 if tokenizer == "gpt2" else len(meta["chars"])
+    base = 50257 if kind == "gpt2" else len(meta["chars"])
     assert c["markers"] == {m: base + i for i, m in enumerate(chat.MARKERS)}
     assert meta["vocab_size"] == c["vocab_size"] == base + 4
-    if tokenizer == "gpt2":
+    if kind == "gpt2":
         assert meta["vocab_size"] == 50261 and "chars" not in meta
-        enc = prepare.gpt2_encoding()
+        enc = tokenizer.gpt2_encoding()
         ids, _ = splits["train"][2]  # its text spells <|end|>: ordinary tokens, never a marker
         assert ids == chat.render(as_messages(RECORDS[2]), enc.encode_ordinary, c)[0]
         assert max(i for ids, _ in splits["train"] for i in ids) == 50260
     else:
         text = "".join(m["content"] for r in RECORDS for m in as_messages(r))
         assert meta["chars"] == sorted(set(text))
-    _, decode = prepare.get_tokenizer(meta)  # markers print as their names
+    _, decode = tokenizer.get_tokenizer(meta)  # markers print as their names
     assert decode(splits["train"][0][0]) == \
         "<|user|>Reverse 123<|end|><|assistant|>321<|end|>"
+
+
+def test_chat_jsonl_with_a_bpe_of_its_own(tmp_path, capsys):
+    """--tokenizer bpe on conversations: merges learned from the train conversations' messages,
+    <|endoftext|> right after them, the 4 markers after it; --vocab_size counts them all."""
+    src = jsonl(tmp_path / "convs.jsonl", RECORDS)
+    meta = run(tmp_path, "--input", str(src), "--tokenizer", "bpe", "--vocab_size", "275",
+               "--val_fraction", "0.4")
+    meta_disk, splits = read_chat(tmp_path / "data" / "ds")
+    assert meta_disk == tokenizer.without_merges(meta)
+    texts = [m["content"] for r in RECORDS[:3] for m in as_messages(r)]  # the 3 train ones
+    merges = tokenizer.train_bpe(texts, 275 - 261, P2)
+    assert meta["bpe"]["merges"] == [list(m) for m in merges]
+    c = meta["chat"]
+    assert meta["bpe"]["special_tokens"] == {"<|endoftext|>": 270} and meta["eot_token"] == 270
+    assert c["markers"] == {m: 271 + i for i, m in enumerate(chat.MARKERS)}
+    assert meta["vocab_size"] == c["vocab_size"] == 275
+    got = conversations(meta, splits["train"]) + conversations(meta, splits["val"])
+    assert got == [as_messages(r) for r in RECORDS]
+    for ids, mask in splits["train"] + splits["val"]:
+        assert mask == expected_mask(ids, c["markers"])
+    ids, _ = splits["train"][2]  # its text spells <|end|>: ordinary tokens, never a marker
+    encode = lambda t: tokenizer.encode_with_merges(t, merges, P2)
+    assert ids == chat.render(as_messages(RECORDS[2]), encode, c)[0]
+    assert 270 not in {i for ids, _ in splits["train"] + splits["val"] for i in ids}
 
 
 def test_folder_of_jsonl_and_format_detection(tmp_path, capsys):
@@ -3933,13 +4550,13 @@ def test_chat_parquet_round_trip_and_bad_row(tmp_path, capsys):
 
 
 def write_chat_dataset(folder: Path, splits: dict, chars: list | None = None,
-                       checkable: bool = True, tokenizer: str = "char") -> dict:
+                       checkable: bool = True, kind: str = "char") -> dict:
     """data/<dataset>/ for conversations: s.bin, s_mask.bin, s_index.bin per split and
     meta.json, rendered by chat.render in a character vocabulary (chars: the characters,
     default those of the conversations) or GPT-2's BPE. splits: split -> list of records."""
     convs = {s: [chat.conversation(r) for r in recs] for s, recs in splits.items()}
-    if tokenizer == "gpt2":
-        encode, _ = prepare.get_tokenizer({"tokenizer": "gpt2"})
+    if kind == "gpt2":
+        encode, _ = tokenizer.get_tokenizer({"tokenizer": "gpt2"})
         tmpl = chat.chat_template(50257)
     else:
         if chars is None:
@@ -3963,7 +4580,7 @@ def write_chat_dataset(folder: Path, splits: dict, chars: list | None = None,
         np.array(ids, dtype=np.uint16).tofile(folder / f"{s}.bin")
         np.array(mask, dtype=np.uint8).tofile(folder / f"{s}_mask.bin")
         np.array(index, dtype="<i8").tofile(folder / f"{s}_index.bin")
-    meta = {"tokenizer": tokenizer, **({"chars": chars} if tokenizer == "char" else {}),
+    meta = {"tokenizer": kind, **({"chars": chars} if kind == "char" else {}),
             "vocab_size": tmpl["vocab_size"],
             "chat": {**tmpl, "max_len": max_len, "block_size": max_len - 1,
                      "checkable": checkable, "train_conversations": len(convs["train"]),
@@ -4251,7 +4868,7 @@ def test_init_from_gpt2_weights_onto_bpe_conversations_grows(tmp_path, capsys):
     hf.save_pretrained(tmp_path / "hf")
     recs = [{"prompt": f"Say {w}", "response": w} for w in ("yes", "no", "maybe", "hi") * 3]
     write_chat_dataset(tmp_path / "data" / "bpe_chat", {"train": recs, "val": recs[:4]},
-                       tokenizer="gpt2")
+                       kind="gpt2")
     train.main(["--device=cpu", "--compile=False", f"--data_dir={tmp_path / 'data'}",
                 "--dataset=bpe_chat", f"--out_dir={tmp_path / 'out'}",
                 f"--init_from={tmp_path / 'hf'}", "--batch_size=2", "--max_iters=1",
@@ -4265,6 +4882,34 @@ def test_init_from_gpt2_weights_onto_bpe_conversations_grows(tmp_path, capsys):
     theirs = hf.state_dict()["transformer.wte.weight"]
     torch.testing.assert_close(w[:50257], theirs, rtol=0, atol=1e-6)
     torch.testing.assert_close(w[50257:], theirs.mean(0).expand(4, -1), rtol=0, atol=1e-6)
+
+
+@slow
+def test_bpe_model_fine_tuned_on_bpe_chat_grows_and_chats(tmp_path, capsys):
+    """A model pretrained on a BPE of ours, fine-tuned on conversations written with its merges
+    (--vocab_from): the 4 markers are added, and sample.py --chat talks to it with data/ gone.
+    Conversations with merges of their own are refused, naming both vocabularies."""
+    data = tmp_path / "data"
+    bpe_dataset(tmp_path, dataset="tiny")
+    train_tiny(data, tmp_path / "pre", "--max_iters=2", "--block_size=48")
+    src = jsonl(tmp_path / "convs.jsonl", [{"prompt": f"Say {w}", "response": w}
+                                          for w in ("yes", "no", "maybe", "hi") * 3])
+    run(tmp_path, "--input", str(src), "--vocab_from", str(data / "tiny"), dataset="chat")
+    capsys.readouterr()
+    train_tiny(data, tmp_path / "ft", "--dataset=chat", f"--init_from={tmp_path / 'pre'}",
+               "--max_iters=2")
+    assert "has no chat markers: its 300 token embeddings grow by 4" in capsys.readouterr().out
+    assert torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=True)["vocab_grown"]["to"] == 304
+    run(tmp_path, "--input", str(src), "--tokenizer", "bpe", "--vocab_size", "270",
+        dataset="own_chat")
+    err = run_main(capsys, lambda a: train_tiny(data, tmp_path / "x", *a),
+                   [f"--init_from={tmp_path / 'pre'}", "--dataset=own_chat"])
+    assert "was trained on byte-level BPE of 300 tokens, and " \
+        f"{data / 'own_chat'} is byte-level BPE of 266 tokens with the chat markers" in err, err
+    shutil.rmtree(data)
+    replies = sample.main([f"--out_dir={tmp_path / 'ft'}", "--chat", "--start=Say yes",
+                           "--max_new_tokens=6"])
+    assert len(replies) == 1 and isinstance(replies[0], str)
 
 
 @slow
@@ -4310,7 +4955,7 @@ def scripted_replies(monkeypatch, replies: list[str], meta: dict) -> list[dict]:
     """GPT.generate_stream writes each reply in turn ("<|end|>" in it: the marker), then
     "zz" forever; returns a record of each call: the prompt's ids, the settings, how many
     tokens were taken from it."""
-    encode, _ = prepare.get_tokenizer(meta)
+    encode, _ = tokenizer.get_tokenizer(meta)
     end, calls = chat.marker_id(meta["chat"], "end"), []
     script = iter(replies)
 
@@ -4332,7 +4977,7 @@ def scripted_replies(monkeypatch, replies: list[str], meta: dict) -> list[dict]:
 
 def render_asking(meta, *messages) -> list[int]:
     """The prompt for the last of messages (user, assistant, ..., user) with the history."""
-    encode, _ = prepare.get_tokenizer(meta)
+    encode, _ = tokenizer.get_tokenizer(meta)
     roles = itertools.cycle(["user", "assistant"])
     return chat.render_prompt([{"role": next(roles), "content": m} for m in messages], encode,
                               meta["chat"])

@@ -68,7 +68,7 @@ from plumbing import (
     str2bool,
     truncate_log,
 )
-from prepare import first_line, get_tokenizer
+from tokenizer import TokenizerError, bpe_vocabulary, first_line, get_tokenizer, with_merges
 
 ROOT = Path(__file__).resolve().parent
 
@@ -733,7 +733,7 @@ def inherit_settings(a, ckpt: dict, log=print) -> None:
 def same_data(a: dict, b: dict) -> bool:
     """Whether two datasets' metas describe the same tokens: tokenizer, vocabulary, text, task
     and conversations (not where the text was read from)."""
-    keys = ("tokenizer", "vocab_size", "chars", "sha256", "task", "digits", "chat")
+    keys = ("tokenizer", "vocab_size", "chars", "bpe", "sha256", "task", "digits", "chat")
     return all(a.get(k) == b.get(k) for k in keys)
 
 
@@ -780,15 +780,17 @@ BUILT_IN_TEXTS = ("shakespeare_char", "shakespeare", "other_plays")  # prepare.p
 
 
 def same_vocabulary(a: dict, b: dict) -> bool:
-    """Whether the same id means the same token in both: GPT-2 BPE, or one character list,
-    and the same chat markers (or none in either)."""
+    """Whether the same id means the same token in both: GPT-2 BPE, one character list, or
+    one trained BPE, and the same chat markers (or none in either)."""
     return same_base(a, b) and a.get("vocab_size") == b.get("vocab_size") and \
         (a.get("chat") or {}).get("markers") == (b.get("chat") or {}).get("markers")
 
 
 def same_base(a: dict, b: dict) -> bool:
-    """The same tokenizer and characters, whether or not either has the chat markers."""
-    return a.get("tokenizer") == b.get("tokenizer") and a.get("chars") == b.get("chars")
+    """The same tokenizer and characters (a trained BPE: merges, split pattern and
+    <|endoftext|>), whether or not either has the chat markers."""
+    return a.get("tokenizer") == b.get("tokenizer") and a.get("chars") == b.get("chars") and \
+        bpe_vocabulary(a) == bpe_vocabulary(b)
 
 
 def adds_markers(ckpt_meta: dict, meta: dict) -> bool:
@@ -801,8 +803,9 @@ def adds_markers(ckpt_meta: dict, meta: dict) -> bool:
 def vocabulary_name(meta: dict) -> str:
     chat = meta.get("chat")
     base = chat["markers"]["<|system|>"] if chat else meta["vocab_size"]  # the markers' first id
-    return ("GPT-2 BPE" if meta["tokenizer"] == "gpt2" else f"{base} characters") + \
-        (" with the chat markers" if chat else "")
+    name = {"gpt2": "GPT-2 BPE", "bpe": f"byte-level BPE of {base} tokens"}.get(
+        meta["tokenizer"], f"{base} characters")
+    return name + (" with the chat markers" if chat else "")
 
 
 def check_memory(a, shape: dict, device: torch.device, world_size: int) -> None:
@@ -832,7 +835,9 @@ def count_params(shape: dict) -> int:
 
 
 def load_meta(data_dir: Path, dataset: str) -> dict:
-    """data/<dataset>/meta.json, checked: it and both splits must be there and readable."""
+    """data/<dataset>/meta.json, checked: it and both splits must be there and readable; a
+    trained BPE's merges are read from their file (checked against meta.json's SHA-256) into
+    meta["bpe"]["merges"]."""
     folder = data_dir / dataset
     hint = "python prepare.py" + ("" if dataset == "shakespeare_char" else
                                   f" --dataset {dataset}")
@@ -845,6 +850,10 @@ def load_meta(data_dir: Path, dataset: str) -> dict:
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise UserError(f"{folder / 'meta.json'} is unreadable ({first_line(e)}): run `{hint}` "
                         "again") from None
+    try:  # a trained BPE's merges go into the meta, so checkpoints carry the tokenizer
+        meta = with_merges(meta, folder)
+    except TokenizerError as e:
+        raise UserError(f"{e}: run `{hint}` again") from None
     names = ("{}.bin", "{}_mask.bin", "{}_index.bin") if meta.get("chat") else ("{}.bin",)
     for split in ("train", "val"):
         for name in (n.format(split) for n in names):
