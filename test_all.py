@@ -4660,14 +4660,16 @@ def test_bench_runs_and_reports(capsys):
 def test_bench_encode_figures_by_hand():
     """10 MB: tiktoken 2, 4 and 3 s; prepare.py 1, 1 and 2 s: medians 3 s and 1 s, so 3.33
     and 10 MB/s; the ratios side by side 2, 4 and 1.5, median 2: above 0.9 x 2 cores. The
-    other way, 4, 2 and 2 s: ratios 0.5, 2 and 1.5, median 1.5, below it."""
+    other way, 4, 2 and 2 s: ratios 0.5, 2 and 1.5, median 1.5, below it. By CPU seconds,
+    2 cores x tiktoken's 2 s / 2.5 s = 1.6 in every run; x 2 / 5 = 0.8."""
     import bench
-    e = bench.encode_figures(10_000_000, 2, {"tiktoken": [2.0, 4.0, 3.0],
-                                             "one_text": [1.0, 1.0, 2.0],
-                                             "documents": [4.0, 2.0, 2.0]})
+    e = bench.encode_figures(10_000_000, 2, {
+        "tiktoken": [(2.0, 2.0), (4.0, 2.0), (3.0, 2.0)],
+        "one_text": [(1.0, 2.5), (1.0, 2.5), (2.0, 2.5)],
+        "documents": [(4.0, 5.0), (2.0, 5.0), (2.0, 5.0)]})
     assert e == {"megabytes": 10.0, "cores": 2, "target": 1.8, "tiktoken_mb_per_s": 3.33,
-                 "one_text": {"mb_per_s": 10.0, "ratio": 2.0, "met": True},
-                 "documents": {"mb_per_s": 5.0, "ratio": 1.5, "met": False}}
+                 "one_text": {"mb_per_s": 10.0, "ratio": 2.0, "cpu_ratio": 1.6, "met": True},
+                 "documents": {"mb_per_s": 5.0, "ratio": 1.5, "cpu_ratio": 0.8, "met": False}}
 
 
 def test_bench_figures_follow_from_the_measured_times(monkeypatch, capsys):
@@ -5116,6 +5118,8 @@ def test_gpu_tier_dry_run(tmp_path):
     best, start = train["best_val_loss"], train["start_val_loss"]
     assert math.isfinite(best) and best < start - 0.5, train
     assert train["best_iter"] > 0 and train["iters_done"] == 60 and train["ms_per_iter"] > 0
+    # characters, each of 1 byte or more: bpb = loss / ln 2 x characters / bytes <= loss / ln 2
+    assert 0 < train["best_val_bpb"] <= best / math.log(2) + 1e-4
     assert not train["stopped_by_timeout"]
     for name in ("bench_baby", "bench_gpt2"):
         head, bench = steps[name]["result"]["summary"], steps[name]["result"]["bench"]
@@ -5125,5 +5129,6 @@ def test_gpu_tier_dry_run(tmp_path):
     assert (tmp_path / "gpu_tier.log").exists() and (tmp_path / "recipe_log.csv").exists()
     tail = r.stdout.strip().splitlines()[-20:]  # the summary: what a remote caller sees
     assert tail[-10].startswith("===== GPU tier (dry_run)"), r.stdout
-    assert any(line.startswith("train") and "best val" in line for line in tail)
+    assert any(line.startswith("train") and "best val" in line and " bpb) at iter" in line
+               for line in tail)
     assert tail[-2].endswith("all steps ok") and tail[-1].endswith("gpu_tier.json")
