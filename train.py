@@ -1080,8 +1080,9 @@ def val_bpb_note(val_loss: float, meta: dict) -> str:
 
 
 def evaluate(args, run: "Run", iter_num: int) -> dict:
-    """The train and val loss (for conversations, on the answer tokens), and where the answers
-    are checkable, the val exact match; logged; now and then a sample."""
+    """The train and val loss (for conversations, on the answer tokens) and their bits per
+    byte, and where the answers are checkable, the val exact match; logged; now and then a
+    sample."""
     losses = estimate_loss(run.eval_model, run.get_batch, run.n_windows, args.eval_iters,
                            args.batch_size, seed=args.seed, ctx=run.ctx)
     acc, checked = exact_match(run.raw_model, run.splits["val"], run.meta["chat"],
