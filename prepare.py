@@ -21,7 +21,11 @@ Turn raw text into training data: data/<dataset>/{train.bin, val.bin, meta.json}
 train.bin and val.bin hold uint16 token ids; meta.json says how to turn ids back into text (the
 tokenizer kind and, for characters, the vocabulary; for a BPE learned here, the merges file
 beside it, merges.txt, and its SHA-256), plus token counts and where the text came from. It is
-JSON, so anyone can read it. The tokenizers themselves are in tokenizer.py.
+JSON, so anyone can read it. The tokenizers themselves are in tokenizer.py. It also counts the
+UTF-8 bytes of each split's text, so that train.py can report bits per byte, which compare
+across tokenizers: a newline between character documents is text and counts its byte;
+<|endoftext|> is a token, not text, and counts none. For conversations, the bytes are those
+of the answers, the text that carries loss.
 
 Each file, JSON record or dataset row is one document. Documents are joined by <|endoftext|> for
 BPE (so the model learns where a text ends) and by a newline for characters. A single text
@@ -146,9 +150,12 @@ def prepare_plain(text: str, out_dir: Path, describe: str, documents: int = 1,
     if min(len(train_data), len(val_data)) < 2:  # as prepare() refuses it
         raise PrepareError(f"the text is too short for a train/val split ({len(text):,} "
                            "characters)")
-    meta = {"tokenizer": "char", "source": describe, "sha256": sha256_of(text.encode("utf-8")),
+    raw = text.encode("utf-8")
+    train_bytes = len(text[:n].encode("utf-8"))  # UTF-8 bytes per split: for bits per byte
+    meta = {"tokenizer": "char", "source": describe, "sha256": sha256_of(raw),
             "vocab_size": len(chars), "chars": chars,  # ids back to text: decode, in JSON
             "train_tokens": len(train_data), "val_tokens": len(val_data),
+            "train_bytes": train_bytes, "val_bytes": len(raw) - train_bytes,
             "split": "text", "documents": documents, "val_from_char": n}
     check_out_dir(out_dir)
     try:  # plumbing, as in prepare(): temporary files renamed into place, meta.json last
@@ -709,6 +716,15 @@ def start_worker(enc) -> None:
     worker_encoding = enc
 
 
+def available_cores() -> int:
+    """The cores this process may run on: a container or taskset may allow fewer than the
+    machine has (os.cpu_count), and more processes than cores only take turns."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
+
+
 def encode_in_processes(jobs, num_proc: int, enc=None):
     """(batch, ids) for each (batch, texts) job, in order, encoded by num_proc processes with
     enc, a trained BPE's Encoding (None: GPT-2's).
@@ -925,33 +941,39 @@ def val_documents(n: int, val_fraction: float) -> int:
 class Written:
     tokens: int = 0
     chars: int = 0
+    bytes: int = 0  # UTF-8 bytes of the text (a separator that is a special token has none)
     documents: int = 0
     has_text: bool = False  # anything but whitespace
     cut: int | None = None  # the token where a single text's val part starts
     cut_char: int = 0  # and the character
-    # (first token, name) of the documents val would hold if the input ended now: about
-    # val_fraction of them, ~200 bytes each (0.2 GB for a million held-out documents)
+    cut_byte: int = 0  # and the byte
+    # (first token, first byte, name) of the documents val would hold if the input ended now:
+    # about val_fraction of them, ~200 bytes each (0.2 GB for a million held-out documents)
     held_out: deque = field(default_factory=deque)
     sha256: str = ""
 
 
-def write_tokens(encoded, f, val_fraction: float, progress: Progress) -> Written:
-    """Write the ids of every piece to f, in order, noting what the train/val split needs."""
+def write_tokens(encoded, f, val_fraction: float, progress: Progress,
+                 sep_is_text: bool = True) -> Written:
+    """Write the ids of every piece to f, in order, noting what the train/val split needs.
+    sep_is_text: False when the separator is a special token (<|endoftext|>), which is not
+    text: it counts no bytes."""
     w, sha = Written(), hashlib.sha256()
     for kind, value, ids in encoded:
         if kind == "doc":
             w.documents += 1
-            w.held_out.append((w.tokens, value))
+            w.held_out.append((w.tokens, w.bytes, value))
             while len(w.held_out) > val_documents(w.documents, val_fraction):
                 w.held_out.popleft()  # in train, however many documents follow
         elif kind == "cut":
-            w.cut, w.cut_char = w.tokens, w.chars
+            w.cut, w.cut_char, w.cut_byte = w.tokens, w.chars, w.bytes
         else:  # "text" or "sep"
             data = value.encode("utf-8")
             sha.update(data)
             f.write(ids)
             w.tokens += len(ids)
             w.chars += len(value)
+            w.bytes += len(data) if kind == "text" or sep_is_text else 0
             w.has_text = w.has_text or (kind == "text" and bool(value.strip()))
             progress.add(len(data))
     progress.close()
@@ -1042,24 +1064,24 @@ def commit(out_dir: Path, names: tuple[str, ...], temps: list[Path], meta: dict)
                  json.dumps(without_merges(meta), indent=1).encode("utf-8"))
 
 
-def where_val_starts(w: Written, source: Source) -> tuple[int, dict]:
-    """The first val token, and what meta.json says about the split."""
+def where_val_starts(w: Written, source: Source) -> tuple[int, int, dict]:
+    """The first val token and byte, and what meta.json says about the split."""
     if not w.has_text:
         raise PrepareError("the text is empty")
     if source.one_text:
-        cut = w.cut
+        cut, cut_byte = w.cut, w.cut_byte
         split = {"split": "text", "documents": w.documents, "val_from_char": w.cut_char}
     elif w.documents < 2:
         raise PrepareError(f"{source.describe} holds one document, and val holds whole "
                            "documents: give two or more (or one .txt file, to split its text)")
     else:
-        cut, first = w.held_out[0]
+        cut, cut_byte, first = w.held_out[0]
         split = {"split": "documents", "documents": w.documents,
                  "val_documents": len(w.held_out), "val_from": first}
     if cut < 2 or w.tokens - cut < 2:
         raise PrepareError(f"the text is too short for a train/val split ({w.chars:,} "
                            "characters)")
-    return cut, split
+    return cut, cut_byte, split
 
 
 def tokenizer_meta(tokenizer: str, vocab, bpe: dict | None = None) -> dict:
@@ -1093,6 +1115,7 @@ def prepare(source: Source, tokenizer: str, out_dir: Path, val_fraction: float =
     """
     check_out_dir(out_dir)
     sep = "\n" if tokenizer == "char" else EOT
+    sep_is_text = sep != EOT  # bytes per split: <|endoftext|> is a token, not text (0 bytes)
     names = BINS + ((MERGES_FILE,) if tokenizer == "bpe" else ())
     with temp_bins(out_dir, names) as temps:  # made first: a read-only folder fails now
         train_tmp, val_tmp = temps[:2]
@@ -1119,10 +1142,12 @@ def prepare(source: Source, tokenizer: str, out_dir: Path, val_fraction: float =
         try:
             with open(train_tmp, "wb") as f:
                 w = write_tokens(encode_items(items, tokenizer, vocab, num_proc, chunk_chars, bpe),
-                                 f, val_fraction, Progress("encoding", source.total_bytes))
-            cut, split = where_val_starts(w, source)
+                                 f, val_fraction, Progress("encoding", source.total_bytes),
+                                 sep_is_text)
+            cut, cut_byte, split = where_val_starts(w, source)
             move_tail(train_tmp, val_tmp, 2 * cut)  # 2 bytes per uint16 token
-            meta.update(sha256=w.sha256, train_tokens=cut, val_tokens=w.tokens - cut, **split)
+            meta.update(sha256=w.sha256, train_tokens=cut, val_tokens=w.tokens - cut,
+                        train_bytes=cut_byte, val_bytes=w.bytes - cut_byte, **split)
             commit(out_dir, names, temps, meta)
         except OSError as e:  # a full disk, say: the temporary files go, the old dataset stays
             raise PrepareError(f"cannot write in {out_dir}: {e.strerror or e}") from None
@@ -1212,10 +1237,11 @@ def base_encoder(tokenizer: str, chars: list[str] | None,
 
 
 def render_split(convs: list[list[dict]], encode, tmpl: dict, max_tokens: int, counts: dict):
-    """One split's ids, mask and index arrays. A conversation over max_tokens loses its oldest
-    exchanges (counts["shortened"]) or, if its last exchange alone is too long, is left out
-    (counts["dropped"])."""
-    ids, mask, index = [], [], [0]
+    """One split's ids, mask and index arrays, and the UTF-8 bytes of the answers they hold
+    (the text that carries loss: bits per byte of a chat dataset are per byte of answer). A
+    conversation over max_tokens loses its oldest exchanges (counts["shortened"]) or, if its
+    last exchange alone is too long, is left out (counts["dropped"])."""
+    ids, mask, index, answer_bytes = [], [], [0], 0
     for messages in convs:
         fitted, dropped = chat.fit_history(messages, encode, tmpl, max_tokens)
         if fitted is None:
@@ -1226,8 +1252,10 @@ def render_split(convs: list[list[dict]], encode, tmpl: dict, max_tokens: int, c
         ids += i
         mask += m
         index.append(len(ids))
+        answer_bytes += sum(len(m["content"].encode("utf-8")) for m in fitted
+                            if m["role"] == "assistant")
     return (np.array(ids, dtype=np.uint16), np.array(mask, dtype=np.uint8),
-            np.array(index, dtype="<i8"))
+            np.array(index, dtype="<i8"), answer_bytes)
 
 
 def write_conversations(splits: dict, tokenizer: str, chars: list[str] | None, block_size: int,
@@ -1245,9 +1273,14 @@ def write_conversations(splits: dict, tokenizer: str, chars: list[str] | None, b
         what = f"{len(chars):,} distinct characters" if chars else f"{base:,} tokens"
         raise PrepareError(f"{what} and 4 markers: token ids are uint16 (0 to 65,535), so at "
                            f"most 65,532 {'characters' if chars else 'tokens'} fit")
-    counts, arrays = {"shortened": 0, "dropped": 0}, {}
+    counts, arrays, answers = {"shortened": 0, "dropped": 0}, {}, {}
     for split, convs in splits.items():
-        arrays[split] = render_split(convs, encode, tmpl, block_size + 1, counts)
+        ids, mask, index, answer_bytes = render_split(convs, encode, tmpl, block_size + 1,
+                                                      counts)
+        arrays[split] = ids, mask, index
+        # the tokens that carry loss: the answers' and their <|end|>s (a marker has no bytes)
+        answers |= {f"{split}_answer_tokens": int(mask.sum()),
+                    f"{split}_answer_bytes": answer_bytes}
         if len(arrays[split][2]) < 2:
             raise PrepareError(f"no {split} conversation fits in --block_size {block_size} "
                                f"({counts['dropped']:,} left out)")
@@ -1264,7 +1297,7 @@ def write_conversations(splits: dict, tokenizer: str, chars: list[str] | None, b
     meta["chat"] = {**tmpl, "max_len": int(lengths.max()), "block_size": block_size,
                     "checkable": checkable,
                     "train_conversations": len(arrays["train"][2]) - 1,
-                    "val_conversations": len(arrays["val"][2]) - 1, **counts}
+                    "val_conversations": len(arrays["val"][2]) - 1, **answers, **counts}
     names = ("train.bin", "train_mask.bin", "train_index.bin",
              "val.bin", "val_mask.bin", "val_index.bin") + ((MERGES_FILE,) if bpe else ())
     check_out_dir(out_dir)
@@ -1542,7 +1575,8 @@ def parse_args(argv):
                    help="how much to hold out for val: the end of a single text, or the last "
                    "documents of a collection, whole (default: 0.1)")
     g.add_argument("--num_proc", type=int, default=None,
-                   help="processes for GPT-2 BPE and for datasets (default: os.cpu_count())")
+                   help="processes for GPT-2 BPE and for datasets (default: the cores this process "
+                   "may use)")
     g = p.add_argument_group("a BPE of your own (--tokenizer bpe)")
     g.add_argument("--vocab_size", type=int, default=None,
                    help="how many token ids in all: the 256 bytes, the merges to learn, "
@@ -1635,7 +1669,7 @@ def main(argv=None, chunk_chars: int = CHUNK_CHARS) -> dict:
             return report_chat(prepare_generated(args, out_dir), out_dir)
         tokenizer, given_vocab = choose_tokenizer(args)
         text_field = args.text_field or "text"
-        num_proc = args.num_proc or os.cpu_count() or 1
+        num_proc = args.num_proc or available_cores()
         val_fraction = args.val_fraction or 0.1
         plain = False
         if args.input and is_chat_input(args):

@@ -8,7 +8,7 @@ Generate text from a trained checkpoint or from OpenAI's GPT-2, or score a text 
     python sample.py --beam_width 4 --num_samples 2         # the 2 best of 4 beams
     python sample.py --start FILE:prompt.txt
     python sample.py --stream=False                         # print each sample when it is done
-    python sample.py --score some.txt                       # its loss and perplexity, no sampling
+    python sample.py --score some.txt                       # its loss, perplexity, bits per byte
     python sample.py --start "ROMEO:" --attention attn.png  # draw the attention over the prompt
     python sample.py --init_from gpt2 --start "Hello"       # GPT-2 weights (needs transformers)
     python sample.py --chat                                 # talk to a model fine-tuned on chats
@@ -81,7 +81,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", type=str2bool, nargs="?", const=True, default=True,
                    help="print each token as it is generated (not with beam search)")
     p.add_argument("--score", default=None,
-                   help="a text FILE: print its loss and perplexity under the model, no sampling")
+                   help="a text FILE: print its loss, perplexity and bits per byte under the "
+                   "model, no sampling")
     p.add_argument("--score_stride", type=int, default=1,
                    help="scoring slides its window by this many tokens: 1 gives every token its "
                         "full context; larger is faster but gives some tokens less context")
@@ -215,7 +216,7 @@ def check_args(a) -> None:
 
 
 def main(argv=None) -> list[str] | dict:
-    """The samples' texts, or with --score a dict of loss, perplexity and tokens."""
+    """The samples' texts, or with --score a dict of loss, perplexity, tokens, bpb, bytes."""
     args = parse_args(argv)
     try:
         return sample(args)
@@ -263,7 +264,7 @@ def sample(args) -> list[str] | dict:
     if mode == "score":
         text = read_file(Path(args.score))
         ids = encode_text(file_encoder(meta, encode), text, vocab_size, "text")
-        return score_file(model, args, ids, device, ctx)
+        return score_file(model, args, ids, text, token_bytes, device, ctx)
     if mode in CHAT_MODES or mode == "task":  # a model fine-tuned on conversations
         talk = Chat(model, meta, args, file_encoder(meta, encode), decode, token_bytes, ctx)
         if mode == "task":  # prepare.py's reverse or addition problems: is the answer right?
@@ -578,14 +579,21 @@ def print_beams(model, x, args, ctx, decode, eot) -> list[str]:
 # Scoring: how surprised is the model by a text?
 
 
-def score_file(model, args, ids: list[int], device, ctx) -> dict:
+def score_file(model, args, ids: list[int], text: str, token_bytes, device, ctx) -> dict:
+    """The loss of text's ids (nats per scored token), its perplexity, and its bits per byte:
+    the summed loss in bits over the UTF-8 bytes scored, which compares across tokenizers
+    (train.py's bits_per_byte, here exact: the text is at hand). Every token but the first is
+    scored (nothing predicts the first), so its bytes are left out."""
     if len(ids) < 2:
         raise UserError(f"{args.score} holds {len(ids)} token(s); scoring needs at least 2")
     with ctx:
         nll, n = score(model, torch.tensor(ids, device=device), args.score_stride)
+    n_bytes = len(text.encode("utf-8")) - len(token_bytes(ids[0]))  # >= n: a byte a token
+    bpb = nll * n / n_bytes / math.log(2)
     print(f"{args.score}: {n} tokens scored, loss {nll:.4f} nats/token, "
-          f"perplexity {math.exp(nll):.2f}")
-    return {"loss": nll, "perplexity": math.exp(nll), "tokens": n}
+          f"perplexity {math.exp(nll):.2f}, {bpb:.4f} bits/byte ({n_bytes:,} bytes)")
+    return {"loss": nll, "perplexity": math.exp(nll), "tokens": n, "bpb": bpb,
+            "bytes": n_bytes}
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ tools. Tests marked slow run the scripts end to end or start subprocesses.
 
 import ast
 import contextlib
+import csv
 import hashlib
 import inspect
 import io
@@ -378,6 +379,41 @@ def test_parallel_gpt2_equals_single_process(tmp_path):
     assert one == two
     whole = run(tmp_path, *flags, "--num_proc", "1", dataset="whole")  # one big piece
     assert bins(tmp_path, "whole") == bins(tmp_path, "one") and whole == one
+
+
+def split_bytes(meta, tmp_path, dataset="ds") -> tuple[int, int]:
+    """The UTF-8 bytes of each split's text, counted from its tokens: a character's bytes, a
+    GPT-2 token's bytes, and none for <|endoftext|>, which is a token, not text."""
+    if meta["tokenizer"] == "gpt2":
+        token_bytes = prepare.gpt2_encoding().decode_single_token_bytes
+        size = lambda i: 0 if i == EOT_ID else len(token_bytes(i))
+    else:
+        size = lambda i: len(meta["chars"][i].encode("utf-8"))
+    return tuple(sum(map(size, ids)) for ids in bins(tmp_path, dataset))
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "gpt2"])
+def test_byte_counts_of_each_split(tmp_path, tokenizer):
+    """meta.json's train_bytes and val_bytes are the UTF-8 bytes of each split's text (for
+    bits per byte): of a single text cut at a character, and of a collection of documents,
+    where a newline between character documents counts its byte and <|endoftext|> none."""
+    text = "a" + "😀é日 \n" * 300 + TRICKY  # 1- to 4-byte characters
+    (tmp_path / "in.txt").write_text(text, encoding="utf-8")
+    flags = ["--tokenizer", tokenizer, "--num_proc", "1"]
+    meta = run(tmp_path, "--input", str(tmp_path / "in.txt"), *flags, chunk_chars=64)
+    n = meta["val_from_char"]
+    assert (meta["train_bytes"], meta["val_bytes"]) == (len(text[:n].encode("utf-8")),
+                                                        len(text[n:].encode("utf-8")))
+    assert (meta["train_bytes"], meta["val_bytes"]) == split_bytes(meta, tmp_path)
+
+    texts = [t for _, t in make_corpus(tmp_path / "corpus")]
+    meta = run(tmp_path, "--input", str(tmp_path / "corpus"), "--val_fraction", "0.3", *flags,
+               dataset="docs")
+    sep = "" if tokenizer == "gpt2" else "\n"  # what a separator adds to the text
+    train_text, val_text = sep.join(texts[:7]) + sep, sep.join(texts[7:])
+    assert (meta["train_bytes"], meta["val_bytes"]) == (len(train_text.encode("utf-8")),
+                                                        len(val_text.encode("utf-8")))
+    assert (meta["train_bytes"], meta["val_bytes"]) == split_bytes(meta, tmp_path, "docs")
 
 
 def test_single_text_val_fraction_and_windows_line_ends(tmp_path):
@@ -884,6 +920,8 @@ def test_plain_and_streaming_write_the_same_files(tmp_path, docs, val_fraction):
     assert chars == plain["chars"] and encode(text) == train_ids + val_ids
     assert decode(train_ids) == text[:int((1 - val_fraction) * len(text))]
     assert decode(train_ids) + decode(val_ids) == text
+    assert (plain["train_bytes"], plain["val_bytes"]) == (
+        len(decode(train_ids).encode("utf-8")), len(decode(val_ids).encode("utf-8")))
 
 
 def test_python_prepare_goes_the_plain_way_and_streaming_agrees(tmp_path, monkeypatch):
@@ -2082,6 +2120,65 @@ def test_prepare_train_resume_sample(data_dir, tmp_path, capsys):
     assert "--block_size 8" in err and "block_size 32" in err
 
 
+def test_bits_per_byte_by_hand():
+    """bits per byte = loss (nats/token) x tokens / bytes / ln 2, with a split's totals."""
+    # 2 nats a token over 300 tokens: 600 nats = 865.617 bits, over 1,000 bytes
+    assert train.bits_per_byte(2.0, 300, 1000) == pytest.approx(0.865617, abs=1e-6)
+    text = {"train_tokens": 90, "val_tokens": 10, "train_bytes": 120, "val_bytes": 11}
+    assert train.loss_sizes(text) == {"train": (90, 120), "val": (10, 11)}
+    answers = {"train_answer_tokens": 7, "val_answer_tokens": 3, "train_answer_bytes": 5,
+               "val_answer_bytes": 2}  # a chat split's: the answers, what carries loss
+    assert train.loss_sizes({**text, "chat": answers}) == {"train": (7, 5), "val": (3, 2)}
+    # prepared before bytes were counted: no bits per byte
+    assert train.loss_sizes({"train_tokens": 90, "val_tokens": 10}) is None
+    assert train.loss_sizes({**text, "chat": {"max_len": 9}}) is None
+
+
+@slow
+@pytest.mark.parametrize("text", [TEXT, TEXT.replace("e", "é").replace("S", "😀")])
+def test_char_model_bits_per_byte(tmp_path, capsys, text):
+    """A character model's bits per byte are its loss / ln 2 x characters / bytes: for ASCII
+    text, loss / ln 2 exactly. Printed beside each loss, in log.csv, and with the best val."""
+    (tmp_path / "in.txt").write_text(text, encoding="utf-8")
+    meta = prepare.main(["--input", str(tmp_path / "in.txt"), "--dataset", "tiny",
+                         "--data_dir", str(tmp_path / "data")])
+    result = train_tiny(tmp_path / "data", tmp_path / "out", "--max_iters=2",
+                        "--eval_interval=1")
+    losses = result["final_losses"]
+    for s in ("train", "val"):
+        chars_per_byte = meta[f"{s}_tokens"] / meta[f"{s}_bytes"]
+        assert chars_per_byte == (1 if text.isascii() else pytest.approx(
+            len(text) / len(text.encode("utf-8")), rel=0.05))
+        assert losses[f"{s}_bpb"] == pytest.approx(losses[s] / math.log(2) * chars_per_byte,
+                                                   rel=1e-12)
+    out = capsys.readouterr().out
+    assert f"val loss {losses['val']:.4f} ({losses['val_bpb']:.3f} bpb)" in out
+    best = result["best_val_loss"] / math.log(2) * meta["val_tokens"] / meta["val_bytes"]
+    assert out.strip().endswith(f"({best:.3f} bpb)")  # the last line: done, best val loss
+    with open(tmp_path / "out" / "log.csv", encoding="utf-8", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["val_loss"]]
+    assert [int(r["iter"]) for r in rows] == [0, 1, 2]
+    assert float(rows[-1]["val_bpb"]) == pytest.approx(losses["val_bpb"], abs=1e-6)
+    assert float(rows[-1]["train_bpb"]) == pytest.approx(losses["train_bpb"], abs=1e-6)
+
+
+@slow
+def test_old_meta_without_bytes_still_trains(data_dir, tmp_path, capsys):
+    """Data prepared before bytes were counted trains as before, without bits per byte: said
+    once, the CSV's bpb columns empty."""
+    path = data_dir / "tiny" / "meta.json"
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    del meta["train_bytes"], meta["val_bytes"]
+    path.write_text(json.dumps(meta), encoding="utf-8")
+    result = train_tiny(data_dir, tmp_path / "out", "--max_iters=2", "--eval_interval=1")
+    assert result["iter_num"] == 2 and "val_bpb" not in result["final_losses"]
+    out = capsys.readouterr().out
+    assert out.count("no bits per byte") == 1 and "bpb)" not in out
+    with open(tmp_path / "out" / "log.csv", encoding="utf-8", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["val_loss"]]
+    assert len(rows) == 3 and all(r["val_bpb"] == r["train_bpb"] == "" for r in rows)
+
+
 @slow
 def test_training_learns_logs_and_plots(data_dir, tmp_path, capsys):
     """One real run: the val loss falls well below its start (ln 17 = 2.8), every log line and
@@ -2777,7 +2874,7 @@ def test_new_run_from_checkpoint_starts_from_its_weights(data_dir, pretrained, t
     expected = train.estimate_loss(
         model, lambda s, ix: train.get_batch(folder / f"{s}.bin", ix, 32, cpu), n_windows,
         eval_iters=2, batch_size=8, seed=1337)
-    assert zero["final_losses"] == pytest.approx(expected, abs=1e-6)
+    assert {s: zero["final_losses"][s] for s in expected} == pytest.approx(expected, abs=1e-6)
     kept = torch.load(tmp_path / "zero" / "best.pt", weights_only=True)
     assert kept["iter_num"] == 0 and kept["best_val_loss"] == zero["final_losses"]["val"], \
         "until fine-tuning beats them, the best weights on the new data are the starting ones"
@@ -3713,6 +3810,21 @@ def test_default_prompt_without_newlines(tmp_path, capsys):
     assert text.startswith("a") and len(text) == 6
 
 
+def test_score_bits_per_byte_of_gpt2_tokens(tmp_path, capsys):
+    """--score's bits per byte are exact: the summed loss in bits over the bytes of the tokens
+    scored, every one but the first. GPT-2 BPE cuts '😀' into 3 bytes and 1."""
+    init = save_model(tmp_path / "g.pt", {"tokenizer": "gpt2", "vocab_size": 50257,
+                                          "eot_token": 50256})
+    (tmp_path / "s.txt").write_text("😀 bits per byte\n" * 3, encoding="utf-8")
+    result = sample.main([init, "--device=cpu", f"--score={tmp_path / 's.txt'}"])
+    assert result["tokens"] == 17 and result["bytes"] == 3 * 19 - 3  # a line: 4 + 15 bytes
+    model, _ = sample.load_model(str(tmp_path / "g.pt"), tmp_path, torch.device("cpu"))
+    ids = torch.tensor([47249, 222, 10340, 583, 18022, 198] * 3)  # b'\xf0\x9f\x98', b'\x80'
+    nats = brute_force_nll(model, ids, lambda t: max(0, t - 16)) * 17  # block_size 16
+    assert result["bpb"] == pytest.approx(nats / math.log(2) / 54, rel=1e-5)
+    assert f"{result['bpb']:.4f} bits/byte (54 bytes)" in capsys.readouterr().out
+
+
 @slow
 def test_sample_score_cli(ckpt_dir, tmp_path, capsys):
     text = tmp_path / "score.txt"
@@ -3721,6 +3833,8 @@ def test_sample_score_cli(ckpt_dir, tmp_path, capsys):
     result = sample.main([f"--out_dir={ckpt_dir}", "--device=cpu", f"--score={text}"])
     assert result["tokens"] == 99 and result["perplexity"] == pytest.approx(
         math.exp(result["loss"]))
+    # ASCII, one character a token: 99 bytes scored (not the first), bits per byte = loss / ln 2
+    assert result["bytes"] == 99 and result["bpb"] == pytest.approx(result["loss"] / math.log(2))
     assert "perplexity" in capsys.readouterr().out
     model, meta = sample.load_model("resume", ckpt_dir, torch.device("cpu"))
     ids = torch.tensor(tokenizer.get_tokenizer(meta)[0](TEXT[:100]))
@@ -4344,6 +4458,29 @@ def test_long_conversations_lose_oldest_exchanges_or_are_left_out(tmp_path, caps
     assert kept == [short, as_messages(records[2]), short, as_messages(records[4])]
     assert all(len(ids) <= 21 for ids, _ in splits["train"] + splits["val"])
     assert c["max_len"] == 19
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "gpt2"])
+def test_chat_answer_bytes_and_tokens(tmp_path, tokenizer):
+    """A chat split's bits per byte are per byte of answer, the text that carries loss: meta
+    counts the UTF-8 bytes of the assistant's contents as written (after a long conversation
+    lost its oldest exchanges), and the tokens that carry loss (their <|end|>s too)."""
+    turns = []
+    for k in range(6):
+        turns += [{"role": "user", "content": f"q{k}"}, {"role": "assistant", "content": f"é{k}"}]
+    records = [*RECORDS, {"messages": turns}]  # ü, 😀: answers of 2- and 4-byte characters
+    meta = run(tmp_path, "--input", str(jsonl(tmp_path / "c.jsonl", records)), "--tokenizer",
+               tokenizer, "--val_fraction", "0.4", "--block_size", "46")
+    c, (_, splits) = meta["chat"], read_chat(tmp_path / "data" / "ds")
+    assert c["dropped"] == 0 and c["shortened"] >= 1  # the long one, at least
+    for s in ("train", "val"):
+        kept = conversations(meta, splits[s])
+        answers = "".join(m["content"] for ms in kept for m in ms if m["role"] == "assistant")
+        assert c[f"{s}_answer_bytes"] == len(answers.encode("utf-8")), s
+        assert c[f"{s}_answer_tokens"] == sum(sum(mask) for _, mask in splits[s]), s
+    if tokenizer == "char":  # val: the last 2 of 6, "An empty question is fine" and the last
+        # 5 exchanges of the long one (one went), whose answers have 3 bytes ("é" has 2)
+        assert c["val_answer_bytes"] == 25 + 5 * 3
 
 
 def test_chat_vocab_from_and_drop_unknown(tmp_path, capsys):
@@ -5133,7 +5270,7 @@ def test_chat_flags_reach_the_sampler(flag_models, capsys, monkeypatch):
 def test_bench_runs_and_reports(capsys):
     import bench
     result = bench.main(["--device=cpu", "--config=tiny", "--repeats=1"])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert json.loads(out.strip().splitlines()[-1]) == result  # one JSON object on stdout
     assert 0 < result["train"]["mfu"] < 1
     assert result["adamw"]["max_param_diff"] < 1e-6  # ours and torch's agree
@@ -5158,6 +5295,26 @@ def test_bench_runs_and_reports(capsys):
         (t, result["peak_tflops"], mfu)
     b = result["cpu_bf16"]["tiny"]
     assert b["speedup"] == pytest.approx(b["fp32_ms"] / b["bf16_ms"], abs=0.006), b
+    e = result["encode"]  # 0.2 MB of Shakespeare, encoded by tiktoken and by prepare.py
+    assert (e["megabytes"], e["cores"]) == (0.2, prepare.available_cores())
+    assert e["target"] == round(0.9 * e["cores"], 2) and e["record_chars"] == 4000
+    assert e["one_text"]["ratio"] > 0 and e["documents"]["ratio"] > 0
+    assert "encode GPT-2 BPE, 0.2 MB: tiktoken" in err
+
+
+def test_bench_encode_figures_by_hand():
+    """10 MB: tiktoken 2, 4 and 3 s; prepare.py 1, 1 and 2 s: medians 3 s and 1 s, so 3.33
+    and 10 MB/s; the ratios side by side 2, 4 and 1.5, median 2: above 0.9 x 2 cores. The
+    other way, 4, 2 and 2 s: ratios 0.5, 2 and 1.5, median 1.5, below it. By CPU seconds,
+    2 cores x tiktoken's 2 s / 2.5 s = 1.6 in every run; x 2 / 5 = 0.8."""
+    import bench
+    e = bench.encode_figures(10_000_000, 2, {
+        "tiktoken": [(2.0, 2.0), (4.0, 2.0), (3.0, 2.0)],
+        "one_text": [(1.0, 2.5), (1.0, 2.5), (2.0, 2.5)],
+        "documents": [(4.0, 5.0), (2.0, 5.0), (2.0, 5.0)]})
+    assert e == {"megabytes": 10.0, "cores": 2, "target": 1.8, "tiktoken_mb_per_s": 3.33,
+                 "one_text": {"mb_per_s": 10.0, "ratio": 2.0, "cpu_ratio": 1.6, "met": True},
+                 "documents": {"mb_per_s": 5.0, "ratio": 1.5, "cpu_ratio": 0.8, "met": False}}
 
 
 def test_bench_figures_follow_from_the_measured_times(monkeypatch, capsys):
@@ -5180,7 +5337,7 @@ def test_bench_figures_follow_from_the_measured_times(monkeypatch, capsys):
     monkeypatch.setattr(bench, "median_time", fake_median_time)
     monkeypatch.setattr(plumbing, "measure_matmul_peak", lambda *args, **kwargs: 1e10)
     monkeypatch.setitem(bench.CONFIGS, "baby", bench.CONFIGS["tiny"])  # adamw's: any will do
-    r = bench.main(["--device=cpu", "--config=tiny", "--repeats=1", "--skip=get_batch"])
+    r = bench.main(["--device=cpu", "--config=tiny", "--repeats=1", "--skip=get_batch,encode"])
     assert len(calls) == len(times), f"{len(calls)} timings, expected {len(times)}"
     assert r["peak_tflops"] == 0.01
     # 128 tokens in 5 ms; 185,472 FLOPs a token (see test_bench_runs_and_reports) x 128 in
@@ -5606,6 +5763,8 @@ def test_gpu_tier_dry_run(tmp_path):
     best, start = train["best_val_loss"], train["start_val_loss"]
     assert math.isfinite(best) and best < start - 0.5, train
     assert train["best_iter"] > 0 and train["iters_done"] == 60 and train["ms_per_iter"] > 0
+    # characters, each of 1 byte or more: bpb = loss / ln 2 x characters / bytes <= loss / ln 2
+    assert 0 < train["best_val_bpb"] <= best / math.log(2) + 1e-4
     assert not train["stopped_by_timeout"]
     for name in ("bench_baby", "bench_gpt2"):
         head, bench = steps[name]["result"]["summary"], steps[name]["result"]["bench"]
@@ -5615,5 +5774,6 @@ def test_gpu_tier_dry_run(tmp_path):
     assert (tmp_path / "gpu_tier.log").exists() and (tmp_path / "recipe_log.csv").exists()
     tail = r.stdout.strip().splitlines()[-20:]  # the summary: what a remote caller sees
     assert tail[-10].startswith("===== GPU tier (dry_run)"), r.stdout
-    assert any(line.startswith("train") and "best val" in line for line in tail)
+    assert any(line.startswith("train") and "best val" in line and " bpb) at iter" in line
+               for line in tail)
     assert tail[-2].endswith("all steps ok") and tail[-1].endswith("gpu_tier.json")

@@ -154,6 +154,28 @@ def estimate_loss(model, get_split_batch, n_windows: dict, eval_iters: int, batc
     return out
 
 
+def bits_per_byte(loss: float, tokens: int, n_bytes: int) -> float:
+    """A loss in nats per token as bits per byte of text: loss x tokens / bytes / ln 2.
+
+    A character model's loss is per character, a BPE model's per token of a few characters:
+    different units, so the two numbers do not compare. Per byte of the same text they do,
+    whatever the tokenizer. Dividing by ln 2 turns nats into bits. tokens and n_bytes are a
+    split's totals (meta.json's): the windows estimate_loss draws are a sample of the split,
+    so their mean loss estimates the split's mean per token, and the split's tokens per byte
+    is the factor that makes it a mean per byte."""
+    return loss * tokens / n_bytes / math.log(2)
+
+
+def loss_sizes(meta: dict) -> dict | None:
+    """split -> (tokens, UTF-8 bytes) of the text that carries loss, from meta.json: a text
+    split's, or a chat split's answers (their <|end|> markers carry loss but have no bytes).
+    None for data prepared before prepare.py counted bytes: then there is no bits per byte."""
+    counts, infix = (meta["chat"], "_answer") if meta.get("chat") else (meta, "")
+    sizes = {s: (counts.get(f"{s}{infix}_tokens"), counts.get(f"{s}{infix}_bytes"))
+             for s in ("train", "val")}
+    return sizes if all(n and b for n, b in sizes.values()) else None
+
+
 class Batches:
     """The training batches, step after step: each step draws gradient_accumulation_steps x
     batch_size window offsets (or conversation numbers), from a generator of its own
@@ -733,8 +755,10 @@ def inherit_settings(a, ckpt: dict, log=print) -> None:
 def same_data(a: dict, b: dict) -> bool:
     """Whether two datasets' metas describe the same tokens: tokenizer, vocabulary, text, task
     and conversations (not where the text was read from)."""
-    keys = ("tokenizer", "vocab_size", "chars", "bpe", "sha256", "task", "digits", "chat")
-    return all(a.get(k) == b.get(k) for k in keys)
+    keys = ("tokenizer", "vocab_size", "chars", "bpe", "sha256", "task", "digits")
+    # a conversation's answer counts (for bits per byte) are newer than some checkpoints
+    chat = lambda m: {k: v for k, v in (m.get("chat") or {}).items() if "_answer_" not in k}
+    return all(a.get(k) == b.get(k) for k in keys) and chat(a) == chat(b)
 
 
 def take_shape(a, meta: dict, ckpt: dict, path: Path) -> None:
@@ -1058,21 +1082,33 @@ def save_and_say_how_to_resume(args, run: "Run", iter_num: int, best_val_loss: f
                 f"--init_from=resume --out_dir={args.out_dir}")
 
 
+def val_bpb_note(val_loss: float, meta: dict) -> str:
+    """" (1.234 bpb)", a val loss in bits per byte, to print beside it; "" without bytes."""
+    sizes = loss_sizes(meta)
+    return f" ({bits_per_byte(val_loss, *sizes['val']):.3f} bpb)" if sizes else ""
+
+
 def evaluate(args, run: "Run", iter_num: int) -> dict:
-    """The train and val loss (for conversations, on the answer tokens), and where the answers
-    are checkable, the val exact match; logged; now and then a sample."""
+    """The train and val loss (for conversations, on the answer tokens) and their bits per
+    byte, and where the answers are checkable, the val exact match; logged; now and then a
+    sample."""
     losses = estimate_loss(run.eval_model, run.get_batch, run.n_windows, args.eval_iters,
                            args.batch_size, seed=args.seed, ctx=run.ctx)
     acc, checked = exact_match(run.raw_model, run.splits["val"], run.meta["chat"],
                                run.device) if run.checkable else (None, 0)
-    run.log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
-            f"val perplexity {math.exp(losses['val']):.2f}"
+    if sizes := loss_sizes(run.meta):  # per byte of text: compares across tokenizers
+        losses |= {f"{s}_bpb": bits_per_byte(losses[s], *sizes[s]) for s in ("train", "val")}
+    bpb = lambda s: f" ({losses[f'{s}_bpb']:.3f} bpb)" if sizes else ""
+    run.log(f"step {iter_num}: train loss {losses['train']:.4f}{bpb('train')}, val loss "
+            f"{losses['val']:.4f}{bpb('val')}, val perplexity {math.exp(losses['val']):.2f}"
             + (f", val exact match {100 * acc:.1f}% of {checked:,} conversations"
                if acc is not None else ""))
     if not args.eval_only:  # an evaluation alone writes nothing
         append_log(run.log_path, iter=iter_num, train_loss=f"{losses['train']:.6f}",
                    val_loss=f"{losses['val']:.6f}",
-                   val_exact_match="" if acc is None else f"{acc:.4f}")
+                   val_exact_match="" if acc is None else f"{acc:.4f}",
+                   **{f"{s}_bpb": f"{losses[f'{s}_bpb']:.6f}" for s in ("train", "val")
+                      if sizes})
     if acc is not None:
         losses["val_exact_match"] = acc
     if args.sample_every and iter_num % args.sample_every == 0:
@@ -1101,7 +1137,8 @@ def save(args, run: "Run", iter_num: int, best_val_loss: float, history: list,
                         run.best_path)
     save_checkpoint(state, run.ckpt_path)
     run.saved_iter[:] = [iter_num]
-    run.log(f"saved {run.ckpt_path}" + (f" and {run.best_path.name} (val {best_val_loss:.4f})"
+    run.log(f"saved {run.ckpt_path}" + (f" and {run.best_path.name} (val {best_val_loss:.4f}"
+                                         f"{val_bpb_note(best_val_loss, run.meta)})"
                                          if improved else ""))
     return best_val_loss
 
@@ -1277,6 +1314,9 @@ def setup(args, settings: dict, meta: dict, ckpt: dict | None, start: tuple[dict
             truncate_log(log_path, iter_num)
         else:
             log_path.unlink(missing_ok=True)
+    if loss_sizes(meta) is None:
+        log(f"no bits per byte: {Path(args.data_dir) / args.dataset / 'meta.json'} has no "
+            "byte counts (an older prepare.py wrote it; prepare the data again to get them)")
     n_params = model.num_params()
     log(f"model: {n_params / 1e6:.2f}M parameters; device {device}, {args.dtype}; optimizer "
         "groups: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + " tensors"
@@ -1358,7 +1398,7 @@ def train(args) -> dict:
             except ImportError:
                 log("matplotlib is not installed: no loss.png (pip install matplotlib)")
         log(f"done: {result['iter_num']} iterations in {result['elapsed']:.1f}s, best val loss "
-            f"{result['best_val_loss']:.4f}")
+            f"{result['best_val_loss']:.4f}{val_bpb_note(result['best_val_loss'], meta)}")
         return result
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
         if (where := out_of_memory(e)) is None:

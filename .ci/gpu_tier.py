@@ -246,6 +246,8 @@ def read_log_csv(path: Path) -> dict:
         out["start_val_loss"] = evals[0][1]
         later = [e for e in evals if e[0] > 0] or evals
         out["log_best_iter"], out["log_best_val_loss"] = min(later, key=lambda e: e[1])
+        bpb = {int(r["iter"]): float(r["val_bpb"]) for r in rows if r.get("val_bpb")}
+        out["val_bpb_by_iter"] = bpb  # bits per byte: compares across tokenizers
     return out
 
 
@@ -269,6 +271,7 @@ def recipe_result(step: dict, recipe: Path, out_dir: Path) -> None:
         res["best_pt_error"] = f"{type(e).__name__}: {e}"
     if "best_val_loss" not in res and "log_best_val_loss" in res:
         res["best_iter"], res["best_val_loss"] = res["log_best_iter"], res["log_best_val_loss"]
+    res["best_val_bpb"] = res.pop("val_bpb_by_iter", {}).get(res.get("best_iter"))
     if m := re.search(r"done: (\d+) iterations in ([\d.]+)s", step["output"]):
         res["train_loop_s"] = float(m.group(2))
     res["wall_s"] = step["seconds"]
@@ -307,7 +310,8 @@ def step_line(name: str, s: dict) -> str:
                  f"MFU {fmt(h['mfu'], '.1%')}, KV cache x{fmt(h.get('kv_speedup_batch_1'), '')}"
                  f" (batch 1) x{fmt(h.get('kv_speedup_batch_8'), '')} (batch 8)")
     elif name == "train" and r:
-        extra = (f"best val {fmt(r.get('best_val_loss'), '.4f')} at iter "
+        extra = (f"best val {fmt(r.get('best_val_loss'), '.4f')} "
+                 f"({fmt(r.get('best_val_bpb'), '.3f')} bpb) at iter "
                  f"{r.get('best_iter')} (start {fmt(r.get('start_val_loss'), '.3f')}), "
                  f"{r.get('iters_done')} iters, {fmt(r.get('ms_per_iter'), '')} ms/iter")
     elif name == "sample" and r:
