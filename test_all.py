@@ -5300,6 +5300,22 @@ def test_bench_runs_and_reports(capsys):
     assert e["target"] == round(0.9 * e["cores"], 2) and e["record_chars"] == 4000
     assert e["one_text"]["ratio"] > 0 and e["documents"]["ratio"] > 0
     assert "encode GPT-2 BPE, 0.2 MB: tiktoken" in err
+    b = result["bpe_train"]  # a BPE of 300 tokens learned from 0.05 MB of the plays
+    row = b["0.05MB"]
+    assert (b["vocab_size"], b["target_s"], row["megabytes"]) == (300, 60, 0.05)
+    assert row["mb_per_s"] == pytest.approx(0.05 / row["seconds"], rel=0.2)  # both rounded
+    assert row["ratio_to_tokenizers"] > 0 and "bpe_train, vocab 300, 0.05 MB" in err
+
+
+def test_bench_bpe_text_is_varied_and_learnable():
+    """The BPE benchmark's text: the size asked for, plays first and then Python source (not
+    one text repeated), and as many merges learnable as a 4,096-token vocabulary needs."""
+    import bench
+    text = bench.bpe_text(5.5)  # past the plays' 4.5 MB, into the standard library
+    assert len(text.encode("utf-8")) == pytest.approx(5.5e6, abs=4)
+    assert "ROMEO" in text[:5_000_000] and "def " in text[-500_000:]
+    merges = tokenizer.train_bpe([text[:300_000]], 200, tokenizer.GPT2_SPLIT_PATTERN)
+    assert len(merges) == 200 and len(set(merges)) == 200
 
 
 def test_bench_encode_figures_by_hand():
@@ -5337,7 +5353,7 @@ def test_bench_figures_follow_from_the_measured_times(monkeypatch, capsys):
     monkeypatch.setattr(bench, "median_time", fake_median_time)
     monkeypatch.setattr(plumbing, "measure_matmul_peak", lambda *args, **kwargs: 1e10)
     monkeypatch.setitem(bench.CONFIGS, "baby", bench.CONFIGS["tiny"])  # adamw's: any will do
-    r = bench.main(["--device=cpu", "--config=tiny", "--repeats=1", "--skip=get_batch,encode"])
+    r = bench.main(["--device=cpu", "--config=tiny", "--repeats=1", "--skip=get_batch,encode,bpe_train"])
     assert len(calls) == len(times), f"{len(calls)} timings, expected {len(times)}"
     assert r["peak_tflops"] == 0.01
     # 128 tokens in 5 ms; 185,472 FLOPs a token (see test_bench_runs_and_reports) x 128 in
