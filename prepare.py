@@ -1410,11 +1410,32 @@ def made_up_word(rng: np.random.Generator) -> str:
     return "".join(chr(97 + int(c)) for c in rng.integers(0, 26, int(rng.integers(3, 9))))
 
 
-def instruction(kind: str, rng: np.random.Generator) -> tuple[str, str, str]:
+def balanced_count(rng: np.random.Generator) -> tuple[str, str]:
+    """(word, letter) for a training count instruction whose answer is 0, 1, 2 or 3 equally
+    often: 3 to 8 random letters, the letter put in at k random places, none of the others it.
+    A letter drawn from a random word is there once nearly every time, and a model shown
+    mostly 1s answers 1 whatever the word; shown as many 2s and 3s, it learns to count."""
+    n = int(rng.integers(3, 9))
+    letter = chr(97 + int(rng.integers(26)))
+    k = int(rng.integers(0, min(3, n) + 1))
+    others = [c for c in "abcdefghijklmnopqrstuvwxyz" if c != letter]
+    word = [others[int(rng.integers(25))] for _ in range(n)]
+    for p in rng.choice(n, size=k, replace=False):
+        word[int(p)] = letter
+    return "".join(word), letter
+
+
+def instruction(kind: str, rng: np.random.Generator, train: bool = False
+                ) -> tuple[str, str, str]:
     """One instruction of a kind, of a random length: (its input, the question, the answer).
-    The input is what makes it a different problem; the wording does not."""
+    The input is what makes it a different problem; the wording does not. train: for the
+    training set, where counting draws its answers evenly (balanced_count); held-out counts ask
+    for a letter of the word, as a person would."""
     pick = lambda seq: seq[int(rng.integers(len(seq)))]
     letter = ""
+    if kind == "count" and train:
+        x, letter = balanced_count(rng)
+        return f"{x}|{letter}", pick(INSTRUCT[kind]).format(x=x, c=letter), str(x.count(letter))
     if kind == "reverse":  # 2 to 6 digits
         digits = int(rng.integers(2, 7))
         x = str(int(rng.integers(10 ** (digits - 1), 10 ** digits)))
@@ -1457,7 +1478,7 @@ def instruct_conversations(num_train: int, num_val: int, seed: int):
     weights = np.array([INSTRUCT_WEIGHTS[k] for k in kinds], dtype=float)
     while len(train) < num_train:
         kind = kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
-        key, question, answer = instruction(kind, rng)
+        key, question, answer = instruction(kind, rng, train=True)
         if (kind, key) not in val_keys:
             train.append(exchange(question, answer))
     return train, val, kinds

@@ -1248,14 +1248,14 @@ def zipf_text(seed: int, n_words: int) -> str:
 
 
 def reference_merge(ids, pair, new_id):
-    out, i = [], 0
-    while i < len(ids):
-        if tuple(ids[i:i + 2]) == pair:
-            out.append(new_id)
-            i += 2
+    """Left to right: a token that completes the pair with the last one kept replaces it (the
+    new id never starts a pair, so "a a a" gives [new, a])."""
+    out = []
+    for t in ids:
+        if out and (out[-1], t) == pair:
+            out[-1] = new_id
         else:
-            out.append(ids[i])
-            i += 1
+            out.append(t)
     return out
 
 
@@ -4758,14 +4758,15 @@ def train_chat(data_dir_, out, *flags):
 
 
 def test_chat_batch_targets_are_answers_only(chat_dir):
-    """x is each conversation less its last token, padded with 0; y the next tokens where
-    they are the assistant's (mask 1), -1 on prompt tokens and on padding."""
+    """x is each conversation less its last token, padded with 0 to the batch's longest; y the
+    next tokens where they are the assistant's (mask 1), -1 on prompt tokens and on padding."""
     folder = chat_dir / "rev"
     ids = np.fromfile(folder / "train.bin", dtype=np.uint16).astype(np.int64)
     mask = np.fromfile(folder / "train_mask.bin", dtype=np.uint8)
     index = np.fromfile(folder / "train_index.bin", dtype="<i8")
-    ix, T = torch.tensor([0, 5, 3, 399]), 20
-    x, y = train.get_chat_batch(folder / "train.bin", ix, T, torch.device("cpu"))
+    ix = torch.tensor([0, 5, 3, 399])
+    T = int(max(index[k + 1] - index[k] for k in ix.tolist())) - 1  # the longest less one
+    x, y = train.get_chat_batch(folder / "train.bin", ix, 64, torch.device("cpu"))
     assert x.shape == y.shape == (4, T) and x.dtype == y.dtype == torch.int64
     for row, k in enumerate(ix.tolist()):
         c, m = ids[index[k]:index[k + 1]], mask[index[k]:index[k + 1]]
@@ -4813,6 +4814,39 @@ def test_weights_make_the_mean_over_all_answer_tokens(chat_dir):
     torch.testing.assert_close(acc, big, rtol=0, atol=1e-6)
     means = sum(model(x, y)[1] for x, y, _ in micro) / 4
     assert abs(means.item() - big.item()) > 1e-4
+
+
+def test_chat_batches_pad_to_their_longest_and_sort_by_length(tmp_path):
+    """A batch pads to its longest conversation, not to block_size: the loss is the same as
+    with padding to block_size (attention is causal), for less work. A step's conversations
+    are sorted by length before they are dealt into micro-batches: the same conversations,
+    the same step loss (the mean over all its answer tokens), shorter micro-batches."""
+    meta = prepare.main([f"--data_dir={tmp_path}", "--dataset=instruct", "--num_train=100",
+                         "--num_val=10"])
+    path, cpu = tmp_path / "instruct" / "train.bin", torch.device("cpu")
+    lengths = np.diff(np.fromfile(tmp_path / "instruct" / "train_index.bin", dtype="<i8"))
+    assert len(set(lengths.tolist())) > 3, "the test needs conversations of many lengths"
+    model = tiny_model(vocab_size=meta["vocab_size"], block_size=128)
+    ix = torch.arange(12)
+    x, y = train.get_chat_batch(path, ix, 128, cpu)
+    assert x.shape[1] == lengths[:12].max() - 1 < 128
+    padded = [torch.cat([t, torch.full((12, 128 - x.shape[1]), fill)], 1)
+              for t, fill in ((x, 0), (y, -1))]
+    torch.testing.assert_close(model(x, y)[1], model(*padded)[1], rtol=0, atol=1e-6)
+
+    def step(lengths_or_none):
+        b = train.Batches(lambda ix: train.get_chat_batch(path, ix, 128, cpu), len(lengths), 4,
+                          3, seed=7, lengths=lengths_or_none)
+        return b.generator.get_state(), list(b()), b
+    _, plain, b_plain = step(None)
+    _, sorted_, b_sorted = step(lengths)
+    ix_plain, ix_sorted = b_plain.draw(), b_sorted.draw()  # the next step's numbers
+    assert sorted(ix_plain.flatten().tolist()) == sorted(ix_sorted.flatten().tolist())
+    assert np.all(np.diff(lengths[ix_sorted.flatten().numpy()]) >= 0)  # shortest first
+    width = lambda batches: sum(x.shape[1] for x, _ in batches)
+    assert width(sorted_) < width(plain)  # less padding
+    loss = lambda batches: sum(model(x, y)[1] * w for x, y, w in train.weigh_by_targets(batches))
+    torch.testing.assert_close(loss(sorted_), loss(plain), rtol=0, atol=1e-6)
 
 
 @slow

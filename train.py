@@ -95,15 +95,18 @@ def get_chat_batch(path: Path, ix: torch.Tensor, block_size: int, device: torch.
     Conversation c (L <= T + 1 tokens) gives x = c[:-1] and y = c[1:], as a window does, but
     y is -1 where the target is not the assistant's (its mask, in path's _mask.bin, is 0):
     cross_entropy skips -1, so the model learns to answer, never to write the user's part.
-    Rows are padded to T, x with 0 and y with -1 (no loss either): one shape for every batch.
+    Rows are padded, x with 0 and y with -1 (no loss either), to the batch's longest: T is
+    that less one, at most block_size. Padding at the end changes nothing before it (attention
+    is causal), so a shorter T gives the same loss with less work.
     """
     ids = np.memmap(path, dtype=np.uint16, mode="r")
     mask = np.memmap(chat_file(path, "mask"), dtype=np.uint8, mode="r")
     index = np.memmap(chat_file(path, "index"), dtype="<i8", mode="r")  # c k: [index[k], k+1)
     k = ix.numpy()
     start, length = index[k], index[k + 1] - index[k]  # (B,) each
-    inside = np.arange(block_size + 1) < length[:, None]  # (B, T+1): within the conversation
-    pos = np.where(inside, start[:, None] + np.arange(block_size + 1), 0)  # (B, T+1) offsets
+    T = min(block_size, int(length.max()) - 1)
+    inside = np.arange(T + 1) < length[:, None]  # (B, T+1): within the conversation
+    pos = np.where(inside, start[:, None] + np.arange(T + 1), 0)  # (B, T+1) offsets
     c, answer = ids[pos].astype(np.int64), mask[pos].astype(bool) & inside
     x = np.where(inside[:, 1:], c[:, :-1], 0)  # x[j] is a token with a target after it
     y = np.where(answer[:, 1:], c[:, 1:], -1)  # is each target an answer?
@@ -183,12 +186,17 @@ class Batches:
     whole global batch and keeps its own share of micro-batches, so N processes train on
     exactly what one process would.
     get_batch(ix) turns offsets ix (B,) into x, y (B, T); weigh_by_targets, below, gives each
-    micro-batch its weight in the step's loss."""
+    micro-batch its weight in the step's loss.
+
+    lengths (conversations only): each one's length. A step's conversations are then sorted by
+    it before they are dealt into micro-batches, so that each micro-batch pads to a longest
+    close to its others (get_chat_batch): the step's loss is the mean over all of its answer
+    tokens however they are grouped, so this changes the work, not the step."""
 
     def __init__(self, get_batch: Callable, n_windows: int, accumulation_steps: int,
                  batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 fixed: bool = False):
-        self.get_batch, self.n_windows = get_batch, n_windows
+                 fixed: bool = False, lengths: np.ndarray | None = None):
+        self.get_batch, self.n_windows, self.lengths = get_batch, n_windows, lengths
         self.shape = (accumulation_steps, batch_size)
         self.micro_steps = accumulation_steps // world_size  # this rank's share
         self.first = rank * self.micro_steps
@@ -196,7 +204,12 @@ class Batches:
         self.fixed_ix = self.draw() if fixed else None  # --overfit_batch: one batch, always
 
     def draw(self) -> torch.Tensor:
-        return torch.randint(self.n_windows, self.shape, generator=self.generator)  # (gas, B)
+        ix = torch.randint(self.n_windows, self.shape, generator=self.generator)  # (gas, B)
+        if self.lengths is None:
+            return ix
+        flat = ix.flatten()  # shortest first: micro-batch i gets the i-th B of them
+        order = np.argsort(self.lengths[flat.numpy()], kind="stable")
+        return flat[torch.from_numpy(order)].view(self.shape)
 
     def __call__(self):
         """This step's micro-batches for this rank: (x, y) pairs, each (B, T)."""
@@ -1293,9 +1306,11 @@ def setup(args, settings: dict, meta: dict, ckpt: dict | None, start: tuple[dict
     scaler = torch.amp.GradScaler("cuda", enabled=(args.dtype == "float16"))
     splits, n_windows, get_split_batch = data_loader(args, meta, device)
     # --overfit_batch's one batch is drawn here, before any resume: a resumed run keeps it
+    lengths = (np.diff(np.fromfile(chat_file(splits["train"], "index"), dtype="<i8"))
+               if meta.get("chat") else None)  # conversations: micro-batches by length
     batches = Batches(lambda ix: get_split_batch("train", ix), n_windows["train"],
                       args.gradient_accumulation_steps, args.batch_size, args.seed, rank,
-                      world_size, fixed=args.overfit_batch)
+                      world_size, fixed=args.overfit_batch, lengths=lengths)
     iter_num, best_val_loss, history = 0, float("inf"), []
     out_dir = Path(args.out_dir)
     ckpt_path, log_path = out_dir / "ckpt.pt", out_dir / "log.csv"
