@@ -48,7 +48,14 @@ from plumbing import (
     run_checkpoint,
     str2bool,
 )
-from tokenizer import TokenizerError, encoding_of, first_line, get_tokenizer, read_text_file
+from tokenizer import (
+    TokenizerError,
+    bits_per_byte,
+    encoding_of,
+    first_line,
+    get_tokenizer,
+    read_text_file,
+)
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -582,14 +589,14 @@ def print_beams(model, x, args, ctx, decode, eot) -> list[str]:
 def score_file(model, args, ids: list[int], text: str, token_bytes, device, ctx) -> dict:
     """The loss of text's ids (nats per scored token), its perplexity, and its bits per byte:
     the summed loss in bits over the UTF-8 bytes scored, which compares across tokenizers
-    (train.py's bits_per_byte, here exact: the text is at hand). Every token but the first is
+    (tokenizer.bits_per_byte, here exact: the text is at hand). Every token but the first is
     scored (nothing predicts the first), so its bytes are left out."""
     if len(ids) < 2:
         raise UserError(f"{args.score} holds {len(ids)} token(s); scoring needs at least 2")
     with ctx:
         nll, n = score(model, torch.tensor(ids, device=device), args.score_stride)
     n_bytes = len(text.encode("utf-8")) - len(token_bytes(ids[0]))  # >= n: a byte a token
-    bpb = nll * n / n_bytes / math.log(2)
+    bpb = bits_per_byte(nll, n, n_bytes)
     print(f"{args.score}: {n} tokens scored, loss {nll:.4f} nats/token, "
           f"perplexity {math.exp(nll):.2f}, {bpb:.4f} bits/byte ({n_bytes:,} bytes)")
     return {"loss": nll, "perplexity": math.exp(nll), "tokens": n, "bpb": bpb,

@@ -2123,7 +2123,7 @@ def test_prepare_train_resume_sample(data_dir, tmp_path, capsys):
 def test_bits_per_byte_by_hand():
     """bits per byte = loss (nats/token) x tokens / bytes / ln 2, with a split's totals."""
     # 2 nats a token over 300 tokens: 600 nats = 865.617 bits, over 1,000 bytes
-    assert train.bits_per_byte(2.0, 300, 1000) == pytest.approx(0.865617, abs=1e-6)
+    assert tokenizer.bits_per_byte(2.0, 300, 1000) == pytest.approx(0.865617, abs=1e-6)
     text = {"train_tokens": 90, "val_tokens": 10, "train_bytes": 120, "val_bytes": 11}
     assert train.loss_sizes(text) == {"train": (90, 120), "val": (10, 11)}
     answers = {"train_answer_tokens": 7, "val_answer_tokens": 3, "train_answer_bytes": 5,

@@ -20,6 +20,7 @@ last section.
 """
 
 import codecs
+import math
 from functools import cache
 from importlib.util import find_spec
 from pathlib import Path
@@ -257,6 +258,22 @@ def get_tokenizer(meta: dict):
         return "".join(out) + decode(run)
 
     return encode, decode_with_markers
+
+
+# -----------------------------------------------------------------------------
+# Comparing tokenizers: bits per byte
+
+
+def bits_per_byte(loss: float, tokens: int, n_bytes: int) -> float:
+    """A loss in nats per token as bits per byte of text: loss x tokens / bytes / ln 2.
+
+    A character model's loss is per character, a BPE model's per token of a few characters:
+    different units, so the two numbers do not compare. Per byte of the same text they do,
+    whatever the tokenizer. Dividing by ln 2 turns nats into bits. tokens and n_bytes are a
+    split's totals (meta.json's): the windows estimate_loss draws are a sample of the split,
+    so their mean loss estimates the split's mean per token, and the split's tokens per byte
+    is the factor that makes it a mean per byte."""
+    return loss * tokens / n_bytes / math.log(2)
 
 
 # -----------------------------------------------------------------------------

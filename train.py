@@ -68,7 +68,14 @@ from plumbing import (
     str2bool,
     truncate_log,
 )
-from tokenizer import TokenizerError, bpe_vocabulary, first_line, get_tokenizer, with_merges
+from tokenizer import (
+    TokenizerError,
+    bits_per_byte,
+    bpe_vocabulary,
+    first_line,
+    get_tokenizer,
+    with_merges,
+)
 
 ROOT = Path(__file__).resolve().parent
 
@@ -155,18 +162,6 @@ def estimate_loss(model, get_split_batch, n_windows: dict, eval_iters: int, batc
         out[split] = total / max(targets, 1)
     model.train()
     return out
-
-
-def bits_per_byte(loss: float, tokens: int, n_bytes: int) -> float:
-    """A loss in nats per token as bits per byte of text: loss x tokens / bytes / ln 2.
-
-    A character model's loss is per character, a BPE model's per token of a few characters:
-    different units, so the two numbers do not compare. Per byte of the same text they do,
-    whatever the tokenizer. Dividing by ln 2 turns nats into bits. tokens and n_bytes are a
-    split's totals (meta.json's): the windows estimate_loss draws are a sample of the split,
-    so their mean loss estimates the split's mean per token, and the split's tokens per byte
-    is the factor that makes it a mean per byte."""
-    return loss * tokens / n_bytes / math.log(2)
 
 
 def loss_sizes(meta: dict) -> dict | None:
@@ -1095,10 +1090,10 @@ def save_and_say_how_to_resume(args, run: "Run", iter_num: int, best_val_loss: f
                 f"--init_from=resume --out_dir={args.out_dir}")
 
 
-def val_bpb_note(val_loss: float, meta: dict) -> str:
-    """" (1.234 bpb)", a val loss in bits per byte, to print beside it; "" without bytes."""
+def bpb_note(loss: float, meta: dict, split: str = "val") -> str:
+    """" (1.234 bpb)": a split's loss in bits per byte, to print beside it; "" without bytes."""
     sizes = loss_sizes(meta)
-    return f" ({bits_per_byte(val_loss, *sizes['val']):.3f} bpb)" if sizes else ""
+    return f" ({bits_per_byte(loss, *sizes[split]):.3f} bpb)" if sizes else ""
 
 
 def evaluate(args, run: "Run", iter_num: int) -> dict:
@@ -1111,9 +1106,9 @@ def evaluate(args, run: "Run", iter_num: int) -> dict:
                                run.device) if run.checkable else (None, 0)
     if sizes := loss_sizes(run.meta):  # per byte of text: compares across tokenizers
         losses |= {f"{s}_bpb": bits_per_byte(losses[s], *sizes[s]) for s in ("train", "val")}
-    bpb = lambda s: f" ({losses[f'{s}_bpb']:.3f} bpb)" if sizes else ""
-    run.log(f"step {iter_num}: train loss {losses['train']:.4f}{bpb('train')}, val loss "
-            f"{losses['val']:.4f}{bpb('val')}, val perplexity {math.exp(losses['val']):.2f}"
+    run.log(f"step {iter_num}: train loss {losses['train']:.4f}"
+            f"{bpb_note(losses['train'], run.meta, 'train')}, val loss {losses['val']:.4f}"
+            f"{bpb_note(losses['val'], run.meta)}, val perplexity {math.exp(losses['val']):.2f}"
             + (f", val exact match {100 * acc:.1f}% of {checked:,} conversations"
                if acc is not None else ""))
     if not args.eval_only:  # an evaluation alone writes nothing
@@ -1151,7 +1146,7 @@ def save(args, run: "Run", iter_num: int, best_val_loss: float, history: list,
     save_checkpoint(state, run.ckpt_path)
     run.saved_iter[:] = [iter_num]
     run.log(f"saved {run.ckpt_path}" + (f" and {run.best_path.name} (val {best_val_loss:.4f}"
-                                         f"{val_bpb_note(best_val_loss, run.meta)})"
+                                         f"{bpb_note(best_val_loss, run.meta)})"
                                          if improved else ""))
     return best_val_loss
 
@@ -1413,7 +1408,7 @@ def train(args) -> dict:
             except ImportError:
                 log("matplotlib is not installed: no loss.png (pip install matplotlib)")
         log(f"done: {result['iter_num']} iterations in {result['elapsed']:.1f}s, best val loss "
-            f"{result['best_val_loss']:.4f}{val_bpb_note(result['best_val_loss'], meta)}")
+            f"{result['best_val_loss']:.4f}{bpb_note(result['best_val_loss'], meta)}")
         return result
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
         if (where := out_of_memory(e)) is None:
