@@ -79,7 +79,6 @@ from tokenizer import (
     MERGES_FILE,
     SPLIT_PATTERNS,
     TokenizerError,
-    bpe_encoding,
     bpe_meta,
     char_tokenizer,
     first_line,
@@ -88,6 +87,7 @@ from tokenizer import (
     refuse_utf16,
     text_pieces,
     train_bpe,
+    trained_encoding,
     with_merges,
     without_merges,
     write_merges,
@@ -758,7 +758,7 @@ def encode_items(items, tokenizer: str, vocab, num_proc: int, chunk_chars: int,
         return
     # GPT-2's: fail here if it cannot be had (forked workers inherit it); a trained one is
     # sent to each worker when it starts
-    enc = bpe_encoding(bpe["merges"], bpe["pattern"], bpe["special_tokens"]) if bpe else None
+    enc = trained_encoding(bpe) if bpe else None
     eot_ids = np.array([(enc or gpt2_encoding()).eot_token], dtype=np.uint16)
     split = bpe["split_pattern"] if bpe else "gpt2"
     jobs = ((batch, [value for kind, value in batch if kind == "text"])
@@ -1230,7 +1230,7 @@ def base_encoder(tokenizer: str, chars: list[str] | None,
     if tokenizer == "gpt2":
         return gpt2_encoding().encode_ordinary, 50257  # text never spells <|endoftext|>
     if tokenizer == "bpe":
-        enc = bpe_encoding(bpe["merges"], bpe["pattern"], bpe["special_tokens"])
+        enc = trained_encoding(bpe)
         return enc.encode_ordinary, enc.n_vocab
     stoi = {ch: i for i, ch in enumerate(chars)}
     return (lambda s: [stoi[c] for c in s]), len(chars)

@@ -215,6 +215,11 @@ def encoding_of(meta: dict):
     if "merges" not in bpe:
         raise TokenizerError("this meta names a trained BPE but holds no merges: read its "
                              "dataset's meta.json with tokenizer.with_merges")
+    return trained_encoding(bpe)
+
+
+def trained_encoding(bpe: dict):
+    """The tiktoken Encoding of meta["bpe"] (with its merges): see bpe_encoding."""
     return bpe_encoding(bpe["merges"], bpe["pattern"], bpe["special_tokens"])
 
 
