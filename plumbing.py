@@ -9,6 +9,7 @@ Nothing here changes what the model computes or how it learns.
 
 import argparse
 import csv
+import functools
 import os
 import shutil
 import signal
@@ -123,6 +124,7 @@ def pick_dtype(name: str, device: torch.device, cpu_speedup=None) -> str:
     return name
 
 
+@functools.cache
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU does bf16 matrix math in hardware (AMX or AVX512-BF16): elsewhere
     bf16 is emulated, and slower than float32."""
