@@ -1895,6 +1895,27 @@ def test_newton_schulz_makes_singular_values_about_one():
         assert s.max() < 1.2 and ((s > 0.65) & (s < 1.2)).float().mean() > 0.9, (shape, s)
 
 
+def test_newton_schulz_on_a_cpu_runs_bf16_only_where_the_cpu_has_it(monkeypatch):
+    """A CPU with native bf16 matmuls (AVX512-BF16, AMX) runs the iteration in bf16, as a GPU
+    does: fp32's result to bf16's rounding (measured ~1e-2 of the norm), not to the bit.
+    Elsewhere fp32, exactly the iteration written out here."""
+    g = torch.Generator().manual_seed(0)
+    G = torch.randn(3, 32, 96, generator=g) * 10
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)
+    fp32 = train.newton_schulz(G)
+    X = G / torch.linalg.matrix_norm(G, keepdim=True).add(1e-7)
+    for _ in range(5):
+        A = X @ X.mT
+        X = 3.4445 * X + (-4.7750 * A + 2.0315 * A @ A) @ X
+    torch.testing.assert_close(fp32, X, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)
+    bf16 = train.newton_schulz(G)
+    err = ((bf16 - fp32).norm() / fp32.norm()).item()
+    assert bf16.dtype == torch.float32 and 0 < err < 5e-2, err
+    s = torch.linalg.svdvals(bf16)
+    assert 0.6 < s.min() and s.max() < 1.25, (s.min(), s.max())
+
+
 def test_muon_groups_and_update():
     """Only the 2-D matrices inside the blocks go to Muon; its update on a matrix is the
     Newton-Schulz of the Nesterov momentum, scaled by the learning rate and the shape, and
@@ -4609,8 +4630,32 @@ def test_instruct_is_seeded_disjoint_varied_and_right(tmp_path):
 def test_instruct_defaults_are_sized_for_a_cpu(tmp_path, capsys):
     meta = prepare.main(["--dataset", "instruct", "--data_dir", str(tmp_path / "data")])
     c = meta["chat"]
-    assert (c["train_conversations"], c["val_conversations"]) == (30_000, 500)
+    assert (c["train_conversations"], c["val_conversations"]) == (100_000, 500)
     assert c["max_len"] < 64 and c["dropped"] == c["shortened"] == 0
+
+
+def test_instruct_training_mix_follows_the_weights_and_balances_counts():
+    """Training draws each kind in proportion to INSTRUCT_WEIGHTS and counts with answers 0-3
+    equally often; val has as many of each kind, and its counts ask for a letter of the word
+    (so mostly 1s). Binomial standard errors here are under 0.4 points: 2 points is ~5 of them."""
+    train, val, kinds = prepare.instruct_conversations(20_000, 500, seed=7)
+    parsed = {s: [instruct_answer(c[0]["content"]) for c in convs]
+              for s, convs in (("train", train), ("val", val))}
+    total = sum(prepare.INSTRUCT_WEIGHTS.values())
+    share = Counter(kind for kind, *_ in parsed["train"])
+    for kind in kinds:
+        assert abs(share[kind] / len(train) - prepare.INSTRUCT_WEIGHTS[kind] / total) < 0.02, kind
+    assert Counter(kind for kind, *_ in parsed["val"]) == dict.fromkeys(kinds, 100)
+    answers = {s: Counter(a for kind, _, a, _ in parsed[s] if kind == "count") for s in parsed}
+    n = sum(answers["train"].values())
+    assert set(answers["train"]) == {"0", "1", "2", "3"}
+    assert all(abs(answers["train"][a] / n - 0.25) < 0.02 for a in "0123"), answers["train"]
+    assert answers["val"]["1"] > 60, answers["val"]  # a letter of a random word: mostly once
+    adds = {s: [x.split(" + ") for kind, x, _, _ in parsed[s] if kind == "add"] for s in parsed}
+    both_one_digit = {s: sum(len(a) == len(b) == 1 for a, b in adds[s]) / len(adds[s])
+                      for s in adds}
+    assert abs(both_one_digit["train"] - 0.3 ** 2) < 0.02, both_one_digit  # training_addends
+    assert both_one_digit["val"] > 0.2, both_one_digit  # each 1 or 2 digits evenly: ~0.55^2
 
 
 def test_generated_datasets_refuse_text_flags(tmp_path, capsys, previous):
