@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import errors
 import plumbing
 import prepare
 import tokenizer
@@ -352,7 +353,7 @@ def main(argv=None) -> dict:
         p.error("--encode_mb must be above 0")
     try:
         device = plumbing.pick_device(args.device)
-    except plumbing.UserError as e:
+    except errors.UserError as e:
         p.exit(2, f"bench.py: error: {e}\n")
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     compile_model = args.compile if args.compile is not None else device.type == "cuda"

@@ -27,11 +27,10 @@ turns: the model learns to answer and to stop, never to write the user's part.
 
 from collections.abc import Callable
 
+from errors import UserError
+
 ROLES = ("system", "user", "assistant")
 
-
-class ConversationError(ValueError):
-    """A record that is not a conversation to learn from; the message says why, in a line."""
 
 
 MARKERS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")  # one id each, in this order
@@ -57,38 +56,38 @@ def conversation(record) -> list[dict]:
     """A record in either form, as a checked list of messages:
         {"prompt": str, "response": str}           one user turn, one assistant turn
         {"messages": [{"role": ..., "content": ...}, ...]}
-    Raises ConversationError with a one-line reason: a missing field, content that is not a string,
+    Raises UserError with a one-line reason: a missing field, content that is not a string,
     an unknown role, roles out of order, an empty response, no answer to learn."""
     if not isinstance(record, dict):
-        raise ConversationError(f"expected a JSON object, got {type(record).__name__}")
+        raise UserError(f"expected a JSON object, got {type(record).__name__}")
     if "messages" in record:
         messages = record["messages"]
         if not isinstance(messages, list) or not messages:
-            raise ConversationError('"messages" must be a non-empty list')
+            raise UserError('"messages" must be a non-empty list')
     elif "prompt" in record or "response" in record:
         for field in ("prompt", "response"):
             if field not in record:
-                raise ConversationError(f'missing field "{field}"')
+                raise UserError(f'missing field "{field}"')
         messages = [{"role": "user", "content": record["prompt"]},
                     {"role": "assistant", "content": record["response"]}]
     else:
-        raise ConversationError('missing field "messages" (or "prompt" and "response")')
+        raise UserError('missing field "messages" (or "prompt" and "response")')
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise ConversationError(f"message {i} is not an object")
+            raise UserError(f"message {i} is not an object")
         for field in ("role", "content"):
             if field not in m:
-                raise ConversationError(f'message {i}: missing field "{field}"')
+                raise UserError(f'message {i}: missing field "{field}"')
         if m["role"] not in ROLES:
-            raise ConversationError(f"message {i}: unknown role {m['role']!r} (roles: "
+            raise UserError(f"message {i}: unknown role {m['role']!r} (roles: "
                              f"{', '.join(ROLES)})")
         if not isinstance(m["content"], str):
-            raise ConversationError(f"message {i} ({m['role']}): content is "
+            raise UserError(f"message {i} ({m['role']}): content is "
                              f"{type(m['content']).__name__}, not a string")
     check_order([m["role"] for m in messages])
     for i, m in enumerate(messages):
         if m["role"] == "assistant" and not m["content"].strip():
-            raise ConversationError(f"message {i}: an empty response")
+            raise UserError(f"message {i}: an empty response")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
@@ -100,11 +99,11 @@ def check_order(roles: list[str]) -> None:
         expected = ("user", "assistant")[i % 2]
         if role != expected:
             where = i + (len(roles) - len(turns))
-            raise ConversationError(f"roles out of order: message {where} is {role!r}, expected "
+            raise UserError(f"roles out of order: message {where} is {role!r}, expected "
                              f"{expected!r} (system first if any, then user and assistant "
                              "in turn)")
     if not turns or turns[-1] != "assistant":
-        raise ConversationError("roles out of order: the last message must be the assistant's")
+        raise UserError("roles out of order: the last message must be the assistant's")
 
 
 # -----------------------------------------------------------------------------

@@ -25,12 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from errors import UserError, first_line
 from gpt import GPT, GPTConfig
-from tokenizer import first_line
-
-
-class UserError(Exception):
-    """Bad input from the user: printed as one line, exit code 2, no traceback."""
 
 
 def str2bool(s: str) -> bool:

