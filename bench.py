@@ -51,6 +51,7 @@ import torch
 import errors
 import plumbing
 import prepare
+import settings
 import tokenizer
 import train
 from gpt import GPT, GPTConfig
@@ -341,7 +342,7 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--config", default="cpu", choices=sorted(CONFIGS), help="model shape")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per figure (median)")
-    p.add_argument("--compile", type=plumbing.str2bool, nargs="?", const=True, default=None,
+    p.add_argument("--compile", type=settings.str2bool, nargs="?", const=True, default=None,
                    help="torch.compile the training step (default: on for CUDA)")
     p.add_argument("--skip", default="", help="comma-separated parts to leave out, e.g. adamw")
     p.add_argument("--encode_mb", type=float, default=None,

@@ -7,7 +7,6 @@ and stop signals; gpt.py and prepare.py ask it whether the Hugging Face Hub can 
 Nothing here changes what the model computes or how it learns.
 """
 
-import argparse
 import csv
 import functools
 import os
@@ -15,7 +14,6 @@ import shutil
 import signal
 import socket
 import sys
-import tempfile
 import time
 import urllib.parse
 import zipfile
@@ -26,24 +24,8 @@ import numpy as np
 import torch
 
 from errors import UserError, first_line
+from files import write_atomic
 from gpt import GPT, GPTConfig
-
-
-def str2bool(s: str) -> bool:
-    if s.lower() in ("1", "true", "yes", "y", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {s!r}")
-
-
-def flags_given(parser: argparse.ArgumentParser, argv=None) -> set:
-    """The names of the flags given on the command line (not those left at their defaults):
-    the same argv parsed again with every default suppressed. The parser's defaults are gone
-    afterwards, so parse with it before calling this."""
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(argv)))
 
 
 def hub_unreachable() -> bool:
@@ -169,24 +151,19 @@ def autocast_ctx(device: torch.device, dtype: str):
 
 
 def save_checkpoint(ckpt: dict, path: Path) -> None:
-    """Write to a temporary file beside the target (a name of its own, so two writers never
-    share one), flush it to disk, then rename it over the target. A crash, Ctrl-C or a full
-    disk mid-save leaves the previous checkpoint whole."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write it whole or not at all (files.write_atomic: a temporary file of its own beside the
+    target, flushed, renamed over it). A crash, Ctrl-C or a full disk mid-save leaves the
+    previous checkpoint whole. Raises UserError naming the path and why."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, lambda f: torch.save(ckpt, f))
+    except UserError as e:  # no temporary file could be made there
+        raise UserError(f"{e}; the previous checkpoint there is untouched") from None
     except (OSError, RuntimeError) as e:  # a full disk (ENOSPC), a file-size limit (EFBIG)
         while not isinstance(e, OSError) and e.__context__ is not None:
             e = e.__context__  # torch.save wraps the OSError in a RuntimeError
         why = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
         raise UserError(f"cannot write {path}: {why}; the previous checkpoint there is "
                         "untouched") from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)  # gone already after the rename
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:

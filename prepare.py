@@ -57,7 +57,6 @@ import itertools
 import json
 import os
 import re
-import secrets
 import shutil
 import signal
 import sys
@@ -75,6 +74,7 @@ import numpy as np
 
 import chat
 from errors import UserError, first_line
+from files import new_temp, write_atomic, write_synced
 from tokenizer import (
     EOT,
     MERGES_FILE,
@@ -991,17 +991,6 @@ def check_out_dir(out_dir: Path) -> None:
             raise UserError(f"{out_dir / name} is a folder: move it away first")
 
 
-def new_temp(path: Path) -> Path:
-    """A new empty file beside path, named for this run alone (process id and a random part):
-    two runs writing into one folder never share a temporary file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        open(tmp, "xb").close()
-    except OSError as e:
-        raise UserError(f"cannot write in {path.parent}: {e.strerror}") from None
-    return tmp
-
-
 @contextmanager
 def temp_bins(out_dir: Path, names: tuple[str, ...] = BINS):
     """Temporary files beside the dataset, one for each name (by default train and val);
@@ -1014,23 +1003,6 @@ def temp_bins(out_dir: Path, names: tuple[str, ...] = BINS):
     finally:
         for tmp in temps:
             tmp.unlink(missing_ok=True)
-
-
-def write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, then rename: never a half-written file."""
-    tmp = new_temp(path)
-    try:
-        write_synced(tmp, data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def move_tail(src: Path, dst: Path, offset: int) -> None:

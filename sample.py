@@ -39,15 +39,14 @@ from errors import UserError, first_line
 from gpt import GPT, eval_mode
 from plumbing import (
     autocast_ctx,
-    flags_given,
     load_checkpoint,
     model_from_checkpoint,
     out_of_memory,
     pick_device,
     pick_dtype,
     run_checkpoint,
-    str2bool,
 )
+from settings import flags_given, str2bool
 from tokenizer import (
     bits_per_byte,
     encoding_of,

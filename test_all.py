@@ -43,6 +43,7 @@ import torch.nn.functional as F
 import bigram
 import chat
 import errors
+import files
 import gpt
 import plumbing
 import prepare
@@ -741,7 +742,7 @@ def test_crash_between_renames_never_leaves_old_meta_beside_new_data(tmp_path, c
 
 
 def test_temporary_names_are_unique_per_writer(tmp_path):
-    first, second = (prepare.new_temp(tmp_path / "train.bin") for _ in range(2))
+    first, second = (files.new_temp(tmp_path / "train.bin") for _ in range(2))
     assert first != second and first.exists() and second.exists()
     assert first.parent == tmp_path and first.name.startswith(f".train.bin.{os.getpid()}.")
     with prepare.temp_bins(tmp_path) as (train_tmp, val_tmp):

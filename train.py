@@ -48,7 +48,6 @@ from plumbing import (
     bf16_speedup,
     cpu_has_native_bf16,
     device_peak_flops,
-    flags_given,
     flops_per_token,
     free_memory,
     hms,
@@ -66,9 +65,9 @@ from plumbing import (
     set_rng_state,
     setup_ddp,
     step_rng_state,
-    str2bool,
     truncate_log,
 )
+from settings import flags_given, str2bool
 from tokenizer import (
     bits_per_byte,
     bpe_vocabulary,
