@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 import errors
+import inference
 import plumbing
 import prepare
 import settings
@@ -152,7 +153,7 @@ def bench_generate(cfg, device, repeats, sync, new_tokens=500, context=256,
     """500 new tokens after a 256-token prompt, per batch size, with the KV cache and without.
     The model's context is made long enough (1024, GPT-2's) to hold all of it, so the cache is
     never slid. tokens/s counts every row's tokens. On CUDA the cached steps replay a CUDA
-    graph (gpt.CUDAGraphStep); the cache without it is timed too, as eager_cache."""
+    graph (inference.CUDAGraphStep); the cache without it is timed too, as eager_cache."""
     block_size = max(1024, context + new_tokens)
     model = make_model(cfg, device, block_size=block_size).eval()
     graph = device.type == "cuda"
@@ -165,9 +166,10 @@ def bench_generate(cfg, device, repeats, sync, new_tokens=500, context=256,
         idx = torch.randint(cfg["vocab_size"], (B, context), device=device)
         row = {}
         for name, kw in ways.items():
-            model.generate(idx, 8, temperature=0, **kw)  # a short warm-up
-            dt = median_time(lambda x=idx, kw=kw: model.generate(x, new_tokens, temperature=0,
-                                                                 **kw), repeats, sync, warmup=False)
+            inference.generate(model, idx, 8, temperature=0, **kw)  # a short warm-up
+            dt = median_time(lambda x=idx, kw=kw: inference.generate(model, x, new_tokens,
+                                                                     temperature=0, **kw),
+                             repeats, sync, warmup=False)
             row[f"{name}_tokens_per_s"] = round(B * new_tokens / dt, 1)
         row["speedup"] = round(row["cache_tokens_per_s"] / row["no_cache_tokens_per_s"], 2)
         out[f"batch_{B}"] = row

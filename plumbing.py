@@ -3,7 +3,7 @@ The parts of training and sampling that are not the lesson: you can skip this fi
 
 train.py and sample.py use it for: one-line errors, device and precision choice, checkpoint
 files and RNG state, several processes (DDP), model FLOPs utilisation, the CSV log and its plot,
-and stop signals; gpt.py and prepare.py ask it whether the Hugging Face Hub can be reached.
+and stop signals.
 Nothing here changes what the model computes or how it learns.
 """
 
@@ -15,7 +15,6 @@ import signal
 import socket
 import sys
 import time
-import urllib.parse
 import zipfile
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -26,23 +25,6 @@ import torch
 from errors import UserError, first_line
 from files import write_atomic
 from gpt import GPT, GPTConfig
-
-
-def hub_unreachable() -> bool:
-    """True when not even a connection to the Hugging Face Hub opens. datasets and transformers
-    would then retry for half a minute before failing; in offline mode they fail at once, or
-    read a copy in their cache. Not checked when offline mode or a proxy is set already: those
-    decide for themselves. (prepare.py's --hf_dataset and gpt.py's GPT-2 weights ask.)"""
-    if any(os.environ.get(v) for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY",
-                                       "https_proxy", "ALL_PROXY", "all_proxy")):
-        return False
-    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
-    except OSError:
-        return True
-    return False
-
 
 # -----------------------------------------------------------------------------
 # Device and precision

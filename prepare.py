@@ -493,7 +493,7 @@ def file_source(names: list[str], field_name: str, chunk_chars: int) -> Source:
 def hub_source(spec: str, split: str, streaming: bool, field_name: str, num_proc: int) -> Source:
     """A dataset on the Hugging Face Hub, NAME or NAME:CONFIG (or a local folder datasets can
     read), loaded by the library itself: its cache, its num_proc, its streaming."""
-    from plumbing import hub_unreachable  # (it imports torch: only for the Hub)
+    from gpt2_weights import hub_unreachable  # (it imports torch: only for the Hub)
 
     local = Path(spec).exists()
     name, _, config = (spec, "", "") if local else spec.partition(":")

@@ -37,6 +37,8 @@ import torch
 import chat
 from errors import UserError, first_line
 from gpt import GPT, eval_mode
+from gpt2_weights import from_pretrained
+from inference import beam_search, generate_stream
 from plumbing import (
     autocast_ctx,
     load_checkpoint,
@@ -309,7 +311,7 @@ def load_model(init_from: str, out_dir: Path, device, which: str = "best",
         meta = ckpt["meta"]
     else:
         try:
-            model = GPT.from_pretrained(init_from)
+            model = from_pretrained(init_from)
         except ValueError as e:
             raise UserError(first_line(e)) from None
         eot = 50256 if model.config.vocab_size > 50256 else None  # <|endoftext|>, if it has one
@@ -374,8 +376,8 @@ def print_samples(model, x, args, ctx, decode, token_bytes, eot) -> list[str]:
         stream, new = StreamDecoder(token_bytes), []
         show(stream.push(start_ids))
         with ctx:
-            for tok in model.generate_stream(x, args.max_new_tokens, args.temperature,
-                                             args.top_k, args.top_p, gen):
+            for tok in generate_stream(model, x, args.max_new_tokens, args.temperature,
+                                       args.top_k, args.top_p, gen):
                 if (t := tok.item()) == eot:
                     break  # a document ended: stop there
                 new.append(t)
@@ -547,7 +549,7 @@ def reply_tokens(model, prompt: list[int], max_new: int, stops: set, sampling: d
     """Yield the reply's token ids as they are generated, up to a stop id (not yielded) or
     max_new tokens. sampling: generate_stream's temperature, top_k, top_p, generator."""
     x = torch.tensor([prompt], dtype=torch.long, device=next(model.parameters()).device)
-    for tok in model.generate_stream(x, max_new, **sampling):
+    for tok in generate_stream(model, x, max_new, **sampling):
         if (t := tok.item()) in stops:
             return
         yield t
@@ -567,7 +569,7 @@ def print_beams(model, x, args, ctx, decode, eot) -> list[str]:
               file=sys.stderr)
     t0 = time.perf_counter()
     with ctx:
-        beams, scores = model.beam_search(x, args.max_new_tokens, args.beam_width, eot)
+        beams, scores = beam_search(model, x, args.max_new_tokens, args.beam_width, eot)
     rate = (beams.size(1) - T) / (time.perf_counter() - t0)  # steps of the whole beam per second
     samples = []
     for ids, logp in zip(beams[:args.num_samples].tolist(), scores.tolist()):

@@ -45,6 +45,8 @@ import chat
 import errors
 import files
 import gpt
+import gpt2_weights
+import inference
 import plumbing
 import prepare
 import sample
@@ -592,7 +594,7 @@ def test_unreachable_hub_turns_on_offline_mode(tmp_path, monkeypatch):
     prepare.hub_source("user/data:config", "train", False, "text", 1)
     assert offline_at_import == ["1"]
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(plumbing, "hub_unreachable", lambda: pytest.fail("a folder was probed"))
+    monkeypatch.setattr(gpt2_weights, "hub_unreachable", lambda: pytest.fail("a folder was probed"))
     prepare.hub_source(str(tmp_path), "train", False, "text", 1)
     assert offline_at_import == ["1", None]
 
@@ -1626,7 +1628,7 @@ def test_explicit_attention_equals_fused_kernel():
     assert (att.triu(1) == 0).all(), "no query may attend to a later key"
     for on in (True, False):  # a 5-token prompt, then 2 tokens, then 1 at a time
         set_explicit(m, on)
-        cache = gpt.KVCache(m.config, 2, "cpu", torch.float32)
+        cache = inference.KVCache(m.config, 2, "cpu", torch.float32)
         steps = [m(idx[:, :5], cache=cache)[0], m(idx[:, 5:7], cache=cache)[0]]
         steps += [m(idx[:, t:t + 1], cache=cache)[0] for t in range(7, 12)]
         for t, logits in zip([4, 6, *range(7, 12)], steps):
@@ -1752,8 +1754,8 @@ def test_every_combination_trains_and_samples(pos_emb, norm, mlp, qk_norm):
     assert losses[-1] < 0.8 * losses[0], losses
     m.eval()
     idx = torch.randint(0, 11, (2, 10), generator=torch.Generator().manual_seed(1))
-    a = m.generate(idx, 12, temperature=0, use_cache=True)  # 22 > 16: the window slides
-    assert torch.equal(a, m.generate(idx, 12, temperature=0, use_cache=False))
+    a = inference.generate(m, idx, 12, temperature=0, use_cache=True)  # 22 > 16: the window slides
+    assert torch.equal(a, inference.generate(m, idx, 12, temperature=0, use_cache=False))
     logits, _ = m(idx, idx)
     changed = idx.clone()
     changed[:, 5:] = (changed[:, 5:] + 1) % 11
@@ -3009,7 +3011,7 @@ def test_init_from_gpt2_refuses_switches_before_any_download(data_dir, tmp_path,
                                                              monkeypatch):
     """GPT-2's weights come with GPT-2's architecture: a switch beyond it is refused in one line
     naming the flags to drop, before anything is downloaded (or found missing)."""
-    monkeypatch.setattr(gpt, "from_pretrained",
+    monkeypatch.setattr(train, "from_pretrained",
                         lambda *a, **k: pytest.fail("GPT-2 was fetched before the flags' check"))
     err = run_main(capsys, train.main, [
         "--device=cpu", f"--data_dir={data_dir}", "--dataset=tiny",
@@ -3094,10 +3096,10 @@ def test_truncated_checkpoint_and_offline_hub(tmp_path, capsys, monkeypatch):
     for name, value in empty_hf_caches(tmp_path).items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-    monkeypatch.setattr(plumbing, "hub_unreachable", lambda: True)
+    monkeypatch.setattr(gpt2_weights, "hub_unreachable", lambda: True)
     t0 = time.perf_counter()
     with pytest.raises(ValueError, match="hub cannot be reached and it is not in the local cache"):
-        GPT.from_pretrained("gpt2")
+        gpt2_weights.from_pretrained("gpt2")
     assert time.perf_counter() - t0 < 20, "offline, it must not wait on retries"
     # offline, a copy in the cache is what loads
     cached = tmp_path / "hf" / "hub" / "models--gpt2"
@@ -3106,7 +3108,7 @@ def test_truncated_checkpoint_and_offline_hub(tmp_path, capsys, monkeypatch):
         eos_token_id=0)).save_pretrained(cached / "snapshots" / ("0" * 40))
     (cached / "refs").mkdir()
     (cached / "refs" / "main").write_text("0" * 40, encoding="utf-8")
-    assert GPT.from_pretrained("gpt2").config.vocab_size == 100
+    assert gpt2_weights.from_pretrained("gpt2").config.vocab_size == 100
 
 
 @slow
@@ -3278,15 +3280,15 @@ def test_kv_cache_matches_full_forward(prompt_len, new):
     m = tiny_model().eval()
     torch.manual_seed(1)
     idx = torch.randint(0, 11, (2, prompt_len))
-    a = m.generate(idx, new, temperature=0, use_cache=True)
-    b = m.generate(idx, new, temperature=0, use_cache=False)
+    a = inference.generate(m, idx, new, temperature=0, use_cache=True)
+    b = inference.generate(m, idx, new, temperature=0, use_cache=False)
     assert torch.equal(a, b)
     # per-step logits, along the same sequence
     cache = None
     for t in range(prompt_len, prompt_len + new):
         with torch.no_grad():
-            lc, cache = gpt.next_logits(m, a[:, :t], cache)
-            lf, _ = gpt.next_logits(m, a[:, :t], None, use_cache=False)
+            lc, cache = inference.next_logits(m, a[:, :t], cache)
+            lf, _ = inference.next_logits(m, a[:, :t], None, use_cache=False)
         torch.testing.assert_close(lc, lf, rtol=1e-5, atol=1e-5)
 
 
@@ -3301,16 +3303,16 @@ def test_static_cache_step_matches_full_forward(pos_emb, norm, mlp, qk_norm, exp
     set_explicit(m, explicit)
     seq = torch.randint(0, 11, (2, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        cache = gpt.KVCache(m.config, 2, "cpu", torch.float32)
+        cache = inference.KVCache(m.config, 2, "cpu", torch.float32)
         m(seq[:, :5], cache=cache)  # the prompt, through the ordinary path
-        cache.pos = torch.tensor([cache.pos])
+        cache = inference.StaticKVCache(cache)  # the same keys and values, shapes fixed
         for t in range(5, 16):
             step, _ = m(seq[:, t:t + 1], cache=cache)  # (2, 1, V)
             full, _ = m(seq[:, :t + 1])
             torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
-            assert cache.pos.item() == t + 1
+            assert cache.pos_device.item() == t + 1
     with pytest.raises(ValueError, match="cuda_graph needs a CUDA device, not cpu"):
-        m.generate(seq[:, :3], 2, cuda_graph=True)
+        inference.generate(m, seq[:, :3], 2, cuda_graph=True)
 
 
 @pytest.mark.parametrize("settings", [
@@ -3336,7 +3338,7 @@ def test_plain_generate_equals_kv_cache(settings, prompt_len, new, pos_emb):
     assert m.training, "generate_plain must restore the training mode it found"
     assert plain.shape == (2, prompt_len + new) and torch.equal(plain[:, :prompt_len], idx)
     for use_cache in (True, False):
-        cached = m.generate(idx, new, generator=seed(), use_cache=use_cache, **settings)
+        cached = inference.generate(m, idx, new, generator=seed(), use_cache=use_cache, **settings)
         assert torch.equal(plain, cached), f"use_cache={use_cache}: not the plain loop's tokens"
     if settings["temperature"] > 0:  # sampling, not a disguised argmax: the seed matters
         other = gpt.generate_plain(m, idx, new, generator=torch.Generator().manual_seed(6),
@@ -3347,8 +3349,8 @@ def test_plain_generate_equals_kv_cache(settings, prompt_len, new, pos_emb):
 def test_generate_uses_eval_mode_and_restores():
     m = tiny_model(dropout=0.5).train()
     idx = torch.zeros(1, 1, dtype=torch.long)
-    a = m.generate(idx, 8, temperature=0)
-    b = m.generate(idx, 8, temperature=0)
+    a = inference.generate(m, idx, 8, temperature=0)
+    b = inference.generate(m, idx, 8, temperature=0)
     assert torch.equal(a, b), "greedy generation must not see dropout"
     assert m.training, "generate must restore the training mode it found"
 
@@ -3442,13 +3444,13 @@ def test_top_p_filter_at_gpt2_vocabulary_size():
 def test_sampling_is_seeded_and_within_top_k():
     m = tiny_model().eval()
     idx = torch.zeros(1, 1, dtype=torch.long)
-    a = m.generate(idx, 15, top_k=2, generator=torch.Generator().manual_seed(3))
-    b = m.generate(idx, 15, top_k=2, generator=torch.Generator().manual_seed(3))
+    a = inference.generate(m, idx, 15, top_k=2, generator=torch.Generator().manual_seed(3))
+    b = inference.generate(m, idx, 15, top_k=2, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b), "the same seed must give the same tokens"
     for t in range(1, a.size(1)):  # every sampled token is one of the two likeliest
         logits, _ = m(a[:, :t])
         assert a[0, t] in logits[0, -1].topk(2).indices
-    c = m.generate(idx, 15, top_k=2, generator=torch.Generator().manual_seed(4))
+    c = inference.generate(m, idx, 15, top_k=2, generator=torch.Generator().manual_seed(4))
     assert not torch.equal(a, c), "another seed should give other tokens"
 
 
@@ -3463,8 +3465,8 @@ def total_logprob(m, seqs, T):
 def test_beam_width_one_is_greedy():
     m = tiny_model().eval()
     idx = torch.randint(0, 11, (1, 5), generator=torch.Generator().manual_seed(0))
-    beams, _ = m.beam_search(idx, 20, beam_width=1)  # 5 + 20 > 16: the window slides
-    assert torch.equal(beams, m.generate(idx, 20, temperature=0))
+    beams, _ = inference.beam_search(m, idx, 20, beam_width=1)  # 5 + 20 > 16: the window slides
+    assert torch.equal(beams, inference.generate(m, idx, 20, temperature=0))
 
 
 def test_beam_search_exhaustive_is_the_best_of_all():
@@ -3472,7 +3474,7 @@ def test_beam_search_exhaustive_is_the_best_of_all():
     are the 25 best of all 125 continuations, scored by their total log-probability."""
     m = tiny_model(vocab_size=5).eval()
     idx = torch.tensor([[1, 3]])
-    beams, scores = m.beam_search(idx, 3, beam_width=25)
+    beams, scores = inference.beam_search(m, idx, 3, beam_width=25)
     every = torch.tensor(list(itertools.product(range(5), repeat=3)))  # (125, 3)
     seqs = torch.cat((idx.expand(125, -1), every), dim=1)  # (125, 5)
     logp = total_logprob(m, seqs, 2)  # (125,)
@@ -3486,8 +3488,8 @@ def test_beam_search_exhaustive_is_the_best_of_all():
 def test_beam_search_cache_matches_no_cache(prompt_len):
     m = tiny_model().eval()
     idx = torch.randint(0, 11, (1, prompt_len), generator=torch.Generator().manual_seed(1))
-    a, score_a = m.beam_search(idx, 6, beam_width=4, use_cache=True)
-    b, score_b = m.beam_search(idx, 6, beam_width=4, use_cache=False)
+    a, score_a = inference.beam_search(m, idx, 6, beam_width=4, use_cache=True)
+    b, score_b = inference.beam_search(m, idx, 6, beam_width=4, use_cache=False)
     assert torch.equal(a, b), "reordered cache rows gave other beams than re-encoding"
     torch.testing.assert_close(score_a, score_b)
     assert a.shape == (4, prompt_len + 6) and (score_a.diff() <= 0).all(), "best first"
@@ -3496,8 +3498,8 @@ def test_beam_search_cache_matches_no_cache(prompt_len):
 def test_beam_search_finished_beams_keep_their_score():
     m = tiny_model().eval()
     idx = torch.tensor([[2, 7, 1]])
-    eot = int(m.generate(idx, 1, temperature=0)[0, -1])  # the greedy next token ends it
-    beams, scores = m.beam_search(idx, 8, beam_width=3, eot_token=eot)
+    eot = int(inference.generate(m, idx, 1, temperature=0)[0, -1])  # the greedy next token ends it
+    beams, scores = inference.beam_search(m, idx, 8, beam_width=3, eot_token=eot)
     assert beams[0, 3] == eot, "the likeliest one-token document is the best beam"
     for seq, score in zip(beams, scores):
         new = seq[3:].tolist()
@@ -3510,12 +3512,12 @@ def test_beam_search_finished_beams_keep_their_score():
 def test_generate_stream_stops_early_and_restores_mode():
     m = tiny_model(dropout=0.5).train()
     idx = torch.zeros(1, 1, dtype=torch.long)
-    stream = m.generate_stream(idx, 10, temperature=0)
+    stream = inference.generate_stream(m, idx, 10, temperature=0)
     first = torch.cat([next(stream) for _ in range(3)], dim=1)  # (1, 3)
     assert not m.training, "no dropout while generating"
     stream.close()  # the caller stops early, as sample.py does at <|endoftext|>
     assert m.training, "a closed stream must restore the training mode it found"
-    assert torch.equal(first, m.generate(idx, 3, temperature=0)[:, 1:])
+    assert torch.equal(first, inference.generate(m, idx, 3, temperature=0)[:, 1:])
 
 
 def test_stream_decoder_never_splits_a_character():
@@ -3702,7 +3704,7 @@ def test_files_are_read_as_prepare_reads_them(tmp_path, capsys, monkeypatch, kin
         seen.append(idx[0].tolist())
         yield from ()
 
-    monkeypatch.setattr(GPT, "generate_stream", generate_stream)
+    monkeypatch.setattr(sample, "generate_stream", generate_stream)
     sample.main([init, "--device=cpu", f"--score={src}"])
     one = [init, "--device=cpu", "--num_samples=1", "--max_new_tokens=2"]
     sample.main(one + [f"--start=FILE:{src}"])
@@ -3766,7 +3768,7 @@ def test_streamed_sample_equals_unstreamed(ckpt_dir, capsys):
     # and the text is what generate samples with the same seed and defaults
     model, meta = sample.load_model("resume", ckpt_dir, torch.device("cpu"))
     encode, decode = tokenizer.get_tokenizer(meta)
-    y = model.generate(torch.tensor([encode("All:")]), 40, temperature=0.8, top_k=200,
+    y = inference.generate(model, torch.tensor([encode("All:")]), 40, temperature=0.8, top_k=200,
                        generator=torch.Generator().manual_seed(1337))
     assert decode(y[0].tolist()) == texts[0]
 
@@ -3904,7 +3906,7 @@ def hf_gpt2(tmp_path):
 @slow
 def test_from_pretrained_matches_transformers(hf_gpt2):
     folder, hf = hf_gpt2
-    ours = GPT.from_pretrained(str(folder)).eval()
+    ours = gpt2_weights.from_pretrained(str(folder)).eval()
     assert ours.config.block_size == 64 and ours.config.vocab_size == 100
     idx = torch.randint(0, 100, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -3916,9 +3918,9 @@ def test_from_pretrained_matches_transformers(hf_gpt2):
 @slow  # imports transformers
 def test_from_pretrained_errors(tmp_path):
     with pytest.raises(ValueError, match="neither a folder"):
-        GPT.from_pretrained("gpt3")
+        gpt2_weights.from_pretrained("gpt3")
     with pytest.raises(ValueError, match="cannot load GPT-2"):
-        GPT.from_pretrained(str(tmp_path))  # a folder with no model in it
+        gpt2_weights.from_pretrained(str(tmp_path))  # a folder with no model in it
 
 
 @slow  # imports transformers
@@ -3940,7 +3942,7 @@ def test_from_pretrained_refuses_models_it_does_not_implement(tmp_path, change):
             eos_token_id=0, **change)).save_pretrained(tmp_path / "hf")
         message = f"'{tmp_path / 'hf'}' is a GPT-2 variant this model does not implement"
     with pytest.raises(ValueError) as e:
-        GPT.from_pretrained(str(tmp_path / "hf"))
+        gpt2_weights.from_pretrained(str(tmp_path / "hf"))
     assert str(e.value) == message
 
 
@@ -3983,8 +3985,8 @@ def test_endoftext_ends_a_bpe_sample(tmp_path, capsys, monkeypatch):
         row = idx[0].tolist() + (new[:end] + [EOT_ID] * max_new_tokens)[:max_new_tokens]
         return torch.tensor([row] * beam_width), torch.zeros(beam_width)
 
-    monkeypatch.setattr(GPT, "generate_stream", generate_stream)
-    monkeypatch.setattr(GPT, "beam_search", beam_search)
+    monkeypatch.setattr(sample, "generate_stream", generate_stream)
+    monkeypatch.setattr(sample, "beam_search", beam_search)
     argv = [f"--init_from={tmp_path / 'ckpt.pt'}", "--device=cpu", "--start=Hello",
             "--num_samples=1", "--max_new_tokens=10"]
     for flags in (["--stream=True"], ["--stream=False"], ["--beam_width=2"]):
@@ -4154,7 +4156,7 @@ def test_sample_says_whether_an_addition_answer_is_right(tmp_path, capsys, monke
         for t in encode(answer) + [end]:
             yield torch.tensor([[t]])
 
-    monkeypatch.setattr(GPT, "generate_stream", generate_stream)  # the model's answer, fixed
+    monkeypatch.setattr(sample, "generate_stream", generate_stream)  # the model's answer, fixed
     capsys.readouterr()
     texts = sample.main([init, "--device=cpu", "--start=123+456="])
     assert texts == ["123+456 -> " + answer]
@@ -4984,7 +4986,7 @@ def test_exact_match_greedy_last_reply(chat_dir, monkeypatch):
         rows = [by_prompt[tuple(p)] + [0] * max_new_tokens for p in idx.tolist()]
         return torch.cat([idx, torch.tensor([r[:max_new_tokens] for r in rows])], dim=1)
 
-    monkeypatch.setattr(gpt.GPT, "generate", oracle)
+    monkeypatch.setattr(train, "generate", oracle)
     model = tiny_model(vocab_size=meta["vocab_size"], block_size=meta["chat"]["max_len"])
     assert train.exact_match(model, path, tmpl, torch.device("cpu")) == (1.0, 40)
     assert len(calls) == len({len(p) for p, _ in pairs})  # one batch per prompt length
@@ -4994,7 +4996,7 @@ def test_exact_match_greedy_last_reply(chat_dir, monkeypatch):
         rows = [by_prompt[tuple(p)][:-1] + [0] * max_new_tokens for p in idx.tolist()]
         return torch.cat([idx, torch.tensor([r[:max_new_tokens] for r in rows])], dim=1)
 
-    monkeypatch.setattr(gpt.GPT, "generate", no_end)
+    monkeypatch.setattr(train, "generate", no_end)
     assert train.exact_match(model, path, tmpl, torch.device("cpu")) == (0.0, 40)
 
 
@@ -5023,7 +5025,7 @@ def test_grow_vocab_keeps_old_logits_and_adds_mean_rows():
         x = torch.randint(11, (3, 10))
         before, _ = m(x, x)
         old = m.transformer.wte.weight.detach().clone()
-        gpt.grow_vocab(m, 15)
+        gpt2_weights.grow_vocab(m, 15)
         assert m.config.vocab_size == 15 and m.lm_head.weight is m.transformer.wte.weight
         w = m.transformer.wte.weight
         assert w.shape == (15, 16) and torch.equal(w[:11], old)
@@ -5033,7 +5035,7 @@ def test_grow_vocab_keeps_old_logits_and_adds_mean_rows():
         torch.testing.assert_close(after[..., :11], before, rtol=0, atol=1e-6)  # differently)
         m(torch.tensor([[12, 3, 14]]), torch.tensor([[3, 14, 11]]))[1].backward()  # trains
         with pytest.raises(ValueError, match="cannot shrink"):
-            gpt.grow_vocab(m, 12)
+            gpt2_weights.grow_vocab(m, 12)
 
 
 @pytest.fixture
@@ -5191,7 +5193,7 @@ def scripted_replies(monkeypatch, replies: list[str], meta: dict) -> list[dict]:
             call["taken"] += 1
             yield torch.tensor([[t]])
 
-    monkeypatch.setattr(GPT, "generate_stream", generate_stream)
+    monkeypatch.setattr(sample, "generate_stream", generate_stream)
     return calls
 
 
@@ -5629,8 +5631,8 @@ def test_cuda_kv_cache_matches_full_forward_in_bf16(gpu, pos_emb, norm, mlp, qk_
     cache = None
     with torch.no_grad(), torch.autocast(gpu.type, torch.bfloat16):
         for t in range(6, 17):
-            lc, cache = gpt.next_logits(m, idx[:, :t], cache, True, gpu.type == "cuda")
-            lf, _ = gpt.next_logits(m, idx[:, :t], None, use_cache=False)
+            lc, cache = inference.next_logits(m, idx[:, :t], cache, True, gpu.type == "cuda")
+            lf, _ = inference.next_logits(m, idx[:, :t], None, use_cache=False)
             # 3e-2 of the logits' range: bf16 rounds each matmul to ~4e-3 and the two paths
             # take different kernels (one query over the cache, or the causal whole), so they
             # differ by ~1e-2 of it at most; a key at a wrong position, or a stale one, moves
@@ -5814,18 +5816,18 @@ def test_cuda_graph_generation_matches_eager_and_plain(gpu, run):
     idx = idx.to(gpu)
     plain = gpt.generate_plain(m, idx, new, temperature=0)
     assert plain.shape == (2, prompt_len + new)
-    assert torch.equal(gpt.generate(m, idx, new, temperature=0), plain)
+    assert torch.equal(inference.generate(m, idx, new, temperature=0), plain)
     needs_cuda(gpu, "the CUDA-graph decode")
     # exact: greedy picks the argmax, and the paths' logits differ by fp32 rounding (~1e-6)
     # against gaps between the top two logits of ~1e-1 (spread's logits of std ~1)
     for cuda_graph in (False, True, None):
-        out = gpt.generate(m, idx, new, temperature=0, cuda_graph=cuda_graph)
+        out = inference.generate(m, idx, new, temperature=0, cuda_graph=cuda_graph)
         assert torch.equal(out, plain), cuda_graph
-    streamed = list(gpt.generate_stream(m, idx, new, temperature=0, cuda_graph=True))
+    streamed = list(inference.generate_stream(m, idx, new, temperature=0, cuda_graph=True))
     assert torch.equal(torch.cat([idx, *streamed], dim=1), plain)
-    assert torch.equal(m.generate(idx, new, temperature=0, cuda_graph=True), plain)
+    assert torch.equal(inference.generate(m, idx, new, temperature=0, cuda_graph=True), plain)
     with pytest.raises(ValueError):
-        gpt.generate(tiny_model(), idx.cpu(), 2, temperature=0, cuda_graph=True)
+        inference.generate(tiny_model(), idx.cpu(), 2, temperature=0, cuda_graph=True)
 
 
 @cuda
@@ -5836,7 +5838,7 @@ def test_cuda_graph_generation_every_switch(gpu, pos_emb, norm, mlp, qk_norm):
     m = spread(tiny_model(seed=5, pos_emb=pos_emb, norm=norm, mlp=mlp, qk_norm=qk_norm))
     m = m.to(gpu).eval()
     idx = torch.randint(0, 11, (2, 4), generator=torch.Generator().manual_seed(6)).to(gpu)
-    out = gpt.generate(m, idx, 10, temperature=0, cuda_graph=True)
+    out = inference.generate(m, idx, 10, temperature=0, cuda_graph=True)
     assert torch.equal(out, gpt.generate_plain(m, idx, 10, temperature=0))  # exact: as above
 
 

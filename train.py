@@ -34,7 +34,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from chat import marker_id
 from errors import UserError, first_line
-from gpt import GPT, GPT2_NAMES, MLPS, NORMS, POS_EMBS, GPTConfig, crop_block_size, grow_vocab
+from gpt import GPT, MLPS, NORMS, POS_EMBS, GPTConfig
+from gpt2_weights import GPT2_NAMES, crop_block_size, from_pretrained, grow_vocab
+from inference import generate
 from plumbing import (
     RESUME_KEYS,
     CompiledOrEager,
@@ -822,7 +824,7 @@ def same_base(a: dict, b: dict) -> bool:
 
 def adds_markers(ckpt_meta: dict, meta: dict) -> bool:
     """Conversations in the vocabulary of a model trained without the markers: fine-tuning
-    grows its embedding by them (gpt.grow_vocab)."""
+    grows its embedding by them (gpt2_weights.grow_vocab)."""
     return (same_base(ckpt_meta, meta) and not ckpt_meta.get("chat") and bool(meta.get("chat"))
             and ckpt_meta.get("vocab_size") == meta["chat"]["markers"]["<|system|>"])
 
@@ -923,7 +925,7 @@ def exact_match(model, path: Path, tmpl: dict, device, limit: int = 500,
             chunk = pairs[i:i + batch_size]
             prompts = torch.from_numpy(np.stack([q for q, _ in chunk])).to(device)  # (B, P)
             new = max(len(r) for _, r in chunk)
-            out = model.generate(prompts, new, temperature=0)[:, P:].tolist()  # (B, new)
+            out = generate(model, prompts, new, temperature=0)[:, P:].tolist()  # (B, new)
             # reply[:len(ref)] == ref: the reference, then its <|end|>: what comes after is cut
             correct += sum(got[:len(r)] == r.tolist() for got, (_, r) in zip(out, chunk,
                                                                               strict=True))
@@ -1172,8 +1174,8 @@ def generate_and_print_sample(model, prompt, decode, seed: int, max_new_tokens: 
                               temperature: float = 0.8):
     """What the model writes now, from a fixed prompt and seed: a qualitative progress check."""
     g = torch.Generator(device=prompt.device).manual_seed(seed)
-    out = model.generate(prompt, max_new_tokens, temperature=temperature, top_k=200,
-                         generator=g)
+    out = generate(model, prompt, max_new_tokens, temperature=temperature, top_k=200,
+                   generator=g)
     print("sample: " + repr(decode(out[0].tolist()))[:400])
 
 
@@ -1234,7 +1236,7 @@ def build_model(args, meta: dict, ckpt: dict | None, start: tuple[dict, Path] | 
                         f"data/{args.dataset} is {meta['tokenizer']}: try --dataset "
                         "shakespeare (python prepare.py --dataset shakespeare)")
     try:
-        model = GPT.from_pretrained(args.init_from, dropout=args.dropout)
+        model = from_pretrained(args.init_from, dropout=args.dropout)
     except ValueError as e:
         raise UserError(first_line(e)) from None
     grown = add_markers(model, meta, args.init_from, log)
@@ -1250,8 +1252,8 @@ def build_model(args, meta: dict, ckpt: dict | None, start: tuple[dict, Path] | 
 
 def add_markers(model: GPT, meta: dict, source, log=print) -> dict | None:
     """Conversations for a model trained without the chat markers (in their base vocabulary,
-    which resolve_args checked): its embedding grows by them (gpt.grow_vocab), said in a line.
-    Returns the record the checkpoints keep, or None when nothing grew."""
+    which resolve_args checked): its embedding grows by them (gpt2_weights.grow_vocab), said in
+    a line. Returns the record the checkpoints keep, or None when nothing grew."""
     old = model.config.vocab_size
     if not meta.get("chat") or old != meta["chat"]["markers"]["<|system|>"]:
         return None
