@@ -22,7 +22,7 @@ measured side by side in the same run, because shared machines are noisy:
   tiktoken's encode_ordinary on one thread against prepare.py's whole pipeline on every core,
   the text as one file and as a JSON lines file of 4,000-character documents: MB/s and the
   ratios, beside the target of 0.9 x cores;
-- bpe_train (on a CPU run): learning a byte-level BPE of 4,096 tokens (tokenizer.train_bpe,
+- bpe_train (on a CPU run): learning a byte-level BPE of 4,096 tokens (bpe.train_bpe,
   one Python thread) on 1 MB and 10 MB of text (the 38 plays, then Python's own standard
   library sources: English and code), MB/s and seconds against the target of 10 MB in under
   60 s, and beside it Hugging Face `tokenizers`' BPE trainer (Rust, every core) on the same
@@ -48,12 +48,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import bpe
 import errors
 import inference
 import plumbing
 import prepare
 import settings
-import tokenizer
 import train
 from gpt import GPT, GPTConfig
 
@@ -305,7 +305,7 @@ def hf_bpe_seconds(text: str, vocab_size: int) -> float | None:
         return None
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(tokenizer.GPT2_SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.Split(Regex(bpe.GPT2_SPLIT_PATTERN), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -315,7 +315,7 @@ def hf_bpe_seconds(text: str, vocab_size: int) -> float | None:
 
 
 def bench_bpe_train(sizes_mb: tuple, vocab_size: int, repeats: int) -> dict:
-    """tokenizer.train_bpe on each size of text, beside `tokenizers`' trainer on the same text:
+    """bpe.train_bpe on each size of text, beside `tokenizers`' trainer on the same text:
     MB/s, seconds (medians), and ours/theirs speed, side by side in one run. The issue's
     target: 10 MB at vocab_size 4096 in under 60 s on 2 cores (ours runs on one)."""
     out = {"vocab_size": vocab_size, "target_s": 60}
@@ -326,7 +326,7 @@ def bench_bpe_train(sizes_mb: tuple, vocab_size: int, repeats: int) -> dict:
         n_bytes, ours, theirs = len(text.encode("utf-8")), [], []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            tokenizer.train_bpe([text], vocab_size - 257, tokenizer.GPT2_SPLIT_PATTERN)
+            bpe.train_bpe([text], vocab_size - 257, bpe.GPT2_SPLIT_PATTERN)
             ours.append(time.perf_counter() - t0)  # 256 bytes and <|endoftext|> are not merges
             theirs.append(hf_bpe_seconds(text, vocab_size - 1))  # as many merges: no <|endoftext|>
         row = {"megabytes": round(n_bytes / 1e6, 2), "seconds": round(statistics.median(ours), 2),

@@ -73,23 +73,21 @@ from pathlib import Path
 import numpy as np
 
 import chat
+from bpe import SPLIT_PATTERNS, train_bpe, write_merges
 from errors import UserError, first_line
 from files import new_temp, write_atomic, write_synced
 from tokenizer import (
     EOT,
     MERGES_FILE,
-    SPLIT_PATTERNS,
     bpe_meta,
     char_tokenizer,
     gpt2_encoding,
     not_utf8,
     refuse_utf16,
     text_pieces,
-    train_bpe,
     trained_encoding,
     with_merges,
     without_merges,
-    write_merges,
 )
 
 ROOT = Path(__file__).resolve().parent

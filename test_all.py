@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 import bigram
+import bpe
 import chat
 import errors
 import files
@@ -966,7 +967,7 @@ def test_get_batch_windows(data_dir):
 # Tokenizers: tokenizer.py, and a byte-level BPE learned by prepare.py --tokenizer bpe
 
 BPE_TEXT = TEXT + TRICKY * 4  # pairs enough for --vocab_size 300: 43 merges (and 257 more ids)
-P2, P4 = tokenizer.GPT2_SPLIT_PATTERN, tokenizer.GPT4_SPLIT_PATTERN
+P2, P4 = bpe.GPT2_SPLIT_PATTERN, bpe.GPT4_SPLIT_PATTERN
 
 
 def bpe_dataset(tmp_path, *flags, text=BPE_TEXT, dataset="ds", **kw) -> dict:
@@ -978,7 +979,7 @@ def bpe_dataset(tmp_path, *flags, text=BPE_TEXT, dataset="ds", **kw) -> dict:
 
 
 def test_every_tokenizer_round_trips_through_get_tokenizer():
-    merges = tokenizer.train_bpe([TRICKY], 60, P2)
+    merges = bpe.train_bpe([TRICKY], 60, P2)
     metas = {"char": {"tokenizer": "char", "chars": sorted(set(TRICKY))},
              "gpt2": {"tokenizer": "gpt2", "vocab_size": 50257},
              "bpe": {"tokenizer": "bpe", "bpe": tokenizer.bpe_meta(merges, "gpt2", P2)}}
@@ -991,7 +992,7 @@ def test_every_tokenizer_round_trips_through_get_tokenizer():
     encode, _ = tokenizer.get_tokenizer(metas["bpe"])
     assert encode("<|endoftext|>") == [256 + 60]
     enc = tokenizer.encoding_of(metas["bpe"])
-    assert enc.encode_ordinary(TRICKY) == tokenizer.encode_with_merges(TRICKY, merges, P2)
+    assert enc.encode_ordinary(TRICKY) == bpe.encode_with_merges(TRICKY, merges, P2)
     assert 256 + 60 not in enc.encode_ordinary(TRICKY)
     with pytest.raises(errors.UserError, match="holds no merges"):
         tokenizer.get_tokenizer({"tokenizer": "bpe", "bpe": {"pattern": P2}})
@@ -1003,7 +1004,7 @@ def test_safe_cuts_keep_every_chunk(split):
     how the split pattern cuts the text into chunks, so no token changes either. Checked on
     every prefix of the tricky text and on random strings of spaces, newlines, punctuation,
     letters and digits."""
-    chunks = regex.compile(tokenizer.SPLIT_PATTERNS[split]).findall
+    chunks = regex.compile(bpe.SPLIT_PATTERNS[split]).findall
     rng = np.random.default_rng(0)
     alphabet = list("ab Z9.,'!\n\t\r日é") + [" ", "\u00a0", "\u3000", "😀", "'s", "123"]
     texts = [TRICKY[:n] for n in range(2, len(TRICKY))] + [
@@ -1035,10 +1036,10 @@ def test_prepare_bpe_learns_from_train_and_encodes_like_the_reference(tmp_path, 
     names the merges file and its SHA-256, and the returned meta holds the merges."""
     meta = bpe_dataset(tmp_path, "--split_pattern", split, "--num_proc", str(num_proc),
                        chunk_chars=500)
-    folder, pattern = tmp_path / "data" / "ds", tokenizer.SPLIT_PATTERNS[split]
+    folder, pattern = tmp_path / "data" / "ds", bpe.SPLIT_PATTERNS[split]
     cut = meta["val_from_char"]
     assert cut == int(0.9 * len(BPE_TEXT))
-    merges = tokenizer.train_bpe([BPE_TEXT[:cut]], 300 - 257, pattern)
+    merges = bpe.train_bpe([BPE_TEXT[:cut]], 300 - 257, pattern)
     sha = hashlib.sha256((folder / "merges.txt").read_bytes()).hexdigest()
     assert meta["bpe"] == {"merges_file": "merges.txt", "split_pattern": split,
                            "pattern": pattern, "special_tokens": {"<|endoftext|>": 299},
@@ -1046,10 +1047,10 @@ def test_prepare_bpe_learns_from_train_and_encodes_like_the_reference(tmp_path, 
     assert (meta["tokenizer"], meta["vocab_size"], meta["eot_token"]) == ("bpe", 300, 299)
     on_disk = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
     assert on_disk == tokenizer.without_merges(meta) and "merges" not in on_disk["bpe"]
-    assert tokenizer.read_merges(folder / "merges.txt", sha) == merges
+    assert bpe.read_merges(folder / "merges.txt", sha) == merges
     train_ids, val_ids = bins(tmp_path)
-    assert train_ids == tokenizer.encode_with_merges(BPE_TEXT[:cut], merges, pattern)
-    assert val_ids == tokenizer.encode_with_merges(BPE_TEXT[cut:], merges, pattern)
+    assert train_ids == bpe.encode_with_merges(BPE_TEXT[:cut], merges, pattern)
+    assert val_ids == bpe.encode_with_merges(BPE_TEXT[cut:], merges, pattern)
     assert (meta["train_tokens"], meta["val_tokens"]) == (len(train_ids), len(val_ids))
     assert tokenizer.get_tokenizer(meta)[1](train_ids + val_ids) == BPE_TEXT
     assert "learning 43 merges" in capsys.readouterr().out
@@ -1064,14 +1065,14 @@ def test_prepare_bpe_on_documents(tmp_path):
         files.append(tmp_path / f"doc{i}.txt")
         files[-1].write_text(doc, encoding="utf-8")
     meta = run(tmp_path, "--input", *map(str, files), "--tokenizer", "bpe", "--vocab_size", "300")
-    merges = tokenizer.train_bpe(docs[:2], 43, P2)
+    merges = bpe.train_bpe(docs[:2], 43, P2)
     assert meta["bpe"]["merges"] == [list(m) for m in merges] and meta["val_documents"] == 1
-    enc = lambda t: tokenizer.encode_with_merges(t, merges, P2)
+    enc = lambda t: bpe.encode_with_merges(t, merges, P2)
     train_ids, val_ids = bins(tmp_path)
     assert train_ids == enc(docs[0]) + [299] + enc(docs[1]) + [299] and val_ids == enc(docs[2])
     meta = run(tmp_path, "--input", *map(str, files), "--tokenizer", "bpe", "--vocab_size", "280",
                "--bpe_train_bytes", "1000", dataset="small")
-    assert meta["bpe"]["merges"] == [list(m) for m in tokenizer.train_bpe([TEXT[:1000]], 23, P2)]
+    assert meta["bpe"]["merges"] == [list(m) for m in bpe.train_bpe([TEXT[:1000]], 23, P2)]
 
 
 BPE = ["--tokenizer", "bpe"]
@@ -1142,8 +1143,8 @@ def test_vocab_from_a_bpe_dataset_or_checkpoint_uses_its_merges(tmp_path, capsys
     assert (tmp_path / "data/ds/merges.txt").read_bytes() == \
         (tmp_path / "data/base/merges.txt").read_bytes()
     merges, cut = [tuple(m) for m in base["bpe"]["merges"]], meta["val_from_char"]
-    assert bins(tmp_path) == (tokenizer.encode_with_merges(text[:cut], merges, P2),
-                              tokenizer.encode_with_merges(text[cut:], merges, P2))
+    assert bins(tmp_path) == (bpe.encode_with_merges(text[:cut], merges, P2),
+                              bpe.encode_with_merges(text[cut:], merges, P2))
     run_dir = tmp_path / "run"  # a checkpoint carries the merges: no data folder needed
     run_dir.mkdir()
     plumbing.save_checkpoint({"model": {}, "model_args": {}, "meta": base}, run_dir / "best.pt")
@@ -1205,7 +1206,7 @@ def test_bpe_checkpoint_samples_with_its_data_deleted(tmp_path, capsys):
                           "--max_new_tokens=4", "--stream=True"])
     assert text.startswith("it's <|endoftext|> here\n")
     merges = [tuple(m) for m in meta["bpe"]["merges"]]
-    ids = tokenizer.encode_with_merges(prompt.read_text(encoding="utf-8"), merges, P2)
+    ids = bpe.encode_with_merges(prompt.read_text(encoding="utf-8"), merges, P2)
     scored = sample.main([f"--out_dir={out}", f"--score={prompt}"])
     assert scored["tokens"] == len(ids) - 1 and np.isfinite(scored["loss"])
 
@@ -1215,7 +1216,7 @@ def test_bpe_checkpoint_samples_with_its_data_deleted(tmp_path, capsys):
 # against the readable encoder, round trips of every byte string, the merges file.
 
 
-PATTERNS = [tokenizer.GPT2_SPLIT_PATTERN, tokenizer.GPT4_SPLIT_PATTERN]
+PATTERNS = [bpe.GPT2_SPLIT_PATTERN, bpe.GPT4_SPLIT_PATTERN]
 
 ENGLISH = """\
 First Citizen: Before we proceed any further, hear me speak. We are accounted poor citizens,
@@ -1248,45 +1249,21 @@ def zipf_text(seed: int, n_words: int) -> str:
 
 
 # -----------------------------------------------------------------------------
-# The slow reference: recount every pair over the whole split text at every step
+# The readable trainer is the reference (bpe.train_bpe_plain); the pairs tied at a step
 
 
-def reference_merge(ids, pair, new_id):
-    """Left to right: a token that completes the pair with the last one kept replaces it (the
-    new id never starts a pair, so "a a a" gives [new, a])."""
-    out = []
-    for t in ids:
-        if out and (out[-1], t) == pair:
-            out[-1] = new_id
-        else:
-            out.append(t)
-    return out
-
-
-def reference_bpe(texts, num_merges, pattern, tie_order=None):
-    """(merges, tops): BPE by definition. At each step count every adjacent pair in every chunk
-    (a chunk that occurs n times counts n times: the same sums as going through the text chunk
-    by chunk, in fewer terms), take the highest count, the smallest pair among those that have
-    it, and merge it in every chunk. tops[i] is the set of pairs that had the top count at step
-    i (more than one: a tie). Stops early, with fewer merges, when no pair is left.
-    tie_order, if given, renumbers the 256 bytes for breaking ties (another library's rule)."""
-    order = tie_order or list(range(256))
-    renumber = lambda i: order[i] if i < 256 else i
+def top_pairs(texts, merges, pattern):
+    """The pairs that have the top count once merges are made: more than one is a tie."""
     chunks = Counter(c for t in texts for c in regex.findall(pattern, t))
     words = [(list(c.encode("utf-8")), n) for c, n in chunks.items()]
-    merges, tops = [], []
-    for step in range(num_merges):
-        counts = Counter()
-        for ids, n in words:
-            for pair in pairwise(ids):
-                counts[pair] += n
-        if not counts:
-            break
-        top = max(counts.values())
-        tops.append({p for p, c in counts.items() if c == top})
-        merges.append(min(tops[-1], key=lambda p: (renumber(p[0]), renumber(p[1]))))
-        words = [(reference_merge(ids, merges[-1], 256 + step), n) for ids, n in words]
-    return merges, tops
+    for i, pair in enumerate(merges):
+        words = [(bpe.merge_pair(ids, pair, 256 + i), n) for ids, n in words]
+    counts = Counter()
+    for ids, n in words:
+        for pair in pairwise(ids):
+            counts[pair] += n
+    top = max(counts.values())
+    return {p for p, c in counts.items() if c == top}
 
 
 def token_bytes(merges):
@@ -1305,17 +1282,17 @@ def test_split_patterns_are_tiktokens():
     cl100k_base() (read from its source, since calling it downloads the ranks)."""
     from tiktoken_ext import openai_public
 
-    assert tokenizer.GPT2_SPLIT_PATTERN == openai_public.r50k_pat_str
+    assert bpe.GPT2_SPLIT_PATTERN == openai_public.r50k_pat_str
     tree = ast.parse(inspect.getsource(openai_public.cl100k_base))
     found = [v.value for node in ast.walk(tree) if isinstance(node, ast.Dict)
              for k, v in zip(node.keys, node.values)
              if isinstance(k, ast.Constant) and k.value == "pat_str"]
-    assert found == [tokenizer.GPT4_SPLIT_PATTERN]
-    assert tokenizer.SPLIT_PATTERNS == {"gpt2": tokenizer.GPT2_SPLIT_PATTERN, "gpt4": tokenizer.GPT4_SPLIT_PATTERN}
+    assert found == [bpe.GPT4_SPLIT_PATTERN]
+    assert bpe.SPLIT_PATTERNS == {"gpt2": bpe.GPT2_SPLIT_PATTERN, "gpt4": bpe.GPT4_SPLIT_PATTERN}
     s = "I'M here, it's 12345 ok!!\n\n  x"
-    assert regex.findall(tokenizer.GPT2_SPLIT_PATTERN, s) == [
+    assert regex.findall(bpe.GPT2_SPLIT_PATTERN, s) == [
         "I", "'", "M", " here", ",", " it", "'s", " 12345", " ok", "!!", "\n\n ", " x"]
-    assert regex.findall(tokenizer.GPT4_SPLIT_PATTERN, s) == [
+    assert regex.findall(bpe.GPT4_SPLIT_PATTERN, s) == [
         "I", "'M", " here", ",", " it", "'s", " ", "123", "45", " ok", "!!\n\n", " ", " x"]
 
 
@@ -1335,34 +1312,39 @@ def test_split_patterns_are_tiktokens():
     (["a" * 50, "ab", "c"], 7),  # each text split on its own: no pair spans "ab" and "c"
 ])
 def test_train_bpe_matches_reference(texts, num_merges, pattern):
-    ref, _ = reference_bpe(texts, num_merges, pattern)
+    ref = bpe.train_bpe_plain(texts, num_merges, pattern)  # the readable trainer
     assert len(ref) == num_merges  # the cases have enough pairs
-    assert tokenizer.train_bpe(iter(texts), num_merges, pattern) == ref  # any iterable of str
-    assert tokenizer.train_bpe(texts, num_merges // 2, pattern) == ref[:num_merges // 2]
+    assert bpe.train_bpe(iter(texts), num_merges, pattern) == ref  # any iterable of str
+    assert bpe.train_bpe(texts, num_merges // 2, pattern) == ref[:num_merges // 2]
 
 
 def test_train_bpe_tie_rule_and_overlaps():
     # Every pair in "abcd" counts 1: the smallest, (97, 98) "ab", wins; then [ab, c, d] has
     # (256, 99) and (99, 100), and the smaller is (99, 100): ids, not positions, break ties
-    assert tokenizer.train_bpe(["abcd"], 3, tokenizer.GPT2_SPLIT_PATTERN) == [(97, 98), (99, 100), (256, 257)]
+    assert bpe.train_bpe(["abcd"], 3, bpe.GPT2_SPLIT_PATTERN) == [(97, 98), (99, 100), (256, 257)]
     # "aaaaa": (a, a) occurs 4 times; merged left to right it leaves [aa, aa, a], so next
     # (aa, aa) and (aa, a) tie at 1 and the smaller, (256, 97) wins
-    assert tokenizer.train_bpe(["aaaaa"], 3, tokenizer.GPT2_SPLIT_PATTERN) == [(97, 97), (256, 97), (256, 257)]
-    assert tokenizer.train_bpe(["anything"], 0, tokenizer.GPT2_SPLIT_PATTERN) == []
+    assert bpe.train_bpe(["aaaaa"], 3, bpe.GPT2_SPLIT_PATTERN) == [(97, 97), (256, 97), (256, 257)]
+    assert bpe.train_bpe(["anything"], 0, bpe.GPT2_SPLIT_PATTERN) == []
 
 
 def test_train_bpe_too_small():
     texts = [ENGLISH[:200]]
-    possible = len(reference_bpe(texts, 10_000, tokenizer.GPT2_SPLIT_PATTERN)[0])
+    with pytest.raises(errors.UserError) as plain:  # the readable trainer runs out there too
+        bpe.train_bpe_plain(texts, 4096, bpe.GPT2_SPLIT_PATTERN)
+    possible = int(regex.search(r"pairs for only (\d+) ", str(plain.value))[1])
     with pytest.raises(errors.UserError) as e:
-        tokenizer.train_bpe(texts, 4096, tokenizer.GPT2_SPLIT_PATTERN)
+        bpe.train_bpe(texts, 4096, bpe.GPT2_SPLIT_PATTERN)
+    assert str(e.value) == str(plain.value)
     assert str(e.value) == (f"the text is too small for 4,096 merges: it has pairs for only "
                             f"{possible} (use a smaller --vocab_size or more text)")
-    assert len(tokenizer.train_bpe(texts, possible, tokenizer.GPT2_SPLIT_PATTERN)) == possible
+    assert len(bpe.train_bpe(texts, possible, bpe.GPT2_SPLIT_PATTERN)) == possible
     with pytest.raises(errors.UserError, match="for only 0 "):
-        tokenizer.train_bpe(["a", "b", " ", "c"], 1, tokenizer.GPT2_SPLIT_PATTERN)  # one-byte chunks only
+        bpe.train_bpe(["a", "b", " ", "c"], 1, bpe.GPT2_SPLIT_PATTERN)  # one-byte chunks only
     with pytest.raises(errors.UserError, match="-1"):
-        tokenizer.train_bpe(["ab"], -1, tokenizer.GPT2_SPLIT_PATTERN)
+        bpe.train_bpe(["ab"], -1, bpe.GPT2_SPLIT_PATTERN)
+    with pytest.raises(errors.UserError, match="-1"):
+        bpe.train_bpe_plain(["ab"], -1, bpe.GPT2_SPLIT_PATTERN)
 
 
 def hf_byte_chars():
@@ -1404,19 +1386,19 @@ def test_train_bpe_agrees_with_hugging_face_tokenizers(pattern):
               for a, b in json.loads(tok.to_str())["model"]["merges"]]
 
     hf_order = sorted(range(256), key=lambda b: chars[b])  # its id -> byte
-    hf_ref, _ = reference_bpe([text], num_merges, pattern,
-                              tie_order=[hf_order.index(b) for b in range(256)])
+    hf_id = lambda i: hf_order.index(i) if i < 256 else i  # a byte renumbered its way
+    hf_ref = bpe.train_bpe_plain([text], num_merges, pattern,
+                                 tie_key=lambda pair: (hf_id(pair[0]), hf_id(pair[1])))
     tokens = token_bytes(hf_ref)
     assert theirs == [(tokens[a], tokens[b]) for a, b in hf_ref]
 
-    ours = tokenizer.train_bpe([text], num_merges, pattern)
-    ref, tops = reference_bpe([text], num_merges, pattern)
-    assert ours == ref
+    ours = bpe.train_bpe([text], num_merges, pattern)
+    assert ours == bpe.train_bpe_plain([text], num_merges, pattern)
     tokens = token_bytes(ours)
     ours_bytes = [(tokens[a], tokens[b]) for a, b in ours]
     parted = next((i for i, (x, y) in enumerate(zip(ours_bytes, theirs)) if x != y), None)
     if parted is not None:  # on this text: at step 45 (gpt2) or 57 (gpt4), of 300
-        tied = {(tokens[a], tokens[b]) for a, b in tops[parted]}
+        tied = {(tokens[a], tokens[b]) for a, b in top_pairs([text], ours[:parted], pattern)}
         assert parted >= 40 and {ours_bytes[parted], theirs[parted]} <= tied
 
 
@@ -1429,8 +1411,8 @@ def trained_bpe(request):
     """(merges, pattern, encoding) learned on English and many scripts, so merges join the
     bytes inside multi-byte characters too."""
     pattern = request.param
-    merges = tokenizer.train_bpe([ENGLISH * 5, MANY_SCRIPTS * 20, zipf_text(4, 1000)], 400, pattern)
-    return merges, pattern, tokenizer.bpe_encoding(merges, pattern, {})
+    merges = bpe.train_bpe([ENGLISH * 5, MANY_SCRIPTS * 20, zipf_text(4, 1000)], 400, pattern)
+    return merges, pattern, bpe.bpe_encoding(merges, pattern, {})
 
 
 def varied_strings():
@@ -1445,11 +1427,11 @@ def varied_strings():
 def test_tiktoken_equals_encode_with_merges(trained_bpe):
     merges, pattern, enc = trained_bpe
     for s in varied_strings():
-        assert enc.encode_ordinary(s) == tokenizer.encode_with_merges(s, merges, pattern), repr(s)
+        assert enc.encode_ordinary(s) == bpe.encode_with_merges(s, merges, pattern), repr(s)
     assert len(enc.encode_ordinary(ENGLISH)) < len(ENGLISH.encode()) / 2  # it does compress
     as_lists = [list(m) for m in merges]  # as meta.json and checkpoints hold them
-    assert tokenizer.encode_with_merges(MANY_SCRIPTS, as_lists, pattern) == enc.encode_ordinary(MANY_SCRIPTS)
-    assert tokenizer.bpe_encoding(as_lists, pattern, {}).encode_ordinary(MANY_SCRIPTS) == enc.encode_ordinary(
+    assert bpe.encode_with_merges(MANY_SCRIPTS, as_lists, pattern) == enc.encode_ordinary(MANY_SCRIPTS)
+    assert bpe.bpe_encoding(as_lists, pattern, {}).encode_ordinary(MANY_SCRIPTS) == enc.encode_ordinary(
         MANY_SCRIPTS)
 
 
@@ -1475,22 +1457,22 @@ def test_encoding_round_trips_every_byte_string(trained_bpe):
 
 
 def test_bpe_ranks():
-    merges = tokenizer.train_bpe([ENGLISH], 50, tokenizer.GPT2_SPLIT_PATTERN)
-    ranks = tokenizer.bpe_ranks(merges)
+    merges = bpe.train_bpe([ENGLISH], 50, bpe.GPT2_SPLIT_PATTERN)
+    ranks = bpe.bpe_ranks(merges)
     assert list(ranks.values()) == list(range(256 + 50))
     assert list(ranks) == token_bytes(merges)
     assert ranks[b" t"] == 256 + merges.index((32, 116))
     with pytest.raises(errors.UserError, match=r"merge 1 joins \(300, 1\)"):
-        tokenizer.bpe_ranks([(97, 98), (300, 1)])
+        bpe.bpe_ranks([(97, 98), (300, 1)])
     with pytest.raises(errors.UserError, match="both make the token b'abc'"):
-        tokenizer.bpe_ranks([(97, 98), (98, 99), (256, 99), (97, 257)])
+        bpe.bpe_ranks([(97, 98), (98, 99), (256, 99), (97, 257)])
 
 
 def test_special_tokens_come_after_the_merges(trained_bpe):
     merges, pattern, _ = trained_bpe
     n = 256 + len(merges)
     specials = {"<|endoftext|>": n, "<|user|>": n + 1, "<|end|>": n + 2}
-    enc = tokenizer.bpe_encoding(merges, pattern, specials, name="mine")
+    enc = bpe.bpe_encoding(merges, pattern, specials, name="mine")
     assert (enc.name, enc.n_vocab, enc.max_token_value, enc.eot_token) == ("mine", n + 3, n + 2, n)
     assert enc.special_tokens_set == set(specials)
     ids = enc.encode("hi<|user|>there<|end|>", allowed_special={"<|user|>", "<|end|>"})
@@ -1501,7 +1483,7 @@ def test_special_tokens_come_after_the_merges(trained_bpe):
         enc.encode("<|endoftext|>")
     for wrong in ({"<|endoftext|>": n + 1}, {"<|endoftext|>": 0}, {"a": n, "b": n + 2}):
         with pytest.raises(errors.UserError, match=f"special token ids must be {n} to"):
-            tokenizer.bpe_encoding(merges, pattern, wrong)
+            bpe.bpe_encoding(merges, pattern, wrong)
 
 
 # -----------------------------------------------------------------------------
@@ -1509,21 +1491,21 @@ def test_special_tokens_come_after_the_merges(trained_bpe):
 
 
 def test_merges_file_round_trip_and_errors(tmp_path):
-    merges = tokenizer.train_bpe([ENGLISH, MANY_SCRIPTS], 300, tokenizer.GPT4_SPLIT_PATTERN)
+    merges = bpe.train_bpe([ENGLISH, MANY_SCRIPTS], 300, bpe.GPT4_SPLIT_PATTERN)
     path = tmp_path / "merges.txt"
-    digest = tokenizer.write_merges(path, merges)
+    digest = bpe.write_merges(path, merges)
     data = path.read_bytes()
     assert digest == hashlib.sha256(data).hexdigest()
     assert data.decode().splitlines()[1:3] == [f"{a} {b}" for a, b in merges[:2]]
-    assert tokenizer.read_merges(path, digest) == merges
-    assert tokenizer.read_merges(str(path), digest) == merges  # a str path too
+    assert bpe.read_merges(path, digest) == merges
+    assert bpe.read_merges(str(path), digest) == merges  # a str path too
     empty = tmp_path / "empty.txt"
-    assert tokenizer.read_merges(empty, tokenizer.write_merges(empty, [])) == []
+    assert bpe.read_merges(empty, bpe.write_merges(empty, [])) == []
 
     def fails(content: bytes, digest=None):
         path.write_bytes(content)
         with pytest.raises(errors.UserError) as e:
-            tokenizer.read_merges(path, digest or hashlib.sha256(content).hexdigest())
+            bpe.read_merges(path, digest or hashlib.sha256(content).hexdigest())
         assert str(path) in str(e.value) and "\n" not in str(e.value)
         return str(e.value)
 
@@ -1541,9 +1523,9 @@ def test_merges_file_round_trip_and_errors(tmp_path):
     assert "not a merges file" in fails(header + "97 9\u0662\n".encode())
     path.unlink()
     with pytest.raises(errors.UserError, match="cannot read the merges file .*merges.txt"):
-        tokenizer.read_merges(path, digest)
+        bpe.read_merges(path, digest)
     with pytest.raises(errors.UserError, match="cannot read the merges file"):
-        tokenizer.read_merges(tmp_path, digest)  # a folder
+        bpe.read_merges(tmp_path, digest)  # a folder
 
 
 # =============================================================================
@@ -4374,7 +4356,7 @@ def test_chat_jsonl_with_a_bpe_of_its_own(tmp_path, capsys):
     meta_disk, splits = read_chat(tmp_path / "data" / "ds")
     assert meta_disk == tokenizer.without_merges(meta)
     texts = [m["content"] for r in RECORDS[:3] for m in as_messages(r)]  # the 3 train ones
-    merges = tokenizer.train_bpe(texts, 275 - 261, P2)
+    merges = bpe.train_bpe(texts, 275 - 261, P2)
     assert meta["bpe"]["merges"] == [list(m) for m in merges]
     c = meta["chat"]
     assert meta["bpe"]["special_tokens"] == {"<|endoftext|>": 270} and meta["eot_token"] == 270
@@ -4385,7 +4367,7 @@ def test_chat_jsonl_with_a_bpe_of_its_own(tmp_path, capsys):
     for ids, mask in splits["train"] + splits["val"]:
         assert mask == expected_mask(ids, c["markers"])
     ids, _ = splits["train"][2]  # its text spells <|end|>: ordinary tokens, never a marker
-    encode = lambda t: tokenizer.encode_with_merges(t, merges, P2)
+    encode = lambda t: bpe.encode_with_merges(t, merges, P2)
     assert ids == chat.render(as_messages(RECORDS[2]), encode, c)[0]
     assert 270 not in {i for ids, _ in splits["train"] + splits["val"] for i in ids}
 
@@ -5399,7 +5381,7 @@ def test_bench_bpe_text_is_varied_and_learnable():
     text = bench.bpe_text(5.5)  # past the plays' 4.5 MB, into the standard library
     assert len(text.encode("utf-8")) == pytest.approx(5.5e6, abs=4)
     assert "ROMEO" in text[:5_000_000] and "def " in text[-500_000:]
-    merges = tokenizer.train_bpe([text[:300_000]], 200, tokenizer.GPT2_SPLIT_PATTERN)
+    merges = bpe.train_bpe([text[:300_000]], 200, bpe.GPT2_SPLIT_PATTERN)
     assert len(merges) == 200 and len(set(merges)) == 200
 
 

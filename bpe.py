@@ -1,0 +1,362 @@
+"""
+Learning a byte-level BPE: the readable trainer first, the fast one after, tested equal; its
+merges file, and the tiktoken Encoding it makes.
+
+    from bpe import GPT2_SPLIT_PATTERN, bpe_encoding, train_bpe, train_bpe_plain
+    merges = train_bpe_plain([text], 300, GPT2_SPLIT_PATTERN)  # the definition, slow
+    merges = train_bpe([text], 300, GPT2_SPLIT_PATTERN)        # the same merges, fast
+    enc = bpe_encoding(merges, GPT2_SPLIT_PATTERN, {"<|endoftext|>": 256 + 300})
+    enc.encode_ordinary("ROMEO:")                              # str -> list[int]
+
+tokenizer.py builds a trained BPE's tokenizer from these; prepare.py --tokenizer bpe learns one.
+"""
+
+import hashlib
+import heapq
+from collections import Counter, defaultdict
+from itertools import pairwise
+from pathlib import Path
+
+import regex  # not `re`: the patterns need \p{L} (any letter) and possessive quantifiers
+import tiktoken
+
+from errors import UserError
+
+# -----------------------------------------------------------------------------
+# Byte-level BPE: learning a tokenizer from text
+#
+# Byte pair encoding (Sennrich, Haddow and Birch 2016, "Neural Machine Translation of Rare Words
+# with Subword Units") starts from single symbols and repeatedly joins the most frequent adjacent
+# pair into a new symbol. GPT-2 (Radford et al. 2019, "Language Models are Unsupervised Multitask
+# Learners") made it byte-level: the starting symbols are the 256 byte values, so every string,
+# in any script, even invalid UTF-8, has an encoding and nothing is ever "unknown". Before
+# counting, a regex splits the text into chunks (words, numbers, runs of punctuation or
+# whitespace) and pairs are never counted across a chunk's edge, so no token glues "dog" to ".".
+# This follows Karpathy's minbpe and nanochat, written afresh here with the bookkeeping that
+# makes plain Python fast enough for a few megabytes.
+#
+# The result is a list of merges: merge i joins the pair (a, b) into token 256 + i. Encoding a
+# chunk replays them: repeatedly join the adjacent pair that was learned first. tiktoken does the
+# same in Rust, given the merges as "mergeable ranks" (token bytes -> id); encode_with_merges is
+# the slow, obviously correct definition of what it computes.
+
+# GPT-2's split pattern, as tiktoken writes it (tiktoken_ext.openai_public.r50k_pat_str): the
+# English contractions, then letters, numbers, other symbols (each with an optional leading
+# space, so " the" is one chunk), then whitespace, where a run before a word leaves its last
+# space to that word.
+GPT2_SPLIT_PATTERN = (
+    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+)
+# GPT-4's (cl100k_base's pat_str in tiktoken_ext.openai_public.cl100k_base): contractions in
+# any case, numbers in groups of at most 3 digits, punctuation keeps the newlines that follow it.
+GPT4_SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+    r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+)
+SPLIT_PATTERNS = {"gpt2": GPT2_SPLIT_PATTERN, "gpt4": GPT4_SPLIT_PATTERN}
+
+MERGES_HEADER = "# byte-level BPE, {n} merges: line i below (from 0) joins ids a b into 256 + i\n"
+MERGES_HEADER_RE = regex.compile(r"# byte-level BPE, (\d+) merges: ")
+
+
+# -----------------------------------------------------------------------------
+# The readable trainer: count all pairs, merge the most frequent, repeat
+
+
+def merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
+    """ids with every occurrence of pair replaced by new_id, scanning left to right, so a run
+    "a a a" with pair (a, a) becomes [new_id, a]: occurrences never overlap."""
+    a, b = pair
+    out, i, n = [], 0, len(ids)
+    while i < n:
+        if ids[i] == a and i + 1 < n and ids[i + 1] == b:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def count_chunks(texts, pattern: str) -> Counter:
+    """Counter of chunk (str) -> how often it occurs, over all texts, each split on its own.
+
+    Text repeats itself: 10 MB of English is about 2 million chunks but only tens of thousands
+    of distinct ones, so training works on the distinct chunks, each weighted by its count."""
+    split = regex.compile(pattern)
+    chunks = Counter()
+    for text in texts:
+        chunks.update(split.findall(text))
+    return chunks
+
+
+def check_num_merges(num_merges: int) -> None:
+    """Raise UserError for a negative number of merges (both trainers)."""
+    if num_merges < 0:
+        raise UserError(f"the number of merges must be 0 or more, not {num_merges:,}")
+
+
+def too_few_pairs(num_merges: int, found: int) -> UserError:
+    """The error for a text that has pairs for only `found` merges (both trainers)."""
+    return UserError(f"the text is too small for {num_merges:,} merges: it has pairs for only "
+                     f"{found:,} (use a smaller --vocab_size or more text)")
+
+
+def train_bpe_plain(texts, num_merges: int, pattern: str,
+                    tie_key=None) -> list[tuple[int, int]]:
+    """Learn num_merges byte-level BPE merges from texts (an iterable of str, each split by
+    pattern on its own), by the definition (minbpe's loop): count every adjacent pair in every
+    chunk, merge the most frequent pair everywhere, repeat. Returns the merges in order: merge
+    i joins (a, b) into token 256 + i.
+
+    Among pairs with equal counts the smallest (a, b) wins, ids compared as a tuple: train_bpe's
+    rule, so the two give the same merges (the tests check it). tie_key, if given, orders the
+    tied pairs instead (the smallest key wins): another library's rule, to compare with it.
+    Each step recounts the whole text, so this is slow: (merges x text).
+
+    Raises UserError as train_bpe does: num_merges negative, or the text runs out of pairs."""
+    check_num_merges(num_merges)
+    chunks = count_chunks(texts, pattern)
+    words = [list(chunk.encode("utf-8")) for chunk in chunks]  # each chunk as byte ids
+    freqs = list(chunks.values())
+    merges = []
+    while len(merges) < num_merges:
+        # a chunk that occurs n times counts n times: the same sums as going through the text
+        # chunk by chunk, in fewer terms
+        counts = Counter()
+        for ids, n in zip(words, freqs):
+            for pair in pairwise(ids):
+                counts[pair] += n
+        if not counts:
+            raise too_few_pairs(num_merges, len(merges))
+        top = max(counts.values())
+        pair = min((p for p, c in counts.items() if c == top), key=tie_key)  # ties: smallest
+        new_id = 256 + len(merges)
+        words = [merge_pair(ids, pair, new_id) for ids in words]
+        merges.append(pair)
+    return merges
+
+
+# -----------------------------------------------------------------------------
+# The fast trainer: the same merges, the counts kept up to date (a heap with lazy deletion)
+
+
+def count_pairs(words: list[list[int]], freqs: list[int]):
+    """(pair_counts, where): pair -> total count, weighted by each chunk's frequency; and the
+    index pair -> set of chunk numbers whose ids contain that pair."""
+    pair_counts, where = defaultdict(int), defaultdict(set)
+    for i, (ids, n) in enumerate(zip(words, freqs)):
+        for pair in pairwise(ids):
+            pair_counts[pair] += n
+            where[pair].add(i)
+    return pair_counts, where
+
+
+def pop_best(heap: list, pair_counts: dict) -> tuple[int, int] | None:
+    """The most frequent pair, ties going to the smallest (a, b); None when no pair is left.
+
+    The heap holds (-count, pair) entries, so its smallest entry is the highest count, then the
+    smallest pair. It is never searched or repaired: when a count changes, a new entry is
+    pushed and the old one stays behind ("lazy deletion"). An entry whose count is not the
+    pair's current count is stale and skipped as it surfaces. Counts that reach 0 are removed
+    from pair_counts, so such a pair can never be chosen."""
+    while heap:
+        neg_count, pair = heapq.heappop(heap)
+        if pair_counts.get(pair, 0) == -neg_count:
+            return pair
+    return None
+
+
+def merge_everywhere(pair, new_id, words, freqs, where) -> dict:
+    """Rewrite every chunk that contains pair, joining it into new_id; return how each pair's
+    count changed (pair -> delta).
+
+    Only the chunks in the index for pair are visited. For each, its old pairs are subtracted
+    and its new pairs added, both weighted by how often the chunk occurs: a few ids per chunk,
+    and correct even for overlaps ("a a a" loses two (a, a) and gains one (new, a)). The index
+    moves chunk i off the pairs it no longer has and onto the ones it gained."""
+    delta = defaultdict(int)
+    for i in where.pop(pair):
+        old, n = words[i], freqs[i]
+        new = merge_pair(old, pair, new_id)
+        old_pairs, new_pairs = set(pairwise(old)), set(pairwise(new))
+        for p in pairwise(old):
+            delta[p] -= n
+        for p in pairwise(new):
+            delta[p] += n
+        for p in old_pairs - new_pairs - {pair}:  # `pair` itself left the index above
+            where[p].discard(i)
+        for p in new_pairs - old_pairs:
+            where[p].add(i)
+        words[i] = new
+    return delta
+
+
+def train_bpe(texts, num_merges: int, pattern: str) -> list[tuple[int, int]]:
+    """Learn num_merges byte-level BPE merges from texts (an iterable of str, each split by
+    pattern on its own). Returns the merges in order: merge i joins (a, b) into token 256 + i.
+
+    Each step takes the pair with the highest count; among pairs with equal counts, the one
+    with the smallest (a, b), ids compared as a tuple. That is the only tie rule, so the result
+    is fully determined by the text. Counting all pairs afresh at every step would cost
+    (merges x text); instead the counts are kept up to date, and each step touches only the
+    chunks that contain the chosen pair (see merge_everywhere and pop_best).
+
+    Raises UserError when num_merges is negative, or when the text runs out of pairs
+    (every chunk is a single token) before num_merges."""
+    check_num_merges(num_merges)
+    chunks = count_chunks(texts, pattern)
+    words = [list(chunk.encode("utf-8")) for chunk in chunks]  # each chunk as byte ids
+    freqs = list(chunks.values())
+    pair_counts, where = count_pairs(words, freqs)
+    heap = [(-n, pair) for pair, n in pair_counts.items()]
+    heapq.heapify(heap)
+    merges = []
+    while len(merges) < num_merges:
+        pair = pop_best(heap, pair_counts)
+        if pair is None:
+            raise too_few_pairs(num_merges, len(merges))
+        delta = merge_everywhere(pair, 256 + len(merges), words, freqs, where)
+        for p, d in delta.items():
+            if d == 0:
+                continue  # unchanged: its heap entry is still right
+            pair_counts[p] += d
+            if pair_counts[p] == 0:  # gone from the text (the merged pair always is)
+                del pair_counts[p]
+                where.pop(p, None)
+            else:
+                heapq.heappush(heap, (-pair_counts[p], p))
+        merges.append(pair)
+    return merges
+
+
+# -----------------------------------------------------------------------------
+# Encoding with the merges: tiktoken, and the slow reference encoder it is tested against
+
+
+def merges_to_tokens(merges) -> list[bytes]:
+    """Each token's bytes, by id: the 256 single bytes, then a + b for each merge (a, b).
+    Raises UserError for a merge of an id that does not exist yet."""
+    tokens = [bytes([i]) for i in range(256)]
+    for i, (a, b) in enumerate(merges):
+        if not (0 <= a < len(tokens) and 0 <= b < len(tokens)):
+            raise UserError(f"merge {i} joins ({a}, {b}), but only ids below "
+                                 f"{len(tokens)} exist at that point")
+        tokens.append(tokens[a] + tokens[b])
+    return tokens
+
+
+def bpe_ranks(merges) -> dict[bytes, int]:
+    """tiktoken's mergeable_ranks: token bytes -> id, for the 256 bytes and then each merge.
+
+    A token's id is also its rank: within a chunk, tiktoken joins first the adjacent pair whose
+    joined bytes have the lowest rank. It looks up the joined bytes, not the pair itself, so
+    in principle it could join two tokens that no merge joins (a + bc where the merge was
+    ab + c). With merges learned by train_bpe no such case is known (the tests compare it with
+    encode_with_merges, and a randomized search found none), so it replays the merges in the
+    order they were learned.
+    Raises UserError if two merges make the same bytes (tiktoken needs one id per bytes),
+    or if a merge uses an id that does not exist yet."""
+    tokens = merges_to_tokens(merges)
+    ranks = {token: i for i, token in enumerate(tokens)}
+    if len(ranks) < len(tokens):
+        first = next(i for i, t in enumerate(tokens) if ranks[t] != i)
+        raise UserError(f"merges {first - 256} and {ranks[tokens[first]] - 256} both make "
+                             f"the token {tokens[first]!r}")
+    return ranks
+
+
+def bpe_encoding(merges, pattern: str, special_tokens: dict[str, int],
+                 name: str = "bpe") -> tiktoken.Encoding:
+    """A tiktoken Encoding for these merges and split pattern. special_tokens maps each special
+    token's text to its id; the ids must be the ones right past the merges, 256 + len(merges)
+    + k for k = 0, 1, ..., so the vocabulary has no holes (explicit_n_vocab checks it).
+    Raises UserError when they are not, or when the merges are inconsistent."""
+    ranks = bpe_ranks(merges)
+    n = len(ranks)
+    if sorted(special_tokens.values()) != list(range(n, n + len(special_tokens))):
+        raise UserError(f"special token ids must be {n} to {n + len(special_tokens) - 1} "
+                             f"(right past the merges), not {sorted(special_tokens.values())}")
+    return tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks,
+                             special_tokens=dict(special_tokens),
+                             explicit_n_vocab=n + len(special_tokens))
+
+
+def encode_with_merges(text: str, merges, pattern: str) -> list[int]:
+    """The token ids of text, by definition: split it with pattern; within each chunk (as UTF-8
+    bytes), join the adjacent pair that was learned first (lowest merge index), and repeat
+    until no adjacent pair is a merge. Slow: the reference that tiktoken must agree with."""
+    rank = {(a, b): i for i, (a, b) in enumerate(merges)}  # merges may be [a, b] lists
+    not_a_merge = len(merges)
+    ids_out = []
+    for chunk in regex.findall(pattern, text):
+        ids = list(chunk.encode("utf-8"))
+        while len(ids) >= 2:
+            pair = min(pairwise(ids), key=lambda p: rank.get(p, not_a_merge))
+            if pair not in rank:
+                break
+            ids = merge_pair(ids, pair, 256 + rank[pair])
+        ids_out.extend(ids)
+    return ids_out
+
+
+# -----------------------------------------------------------------------------
+# The merges file
+
+
+def write_merges(path, merges) -> str:
+    """Write the merges file; return the SHA-256 (hex) of the bytes written, to be recorded
+    (in meta.json) and checked by read_merges. Errors writing (OSError) are the caller's.
+
+    The format is plain ASCII text: a header line giving the number of merges, then one merge
+    per line, "a b" (two decimal ids, one space), in order: line i after the header joins a
+    and b into token 256 + i. For example the first lines for English are often
+        # byte-level BPE, 3839 merges: line i below (from 0) joins ids a b into 256 + i
+        32 116          (" " + "t" -> 256, " t")
+        104 101         ("h" + "e" -> 257, "he")"""
+    lines = [MERGES_HEADER.format(n=len(merges))] + [f"{a} {b}\n" for a, b in merges]
+    data = "".join(lines).encode("ascii")
+    Path(path).write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def parse_merges(text: str, path) -> list[tuple[int, int]]:
+    """The merges in a merges file's text (see write_merges). Raises UserError, naming the
+    file, for a missing header, a malformed line, a bad id or a wrong number of lines."""
+    lines = text.split("\n")
+    header = MERGES_HEADER_RE.match(lines[0])
+    if header is None:
+        raise UserError(f"{path} is not a merges file (its first line is not the header)")
+    if lines[-1] != "":
+        raise UserError(f"{path} is truncated: its last line has no newline")
+    merges = []
+    for i, line in enumerate(lines[1:-1]):
+        parts = line.split(" ")
+        if len(parts) != 2 or not all(p.isascii() and p.isdigit() for p in parts):
+            raise UserError(f"{path} line {i + 2}: expected two ids 'a b', got {line[:40]!r}")
+        a, b = int(parts[0]), int(parts[1])
+        if max(a, b) >= 256 + i:
+            raise UserError(f"{path} line {i + 2}: merge {i} joins ({a}, {b}), but only "
+                                 f"ids below {256 + i} exist at that point")
+        merges.append((a, b))
+    if len(merges) != int(header[1]):
+        raise UserError(f"{path} has {len(merges):,} merges, its header says {header[1]}")
+    return merges
+
+
+def read_merges(path, sha256: str) -> list[tuple[int, int]]:
+    """The merges written by write_merges, checked against the SHA-256 it returned.
+    Raises UserError (one line, naming the file) when the file is missing or unreadable,
+    altered (its SHA-256 differs), or malformed."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read the merges file {path}: {e.strerror or e}") from None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise UserError(f"{path} was altered since prepare.py wrote it (its SHA-256 "
+                             f"differs from the one recorded then)")
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a merges file (it is not plain ASCII)") from None
+    return parse_merges(text, path)
