@@ -222,7 +222,7 @@ def seconds(fn) -> tuple[float, float]:
 
 def bench_encode(megabytes: float, repeats: int, record_chars: int = 4000) -> dict:
     """GPT-2 BPE on the same text, about `megabytes` MB of Tiny Shakespeare's stand-in repeated:
-    tiktoken's encode_ordinary on one thread, against prepare.py's whole pipeline (pipeline.prepare on
+    tiktoken's encode_ordinary on one thread, against prepare.py's whole pipeline (prepare() on
     --input files: read, cut into safe pieces, encode on every core, write, hash), which must
     reach 0.9 x cores times tiktoken's speed. The text goes to prepare.py twice: as one .txt
     file (one text: a first pass counts its characters, to cut val from its end) and as a
