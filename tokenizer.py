@@ -15,11 +15,10 @@ meta["tokenizer"] names one of three:
            so a checkpoint, which keeps the meta, carries its tokenizer whole.
 
 Both BPEs encode with tiktoken. A text file is read the same way wherever it enters (prepare.py's
---input, sample.py's FILE: prompts and --score): read_text_file. The BPE trainer, the merges
-file and the Encoding built from merges are in bpe.py.
+--input, sample.py's FILE: prompts and --score): corpus.read_text_file. The BPE trainer, the
+merges file and the Encoding built from merges are in bpe.py.
 """
 
-import codecs
 import math
 from functools import cache
 from importlib.util import find_spec
@@ -33,76 +32,33 @@ GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33
 GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 EOT = "<|endoftext|>"  # the end of a document, for both BPEs
 MERGES_FILE = "merges.txt"  # a trained BPE's merges, beside its dataset's meta.json
-READ_CHARS = 1 << 20  # a text file is read this many characters at a time
-
-
-# -----------------------------------------------------------------------------
-# Reading a text file: the same text, so the same ids, wherever it enters
-
-
-def refuse_utf16(path: Path) -> bytes:
-    """The file's first 4 KB, after making sure it is not UTF-16 (Windows' "Unicode" text):
-    that is not UTF-8, yet reads without an error, a NUL byte between every two letters.
-    Raises UserError."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4096)
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
-    if head[:2] in (b"\xff\xfe", b"\xfe\xff") or head.count(0) > len(head) // 4:
-        raise UserError(f"{path} looks like UTF-16 text, not UTF-8: convert it first, e.g. "
-                             f"iconv -f UTF-16 -t UTF-8 {path} > {path.stem}-utf8{path.suffix}")
-    return head
-
-
-def not_utf8(path: Path) -> str:
-    """The error message for a file that is not UTF-8, naming the line of its first bad byte."""
-    decoder, line = codecs.getincrementaldecoder("utf-8")(), 1
-    try:
-        with open(path, "rb") as f:
-            while block := f.read(1 << 20):
-                line += decoder.decode(block).count("\n")
-            decoder.decode(b"", final=True)
-    except UnicodeDecodeError as e:
-        line += e.object[:e.start].count(b"\n")
-        return (f"{path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}): convert it "
-                "first, e.g. iconv -f <its encoding> -t UTF-8")
-    return f"{path}: not UTF-8 text"
-
-
-def text_pieces(path: Path, chunk_chars: int):
-    """A UTF-8 text file's text, chunk_chars characters at a time, read the one way every script
-    reads a text file: UTF-16 refused, a byte-order mark opening the file dropped (utf-8-sig: it
-    is not part of the text), and Windows line ends read as "\n" (text mode). Raises
-    UserError, naming the file (and the line of a byte that is not UTF-8)."""
-    refuse_utf16(path)
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            while piece := f.read(chunk_chars):
-                yield piece
-    except UnicodeDecodeError:
-        raise UserError(not_utf8(path)) from None
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
-
-
-def read_text_file(path: Path) -> str:
-    """A whole text file, read as prepare.py --input reads it (see text_pieces): sample.py reads
-    its FILE: prompts and --score files with this, so they give the ids prepare.py would."""
-    return "".join(text_pieces(Path(path), READ_CHARS))
 
 
 # -----------------------------------------------------------------------------
 # Characters, as in the lecture
 
 
+def char_codec(chars: list[str]):
+    """(encode, decode) for a character vocabulary, id i being chars[i]: str -> list[int] and
+    back, the one character-to-id map of every script (vocabulary.char_table is its numpy
+    form). encode raises KeyError naming a character not in chars."""
+    stoi = {ch: i for i, ch in enumerate(chars)}  # string to integer
+    itos = {i: ch for i, ch in enumerate(chars)}  # integer to string
+
+    def encode(s: str) -> list[int]:  # take a string, output a list of integers
+        try:
+            return [stoi[c] for c in s]
+        except KeyError as e:
+            raise KeyError(f"character {e.args[0]!r} is not in this model's vocabulary") from None
+
+    decode = lambda ids: "".join([itos[i] for i in ids])  # take a list of integers, output a string
+    return encode, decode
+
+
 def char_tokenizer(text: str):
     """(chars, encode, decode): the text's sorted characters, str -> list[int] and back."""
     chars = sorted(set(text))  # every character the text uses, in code point order
-    stoi = {ch: i for i, ch in enumerate(chars)}  # string to integer
-    itos = {i: ch for i, ch in enumerate(chars)}  # integer to string
-    encode = lambda s: [stoi[c] for c in s]  # take a string, output a list of integers
-    decode = lambda ids: "".join([itos[i] for i in ids])  # take a list of integers, output a string
+    encode, decode = char_codec(chars)
     return chars, encode, decode
 
 
@@ -233,17 +189,7 @@ def get_tokenizer(meta: dict):
     if enc is not None:
         encode, decode = (lambda s: enc.encode(s, allowed_special={EOT})), enc.decode
     else:
-        itos = meta["chars"]
-        stoi = {ch: i for i, ch in enumerate(itos)}
-
-        def encode(s: str) -> list[int]:
-            for ch in s:
-                if ch not in stoi:
-                    raise KeyError(f"character {ch!r} is not in this model's vocabulary")
-            return [stoi[ch] for ch in s]
-
-        def decode(ids) -> str:
-            return "".join(itos[i] for i in ids)
+        encode, decode = char_codec(meta["chars"])
 
     if "chat" not in meta:
         return encode, decode
