@@ -53,7 +53,7 @@ CHAT_BINS = ("train_mask.bin", "val_mask.bin",  # uint8 beside each token: 1 = i
 
 
 # -----------------------------------------------------------------------------
-# Cutting and encoding at scale (the tokenizers themselves are in tokenizer.py)
+# Tokenizing at scale (the tokenizers themselves are in tokenizer.py)
 
 
 def last_safe_cut(text: str, split: str = "gpt2") -> int:
