@@ -43,6 +43,7 @@ import torch.nn.functional as F
 import bigram
 import bpe
 import chat
+import chat_loop
 import corpus
 import errors
 import files
@@ -53,6 +54,8 @@ import pipeline
 import plumbing
 import prepare
 import sample
+import scoring
+import settings
 import tasks
 import tokenizer
 import train
@@ -3509,13 +3512,13 @@ def test_stream_decoder_never_splits_a_character():
     enc = tokenizer.gpt2_encoding()
     text = "héllo 世界 🙂"
     ids = enc.encode(text)
-    stream = sample.StreamDecoder(enc.decode_single_token_bytes)
+    stream = tokenizer.StreamDecoder(enc.decode_single_token_bytes)
     pieces = [stream.push([i]) for i in ids] + [stream.flush()]
     assert "".join(pieces) == text
     assert not any("\ufffd" in p for p in pieces), pieces
     assert "" in pieces[:-1], "no token ended mid-character: the test checks nothing"
     # a character cut off at the end reads as the one-shot decode reads it: U+FFFD
-    stream = sample.StreamDecoder(enc.decode_single_token_bytes)
+    stream = tokenizer.StreamDecoder(enc.decode_single_token_bytes)
     half = enc.encode("🙂")[:1]
     assert stream.push(half) == "" and stream.flush() == enc.decode(half) == "\ufffd"
 
@@ -3533,7 +3536,7 @@ def brute_force_nll(m, ids, context_start) -> float:
 def test_score_short_text_is_cross_entropy():
     m = tiny_model().eval()
     ids = torch.randint(0, 11, (10,), generator=torch.Generator().manual_seed(0))
-    nll, n = sample.score(m, ids)
+    nll, n = scoring.score(m, ids)
     with torch.no_grad():
         logits, _ = m(ids[None, :-1], ids[None, 1:])
     assert n == 9
@@ -3547,7 +3550,7 @@ def test_score_long_text_slides_its_window(stride):
     reaches it, seeing that window's inputs before it."""
     m = tiny_model().eval()
     ids = torch.randint(0, 11, (50,), generator=torch.Generator().manual_seed(0))
-    nll, n = sample.score(m, ids, stride=stride, batch_size=4)  # several batches of windows
+    nll, n = scoring.score(m, ids, stride=stride, batch_size=4)  # several batches of windows
 
     def window_start(t):
         if t <= 16:
@@ -3568,7 +3571,7 @@ def test_score_every_token_once_at_any_stride(n, stride):
     window (block_size 16) slides it by 16, never past targets it did not score."""
     m = tiny_model().eval()
     ids = torch.randint(0, 11, (n,), generator=torch.Generator().manual_seed(1))
-    nll, count = sample.score(m, ids, stride=stride, batch_size=3)
+    nll, count = scoring.score(m, ids, stride=stride, batch_size=3)
     step, ends = min(stride, 16), [16]  # brute force: the windows, one at a time
     while ends[-1] < n - 1:
         ends.append(min(ends[-1] + step, n - 1))
@@ -3615,8 +3618,8 @@ FLAG_VALUES = {"chat": "--chat", "start": "--start=ab", "num_samples": "--num_sa
                "score_stride": "--score_stride=2", "attention": "--attention={root}/a.png",
                "attention_layers": "--attention_layers=0", "attention_heads": "--attention_heads=0",
                "compile": "--compile"}
-REFUSED_CELLS = [(flag, mode) for flag, modes in sample.TAKES_EFFECT.items()
-                 for mode in sample.MODE_NAME if mode not in modes
+REFUSED_CELLS = [(flag, mode) for flag, modes in settings.TAKES_EFFECT.items()
+                 for mode in settings.MODE_NAME if mode not in modes
                  and not (flag == "attention" and mode in ("sampling", "greedy", "beams"))
                  and not (flag == "chat" and mode != "score")]  # --chat picks its mode
 
@@ -3624,18 +3627,18 @@ REFUSED_CELLS = [(flag, mode) for flag, modes in sample.TAKES_EFFECT.items()
 def test_flag_table_covers_every_flag():
     flags = {a.dest for a in sample.get_parser()._actions} - {"help"}
     every_mode = {"init_from", "out_dir", "checkpoint", "device", "dtype", "score"}
-    assert flags == set(sample.TAKES_EFFECT) | every_mode == set(FLAG_VALUES) | every_mode
+    assert flags == set(settings.TAKES_EFFECT) | every_mode == set(FLAG_VALUES) | every_mode
 
 
 @pytest.mark.parametrize("flag,mode", REFUSED_CELLS)
 def test_flag_without_effect_in_a_mode_is_refused(flag_models, capsys, flag, mode):
     """e.g. --beam_width=4 --temperature=1.5: one line naming the flag and the mode, exit 2."""
-    model = "task" if mode == "task" else "chat" if mode in sample.CHAT_MODES else "char"
+    model = "task" if mode == "task" else "chat" if mode in settings.CHAT_MODES else "char"
     argv = [flag_models[model], "--device=cpu", *MODE_FLAGS[mode], FLAG_VALUES[flag]]
     argv = [a.format(root=flag_models["root"]) for a in argv]
     capsys.readouterr()
     err = run_main(capsys, sample.main, argv)
-    assert f"--{flag} has no effect {sample.MODE_NAME[mode]}: " in err, err
+    assert f"--{flag} has no effect {settings.MODE_NAME[mode]}: " in err, err
 
 
 @slow
@@ -3682,8 +3685,8 @@ def test_files_are_read_as_prepare_reads_them(tmp_path, capsys, monkeypatch, kin
     assert tokenizer.get_tokenizer(meta)[1](prepared) == half.replace("\r\n", "\n") * 2
     init = save_model(tmp_path / "m.pt", meta, n_embd=8, block_size=64)
     seen = []
-    monkeypatch.setattr(sample, "score", lambda m, ids, stride: (seen.append(ids.tolist()),
-                                                                  (1.0, len(ids) - 1))[1])
+    monkeypatch.setattr(scoring, "score", lambda m, ids, stride: (seen.append(ids.tolist()),
+                                                                   (1.0, len(ids) - 1))[1])
 
     def generate_stream(self, idx, *args, **kwargs):
         seen.append(idx[0].tolist())
@@ -3720,7 +3723,7 @@ def test_attention_picture_is_capped(tmp_path, capsys):
                         f"--attention={png}"])
     assert maps.shape == (2, 12, 64, 64)
     width, height = Image.open(png).size
-    limit = 100 * sample.MAX_INCHES
+    limit = 100 * scoring.MAX_INCHES
     assert width <= limit and height <= limit
     err = capsys.readouterr().err
     assert "the last 64 of the prompt's 200 tokens" in err
@@ -4141,7 +4144,12 @@ def test_sample_says_whether_an_addition_answer_is_right(tmp_path, capsys, monke
         for t in encode(answer) + [end]:
             yield torch.tensor([[t]])
 
-    monkeypatch.setattr(sample, "generate_stream", generate_stream)  # the model's answer, fixed
+    def generate_plain(self, idx, max_new_tokens, temperature=1.0, **kwargs):
+        calls.append((idx[0].tolist(), max_new_tokens, temperature))
+        return torch.cat((idx, torch.tensor([encode(answer) + [end]])[:, :max_new_tokens]), 1)
+
+    monkeypatch.setattr(chat_loop, "generate_stream", generate_stream)  # the answer, fixed
+    monkeypatch.setattr(GPT, "generate_plain", generate_plain)  # a task's answer: no cache
     capsys.readouterr()
     texts = sample.main([init, "--device=cpu", "--start=123+456="])
     assert texts == ["123+456 -> " + answer]
@@ -5159,7 +5167,7 @@ def chat_meta(chars: list[str], **extra) -> dict:
 
 
 def scripted_replies(monkeypatch, replies: list[str], meta: dict) -> list[dict]:
-    """GPT.generate_stream writes each reply in turn ("<|end|>" in it: the marker), then
+    """inference.generate_stream writes each reply in turn ("<|end|>" in it: the marker), then
     "zz" forever; returns a record of each call: the prompt's ids, the settings, how many
     tokens were taken from it."""
     encode, _ = tokenizer.get_tokenizer(meta)
@@ -5178,7 +5186,7 @@ def scripted_replies(monkeypatch, replies: list[str], meta: dict) -> list[dict]:
             call["taken"] += 1
             yield torch.tensor([[t]])
 
-    monkeypatch.setattr(sample, "generate_stream", generate_stream)
+    monkeypatch.setattr(chat_loop, "generate_stream", generate_stream)  # what a chat calls
     return calls
 
 

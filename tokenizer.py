@@ -19,6 +19,7 @@ Both BPEs encode with tiktoken. A text file is read the same way wherever it ent
 merges file and the Encoding built from merges are in bpe.py.
 """
 
+import codecs
 import math
 from functools import cache
 from importlib.util import find_spec
@@ -206,6 +207,59 @@ def get_tokenizer(meta: dict):
         return "".join(out) + decode(run)
 
     return encode, decode_with_markers
+
+
+# -----------------------------------------------------------------------------
+# At the terminal: a prompt's ids in, text out as the tokens come (streaming)
+
+
+def encode_text(encode, text: str, vocab_size: int, what: str) -> list[int]:
+    """encode(text) -> the ids, checked for a model of vocab_size tokens. Raises UserError,
+    naming `what` (the prompt, the message, the text), for a character the vocabulary lacks or
+    an id the model has no embedding for."""
+    try:
+        ids = encode(text)
+    except KeyError as e:
+        raise UserError(f"{e.args[0]}; the {what} must use the training text's characters")
+    if ids and max(ids) >= vocab_size:  # GPT-2's BPE in front of a smaller model from a folder
+        raise UserError(f"the {what} has token id {max(ids)}, but the model's vocabulary has "
+                        f"{vocab_size} tokens")
+    return ids
+
+
+def token_bytes_fn(meta: dict):
+    """id -> that token's UTF-8 bytes. A BPE token is a run of bytes, not of characters:
+    '🙂' (4 bytes) arrives as two tokens, and neither alone is valid text. A chat model's
+    markers are their names, as get_tokenizer's decode writes them (a model trained on
+    conversations writes <|end|> when it is sampled as plain text too)."""
+    if (enc := encoding_of(meta)) is not None:  # GPT-2's BPE or a trained one
+        base = enc.decode_single_token_bytes
+    else:
+        chars = meta["chars"]
+        base = lambda i: chars[i].encode("utf-8")
+    names = {i: m.encode("utf-8") for m, i in meta.get("chat", {}).get("markers", {}).items()}
+    return (lambda i: names[i] if i in names else base(i)) if names else base
+
+
+class StreamDecoder:
+    """Token ids in, text out as soon as it is whole: never half a character.
+
+    Bytes that stop mid-character are held back until the character's last byte arrives;
+    bytes that can never become valid UTF-8 turn into U+FFFD as soon as that is certain, just as
+    decoding everything at the end would. Python's incremental UTF-8 decoder does both.
+    """
+
+    def __init__(self, token_bytes):
+        self.token_bytes = token_bytes
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, ids) -> str:
+        return self.utf8.decode(b"".join(self.token_bytes(i) for i in ids))
+
+    def flush(self) -> str:
+        """What is still held back: a character cut off at the end becomes U+FFFD."""
+        return self.utf8.decode(b"", final=True)
+
 
 
 # -----------------------------------------------------------------------------
