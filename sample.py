@@ -35,17 +35,10 @@ from pathlib import Path
 import torch
 
 import chat
+from checkpoints import load_checkpoint, model_from_checkpoint, run_checkpoint
+from devices import autocast_ctx, out_of_memory, pick_device, pick_dtype
 from errors import UserError, first_line
 from gpt import GPT, eval_mode
-from plumbing import (
-    autocast_ctx,
-    load_checkpoint,
-    model_from_checkpoint,
-    out_of_memory,
-    pick_device,
-    pick_dtype,
-    run_checkpoint,
-)
 from settings import flags_given, str2bool
 from tokenizer import (
     bits_per_byte,
