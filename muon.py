@@ -39,7 +39,8 @@ class Muon(torch.optim.Optimizer):
                  weight_decay=1e-2):
         if lr <= 0 or eps <= 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"invalid AdamW settings: lr={lr}, betas={betas}, eps={eps}")
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps,
+                                  "weight_decay": weight_decay})
         self.adamw_update = adamw_update
 
     @torch.no_grad()

@@ -849,7 +849,7 @@ def test_vocab_from_gives_shared_characters_the_same_ids(tmp_path, capsys):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     checkpoints.save_checkpoint({"model": {}, "model_args": {}, "meta": base_meta},
-                             run_dir / "best.pt")
+                                run_dir / "best.pt")
     for source in (run_dir, run_dir / "best.pt"):
         meta = run(tmp_path, "--input", str(new), "--vocab_from", str(source),
                    "--drop_unknown", dataset="new2")
@@ -1143,7 +1143,8 @@ def test_vocab_from_a_bpe_dataset_or_checkpoint_uses_its_merges(tmp_path, capsys
     capsys.readouterr()
     meta = run(tmp_path, "--input", str(new), "--vocab_from", str(tmp_path / "data/base"))
     assert "its 43 merges, so there is nothing to map" in capsys.readouterr().out
-    assert settings.same_vocabulary(meta, base) and meta["vocab_from"] == str(tmp_path / "data/base")
+    assert settings.same_vocabulary(meta, base) and \
+        meta["vocab_from"] == str(tmp_path / "data/base")
     assert (tmp_path / "data/ds/merges.txt").read_bytes() == \
         (tmp_path / "data/base/merges.txt").read_bytes()
     merges, cut = [tuple(m) for m in base["bpe"]["merges"]], meta["val_from_char"]
@@ -2352,7 +2353,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", dies_midway)
     with pytest.raises(KeyboardInterrupt):
         checkpoints.save_checkpoint({"model": {"w": torch.zeros(3)}, "model_args": {}, "meta": {}},
-                                 path)
+                                    path)
     monkeypatch.undo()
     assert torch.equal(checkpoints.load_checkpoint(path)["model"]["w"], torch.ones(3))
 
@@ -2586,7 +2587,7 @@ def test_concurrent_saves_never_collide(tmp_path):
         try:
             for _ in range(15):
                 checkpoints.save_checkpoint({"model": {"w": torch.full((20000,), float(value))},
-                                          "model_args": {}, "meta": {}}, tmp_path / "ckpt.pt")
+                                             "model_args": {}, "meta": {}}, tmp_path / "ckpt.pt")
         except Exception as e:  # noqa: BLE001
             errors.append(e)
 
@@ -2829,7 +2830,8 @@ def test_always_save_checkpoint_false_saves_only_when_val_improves(data_dir, tmp
     latest = lambda out: torch.load(out / "ckpt.pt", weights_only=True)["iter_num"]
     monkeypatch.setattr(train, "estimate_loss", made_up([3.0, 2.0, 2.5]))  # at 0, 5, 10
     out = tmp_path / "only_better"
-    train_tiny(data_dir, out, "--max_iters=10", "--eval_interval=5", "--always_save_checkpoint=False")
+    train_tiny(data_dir, out, "--max_iters=10", "--eval_interval=5",
+               "--always_save_checkpoint=False")
     assert latest(out) == 5 and torch.load(out / "best.pt", weights_only=True)["iter_num"] == 5
     monkeypatch.setattr(train, "estimate_loss", made_up([2.5, 2.6, 2.7]))  # at 5, 10, 15
     train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=15"])
@@ -3160,7 +3162,7 @@ def test_truncated_checkpoint_and_offline_hub(tmp_path, capsys, monkeypatch):
     transformers = pytest.importorskip("transformers")
     hub = pytest.importorskip("huggingface_hub.constants")  # comes with transformers
     checkpoints.save_checkpoint({"model": {"w": torch.ones(1000)}, "model_args": {}, "meta": {}},
-                             tmp_path / "ckpt.pt")
+                                tmp_path / "ckpt.pt")
     data = (tmp_path / "ckpt.pt").read_bytes()
     (tmp_path / "ckpt.pt").write_bytes(data[:len(data) // 2])
     assert "truncated or corrupt" in run_main(capsys, sample.main, [f"--out_dir={tmp_path}"])
@@ -3675,7 +3677,7 @@ def save_model(path: Path, meta: dict, seed=0, **cfg) -> str:
     torch.manual_seed(seed)
     cfg = GPTConfig(**{**TINY.__dict__, "vocab_size": meta["vocab_size"], **cfg})
     checkpoints.save_checkpoint({"model": GPT(cfg).state_dict(), "model_args": dict(cfg.__dict__),
-                              "meta": meta}, path)
+                                 "meta": meta}, path)
     return f"--init_from={path}"
 
 
@@ -4046,8 +4048,8 @@ def test_endoftext_ends_a_bpe_sample(tmp_path, capsys, monkeypatch):
     torch.manual_seed(0)
     cfg = GPTConfig(block_size=8, vocab_size=50257, n_layer=1, n_head=1, n_embd=8)
     checkpoints.save_checkpoint({"model": GPT(cfg).state_dict(), "model_args": dict(cfg.__dict__),
-                              "meta": {"tokenizer": "gpt2", "vocab_size": 50257,
-                                       "eot_token": EOT_ID}}, tmp_path / "ckpt.pt")
+                                 "meta": {"tokenizer": "gpt2", "vocab_size": 50257,
+                                          "eot_token": EOT_ID}}, tmp_path / "ckpt.pt")
     encode = gpt2()
     new = encode(" to be") + [EOT_ID] + encode(" or not")  # what the model "samples"
 
@@ -5310,7 +5312,7 @@ def test_chat_replies_with_a_real_model(tmp_path, capsys):
             model.transformer.ln_f.weight.zero_()  # at every step, the likeliest is `token`
             model.transformer.ln_f.bias.copy_(model.transformer.wte.weight[token] * 100)
         checkpoints.save_checkpoint({"model": model.state_dict(), "meta": meta,
-                                  "model_args": dict(model.config.__dict__)}, tmp_path / "m.pt")
+                                     "model_args": dict(model.config.__dict__)}, tmp_path / "m.pt")
         argv = [f"--init_from={tmp_path / 'm.pt'}", "--device=cpu", "--chat", "--start=hi"]
         assert sample.main(argv + ["--max_new_tokens=3", "--temperature=0"]) == [reply]
         assert capsys.readouterr().out == reply + "\n"
@@ -5327,7 +5329,7 @@ def test_plain_sampling_of_a_chat_model_streams_its_markers(tmp_path, capsys):
         model.transformer.ln_f.bias.copy_(
             model.transformer.wte.weight[chat.marker_id(meta["chat"], "end")] * 100)
     checkpoints.save_checkpoint({"model": model.state_dict(), "meta": meta,
-                              "model_args": dict(model.config.__dict__)}, tmp_path / "m.pt")
+                                 "model_args": dict(model.config.__dict__)}, tmp_path / "m.pt")
     argv = [f"--init_from={tmp_path / 'm.pt'}", "--device=cpu", "--start=hi", "--num_samples=1",
             "--max_new_tokens=2", "--temperature=0"]
     streamed = sample.main(argv)
