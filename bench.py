@@ -50,10 +50,10 @@ import torch
 
 import bpe
 import corpus
+import devices
 import errors
 import inference
 import pipeline
-import plumbing
 import settings
 import tokenizer
 import train
@@ -102,7 +102,7 @@ def bench_train(cfg, device, dtype, compile_model, steps, repeats, sync, peak) -
     model = make_model(cfg, device)
     optimizer, _ = train.configure_optimizer(model, 0.1, 1e-4, (0.9, 0.99))
     fwd = torch.compile(model) if compile_model else model
-    ctx = plumbing.autocast_ctx(device, dtype)
+    ctx = devices.autocast_ctx(device, dtype)
     B, T = cfg["batch_size"], cfg["block_size"]
     x = torch.randint(cfg["vocab_size"], (B, T), device=device)
     y = torch.randint(cfg["vocab_size"], (B, T), device=device)
@@ -118,7 +118,7 @@ def bench_train(cfg, device, dtype, compile_model, steps, repeats, sync, peak) -
     for _ in range(3 if compile_model else 1):  # compilation happens in the first calls
         step()
     dt = median_time(lambda: [step() for _ in range(steps)], repeats, sync) / steps
-    flops = plumbing.flops_per_token(cfg, model.num_params()) * B * T
+    flops = devices.flops_per_token(cfg, model.num_params()) * B * T
     return {"params_M": round(model.num_params() / 1e6, 2), "ms_per_iter": round(1e3 * dt, 2),
             "tokens_per_s": round(B * T / dt), "mfu": round(flops / dt / peak, 3)}
 
@@ -357,7 +357,7 @@ def main(argv=None) -> dict:
     if args.encode_mb is not None and args.encode_mb <= 0:
         p.error("--encode_mb must be above 0")
     try:
-        device = plumbing.pick_device(args.device)
+        device = devices.pick_device(args.device)
     except errors.UserError as e:
         p.exit(2, f"bench.py: error: {e}\n")
     dtype = "bfloat16" if device.type == "cuda" else "float32"
@@ -370,7 +370,7 @@ def main(argv=None) -> dict:
     small = args.config == "tiny"
 
     # the same yardstick train.py's MFU uses on a CPU (a 1024 matmul); bf16 8192 on CUDA
-    peak = plumbing.measure_matmul_peak(device, torch.bfloat16 if dtype == "bfloat16" else
+    peak = devices.measure_matmul_peak(device, torch.bfloat16 if dtype == "bfloat16" else
                                      torch.float32, n=256 if small else
                                      (8192 if device.type == "cuda" else 1024))
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else

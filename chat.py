@@ -25,6 +25,7 @@ turns: the model learns to answer and to stop, never to write the user's part.
 """
 
 from collections.abc import Callable
+from pathlib import Path
 
 from errors import UserError
 
@@ -45,6 +46,11 @@ def chat_template(base_vocab: int) -> dict:
 def marker_id(tmpl: dict, role_or_end: str) -> int:
     """The id of a role's marker ("system", "user", "assistant") or of "end"."""
     return tmpl["markers"][f"<|{role_or_end}|>"]
+
+
+def chat_file(path: Path, kind: str) -> Path:
+    """A chat split's other files: train.bin -> train_mask.bin, train_index.bin."""
+    return path.with_name(f"{path.stem}_{kind}.bin")
 
 
 # -----------------------------------------------------------------------------

@@ -34,22 +34,22 @@ from pathlib import Path
 import torch
 
 from chat_loop import Chat, answer_problem
+from checkpoints import load_checkpoint, model_from_checkpoint, run_checkpoint
 from corpus import read_text_file
+from devices import autocast_ctx, out_of_memory, pick_device, pick_dtype
 from errors import UserError, first_line
 from gpt import GPT
 from gpt2_weights import from_pretrained
 from inference import beam_search, generate_stream
-from plumbing import (
-    autocast_ctx,
-    load_checkpoint,
-    model_from_checkpoint,
-    out_of_memory,
-    pick_device,
-    pick_dtype,
-    run_checkpoint,
-)
 from scoring import draw_attention, score_file
-from settings import CHAT_MODES, check_args, flags_given, mode_of, refuse_ignored_flags, str2bool
+from settings import (
+    CHAT_MODES,
+    check_sample_args,
+    flags_given,
+    mode_of,
+    refuse_ignored_flags,
+    str2bool,
+)
 from tokenizer import (
     StreamDecoder,
     encode_text,
@@ -144,7 +144,7 @@ def sample(args) -> list[str] | dict:
     Raises UserError for what the user can fix."""
     if not hasattr(args, "given"):  # built by hand, not by parse_args: everything was given
         args.given = set(vars(args))
-    check_args(args)
+    check_sample_args(args)
     if "out_dir" in args.given and args.init_from != "resume":
         raise UserError(f"--out_dir has no effect with --init_from={args.init_from}: it names "
                         "the run that --init_from=resume loads")

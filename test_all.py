@@ -41,21 +41,27 @@ import torch
 import torch.nn.functional as F
 
 import bigram
+import bookkeeping
 import bpe
 import chat
 import chat_loop
+import checkpoints
 import corpus
+import devices
 import errors
 import files
 import gpt
 import gpt2_weights
 import inference
+import muon
 import pipeline
-import plumbing
 import prepare
+import run_setup
+import runlog
 import sample
 import scoring
 import settings
+import stop_signals
 import tasks
 import tokenizer
 import train
@@ -850,8 +856,8 @@ def test_vocab_from_gives_shared_characters_the_same_ids(tmp_path, capsys):
     # a checkpoint, or its run folder, gives its dataset's vocabulary just as well
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    plumbing.save_checkpoint({"model": {}, "model_args": {}, "meta": base_meta},
-                             run_dir / "best.pt")
+    checkpoints.save_checkpoint({"model": {}, "model_args": {}, "meta": base_meta},
+                                run_dir / "best.pt")
     for source in (run_dir, run_dir / "best.pt"):
         meta = run(tmp_path, "--input", str(new), "--vocab_from", str(source),
                    "--drop_unknown", dataset="new2")
@@ -1145,7 +1151,8 @@ def test_vocab_from_a_bpe_dataset_or_checkpoint_uses_its_merges(tmp_path, capsys
     capsys.readouterr()
     meta = run(tmp_path, "--input", str(new), "--vocab_from", str(tmp_path / "data/base"))
     assert "its 43 merges, so there is nothing to map" in capsys.readouterr().out
-    assert train.same_vocabulary(meta, base) and meta["vocab_from"] == str(tmp_path / "data/base")
+    assert settings.same_vocabulary(meta, base) and \
+        meta["vocab_from"] == str(tmp_path / "data/base")
     assert (tmp_path / "data/ds/merges.txt").read_bytes() == \
         (tmp_path / "data/base/merges.txt").read_bytes()
     merges, cut = [tuple(m) for m in base["bpe"]["merges"]], meta["val_from_char"]
@@ -1153,9 +1160,9 @@ def test_vocab_from_a_bpe_dataset_or_checkpoint_uses_its_merges(tmp_path, capsys
                               bpe.encode_with_merges(text[cut:], merges, P2))
     run_dir = tmp_path / "run"  # a checkpoint carries the merges: no data folder needed
     run_dir.mkdir()
-    plumbing.save_checkpoint({"model": {}, "model_args": {}, "meta": base}, run_dir / "best.pt")
+    checkpoints.save_checkpoint({"model": {}, "model_args": {}, "meta": base}, run_dir / "best.pt")
     meta = run(tmp_path, "--input", str(new), "--vocab_from", str(run_dir), dataset="from_ckpt")
-    assert train.same_vocabulary(meta, base) and bins(tmp_path, "from_ckpt") == bins(tmp_path)
+    assert settings.same_vocabulary(meta, base) and bins(tmp_path, "from_ckpt") == bins(tmp_path)
     assert "--drop_unknown does not apply" in fail(capsys, tmp_path, "--input", str(new),
                                                    "--vocab_from", str(run_dir), "--drop_unknown")
     assert "--tokenizer char, but" in fail(capsys, tmp_path, "--input", str(new), "--tokenizer",
@@ -1166,13 +1173,13 @@ def test_bpe_vocabularies_are_the_same_when_merges_pattern_and_specials_are():
     merges = [[97, 98], [256, 99]]
     a = {"tokenizer": "bpe", "vocab_size": 259, "bpe": tokenizer.bpe_meta(merges, "gpt2", P2)}
     same = json.loads(json.dumps(a))  # as a checkpoint or another meta.json holds it
-    assert train.same_vocabulary(a, same) and train.same_data(a, same)
+    assert settings.same_vocabulary(a, same) and settings.same_data(a, same)
     for other in ({**a["bpe"], "merges": [[97, 98], [256, 100]]}, {**a["bpe"], "pattern": P4},
                   {**a["bpe"], "special_tokens": {"<|endoftext|>": 300}}):
-        assert not train.same_vocabulary(a, {**a, "bpe": other})
-        assert not train.same_data(a, {**a, "bpe": other})
-    assert not train.same_vocabulary(a, {"tokenizer": "char", "vocab_size": 259})
-    assert train.vocabulary_name(a) == "byte-level BPE of 259 tokens"
+        assert not settings.same_vocabulary(a, {**a, "bpe": other})
+        assert not settings.same_data(a, {**a, "bpe": other})
+    assert not settings.same_vocabulary(a, {"tokenizer": "char", "vocab_size": 259})
+    assert settings.vocabulary_name(a) == "byte-level BPE of 259 tokens"
 
 
 def test_metas_written_before_trained_bpes_still_load(tmp_path):
@@ -1186,8 +1193,8 @@ def test_metas_written_before_trained_bpes_still_load(tmp_path):
         (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
         for split in ("train", "val"):
             np.zeros(8, dtype=np.uint16).tofile(folder / f"{split}.bin")
-        loaded = train.load_meta(tmp_path, name)
-        assert loaded == meta and train.same_data(loaded, meta)
+        loaded = settings.load_meta(tmp_path, name)
+        assert loaded == meta and settings.same_data(loaded, meta)
         encode, decode = tokenizer.get_tokenizer(loaded)
         assert decode(encode("ab\nba")) == "ab\nba"
     assert tokenizer.get_tokenizer({"tokenizer": "gpt2"})[0]("Hello world") == [15496, 995]
@@ -1757,7 +1764,7 @@ def test_flops_per_token_matches_counted_flops():
     x = torch.randint(65, (4, 32))
     with FlopCounterMode(display=False) as counter:
         model(x, x)[1].backward()
-    formula = plumbing.flops_per_token(args, model.num_params()) * x.numel()
+    formula = devices.flops_per_token(args, model.num_params()) * x.numel()
     assert 0.85 < counter.get_total_flops() / formula <= 1.0
 
 
@@ -1880,10 +1887,10 @@ def test_newton_schulz_makes_singular_values_about_one():
     g = torch.Generator().manual_seed(0)
     for shape in [(96, 32), (32, 96), (128, 48), (3, 32, 16)]:
         G = torch.randn(*shape, generator=g) * 10
-        s = torch.linalg.svdvals(train.newton_schulz(G))
+        s = torch.linalg.svdvals(muon.newton_schulz(G))
         assert 0.65 < s.min() and s.max() < 1.2, (shape, s.min(), s.max())
     for shape in [(64, 64), (3, 32, 32)]:  # a square one's smallest starts near 0: it may lag
-        s = torch.linalg.svdvals(train.newton_schulz(torch.randn(*shape, generator=g)))
+        s = torch.linalg.svdvals(muon.newton_schulz(torch.randn(*shape, generator=g)))
         assert s.max() < 1.2 and ((s > 0.65) & (s < 1.2)).float().mean() > 0.9, (shape, s)
 
 
@@ -1893,15 +1900,15 @@ def test_newton_schulz_on_a_cpu_runs_bf16_only_where_the_cpu_has_it(monkeypatch)
     Elsewhere fp32, exactly the iteration written out here."""
     g = torch.Generator().manual_seed(0)
     G = torch.randn(3, 32, 96, generator=g) * 10
-    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)
-    fp32 = train.newton_schulz(G)
+    monkeypatch.setattr(muon, "cpu_has_native_bf16", lambda: False)
+    fp32 = muon.newton_schulz(G)
     X = G / torch.linalg.matrix_norm(G, keepdim=True).add(1e-7)
     for _ in range(5):
         A = X @ X.mT
         X = 3.4445 * X + (-4.7750 * A + 2.0315 * A @ A) @ X
     torch.testing.assert_close(fp32, X, rtol=1e-5, atol=1e-6)
-    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)
-    bf16 = train.newton_schulz(G)
+    monkeypatch.setattr(muon, "cpu_has_native_bf16", lambda: True)
+    bf16 = muon.newton_schulz(G)
     err = ((bf16 - fp32).norm() / fp32.norm()).item()
     assert bf16.dtype == torch.float32 and 0 < err < 5e-2, err
     s = torch.linalg.svdvals(bf16)
@@ -1915,10 +1922,10 @@ def test_muon_groups_and_update():
     m = tiny_model()
     opt, counts = train.configure_optimizer(m, 0.1, 1e-3, (0.9, 0.99), 0.02, 0.95)
     names = {id(p): n for n, p in m.named_parameters()}
-    muon = [names[id(p)] for g in opt.param_groups if g.get("muon") for p in g["params"]]
-    assert counts["Muon"] == len(muon) == 8
-    assert all(n.startswith("transformer.h.") and n.endswith("weight") for n in muon)
-    assert "transformer.wte.weight" not in muon and "lm_head.weight" not in muon
+    to_muon = [names[id(p)] for g in opt.param_groups if g.get("muon") for p in g["params"]]
+    assert counts["Muon"] == len(to_muon) == 8
+    assert all(n.startswith("transformer.h.") and n.endswith("weight") for n in to_muon)
+    assert "transformer.wte.weight" not in to_muon and "lm_head.weight" not in to_muon
     fc = m.transformer.h[0].mlp.c_fc.weight  # (4C, C): scale sqrt(4) = 2
     qkv = m.transformer.h[0].attn.c_attn.weight  # (3C, C): three (C, C) maps, scale 1 each
     before = {"fc": fc.detach().clone(), "qkv": qkv.detach().clone()}
@@ -1932,7 +1939,7 @@ def test_muon_groups_and_update():
         fc.grad, qkv.grad = g["fc"].clone(), g["qkv"].clone()
         opt.step()
     # by hand: B1 = G1, B2 = mu G1 + G2, and the Nesterov update is U = G + mu B
-    mu, lr, ns = 0.95, 0.02, train.newton_schulz
+    mu, lr, ns = 0.95, 0.02, muon.newton_schulz
     u = {k: [(1 + mu) * grads[0][k], grads[1][k] + mu * (mu * grads[0][k] + grads[1][k])]
          for k in before}
     expected = before["fc"] - lr * 2 * (ns(u["fc"][0]) + ns(u["fc"][1]))
@@ -2030,10 +2037,10 @@ def test_resolve_args_derives_settings_in_one_place(data_dir, tmp_path):
     args = train.parse_args(["--overfit_batch", "--dropout=0.2", "--max_iters=50",
                              "--eval_interval=7", "--device=cpu", f"--data_dir={data_dir}",
                              "--dataset=tiny", "--n_embd=64", "--n_head=4"])
-    train.check_args(args)
-    meta, settings = train.resolve_args(args, None, 0, 1)
+    settings.check_args(args)
+    meta, as_given = settings.resolve_args(args, None, 0, 1)
     assert args.dropout == 0.0, "one batch, memorised: no dropout"
-    assert settings["dropout"] == 0.2, "the checkpoint keeps the settings as given"
+    assert as_given["dropout"] == 0.2, "the checkpoint keeps the settings as given"
     assert (args.lr_decay_iters, args.sample_every) == (100, 7)  # max(max_iters, warmup)
     assert (args.device, args.dtype, args.compile) == ("cpu", "float32", False)
     assert meta["vocab_size"] == 30
@@ -2041,21 +2048,21 @@ def test_resolve_args_derives_settings_in_one_place(data_dir, tmp_path):
                   "--data_dir", str(tmp_path / "tasks")])
     args = train.parse_args(["--dataset=reverse", f"--data_dir={tmp_path / 'tasks'}",
                              "--dtype=float32"])
-    train.resolve_args(args, None, 0, 1)
+    settings.resolve_args(args, None, 0, 1)
     assert args.block_size == 9, \
         "conversations: the longest (<|user|>123<|end|><|assistant|>321<|end|>) less one"
 
 
 def test_dtype_defaults_and_refusals():
     cpu = torch.device("cpu")
-    assert plumbing.pick_dtype("auto", cpu) == "float32"
-    assert plumbing.pick_dtype("auto", cpu, lambda: 2.3) == "bfloat16"  # measured faster
-    assert plumbing.pick_dtype("auto", cpu, lambda: 1.05) == "float32"
-    assert plumbing.pick_dtype("bfloat16", cpu) == "bfloat16"  # CPU autocast
+    assert devices.pick_dtype("auto", cpu) == "float32"
+    assert devices.pick_dtype("auto", cpu, lambda: 2.3) == "bfloat16"  # measured faster
+    assert devices.pick_dtype("auto", cpu, lambda: 1.05) == "float32"
+    assert devices.pick_dtype("bfloat16", cpu) == "bfloat16"  # CPU autocast
     with pytest.raises(errors.UserError, match="needs a CUDA device"):
-        plumbing.pick_dtype("float16", cpu)
+        devices.pick_dtype("float16", cpu)
     small = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 8, "vocab_size": 11}
-    assert plumbing.bf16_speedup(small, 4) == 1.0, "small models are not worth measuring"
+    assert devices.bf16_speedup(small, 4) == 1.0, "small models are not worth measuring"
 
 
 @slow
@@ -2138,13 +2145,13 @@ def test_bits_per_byte_by_hand():
     # 2 nats a token over 300 tokens: 600 nats = 865.617 bits, over 1,000 bytes
     assert tokenizer.bits_per_byte(2.0, 300, 1000) == pytest.approx(0.865617, abs=1e-6)
     text = {"train_tokens": 90, "val_tokens": 10, "train_bytes": 120, "val_bytes": 11}
-    assert train.loss_sizes(text) == {"train": (90, 120), "val": (10, 11)}
+    assert bookkeeping.loss_sizes(text) == {"train": (90, 120), "val": (10, 11)}
     answers = {"train_answer_tokens": 7, "val_answer_tokens": 3, "train_answer_bytes": 5,
                "val_answer_bytes": 2}  # a chat split's: the answers, what carries loss
-    assert train.loss_sizes({**text, "chat": answers}) == {"train": (7, 5), "val": (3, 2)}
+    assert bookkeeping.loss_sizes({**text, "chat": answers}) == {"train": (7, 5), "val": (3, 2)}
     # prepared before bytes were counted: no bits per byte
-    assert train.loss_sizes({"train_tokens": 90, "val_tokens": 10}) is None
-    assert train.loss_sizes({**text, "chat": {"max_len": 9}}) is None
+    assert bookkeeping.loss_sizes({"train_tokens": 90, "val_tokens": 10}) is None
+    assert bookkeeping.loss_sizes({**text, "chat": {"max_len": 9}}) is None
 
 
 @slow
@@ -2205,7 +2212,7 @@ def test_training_learns_logs_and_plots(data_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("sample: ") == 4 and "MFU" in out and "left" in out  # at 0, 50, 100, 150
     rows = (tmp_path / "log.csv").read_text(encoding="utf-8").splitlines()
-    assert rows[0].split(",") == plumbing.LOG_FIELDS
+    assert rows[0].split(",") == runlog.LOG_FIELDS
     logged = [r.split(",") for r in rows[1:]]
     assert [int(r[0]) for r in logged if r[1]] == [25, 50, 75, 100, 125, 150]  # training rows
     assert [int(r[0]) for r in logged if r[8]] == [0, 50, 100, 150]  # evaluation rows
@@ -2214,7 +2221,7 @@ def test_training_learns_logs_and_plots(data_dir, tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     png.unlink()
     assert train.main(["--plot", str(tmp_path)]) is None and png.exists()
-    fig = plumbing.draw_curves(plumbing.read_log(tmp_path / "log.csv"), "t")
+    fig = runlog.draw_curves(runlog.read_log(tmp_path / "log.csv"), "t")
     _, lr_ax, norm_ax = fig.axes
     assert list(lr_ax.lines[0].get_ydata()) == [float(r[2]) for r in logged if r[2]]
     assert list(norm_ax.lines[0].get_ydata()) == [float(r[3]) for r in logged if r[3]]
@@ -2235,11 +2242,11 @@ def test_log_every_step_print_every_print_interval(data_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert [line.split(":")[0] for line in out.splitlines() if line.startswith("iter ")] == [
         "iter 3", "iter 6"]
-    rows = [r for r in plumbing.read_log(tmp_path / "log.csv") if r["loss"]]
+    rows = [r for r in runlog.read_log(tmp_path / "log.csv") if r["loss"]]
     assert [int(r["iter"]) for r in rows] == [1, 2, 3, 4, 5, 6]
     assert all(r["lr"] and r["grad_norm"] for r in rows)
     assert [int(r["iter"]) for r in rows if r["ms_per_iter"]] == [3, 6]
-    evals = [int(r["iter"]) for r in plumbing.read_log(tmp_path / "log.csv") if r["val_loss"]]
+    evals = [int(r["iter"]) for r in runlog.read_log(tmp_path / "log.csv") if r["val_loss"]]
     assert evals == [0, 3, 6]
 
 
@@ -2278,7 +2285,7 @@ def test_train_missing_data(tmp_path, capsys):
 
 def logged(out, field: str) -> list[float]:
     """A column of out/log.csv's training rows, as numbers."""
-    return [float(r[field]) for r in plumbing.read_log(Path(out) / "log.csv") if r["loss"]]
+    return [float(r[field]) for r in runlog.read_log(Path(out) / "log.csv") if r["loss"]]
 
 
 def assert_same_training(a, b, tol=1e-6):
@@ -2326,7 +2333,7 @@ def test_overfit_batch_memorises(data_dir, tmp_path):
 
 def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    plumbing.save_checkpoint({"model": {"w": torch.ones(3)}, "model_args": {}, "meta": {}}, path)
+    checkpoints.save_checkpoint({"model": {"w": torch.ones(3)}, "model_args": {}, "meta": {}}, path)
 
     def dies_midway(obj, f):
         f.write(b"half a checkpoint")
@@ -2334,10 +2341,10 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dies_midway)
     with pytest.raises(KeyboardInterrupt):
-        plumbing.save_checkpoint({"model": {"w": torch.zeros(3)}, "model_args": {}, "meta": {}},
-                                 path)
+        checkpoints.save_checkpoint({"model": {"w": torch.zeros(3)}, "model_args": {}, "meta": {}},
+                                    path)
     monkeypatch.undo()
-    assert torch.equal(plumbing.load_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert torch.equal(checkpoints.load_checkpoint(path)["model"]["w"], torch.ones(3))
 
 
 @slow
@@ -2380,10 +2387,10 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, mon
 def test_resume_drops_log_rows_after_the_checkpoint(tmp_path):
     log = tmp_path / "log.csv"
     for it in range(1, 8):
-        plumbing.append_log(log, iter=it, loss=1.0)
+        runlog.append_log(log, iter=it, loss=1.0)
         if it % 2 == 0:
-            plumbing.append_log(log, iter=it, val_loss=2.0)
-    plumbing.truncate_log(log, 4)
+            runlog.append_log(log, iter=it, val_loss=2.0)
+    runlog.truncate_log(log, 4)
     rows = [r.split(",") for r in log.read_text().splitlines()[1:]]
     # the eval row at 4 goes too: the resumed run evaluates at 4 again
     assert [(r[0], bool(r[1])) for r in rows] == [("1", True), ("2", True), ("2", False),
@@ -2449,7 +2456,7 @@ def test_stop_signals_save_and_say_how_to_resume(data_dir, tmp_path, signame):
     assert proc.returncode == 0, out
     assert signame in out and "saved" in out, out
     command = out.split("resume with: ")[1].splitlines()[0].split()
-    stopped_at = plumbing.load_checkpoint(tmp_path / "ckpt.pt")["iter_num"]
+    stopped_at = checkpoints.load_checkpoint(tmp_path / "ckpt.pt")["iter_num"]
     assert stopped_at >= 5 and f"stopped at iteration {stopped_at}" in out
     assert command[:3] == ["python", "train.py", "--init_from=resume"]
     result = train.main(command[2:] + ["--max_iters", str(stopped_at + 2)])
@@ -2470,7 +2477,7 @@ def test_stop_does_not_wait_for_an_evaluation(data_dir, tmp_path, monkeypatch):
     out = finish(proc)
     assert proc.returncode == 0 and time.perf_counter() - t0 < 20, out
     assert "stopped at iteration 2" in out, out
-    assert plumbing.load_checkpoint(tmp_path / "ckpt.pt")["iter_num"] == 2
+    assert checkpoints.load_checkpoint(tmp_path / "ckpt.pt")["iter_num"] == 2
 
     def evaluating(*args, **kwargs):
         signal.raise_signal(signal.SIGINT)
@@ -2479,23 +2486,23 @@ def test_stop_does_not_wait_for_an_evaluation(data_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "estimate_loss", evaluating)
     result = train_tiny(data_dir, tmp_path / "new", "--max_iters=100")
     assert result["stopped"] and result["iter_num"] == 0
-    assert plumbing.load_checkpoint(tmp_path / "new" / "ckpt.pt")["iter_num"] == 0
+    assert checkpoints.load_checkpoint(tmp_path / "new" / "ckpt.pt")["iter_num"] == 0
 
 
 def test_stop_signals_first_asks_second_stops_now():
     quiet = lambda *a, **k: None
-    s = plumbing.StopSignals(quiet)
+    s = stop_signals.StopSignals(quiet)
     s.handler(signal.SIGINT, None)
     assert s.asked and not s.now, "the first signal only asks"
     with s.critical():  # the optimizer step is never cut in half:
         s.handler(signal.SIGINT, None)  # the second signal waits for its end
     assert s.now
-    with pytest.raises(plumbing.StopNow):  # elsewhere it stops at once
+    with pytest.raises(stop_signals.StopNow):  # elsewhere it stops at once
         s.handler(signal.SIGTERM, None)
-    s = plumbing.StopSignals(quiet)
-    with pytest.raises(plumbing.StopNow), s.interruptible():  # an evaluation is not waited for
+    s = stop_signals.StopSignals(quiet)
+    with pytest.raises(stop_signals.StopNow), s.interruptible():  # an evaluation is not waited for
         s.handler(signal.SIGINT, None)
-    s = plumbing.StopSignals(quiet, at_once=False)  # DDP: every rank finishes the step
+    s = stop_signals.StopSignals(quiet, at_once=False)  # DDP: every rank finishes the step
     for _ in range(2):
         s.handler(signal.SIGTERM, None)
         with s.critical():
@@ -2568,8 +2575,8 @@ def test_concurrent_saves_never_collide(tmp_path):
     def writer(value):
         try:
             for _ in range(15):
-                plumbing.save_checkpoint({"model": {"w": torch.full((20000,), float(value))},
-                                          "model_args": {}, "meta": {}}, tmp_path / "ckpt.pt")
+                checkpoints.save_checkpoint({"model": {"w": torch.full((20000,), float(value))},
+                                             "model_args": {}, "meta": {}}, tmp_path / "ckpt.pt")
         except Exception as e:  # noqa: BLE001
             errors.append(e)
 
@@ -2579,7 +2586,7 @@ def test_concurrent_saves_never_collide(tmp_path):
     for t in threads:
         t.join()
     assert not errors, errors
-    assert plumbing.load_checkpoint(tmp_path / "ckpt.pt")["model"]["w"].unique().numel() == 1
+    assert checkpoints.load_checkpoint(tmp_path / "ckpt.pt")["model"]["w"].unique().numel() == 1
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"], "a temporary file was left"
 
 
@@ -2631,11 +2638,11 @@ def test_run_too_big_for_memory_is_refused_before_anything(data_dir, tmp_path, c
     assert re.search(r"needs about [\d,.]+ GiB .* has [\d,.]+ GiB free", err), err
     assert "--n_embd" in err and "--batch_size" in err
     assert not (tmp_path / "big").exists(), "nothing written"
-    monkeypatch.setattr(plumbing, "free_memory", lambda device: 2**20)  # 1 MiB free
-    monkeypatch.setattr(train, "free_memory", plumbing.free_memory)
+    monkeypatch.setattr(devices, "free_memory", lambda device: 2**20)  # 1 MiB free
+    monkeypatch.setattr(settings, "free_memory", devices.free_memory)
     assert "has 0.0 GiB free" in run_main(capsys, lambda a: train_tiny(
         data_dir, tmp_path / "small", *a), ["--max_iters=1"])
-    monkeypatch.setattr(train, "free_memory", lambda device: None)  # unknown: not checked
+    monkeypatch.setattr(settings, "free_memory", lambda device: None)  # unknown: not checked
     no_memory = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 TiB"
     for error, code in ((no_memory, 1), ("something else", None)):
         def build(*args, error=error):
@@ -2661,16 +2668,16 @@ def test_earlier_runs_kept_are_bounded(tmp_path):
         for name in ("ckpt.pt", "log.csv"):
             (tmp_path / name).write_bytes(bytes([i]))
             os.utime(tmp_path / name, (t, t))
-        dest = plumbing.keep_earlier_run(tmp_path, 2, log=said.append)
+        dest = checkpoints.keep_earlier_run(tmp_path, 2, log=said.append)
         assert (dest / "ckpt.pt").read_bytes() == bytes([i]) and not (tmp_path / "ckpt.pt").exists()
     stamp = time.strftime("%Y-%m-%d_%H%M%S", time.localtime(1e9 + 100))
     later = time.strftime("%Y-%m-%d_%H%M%S", time.localtime(1e9 + 200))
     assert sorted(d.name for d in (tmp_path / "runs").iterdir()) == [f"{stamp}_2", later]
     deleted = [m for m in said if m.startswith("deleted")]
     assert len(deleted) == 2 and all("--keep_runs 2" in m for m in deleted)
-    assert plumbing.keep_earlier_run(tmp_path, 2) is None, "nothing to keep"
+    assert checkpoints.keep_earlier_run(tmp_path, 2) is None, "nothing to keep"
     (tmp_path / "best.pt").write_bytes(b"x")
-    assert plumbing.keep_earlier_run(tmp_path, 0) is None, "--keep_runs 0 keeps none"
+    assert checkpoints.keep_earlier_run(tmp_path, 0) is None, "--keep_runs 0 keeps none"
     assert list((tmp_path / "runs").iterdir()) == [] and not (tmp_path / "best.pt").exists()
 
 
@@ -2694,7 +2701,7 @@ DIFFERENT_SHAPE = {"n_layer": "4", "n_head": "4", "n_embd": "60", "block_size": 
 
 @pytest.mark.parametrize("mode,flag", [
     pytest.param(mode, flag, marks=[slow] if mode == "gpt2" else [])
-    for mode, rules in train.SHAPE_RULES.items() for flag, rule in rules.items()
+    for mode, rules in settings.SHAPE_RULES.items() for flag, rule in rules.items()
     if rule == "kept"])
 def test_every_shape_flag_takes_effect_or_is_refused(tiny_run, tmp_path, capsys, request, mode,
                                                      flag):
@@ -2739,8 +2746,8 @@ def test_gpt2_weights_give_the_shape_not_given(hf_gpt2, data_dir):
     folder, _ = hf_gpt2
     args = train.parse_args(["--device=cpu", f"--data_dir={data_dir}", "--dataset=tiny",
                              f"--init_from={folder}", "--dropout=0.05"])
-    train.check_args(args)
-    train.resolve_args(args, None, 0, 1)
+    settings.check_args(args)
+    settings.resolve_args(args, None, 0, 1)
     assert (args.n_layer, args.n_head, args.n_embd, args.bias) == (2, 2, 32, True)
     assert (args.block_size, args.pos_emb, args.dropout) == (64, "learned", 0.05)
 
@@ -2797,6 +2804,49 @@ def test_resume_continues_from_the_latest_state_and_keeps_the_best(data_dir, tmp
     assert [it for it, _ in result["history"]] == list(range(1, 16)), "nothing redone"
     assert torch.load(out / "best.pt", weights_only=True)["iter_num"] == 5
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 15
+
+
+@slow
+def test_always_save_checkpoint_false_saves_only_when_val_improves(data_dir, tmp_path,
+                                                                   monkeypatch):
+    """--always_save_checkpoint=False means what it means in nanoGPT: an evaluation writes
+    ckpt.pt only when val improves. By default (True) every evaluation writes it; a resume
+    does not inherit the flag from its checkpoint."""
+    def made_up(vals):
+        vals = iter(vals)
+        return lambda *args, **kwargs: dict.fromkeys(("train", "val"), next(vals))
+
+    latest = lambda out: torch.load(out / "ckpt.pt", weights_only=True)["iter_num"]
+    monkeypatch.setattr(train, "estimate_loss", made_up([3.0, 2.0, 2.5]))  # at 0, 5, 10
+    out = tmp_path / "only_better"
+    train_tiny(data_dir, out, "--max_iters=10", "--eval_interval=5",
+               "--always_save_checkpoint=False")
+    assert latest(out) == 5 and torch.load(out / "best.pt", weights_only=True)["iter_num"] == 5
+    monkeypatch.setattr(train, "estimate_loss", made_up([2.5, 2.6, 2.7]))  # at 5, 10, 15
+    train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=15"])
+    assert latest(out) == 15, "the resumed run saves at every evaluation: the default"
+    monkeypatch.setattr(train, "estimate_loss", made_up([3.0, 2.0, 2.5]))
+    train_tiny(data_dir, tmp_path / "always", "--max_iters=10", "--eval_interval=5")
+    assert latest(tmp_path / "always") == 10
+
+
+@slow
+def test_resume_needs_no_numpy_state_and_ignores_an_old_one(data_dir, tmp_path):
+    """Nothing in training draws from numpy's global stream: checkpoints do not save it, and
+    an older checkpoint that holds one still resumes exactly."""
+    flags = ["--eval_interval=3", "--lr_decay_iters=6", "--dropout=0.1"]
+    full = train_tiny(data_dir, tmp_path / "full", "--max_iters=6", *flags)
+    out = tmp_path / "out"
+    train_tiny(data_dir, out, "--max_iters=3", *flags)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert "numpy" not in ckpt["rng"]
+    state = np.random.get_state()  # as older checkpoints hold it
+    ckpt["rng"]["numpy"] = [state[0], state[1].tolist(), *state[2:]]
+    checkpoints.save_checkpoint(ckpt, out / "ckpt.pt")
+    resumed = train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=6"])
+    assert [it for it, _ in resumed["history"]] == list(range(1, 7))
+    np.testing.assert_allclose([v for _, v in resumed["history"]],
+                               [v for _, v in full["history"]], rtol=0, atol=1e-6)
 
 
 @slow
@@ -2881,7 +2931,7 @@ def test_new_run_from_checkpoint_starts_from_its_weights(data_dir, pretrained, t
     assert f"a new run from {pretrained / 'best.pt'} (its best weights)" in \
         capsys.readouterr().out
     best = torch.load(pretrained / "best.pt", weights_only=True)
-    model, _ = plumbing.model_from_checkpoint(best, pretrained / "best.pt")
+    model, _ = checkpoints.model_from_checkpoint(best, pretrained / "best.pt")
     folder, cpu = data_dir / "ft", torch.device("cpu")
     n_windows = {s: train.num_tokens(folder / f"{s}.bin") - 32 for s in ("train", "val")}
     expected = train.estimate_loss(
@@ -2899,7 +2949,7 @@ def test_new_run_from_checkpoint_starts_from_its_weights(data_dir, pretrained, t
     assert [it for it, _ in result["history"]] == [1, 2, 3, 4] and ckpt["iter_num"] == 4
     steps = {s["step"].item() for s in ckpt["optimizer"]["state"].values()}
     assert steps == {4.0}, "a fresh optimizer: the pretraining's steps are not counted"
-    lr = next(float(r["lr"]) for r in plumbing.read_log(out / "log.csv") if r["iter"] == "1")
+    lr = next(float(r["lr"]) for r in runlog.read_log(out / "log.csv") if r["iter"] == "1")
     assert lr == pytest.approx(train.get_lr(0, 1e-3, 2, 8, 1e-4), rel=1e-5), "a new schedule"
     args = ckpt["model_args"]
     assert (args["pos_emb"], args["norm"], args["mlp"], args["qk_norm"]) == (
@@ -2984,8 +3034,8 @@ def test_gradient_accumulation_must_be_a_multiple_of_the_processes(data_dir):
     def resolve(steps: int, world_size: int):
         args = train.parse_args(["--device=cpu", "--dtype=float32", f"--data_dir={data_dir}",
                                  "--dataset=tiny", f"--gradient_accumulation_steps={steps}"])
-        train.check_args(args)
-        return train.resolve_args(args, None, 0, world_size)
+        settings.check_args(args)
+        return settings.resolve_args(args, None, 0, world_size)
 
     with pytest.raises(errors.UserError) as e:
         resolve(3, 2)
@@ -2999,7 +3049,7 @@ def test_init_from_gpt2_refuses_switches_before_any_download(data_dir, tmp_path,
                                                              monkeypatch):
     """GPT-2's weights come with GPT-2's architecture: a switch beyond it is refused in one line
     naming the flags to drop, before anything is downloaded (or found missing)."""
-    monkeypatch.setattr(train, "from_pretrained",
+    monkeypatch.setattr(run_setup, "from_pretrained",
                         lambda *a, **k: pytest.fail("GPT-2 was fetched before the flags' check"))
     err = run_main(capsys, train.main, [
         "--device=cpu", f"--data_dir={data_dir}", "--dataset=tiny",
@@ -3008,6 +3058,32 @@ def test_init_from_gpt2_refuses_switches_before_any_download(data_dir, tmp_path,
                         "False: a run from GPT-2 weights keeps GPT-2's architecture (drop "
                         "--pos_emb, --qk_norm)"), err
     assert not (tmp_path / "out").exists()
+
+
+def test_init_from_gpt2_keeps_the_starting_weights_as_best(tmp_path, monkeypatch):
+    """A run from GPT-2's weights counts its first evaluation, as a run from our checkpoint
+    does: best.pt keeps the starting weights until fine-tuning beats them."""
+    (tmp_path / "in.txt").write_text(TEXT, encoding="utf-8")
+    prepare.main(["--input", str(tmp_path / "in.txt"), "--tokenizer", "gpt2", "--dataset", "g",
+                  "--data_dir", str(tmp_path / "data")])
+    folder = tmp_path / "gpt2"  # a folder of GPT-2 weights: its config.json gives the shape
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(
+        {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64}), encoding="utf-8")
+    torch.manual_seed(0)
+    weights = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=50257,
+                            bias=True, dropout=0.0))
+    start = {k: v.clone() for k, v in weights.state_dict().items()}
+    start["transformer.wpe.weight"] = start["transformer.wpe.weight"][:32]  # block_size 32
+    monkeypatch.setattr(run_setup, "from_pretrained", lambda name, dropout=0.0: weights)
+    out = tmp_path / "out"
+    result = train.main(CPU_TINY + [f"--data_dir={tmp_path / 'data'}", "--dataset=g",
+                                    f"--out_dir={out}", f"--init_from={folder}",
+                                    "--max_iters=0", "--sample_every=0"])
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert best["iter_num"] == 0 and best["best_val_loss"] == result["final_losses"]["val"]
+    assert best["started_from"]["path"] == str(folder)
+    assert_same_params(best["model"], start, atol=0)
 
 
 @slow
@@ -3025,9 +3101,9 @@ def test_compile_failure_falls_back_to_eager(data_dir, tmp_path, monkeypatch, ca
 
 
 def test_long_cpu_run_gets_a_hint():
-    assert "--preset=cpu" in plumbing.long_run_hint(37 * 3600) and "37h" in \
-        plumbing.long_run_hint(37 * 3600)
-    assert plumbing.long_run_hint(600) is None
+    assert "--preset=cpu" in runlog.long_run_hint(37 * 3600) and "37h" in \
+        runlog.long_run_hint(37 * 3600)
+    assert runlog.long_run_hint(600) is None
 
 
 @pytest.mark.parametrize("damage", ["corrupt meta", "no train.bin", "out_dir is a file",
@@ -3074,8 +3150,8 @@ def test_other_scripts_bad_flags(data_dir, capsys, monkeypatch):
 def test_truncated_checkpoint_and_offline_hub(tmp_path, capsys, monkeypatch):
     transformers = pytest.importorskip("transformers")
     hub = pytest.importorskip("huggingface_hub.constants")  # comes with transformers
-    plumbing.save_checkpoint({"model": {"w": torch.ones(1000)}, "model_args": {}, "meta": {}},
-                             tmp_path / "ckpt.pt")
+    checkpoints.save_checkpoint({"model": {"w": torch.ones(1000)}, "model_args": {}, "meta": {}},
+                                tmp_path / "ckpt.pt")
     data = (tmp_path / "ckpt.pt").read_bytes()
     (tmp_path / "ckpt.pt").write_bytes(data[:len(data) // 2])
     assert "truncated or corrupt" in run_main(capsys, sample.main, [f"--out_dir={tmp_path}"])
@@ -3122,9 +3198,11 @@ def test_ddp_two_processes_match_one(data_dir, tmp_path):
 DDP_STOP_CHILD = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
+import bookkeeping
 import train
 name, at_call, signals = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-original, calls = getattr(train, name), []
+owner = train if hasattr(train, name) else bookkeeping  # where the loop's calls look it up
+original, calls = getattr(owner, name), []
 
 def signalled(*args, **kwargs):
     calls.append(1)
@@ -3133,7 +3211,7 @@ def signalled(*args, **kwargs):
             signal.raise_signal(signal.SIGTERM)
     return original(*args, **kwargs)
 
-setattr(train, name, signalled)
+setattr(owner, name, signalled)
 train.main(sys.argv[4:])
 """
 
@@ -3166,7 +3244,7 @@ def test_ddp_stop_on_rank_0_stops_every_rank(data_dir, tmp_path, point):
                          cwd=ROOT, timeout=120, capture_output=True, text=True, check=False)
     out = run.stdout + run.stderr
     assert run.returncode == 0 and "Traceback" not in out, out[-5000:]
-    stopped_at = plumbing.load_checkpoint(tmp_path / "ddp" / "ckpt.pt")["iter_num"]
+    stopped_at = checkpoints.load_checkpoint(tmp_path / "ddp" / "ckpt.pt")["iter_num"]
     assert 0 < stopped_at < 8 and f"stopped at iteration {stopped_at}" in out, out[-5000:]
     resumed = train.main(["--init_from=resume", f"--out_dir={tmp_path / 'ddp'}"])
     full = train.main(flags + [f"--out_dir={tmp_path / 'full'}"])
@@ -3211,7 +3289,7 @@ def test_ddp_kill_of_rank_0_mid_evaluation_stops_every_rank(data_dir, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0 and "Traceback" not in out, out[-5000:]
     assert "stopped at iteration 2" in out, out[-5000:]
-    assert plumbing.load_checkpoint(tmp_path / "ckpt.pt")["iter_num"] == 2
+    assert checkpoints.load_checkpoint(tmp_path / "ckpt.pt")["iter_num"] == 2
 
 
 class Evil:
@@ -3587,8 +3665,8 @@ def save_model(path: Path, meta: dict, seed=0, **cfg) -> str:
     """A random model with this dataset meta, saved as our checkpoint: --init_from=path."""
     torch.manual_seed(seed)
     cfg = GPTConfig(**{**TINY.__dict__, "vocab_size": meta["vocab_size"], **cfg})
-    plumbing.save_checkpoint({"model": GPT(cfg).state_dict(), "model_args": dict(cfg.__dict__),
-                              "meta": meta}, path)
+    checkpoints.save_checkpoint({"model": GPT(cfg).state_dict(), "model_args": dict(cfg.__dict__),
+                                 "meta": meta}, path)
     return f"--init_from={path}"
 
 
@@ -3775,8 +3853,8 @@ def test_sample_out_of_memory_is_one_line(monkeypatch, capsys, error):
     err = capsys.readouterr().err.strip()
     assert e.value.code == 1 and err.splitlines() == [err], err
     assert "out of CPU memory: lower --num_samples" in err
-    assert plumbing.out_of_memory(RuntimeError("shape mismatch")) is None
-    assert plumbing.out_of_memory(RuntimeError("CUDA error: not enough memory")) == "GPU"
+    assert devices.out_of_memory(RuntimeError("shape mismatch")) is None
+    assert devices.out_of_memory(RuntimeError("CUDA error: not enough memory")) == "GPU"
 
 
 @slow
@@ -3958,9 +4036,9 @@ def test_endoftext_ends_a_bpe_sample(tmp_path, capsys, monkeypatch):
     from beam search, the sample stops there, without the token or anything after it."""
     torch.manual_seed(0)
     cfg = GPTConfig(block_size=8, vocab_size=50257, n_layer=1, n_head=1, n_embd=8)
-    plumbing.save_checkpoint({"model": GPT(cfg).state_dict(), "model_args": dict(cfg.__dict__),
-                              "meta": {"tokenizer": "gpt2", "vocab_size": 50257,
-                                       "eot_token": EOT_ID}}, tmp_path / "ckpt.pt")
+    checkpoints.save_checkpoint({"model": GPT(cfg).state_dict(), "model_args": dict(cfg.__dict__),
+                                 "meta": {"tokenizer": "gpt2", "vocab_size": 50257,
+                                          "eot_token": EOT_ID}}, tmp_path / "ckpt.pt")
     encode = gpt2()
     new = encode(" to be") + [EOT_ID] + encode(" or not")  # what the model "samples"
 
@@ -4930,13 +5008,13 @@ def test_chat_block_size_default_and_refusal(chat_dir, tmp_path, capsys):
              f"--out_dir={tmp_path / 'o'}", "--n_layer=1", "--n_head=2", "--n_embd=16",
              "--eval_only", "--eval_iters=1", "--batch_size=4", "--sample_every=0"]
     a = train.parse_args(flags)
-    train.resolve_args(a, None, 0, 1)
+    settings.resolve_args(a, None, 0, 1)
     assert a.block_size == longest - 1
     err = run_main(capsys, train.main, flags + [f"--block_size={longest - 2}"])
     assert f"--block_size {longest - 2} is shorter than rev's longest conversation " \
            f"({longest} tokens, so block_size {longest - 1})" in err
     a = train.parse_args(flags + [f"--block_size={longest + 5}"])  # longer: more padding
-    train.resolve_args(a, None, 0, 1)
+    settings.resolve_args(a, None, 0, 1)
     assert a.block_size == longest + 5
 
 
@@ -4965,7 +5043,7 @@ def test_exact_match_greedy_last_reply(chat_dir, monkeypatch):
     and counts a reply right when it is the reference, then <|end|>."""
     meta = json.loads((chat_dir / "rev" / "meta.json").read_text(encoding="utf-8"))
     tmpl, path = meta["chat"], chat_dir / "rev" / "val.bin"
-    pairs = train.last_replies(path, tmpl, 500)
+    pairs = bookkeeping.last_replies(path, tmpl, 500)
     assert len(pairs) == 40
     for prompt, reply in pairs:
         assert prompt[-1] == chat.marker_id(tmpl, "assistant")
@@ -4979,18 +5057,18 @@ def test_exact_match_greedy_last_reply(chat_dir, monkeypatch):
         rows = [by_prompt[tuple(p)] + [0] * max_new_tokens for p in idx.tolist()]
         return torch.cat([idx, torch.tensor([r[:max_new_tokens] for r in rows])], dim=1)
 
-    monkeypatch.setattr(train, "generate", oracle)
+    monkeypatch.setattr(bookkeeping, "generate", oracle)
     model = tiny_model(vocab_size=meta["vocab_size"], block_size=meta["chat"]["max_len"])
-    assert train.exact_match(model, path, tmpl, torch.device("cpu")) == (1.0, 40)
+    assert bookkeeping.exact_match(model, path, tmpl, torch.device("cpu")) == (1.0, 40)
     assert len(calls) == len({len(p) for p, _ in pairs})  # one batch per prompt length
-    assert train.exact_match(model, path, tmpl, torch.device("cpu"), limit=7) == (1.0, 7)
+    assert bookkeeping.exact_match(model, path, tmpl, torch.device("cpu"), limit=7) == (1.0, 7)
 
     def no_end(self, idx, max_new_tokens, temperature=1.0, **kw):  # right digits, no <|end|>
         rows = [by_prompt[tuple(p)][:-1] + [0] * max_new_tokens for p in idx.tolist()]
         return torch.cat([idx, torch.tensor([r[:max_new_tokens] for r in rows])], dim=1)
 
-    monkeypatch.setattr(train, "generate", no_end)
-    assert train.exact_match(model, path, tmpl, torch.device("cpu")) == (0.0, 40)
+    monkeypatch.setattr(bookkeeping, "generate", no_end)
+    assert bookkeeping.exact_match(model, path, tmpl, torch.device("cpu")) == (0.0, 40)
 
 
 @slow
@@ -5000,7 +5078,7 @@ def test_tiny_chat_run_learns_and_logs_exact_match(chat_dir, tmp_path, capsys):
                         "--print_interval=30", "--log_interval=10")
     out = capsys.readouterr().out
     assert "val exact match" in out and "of 40 conversations" in out
-    rows = [r for r in plumbing.read_log(tmp_path / "out" / "log.csv") if r["val_loss"]]
+    rows = [r for r in runlog.read_log(tmp_path / "out" / "log.csv") if r["val_loss"]]
     assert [r["iter"] for r in rows] == ["0", "30", "60"]
     val = [float(r["val_loss"]) for r in rows]
     assert val[-1] < val[0] - 0.5, val
@@ -5227,8 +5305,8 @@ def test_chat_replies_with_a_real_model(tmp_path, capsys):
         with torch.no_grad():  # the final norm's output is its bias alone: the same logits
             model.transformer.ln_f.weight.zero_()  # at every step, the likeliest is `token`
             model.transformer.ln_f.bias.copy_(model.transformer.wte.weight[token] * 100)
-        plumbing.save_checkpoint({"model": model.state_dict(), "meta": meta,
-                                  "model_args": dict(model.config.__dict__)}, tmp_path / "m.pt")
+        checkpoints.save_checkpoint({"model": model.state_dict(), "meta": meta,
+                                     "model_args": dict(model.config.__dict__)}, tmp_path / "m.pt")
         argv = [f"--init_from={tmp_path / 'm.pt'}", "--device=cpu", "--chat", "--start=hi"]
         assert sample.main(argv + ["--max_new_tokens=3", "--temperature=0"]) == [reply]
         assert capsys.readouterr().out == reply + "\n"
@@ -5244,8 +5322,8 @@ def test_plain_sampling_of_a_chat_model_streams_its_markers(tmp_path, capsys):
         model.transformer.ln_f.weight.zero_()
         model.transformer.ln_f.bias.copy_(
             model.transformer.wte.weight[chat.marker_id(meta["chat"], "end")] * 100)
-    plumbing.save_checkpoint({"model": model.state_dict(), "meta": meta,
-                              "model_args": dict(model.config.__dict__)}, tmp_path / "m.pt")
+    checkpoints.save_checkpoint({"model": model.state_dict(), "meta": meta,
+                                 "model_args": dict(model.config.__dict__)}, tmp_path / "m.pt")
     argv = [f"--init_from={tmp_path / 'm.pt'}", "--device=cpu", "--start=hi", "--num_samples=1",
             "--max_new_tokens=2", "--temperature=0"]
     streamed = sample.main(argv)
@@ -5429,7 +5507,7 @@ def test_bench_figures_follow_from_the_measured_times(monkeypatch, capsys):
         return times[len(calls) - 1]
 
     monkeypatch.setattr(bench, "median_time", fake_median_time)
-    monkeypatch.setattr(plumbing, "measure_matmul_peak", lambda *args, **kwargs: 1e10)
+    monkeypatch.setattr(devices, "measure_matmul_peak", lambda *args, **kwargs: 1e10)
     monkeypatch.setitem(bench.CONFIGS, "baby", bench.CONFIGS["tiny"])  # adamw's: any will do
     r = bench.main(["--device=cpu", "--config=tiny", "--repeats=1", "--skip=get_batch,encode,bpe_train"])
     assert len(calls) == len(times), f"{len(calls)} timings, expected {len(times)}"
@@ -5521,7 +5599,7 @@ def train_steps(device, dtype: str, compiled: bool, steps: int = 8) -> dict:
     for group in opt.param_groups:
         group["lr"] = 1e-2 * group["lr_scale"]
     scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10, enabled=dtype == "float16")
-    ctx = plumbing.autocast_ctx(device, dtype)
+    ctx = devices.autocast_ctx(device, dtype)
     forward = compile_on(device, m) if compiled else m
     x, y = torch.randint(0, 11, (2, 4, 16), generator=torch.Generator().manual_seed(0))
     x, y = x.to(device), y.to(device)
@@ -5671,12 +5749,12 @@ def test_cuda_newton_schulz_in_bf16(gpu):
     g = torch.Generator().manual_seed(0)
     for shape in [(96, 32), (32, 96), (3, 32, 16)]:
         G = torch.randn(*shape, generator=g) * 10
-        O = train.newton_schulz(G.to(gpu))
+        O = muon.newton_schulz(G.to(gpu))
         assert O.dtype == torch.float32 and O.device.type == gpu.type
         s = torch.linalg.svdvals(O.cpu())
         # fp32's band is (0.65, 1.2) (the CPU test); bf16 widens it by its rounding, ~1e-2
         assert 0.6 < s.min() and s.max() < 1.25, (shape, s.min(), s.max())
-        ref = train.newton_schulz(G)  # fp32, on the CPU
+        ref = muon.newton_schulz(G)  # fp32, on the CPU
         # 5e-2 of the norm: 5 iterations of bf16 matmuls (~4e-3 each, amplified by the
         # quintic's slope) measured at ~1e-2; a wrong transpose or scaling is O(1) off
         err = (O.cpu() - ref).norm() / ref.norm()
@@ -5779,7 +5857,7 @@ def test_cuda_baby_gpt_prepare_train_sample(gpu, tmp_path, capsys):
                          "--eval_iters=10", "--log_interval=10", "--warmup_iters=20",
                          "--sample_every=0", *small])
     assert result["iter_num"] == iters
-    vals = [float(r["val_loss"]) for r in plumbing.read_log(tmp_path / "out" / "log.csv")
+    vals = [float(r["val_loss"]) for r in runlog.read_log(tmp_path / "out" / "log.csv")
             if r.get("val_loss")]
     # ln(vocab 30) = 3.4 at the start; the text repeats every 66 characters, so the baby GPT
     # ends well under half of that in 300 steps (the dry run's small model, 60 steps, at 0.75)

@@ -63,7 +63,7 @@ def vocabulary_of(path: Path) -> dict:
             raise UserError(f"--vocab_from {path}: meta.json is unreadable ({first_line(e)})") \
                 from None
     else:
-        from plumbing import load_checkpoint, run_checkpoint  # torch, only for this
+        from checkpoints import load_checkpoint, run_checkpoint  # torch, only for this
         ckpt_path = run_checkpoint(path)
         if ckpt_path is None:
             raise UserError(f"--vocab_from {path}: not a prepared dataset (no meta.json), a "
