@@ -21,6 +21,7 @@ conftest.py.
 import ast
 import contextlib
 import csv
+import functools
 import hashlib
 import inspect
 import io
@@ -889,6 +890,7 @@ def test_vocab_from_refusals_and_gpt2(tmp_path, capsys):
     assert bins(tmp_path, "bpe2")[0][:3] == gpt2()("hello there\nhello")[:3]
 
 
+@slow
 def test_other_plays_share_no_play_with_tiny_shakespeare(tmp_path, capsys, monkeypatch):
     """The pretraining text of the fine-tuning recipe: 29 plays, none of the nine Tiny
     Shakespeare is cut from, whole plays held out, written in Tiny Shakespeare's ids."""
@@ -933,6 +935,7 @@ def test_plain_and_streaming_write_the_same_files(tmp_path, docs, val_fraction):
         len(decode(train_ids).encode("utf-8")), len(decode(val_ids).encode("utf-8")))
 
 
+@slow
 def test_python_prepare_goes_the_plain_way_and_streaming_agrees(tmp_path, monkeypatch):
     """`python prepare.py`: Tiny Shakespeare (here the offline stand-in, 9 plays joined by
     newlines) is prepared whole, the lecture's way; were it too big to hold, the streaming
@@ -1335,6 +1338,7 @@ def hf_byte_chars():
 
 
 @pytest.mark.parametrize("pattern", PATTERNS, ids=["gpt2", "gpt4"])
+@slow
 def test_train_bpe_agrees_with_hugging_face_tokenizers(pattern):
     """Reference: Hugging Face `tokenizers` (Rust), its BpeTrainer on a Split pre-tokenizer
     with our pattern followed by ByteLevel with its own regex off, so both count the same
@@ -1635,6 +1639,7 @@ def test_init_tying_and_scaled_residuals():
     assert loss.item() == pytest.approx(math.log(65), abs=0.1), "loss at init ~ ln(vocab)"
 
 
+@slow
 def test_param_count_matches_gpt2_convention():
     with torch.device("meta"):  # shapes only: no memory, no init work
         m = GPT(GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12,
@@ -1696,9 +1701,15 @@ def test_mlp_variants_match_their_formulas(kind):
 
 
 SWITCHES = list(itertools.product(gpt.POS_EMBS, gpt.NORMS, gpt.MLPS, [False, True]))
+# Six combinations hold every pair of two switches' values: the fast tier runs those, the full
+# run all 24.
+PAIRWISE = {("learned", "layernorm", "gelu", False), ("rope", "rmsnorm", "gelu", True),
+            ("learned", "rmsnorm", "relu2", True), ("rope", "layernorm", "relu2", False),
+            ("learned", "layernorm", "swiglu", True), ("rope", "rmsnorm", "swiglu", False)}
+SWITCH_PARAMS = [pytest.param(*s, marks=() if s in PAIRWISE else slow) for s in SWITCHES]
 
 
-@pytest.mark.parametrize("pos_emb,norm,mlp,qk_norm", SWITCHES)
+@pytest.mark.parametrize("pos_emb,norm,mlp,qk_norm", SWITCH_PARAMS)
 def test_every_combination_trains_and_samples(pos_emb, norm, mlp, qk_norm):
     """Each combination of switches learns (AdamW, or Muon on every other one), samples with
     the KV cache exactly as without it, past block_size too, and keeps no future leakage."""
@@ -1927,6 +1938,7 @@ def test_muon_groups_and_update():
 
 
 @pytest.mark.parametrize("muon_lr", [None, 0.02])
+@slow
 def test_overfit_one_batch(muon_lr):
     """A correct model and optimizer (AdamW, or Muon for the block matrices) drive the loss
     on one fixed batch towards zero."""
@@ -2196,6 +2208,7 @@ def test_training_learns_logs_and_plots(data_dir, tmp_path, capsys):
     assert "sample: " not in out and "never reaches its peak" in out
 
 
+@slow
 def test_log_every_step_print_every_print_interval(data_dir, tmp_path, capsys):
     """log.csv gets loss, lr and grad norm at every --log_interval step (cheap), the screen a
     line every --print_interval, with the speed over the steps since the last line (in that
@@ -2654,7 +2667,7 @@ DIFFERENT_SHAPE = {"n_layer": "4", "n_head": "4", "n_embd": "60", "block_size": 
 
 
 @pytest.mark.parametrize("mode,flag", [
-    pytest.param(mode, flag, marks=[slow] if mode == "gpt2" else [])
+    pytest.param(mode, flag, marks=[slow] if mode != "resume" else [])  # the same check for all
     for mode, rules in settings.SHAPE_RULES.items() for flag, rule in rules.items()
     if rule == "kept"])
 def test_every_shape_flag_takes_effect_or_is_refused(tiny_run, tmp_path, capsys, request, mode,
@@ -3002,6 +3015,7 @@ def test_init_from_gpt2_refuses_switches_before_any_download(data_dir, tmp_path,
     assert not (tmp_path / "out").exists()
 
 
+@slow
 def test_init_from_gpt2_keeps_the_starting_weights_as_best(tmp_path, monkeypatch):
     """A run from GPT-2's weights counts its first evaluation, as a run from our checkpoint
     does: best.pt keeps the starting weights until fine-tuning beats them."""
@@ -3291,7 +3305,7 @@ def test_kv_cache_matches_full_forward(prompt_len, new):
 
 
 @pytest.mark.parametrize("explicit", [False, True])
-@pytest.mark.parametrize("pos_emb,norm,mlp,qk_norm", SWITCHES)
+@pytest.mark.parametrize("pos_emb,norm,mlp,qk_norm", SWITCH_PARAMS)
 def test_static_cache_step_matches_full_forward(pos_emb, norm, mlp, qk_norm, explicit):
     """The step a CUDAGraphStep replays, run eagerly here: with the position a (1,) tensor,
     each new token is written at slot pos and attends over all block_size slots, those past pos
@@ -4390,6 +4404,7 @@ def instruct_answer(question: str) -> tuple[str, str, str, int]:
     raise AssertionError(f"not an instruction: {question!r}")
 
 
+@slow
 def test_instruct_is_seeded_disjoint_varied_and_right(tmp_path):
     meta, train_set, val_set = task(tmp_path, "instruct", "--num_train=3000", "--num_val=200")
     assert (len(train_set), len(val_set)) == (3000, 200)
@@ -4413,6 +4428,7 @@ def test_instruct_is_seeded_disjoint_varied_and_right(tmp_path):
     assert again["sha256"] == meta["sha256"] != other["sha256"]
 
 
+@slow
 def test_instruct_defaults_are_sized_for_a_cpu(tmp_path, capsys):
     meta = prepare.main(["--dataset", "instruct", "--data_dir", str(tmp_path / "data")])
     c = meta["chat"]
@@ -4420,6 +4436,7 @@ def test_instruct_defaults_are_sized_for_a_cpu(tmp_path, capsys):
     assert c["max_len"] < 64 and c["dropped"] == c["shortened"] == 0
 
 
+@slow
 def test_instruct_training_mix_follows_the_weights_and_balances_counts():
     """Training draws each kind in proportion to INSTRUCT_WEIGHTS and counts with answers 0-3
     equally often; val has as many of each kind, and its counts ask for a letter of the word
@@ -4459,6 +4476,7 @@ def test_generated_datasets_refuse_text_flags(tmp_path, capsys, previous):
 # Questions on the play, offline
 
 
+@slow
 def test_shakespeare_chat_offline_in_shakespeare_chars(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(corpus, "download_tiny_shakespeare", lambda cache: None)  # no network
     data = str(tmp_path / "data")
@@ -5247,6 +5265,7 @@ def test_bench_runs_and_reports(capsys):
     assert row["ratio_to_tokenizers"] > 0 and "bpe_train, vocab 300, 0.05 MB" in err
 
 
+@slow
 def test_bench_bpe_text_is_varied_and_learnable():
     """The BPE benchmark's text: the size asked for, plays first and then Python source (not
     one text repeated), and as many merges learnable as a 4,096-token vocabulary needs."""
@@ -5319,9 +5338,16 @@ MODULES = sorted(p.stem for p in ROOT.glob("*.py") if p.stem not in ("test_all",
 SCRIPT_LINES = {"prepare": 500, "gpt": 500, "train": 700, "sample": 400}  # the design card's
 
 
+@functools.cache
+def source_of(name: str) -> tuple[str, ast.Module]:
+    """A module's text and its syntax tree, read once for the layout tests."""
+    text = (ROOT / f"{name}.py").read_text(encoding="utf-8")
+    return text, ast.parse(text)
+
+
 def project_imports(name: str) -> set:
     """The project modules that name imports anywhere: at the top or inside a function."""
-    tree = ast.parse((ROOT / f"{name}.py").read_text(encoding="utf-8"))
+    tree = source_of(name)[1]
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -5350,8 +5376,7 @@ def test_each_file_one_job_and_short():
     """Every module says its one job in its docstring's first line, holds at most 800 lines and
     no function over 100; the design card's scripts stay nanoGPT-sized."""
     for name in MODULES:
-        text = (ROOT / f"{name}.py").read_text(encoding="utf-8")
-        tree = ast.parse(text)
+        text, tree = source_of(name)
         doc = ast.get_docstring(tree)
         assert doc and doc.strip().splitlines()[0], f"{name}.py: no docstring saying its job"
         limit = SCRIPT_LINES.get(name, 800)
@@ -5365,7 +5390,7 @@ def test_one_user_facing_error_type():
     """Every script's mistakes are errors.UserError: no other exception class of ours is
     raised for bad input (a second one would have to be converted into it somewhere)."""
     for name in MODULES:
-        tree = ast.parse((ROOT / f"{name}.py").read_text(encoding="utf-8"))
+        tree = source_of(name)[1]
         ours = [c.name for c in ast.walk(tree) if isinstance(c, ast.ClassDef)
                 and any(ast.unparse(b) in ("Exception", "ValueError") for b in c.bases)]
         allowed = {"errors": ["UserError"], "stop_signals": ["StopNow"]}.get(name, [])
