@@ -13,8 +13,8 @@ gpt.py, so the diff between them is the model. Where each piece of the lecture g
     estimate_loss(model, ...)      ->  train.py estimate_loss (same arguments; + autocast)
     BigramLanguageModel            ->  gpt.py GPT: embeddings, attention, MLP, Block
     F.cross_entropy                ->  gpt.py cross_entropy, written out
-    generate (multinomial)         ->  gpt.py generate_stream + sample_next_token (temperature,
-                                       top_k_filter, top_p_filter) and a KV cache
+    generate (multinomial)         ->  gpt.py generate_plain + sample_next_token (temperature,
+                                       top_k_filter, top_p_filter); inference.py: a KV cache
     torch.optim.AdamW              ->  train.py AdamW, written out, plus get_lr (warmup +
                                        cosine) and clip_grad_norm
     the loop in main()             ->  train.py train_loop (+ accumulation, checkpoints, logs)

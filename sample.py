@@ -15,8 +15,9 @@ Generate text from a trained checkpoint or from OpenAI's GPT-2, or score a text 
     python sample.py --chat --start "Reverse 123"           # one message, one reply
     echo "Reverse 123" | python sample.py --chat            # the message from stdin
 
-The sampling itself is in gpt.py: generate_stream (the loop), then sample_next_token with its
-filters: temperature, top_k_filter and top_p_filter (nucleus sampling). This file loads the
+The sampling itself is gpt.py's: generate_plain (the lecture's loop), then sample_next_token
+with its filters: temperature, top_k_filter and top_p_filter (nucleus sampling); the same loop
+with a KV cache, streamed, is inference.py's generate_stream. This file loads the
 model (out/best.pt: the lowest val loss; --checkpoint=latest: ckpt.pt, where training
 stopped), encodes the prompt, and prints. The tokenizer is rebuilt from the meta saved inside the
 checkpoint, so samples always use the vocabulary the model was trained with; GPT-2's weights
