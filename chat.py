@@ -27,12 +27,10 @@ turns: the model learns to answer and to stop, never to write the user's part.
 from collections.abc import Callable
 from pathlib import Path
 
+from corpus import one_text
 from errors import UserError
 
 ROLES = ("system", "user", "assistant")
-
-
-
 MARKERS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")  # one id each, in this order
 
 
@@ -61,8 +59,9 @@ def conversation(record) -> list[dict]:
     """A record in either form, as a checked list of messages:
         {"prompt": str, "response": str}           one user turn, one assistant turn
         {"messages": [{"role": ..., "content": ...}, ...]}
-    Raises UserError with a one-line reason: a missing field, content that is not a string,
-    an unknown role, roles out of order, an empty response, no answer to learn."""
+    Each content is read as a text file's text is (corpus.one_text). Raises UserError with a
+    one-line reason: a missing field, content that is not a string or not text (half a
+    surrogate pair), an unknown role, roles out of order, an empty response, no answer."""
     if not isinstance(record, dict):
         raise UserError(f"expected a JSON object, got {type(record).__name__}")
     if "messages" in record:
@@ -90,10 +89,13 @@ def conversation(record) -> list[dict]:
             raise UserError(f"message {i} ({m['role']}): content is "
                              f"{type(m['content']).__name__}, not a string")
     check_order([m["role"] for m in messages])
+    # read as a text file's text is: CRLF as "\n", half a surrogate pair refused
+    messages = [{"role": m["role"], "content": one_text(m["content"], f"message {i}")}
+                for i, m in enumerate(messages)]
     for i, m in enumerate(messages):
         if m["role"] == "assistant" and not m["content"].strip():
             raise UserError(f"message {i}: an empty response")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    return messages
 
 
 def check_order(roles: list[str]) -> None:

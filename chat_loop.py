@@ -16,6 +16,7 @@ import sys
 import torch
 
 import chat
+from corpus import one_text
 from errors import UserError
 from inference import generate_stream
 from tasks import make_problem, task_problem, verdict
@@ -90,6 +91,8 @@ class Chat:
         stays in the history. A message that cannot be read is said so, and the chat goes on."""
         print("chat: type a message and Enter; /reset forgets the conversation, Ctrl-C stops "
               "a reply, Ctrl-D quits", file=sys.stderr)
+        if hasattr(sys.stdin, "reconfigure"):  # a byte that is not UTF-8: named, not fatal
+            sys.stdin.reconfigure(errors="surrogateescape")
         replies = []
         while True:
             try:
@@ -97,6 +100,11 @@ class Chat:
             except (EOFError, KeyboardInterrupt):
                 print(file=sys.stderr)  # end the prompt's line
                 return replies
+            try:  # read as a file's text is: a lone "\r" (a CRLF line's) is a line end
+                message = one_text(message, "that line", from_bytes=True).rstrip("\n")
+            except UserError as e:
+                print(f"sample.py: {e}; type it again", file=sys.stderr)
+                continue
             if message.strip() == "/reset":
                 self.history = []
                 print("(the conversation is forgotten)", file=sys.stderr)

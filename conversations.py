@@ -73,29 +73,34 @@ def looks_like_chat(files: list[Path]) -> bool:
 
 
 def base_vocabulary(convs: list[tuple[str, list[dict]]], given: dict | None,
-                    drop_unknown: bool) -> tuple[list[str], dict]:
+                    drop_unknown: bool, hint: str | None = None
+                    ) -> tuple[list[str], dict, list[tuple[str, list[dict]]]]:
     """The character vocabulary of conversations: their characters, or --vocab_from's. A
-    character outside the given one is refused, naming where it is first, or (drop_unknown)
-    dropped from the contents: then returns {char: count} of what was dropped."""
+    character outside the given one is refused, naming where it is first (and hint, what to
+    do), or (drop_unknown) dropped from the contents. Returns the vocabulary, {char: count} of
+    what was dropped, and the conversations to keep: one that dropping leaves without an
+    answer is left out (and counted by the caller), as one too long for the block is."""
     chars = sorted({ch for _, ms in convs for m in ms for ch in m["content"]})
     if given is None:
-        return chars, {}
+        return chars, {}, convs
     known = set(given["chars"])
     unknown = {}  # char -> [count, where first]
     for where, messages in convs:
         for m in messages:
             for ch in sorted(set(m["content"]) - known):  # sorted: the same order every run
                 unknown.setdefault(ch, [0, where])[0] += m["content"].count(ch)
-    dropped = refuse_unknown(unknown, "conversations", given, drop_unknown)
+    dropped = refuse_unknown(unknown, "conversations", given, drop_unknown, hint)
     table = char_table(codepoints("".join(given["chars"])))
-    for i, (where, messages) in enumerate(convs):
+    kept = []
+    for where, messages in convs:
         if any(set(m["content"]) - known for m in messages):
             cleaned = [{**m, "content": known_only(m["content"], table)} for m in messages]
             try:
-                convs[i] = (where, chat.conversation({"messages": cleaned}))
-            except UserError as e:
-                raise UserError(f"{where}: after --drop_unknown, {e}") from None
-    return list(given["chars"]), dropped
+                messages = chat.conversation({"messages": cleaned})
+            except UserError:  # e.g. a reply that was all unknown characters: nothing to learn
+                continue
+        kept.append((where, messages))
+    return list(given["chars"]), dropped, kept
 
 
 def base_encoder(tokenizer: str, chars: list[str] | None,
@@ -200,9 +205,16 @@ def prepare_chat(files: list[Path], tokenizer: str, given: dict | None, drop_unk
     meta = {"source": describe}
     chars = None
     if tokenizer == "char":
-        chars, dropped = base_vocabulary(convs, given, drop_unknown)
+        chars, dropped, kept = base_vocabulary(convs, given, drop_unknown)
         if dropped:
             meta["dropped_characters"] = dropped
+            meta["emptied_conversations"] = len(convs) - len(kept)
+        if len(kept) < 2:
+            raise UserError(f"after --drop_unknown, {len(kept)} of {len(convs)} conversations "
+                            "keep an answer (the others' answers are characters that "
+                            f"{given['vocab_from']} lacks), and val holds whole conversations: "
+                            "two or more must")
+        convs = kept
     if given is not None:
         meta["vocab_from"] = given["vocab_from"]
     n_val = val_documents(len(convs), val_fraction)

@@ -244,17 +244,37 @@ def text_file_items(path: Path, chunk_chars: int):
         yield "text", piece
 
 
+def one_text(text: str, where: str, from_bytes: bool = False) -> str:
+    """Text from any container (a JSON record, a Parquet row, a conversation's message, a
+    prompt, a chat line) read the one way a .txt file is read (text_pieces), so that the same
+    text gives the same ids wherever it enters: a byte-order mark opening it dropped, and
+    Windows ("\\r\\n") and old Mac ("\\r") line ends read as "\\n", as text mode reads them.
+
+    Half a UTF-16 surrogate pair is not text: JSON can spell one ("\\ud83d"), no UTF-8 file can
+    hold one, and no sample containing it could be printed. It is refused, naming where. Text
+    that came as bytes (from_bytes: argv, a terminal, a pipe) holds one for each byte that is
+    not UTF-8 (Python's surrogateescape): that byte is named instead. Raises UserError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        ch, lines = text[e.start], text.count("\n", 0, e.start)
+        where += f" (line {lines + 1} of the text)" if "\n" in text else ""
+        if from_bytes and 0xDC80 <= ord(ch) <= 0xDCFF:
+            raise UserError(f"{where}: not UTF-8 text (byte 0x{ord(ch) - 0xDC00:02x})") from None
+        raise UserError(f"{where}: half a UTF-16 surrogate pair ({ch!r}) is not text") from None
+    text = text.removeprefix("\ufeff")
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text
+
+
 def checked_text(text, field_name: str, where: str) -> str:
-    """A record's text, or a one-line error saying where it is not text."""
+    """A record's text, read as a .txt file's is (one_text), or a one-line error saying where
+    it is not text."""
     if not isinstance(text, str):
         shown = json.dumps(text, default=str)[:40]
         raise UserError(f"{where}: {field_name!r} is {shown}, not text")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:  # JSON can spell half a character: "\ud83d" alone
-        raise UserError(f"{where}: {field_name!r} holds half a UTF-16 surrogate pair "
-                           f"({text[e.start]!r}), not text") from None
-    return text
+    return one_text(text, f"{where}: {field_name!r}")
 
 
 def bad_json(where: str, e: json.JSONDecodeError) -> str:

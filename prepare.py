@@ -369,6 +369,8 @@ def report_chat(meta: dict, out_dir: Path) -> dict:
     """What a chat dataset's preparation says: what did not fit, and what was written."""
     c = meta["chat"]
     report_dropped(meta)
+    if emptied := meta.get("emptied_conversations"):
+        print(f"{emptied:,} conversations were left out: --drop_unknown left them no answer")
     print(f"{c['shortened']:,} conversations longer than block_size + 1 = {c['block_size'] + 1} "
           f"tokens lost their oldest exchanges; {c['dropped']:,} whose last exchange alone is "
           "longer were left out")

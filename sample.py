@@ -36,7 +36,7 @@ import torch
 
 from chat_loop import Chat, answer_problem
 from checkpoints import load_checkpoint, model_from_checkpoint, run_checkpoint
-from corpus import read_text_file
+from corpus import one_text, read_text_file
 from devices import autocast_ctx, out_of_memory, pick_device, pick_dtype
 from errors import UserError, first_line
 from gpt import GPT
@@ -175,7 +175,7 @@ def sample(args) -> list[str] | dict:
             return answer_problem(talk, read_prompt(args.start or "")[1])
         if args.start is None and sys.stdin.isatty():
             return talk.loop()
-        message = read_prompt(args.start)[1] if args.start is not None else sys.stdin.read()
+        message = read_prompt(args.start)[1] if args.start is not None else read_stdin()
         return [talk.one(message)]
     from_file, text = read_prompt(args.start or default_prompt(meta))
     start_ids = encode_text(file_encoder(meta, encode) if from_file else encode, text,
@@ -251,8 +251,19 @@ def default_prompt(meta: dict) -> str:
 
 
 def read_prompt(start: str) -> tuple[bool, str]:
-    """(whether it came from a file, the prompt's text)."""
-    return (True, read_file(Path(start[5:]))) if start.startswith("FILE:") else (False, start)
+    """(whether it came from a file, the prompt's text): --start's text is read as a file's
+    text is (corpus.one_text: CRLF as "\n", a byte that is not UTF-8 refused, naming it)."""
+    if start.startswith("FILE:"):
+        return True, read_file(Path(start[5:]))
+    return False, one_text(start, "--start", from_bytes=True)  # argv: bytes, surrogateescaped
+
+
+def read_stdin() -> str:
+    """All of stdin, read as a file's text is (a byte that is not UTF-8 refused, naming it,
+    rather than a traceback from a strict UTF-8 locale)."""
+    if (raw := getattr(sys.stdin, "buffer", None)) is None:  # already text (a test's StringIO)
+        return one_text(sys.stdin.read(), "stdin")
+    return one_text(raw.read().decode("utf-8", "surrogateescape"), "stdin", from_bytes=True)
 
 
 def print_samples(model, x, args, ctx, decode, token_bytes, eot) -> list[str]:

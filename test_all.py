@@ -623,7 +623,7 @@ BAD_INPUTS = [  # (file name, its bytes, what the one-line error must say)
     ("bad.jsonl", b'{"text": "a"}\n\n{"text": null}\n', "bad.jsonl:3: 'text' is null, not text"),
     ("bad.jsonl", b'{"text": "a"}\n[1, 2]\n', "bad.jsonl:2: expected a JSON object"),
     ("bad.jsonl", b'{"text": "a"}\n{"text": "caf\xe9"}\n', "bad.jsonl:2: not UTF-8 text (byte"),
-    ("bad.jsonl", b'{"text": "half \\ud83d"}\n', "bad.jsonl:1: 'text' holds half a UTF-16"),
+    ("bad.jsonl", b'{"text": "half \\ud83d"}\n', "bad.jsonl:1: 'text': half a UTF-16 surrogate pair"),
     ("bad.json", b'[\n {"text": "a"},\n {"text": }\n]', "bad.json:3: not valid JSON"),
     ("bad.txt", b"line one\nline two\nline \xff three\n", "bad.txt:3: not UTF-8 text (byte 0xff)"),
     ("bad.txt", "UTF-16 text".encode("utf-16"), "bad.txt looks like UTF-16 text, not UTF-8"),

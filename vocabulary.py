@@ -121,16 +121,19 @@ def drop_characters(items, table: np.ndarray):
         yield kind, value
 
 
-def refuse_unknown(unknown: dict, what: str, given: dict, drop: bool) -> dict:
+def refuse_unknown(unknown: dict, what: str, given: dict, drop: bool,
+                   hint: str | None = None) -> dict:
     """{char: count} of the characters to drop, from unknown ({char: [count, where first]}: the
     characters of the text or conversations (what) that given's vocabulary lacks). Without
-    drop, any are refused, the first 10 named with where each is first. Raises UserError."""
+    drop, any are refused, the first 10 named with where each is first, then hint (what to do:
+    by default, --drop_unknown). Raises UserError."""
     if unknown and not drop:
         shown = ", ".join(f"{ch!r} x{n:,} (first at {where})"
                           for ch, (n, where) in list(unknown.items())[:10])
         more = f" and {len(unknown) - 10:,} more" if len(unknown) > 10 else ""
         raise UserError(f"{len(unknown):,} characters of the {what} are not in the vocabulary "
-                        f"of {given['vocab_from']}: {shown}{more}. Drop them with --drop_unknown")
+                        f"of {given['vocab_from']}: {shown}{more}. "
+                        + (hint or "Drop them with --drop_unknown"))
     return {ch: n for ch, (n, _) in unknown.items()}
 
 
