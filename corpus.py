@@ -52,14 +52,16 @@ FOLDER_SUFFIXES = (".txt", *DOCUMENT_SUFFIXES)  # the files taken from a folder
 
 def refuse_utf16(path: Path) -> bytes:
     """The file's first 4 KB, after making sure it is not UTF-16 (Windows' "Unicode" text):
-    that is not UTF-8, yet reads without an error, a NUL byte between every two letters.
-    Raises UserError."""
+    that is not UTF-8, yet reads without an error, a NUL byte between every two letters. So a
+    byte-order mark, or NULs at every other byte (odd ones, or even ones, not both: a text of
+    NUL characters is UTF-8 still) says UTF-16. Raises UserError."""
     try:
         with open(path, "rb") as f:
             head = f.read(4096)
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror}") from None
-    if head[:2] in (b"\xff\xfe", b"\xfe\xff") or head.count(0) > len(head) // 4:
+    nuls = sorted((head[0::2].count(0), head[1::2].count(0)))  # (fewer, more)
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff") or nuls[1] > len(head) // 4 > 8 * nuls[0]:
         raise UserError(f"{path} looks like UTF-16 text, not UTF-8: convert it first, e.g. "
                              f"iconv -f UTF-16 -t UTF-8 {path} > {path.stem}-utf8{path.suffix}")
     return head

@@ -44,11 +44,13 @@ from importlib.util import find_spec
 from itertools import pairwise
 from pathlib import Path
 
+import hypothesis
 import numpy as np
 import pytest
 import regex
 import torch
 import torch.nn.functional as F
+from hypothesis import strategies as hyp_st
 
 import bigram
 import bookkeeping
@@ -968,6 +970,179 @@ def test_get_batch_windows(data_dir):
     # bigram.py's get_batch takes the same arguments and gives the same windows
     bx, by = bigram.get_batch(path, ix, 8, "cpu")
     assert torch.equal(bx, x) and torch.equal(by, y)
+
+
+# -----------------------------------------------------------------------------
+# Every text read one way: corpus.one_text, in every container and at every prompt
+
+
+def conversations_file(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def test_half_a_surrogate_pair_is_refused_in_every_container(tmp_path, capsys, previous):
+    """JSON can spell half a character ("\\ud83d"): in a text record, a JSON array, a
+    conversation's reply or prompt, it is refused in one line naming the file and the record,
+    and the dataset already there is kept; at a prompt, --start names it too."""
+    half = "\ud83d"
+    cases = {
+        "array.json": ('[{"text": "fine"}, {"text": "half \\ud83d"}]',
+                       "array.json record 1: 'text': half a UTF-16 surrogate pair ('\\ud83d')"),
+        "reply.jsonl": ('{"prompt": "Hi", "response": "ok"}\n'  # noqa: ISC004
+                        '{"prompt": "Hi", "response": "a \\ud83d"}\n',
+                        "reply.jsonl:2: message 1: half a UTF-16 surrogate pair ('\\ud83d')"),
+        "prompt.jsonl": ('{"prompt": "\\ud83d Hi", "response": "ok"}\n'  # noqa: ISC004
+                         '{"prompt": "Hi", "response": "ok"}\n',
+                         "prompt.jsonl:1: message 0: half a UTF-16 surrogate pair"),
+    }
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_text(content, encoding="utf-8")
+        err = fail(capsys, tmp_path, "--input", str(tmp_path / name))
+        assert message in err and str(tmp_path / name) in err, err
+        assert folder_bytes(tmp_path / "data" / "ds") == previous
+    with pytest.raises(errors.UserError, match=r"--start: half a UTF-16 surrogate pair"):
+        sample.read_prompt(f"Hi {half}")
+    # argv reaches Python as bytes: one that is not UTF-8 arrives as a lone surrogate
+    with pytest.raises(errors.UserError, match=r"--start: not UTF-8 text \(byte 0xe9\)"):
+        sample.read_prompt(b"caf\xe9".decode("utf-8", "surrogateescape"))
+
+
+def test_drop_unknown_leaves_out_and_counts_a_conversation_it_empties(data_dir, tmp_path,
+                                                                       capsys):
+    """A reply made only of characters the vocabulary lacks is left out and counted, as a
+    conversation too long for the block is: the run goes on and says so."""
+    records = [{"prompt": f"hear {i}" if i % 2 else "hear me", "response": "speak."}
+               for i in range(25)]
+    records.insert(7, {"prompt": "Hi", "response": "👍"})
+    conversations_file(tmp_path / "c.jsonl", records)
+    capsys.readouterr()
+    meta = run(tmp_path, "--input", str(tmp_path / "c.jsonl"), "--vocab_from",
+               str(data_dir / "tiny"), "--drop_unknown")
+    out = capsys.readouterr().out
+    assert meta["emptied_conversations"] == 1 and meta["dropped_characters"]["👍"] == 1
+    assert meta["chat"]["train_conversations"] + meta["chat"]["val_conversations"] == 25
+    assert "1 conversations were left out: --drop_unknown left them no answer" in out
+    # when too few keep an answer, one line says so, naming the count
+    conversations_file(tmp_path / "few.jsonl", records[6:8])
+    err = fail(capsys, tmp_path, "--input", str(tmp_path / "few.jsonl"), "--vocab_from",
+               str(data_dir / "tiny"), "--drop_unknown")
+    assert "after --drop_unknown, 1 of 2 conversations keep an answer" in err
+
+
+class StrictTerminal(io.TextIOWrapper):
+    """A terminal's stdin as a strict UTF-8 locale (en_US.UTF-8) gives it: bytes in, and a
+    byte that is not UTF-8 an error."""
+
+    def __init__(self, data: bytes, tty: bool = True):
+        super().__init__(io.BytesIO(data), encoding="utf-8", errors="strict")
+        self.tty = tty
+
+    def isatty(self):
+        return self.tty
+
+
+def test_a_chat_line_that_is_not_utf8_is_named_and_the_chat_goes_on(tmp_path, capsys,
+                                                                     monkeypatch):
+    meta = chat_meta(CHAT_CHARS)
+    init = save_model(tmp_path / "m.pt", meta)
+    calls = scripted_replies(monkeypatch, ["hh<|end|>"], meta)
+    # Latin-1 "café", then a line with Windows' line end, then Ctrl-D
+    monkeypatch.setattr(sys, "stdin", StrictTerminal(b"caf\xe9\nab\r\n"))
+    capsys.readouterr()
+    assert sample.main([init, "--device=cpu", "--chat"]) == ["hh"]
+    err = capsys.readouterr().err
+    assert "sample.py: that line: not UTF-8 text (byte 0xe9); type it again" in err
+    assert calls[0]["ids"] == render_asking(meta, "ab")  # "\r" read as the line's end
+    # piped: the one message is refused in one line, naming the byte
+    monkeypatch.setattr(sys, "stdin", StrictTerminal(b"ab\ncaf\xe9\n", tty=False))
+    err = run_main(capsys, sample.main, [init, "--device=cpu", "--chat"])
+    assert err == "sample.py: error: stdin (line 2 of the text): not UTF-8 text (byte 0xe9)"
+
+
+def test_crlf_bom_and_cr_read_one_way_in_every_container(tmp_path, capsys):
+    """One text, one dataset: documents as .txt files, as JSON Lines, a JSON array or Parquet
+    give the same ids and vocabulary when they hold a byte-order mark, Windows and old Mac
+    line ends (a .txt file's are read as "\\n": so are all the others')."""
+    docs = ["\ufeff" + f"Document {i}.\r\nSecond line,\rthird.\r\n" * 30 for i in range(4)]
+    (tmp_path / "txt").mkdir()
+    for i, doc in enumerate(docs):
+        (tmp_path / "txt" / f"d{i}.txt").write_bytes(doc.encode("utf-8"))
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs),
+                                      encoding="utf-8")
+    (tmp_path / "t.json").write_text(json.dumps([{"text": d} for d in docs]), encoding="utf-8")
+    names = ["txt", "t.jsonl", "t.json"]
+    if find_spec("datasets") and find_spec("pyarrow"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.table({"text": docs}), tmp_path / "t.parquet")
+        names.append("t.parquet")
+    got = {}
+    for name in names:
+        dataset = name.replace(".", "_")
+        meta = run(tmp_path, "--input", str(tmp_path / name), dataset=dataset)
+        folder = tmp_path / "data" / dataset
+        got[name] = (meta["chars"], (folder / "train.bin").read_bytes(),
+                     (folder / "val.bin").read_bytes())
+    assert "\r" not in got["txt"][0] and "\ufeff" not in got["txt"][0]
+    assert [n for n, v in got.items() if v != got["txt"]] == []
+    # a conversation's contents, a prompt and a piped chat message are read the same way
+    assert chat.conversation({"prompt": "a\r\nb", "response": "\ufeffc\rd"}) == [
+        {"role": "user", "content": "a\nb"}, {"role": "assistant", "content": "c\nd"}]
+    assert sample.read_prompt("a\r\nb\rc") == (False, "a\nb\nc")
+
+
+# Text from anywhere: the characters the faults above came from, and long lines with no space
+AWKWARD = ["\ud83d", "\udce9", "\r\n", "\r", "\n", "\ufeff", "\x00", "🙂", "日本語", "e\u0301",
+           "字" * 3000, " ", "\t", "<|endoftext|>", "\u2028"]
+awkward_text = hyp_st.lists(hyp_st.one_of(hyp_st.characters(exclude_categories=()),
+                                          hyp_st.sampled_from(AWKWARD)),
+                            max_size=20).map("".join)
+
+
+def read_or_refusal(read, where: str):
+    """What read() gives: its text, or the refusal, checked to be one line naming where."""
+    try:
+        return read()
+    except errors.UserError as e:
+        assert len(str(e).splitlines()) == 1 and where in str(e), str(e)
+        return errors.UserError
+
+
+@hypothesis.settings(max_examples=60, deadline=None,
+                     suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture])
+@hypothesis.given(text=awkward_text)
+def test_every_way_text_enters_reads_as_a_text_file(tmp_path, monkeypatch, text):
+    """Arbitrary text (surrogates, CRLF and lone CR, BOM, NUL, emoji, CJK, combining marks,
+    long lines without spaces) through every way text enters gives the .txt file's text (so
+    the same ids), or a one-line refusal naming where: never a traceback, never a difference.
+    Half a surrogate pair cannot be UTF-8, so in a file it is a byte that is not UTF-8."""
+    text = json.loads(json.dumps(text))  # as JSON carries it: "\\ud83d\\ude42" is one 🙂
+    txt = tmp_path / "t.txt"
+    txt.write_bytes(text.encode("utf-8", "surrogatepass"))
+    want = read_or_refusal(lambda: corpus.read_text_file(txt), f"{txt}:")
+    jsonl, array = tmp_path / "t.jsonl", tmp_path / "t.json"
+    jsonl.write_text(json.dumps({"text": text}) + "\n", encoding="utf-8")
+    array.write_text(json.dumps([{"text": text}]), encoding="utf-8")
+
+    def records(path):
+        items = corpus.record_items(corpus.file_records(path), "text")
+        return "".join(value for kind, value in items if kind == "text")
+
+    monkeypatch.setattr(sys, "stdin", StrictTerminal(text.encode("utf-8", "surrogatepass"),
+                                                     tty=False))
+    got = {"jsonl": read_or_refusal(lambda: records(jsonl), f"{jsonl}:1"),
+           "json": read_or_refusal(lambda: records(array), f"{array} record 0"),
+           "FILE:": read_or_refusal(lambda: sample.read_prompt(f"FILE:{txt}")[1], f"{txt}:"),
+           "--score": read_or_refusal(lambda: sample.read_file(txt), f"{txt}:"),
+           "--start": read_or_refusal(lambda: sample.read_prompt(text)[1], "--start"),
+           "stdin": read_or_refusal(sample.read_stdin, "stdin"),
+           "prompt": read_or_refusal(lambda: chat.conversation(
+               {"prompt": text, "response": "ok"})[0]["content"], "message 0")}
+    assert {k: v for k, v in got.items() if v != want} == {}
+    if want is not errors.UserError and want.strip():  # a reply, if it has something to learn
+        assert chat.conversation({"prompt": "q", "response": text})[1]["content"] == want
+
 
 
 # =============================================================================
