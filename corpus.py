@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ TINY_SHAKESPEARE_CHARS = 1_115_394  # the stand-in is cut to the original's leng
 READ_CHARS = 1 << 20  # a text file is read this many characters at a time
 DOCUMENT_SUFFIXES = (".jsonl", ".json", ".parquet")  # files holding many documents
 FOLDER_SUFFIXES = (".txt", *DOCUMENT_SUFFIXES)  # the files taken from a folder
+BUILT_IN_TEXTS = ("shakespeare_char", "shakespeare", "other_plays")  # prepare.py needs no --input
+NO_INPUT_DATASETS = (*BUILT_IN_TEXTS, "reverse", "addition", "instruct", "shakespeare_chat")
 
 
 # -----------------------------------------------------------------------------
@@ -117,6 +120,20 @@ class Source:
     items: Callable[[], Iterator[tuple[str, str]]]  # a fresh read from the start
     one_text: bool  # True: val is the end of the text; False: val is the last documents
     total_bytes: int | None = None  # for the progress line's time left
+
+
+def prepare_command(dataset: str, data_dir, *flags: str) -> str:
+    """The prepare.py command that writes data_dir/dataset (with flags first): what a hint says
+    to run, so it names --data_dir when it is not the default, --input for a dataset of your
+    own (YOUR_TEXT: your files), and quotes paths."""
+    words = ["python", "prepare.py", *flags]
+    if dataset not in NO_INPUT_DATASETS and "--input" not in flags:
+        words += ["--input", "YOUR_TEXT"]  # a dataset of your own: from your files
+    if dataset != "shakespeare_char" or flags:
+        words += ["--dataset", dataset]
+    if Path(data_dir).resolve() != DATA_DIR:
+        words += ["--data_dir", str(data_dir)]
+    return shlex.join(words)
 
 
 def sha256_of(data: bytes) -> str:

@@ -25,6 +25,7 @@ from checkpoints import (
     run_checkpoint,
     set_rng_state,
 )
+from corpus import prepare_command
 from devices import CompiledOrEager, autocast_ctx, device_peak_flops, flops_per_token
 from errors import UserError, first_line
 from gpt import GPT, GPTConfig
@@ -112,8 +113,9 @@ def build_model(args, meta: dict, ckpt: dict | None, start: tuple[dict, Path] | 
         return GPT(GPTConfig(**model_args)), model_args, None
     if meta["tokenizer"] != "gpt2":  # OpenAI's GPT-2 weights, to fine-tune
         raise UserError(f"--init_from {args.init_from} needs GPT-2 BPE data, and "
-                        f"data/{args.dataset} is {meta['tokenizer']}: try --dataset "
-                        "shakespeare (python prepare.py --dataset shakespeare)")
+                        f"{Path(args.data_dir) / args.dataset} is {meta['tokenizer']}: try "
+                        "--dataset shakespeare (prepared by "
+                        f"`{prepare_command('shakespeare', args.data_dir)}`)")
     try:
         model = from_pretrained(args.init_from, dropout=args.dropout)
     except ValueError as e:

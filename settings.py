@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from corpus import BUILT_IN_TEXTS, NO_INPUT_DATASETS, prepare_command
 from devices import bf16_speedup, free_memory, pick_device, pick_dtype
 from errors import UserError, first_line
 from gpt import GPT, GPTConfig
@@ -231,12 +232,14 @@ def take_shape(a, meta: dict, ckpt: dict, path: Path) -> None:
                         "conversations, or start from the checkpoint it was fine-tuned from")
     if not (same_vocabulary(ckpt["meta"], meta) or adds_markers(ckpt["meta"], meta)):
         folder = Path(a.data_dir) / a.dataset
-        text = "" if a.dataset in BUILT_IN_TEXTS else " --input YOUR_TEXT"
+        text = () if a.dataset in BUILT_IN_TEXTS else ("--input", "YOUR_TEXT")
         theirs, ours = vocabulary_name(ckpt["meta"]), vocabulary_name(meta)
+        command = prepare_command(a.dataset, a.data_dir, *text, "--vocab_from", str(path))
+        fix = (f"prepare it in the checkpoint's vocabulary with `{command}`"
+               if a.dataset not in NO_INPUT_DATASETS or a.dataset in BUILT_IN_TEXTS else
+               "a generated dataset has its own, so train it from scratch")
         raise UserError(f"{path} was trained on {theirs}, and {folder} is "
-                        f"{'another ' * (ours == theirs)}{ours}: prepare it in the checkpoint's "
-                        f"vocabulary with `python prepare.py{text} --dataset {a.dataset} "
-                        f"--vocab_from {path}`")
+                        f"{'another ' * (ours == theirs)}{ours}: {fix}")
     keep_shape(a, {k: ckpt["model_args"].get(k, getattr(GPTConfig, k)) for k in SHAPE}, path,
                "checkpoint")
 
@@ -250,8 +253,7 @@ def load_meta(data_dir: Path, dataset: str) -> dict:
     trained BPE's merges are read from their file (checked against meta.json's SHA-256) into
     meta["bpe"]["merges"]."""
     folder = data_dir / dataset
-    hint = "python prepare.py" + ("" if dataset == "shakespeare_char" else
-                                  f" --dataset {dataset}")
+    hint = prepare_command(dataset, data_dir)
     if not (folder / "meta.json").exists():
         raise UserError(f"no prepared data in {folder}: run `{hint}` first")
     try:
@@ -282,7 +284,6 @@ def same_data(a: dict, b: dict) -> bool:
     return all(a.get(k) == b.get(k) for k in keys) and chat(a) == chat(b)
 
 
-BUILT_IN_TEXTS = ("shakespeare_char", "shakespeare", "other_plays")  # prepare.py needs no --input
 
 
 def same_base(a: dict, b: dict) -> bool:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from conversations import base_vocabulary, write_conversations
-from corpus import DATA_DIR, shakespeare_source
+from corpus import prepare_command, shakespeare_source
 from errors import UserError
 from vocabulary import vocabulary_of
 
@@ -290,9 +290,8 @@ def prepare_shakespeare_chat(num_train: int, num_val: int, seed: int, block_size
         given = {**vocabulary_of(data_dir / "shakespeare_char"),
                  "vocab_from": str(data_dir / "shakespeare_char")}
         convs = [("generated", ms) for ms in splits["train"] + splits["val"]]
-        data_flag = "" if data_dir.resolve() == DATA_DIR else f" --data_dir {data_dir}"
-        hint = (f"Prepare shakespeare_char from Tiny Shakespeare again, which has them all "
-                f"(`python prepare.py{data_flag}`), then this")  # --drop_unknown is not for these
+        hint = ("Prepare shakespeare_char from Tiny Shakespeare again, which has them all "
+                f"(`{prepare_command('shakespeare_char', data_dir)}`), then this")  # not --drop_unknown
         chars, _, _ = base_vocabulary(convs, given, drop_unknown=False, hint=hint)
         meta["vocab_from"] = given["vocab_from"]
     return write_conversations(splits, "char", chars, block_size, False, meta, out_dir)
