@@ -32,6 +32,7 @@ import os
 import pickle
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -1142,6 +1143,140 @@ def test_every_way_text_enters_reads_as_a_text_file(tmp_path, monkeypatch, text)
     assert {k: v for k, v in got.items() if v != want} == {}
     if want is not errors.UserError and want.strip():  # a reply, if it has something to learn
         assert chat.conversation({"prompt": "q", "response": text})[1]["content"] == want
+
+
+
+# -----------------------------------------------------------------------------
+# Every hint an error gives works where it is given: the test follows each
+
+
+QUICK_FLAGS = {  # what makes a followed command quick here; the hint's own flags come first
+    "train.py": [*CPU_TINY, "--max_iters=1", "--eval_interval=1", "--sample_every=0"],
+    "sample.py": ["--device=cpu", "--max_new_tokens=2", "--num_samples=1"],
+    "prepare.py": [],
+}
+
+
+def follow_commands(err: str, capsys, your_text: Path, extra: dict) -> list[str]:
+    """Run each `python X.py ...` command a hint names (YOUR_TEXT: your_text), as given plus
+    QUICK_FLAGS and the case's extra flags; each must succeed. Returns the commands run."""
+    commands = re.findall(r"`(python [^`]+)`", err)
+    for command in commands:
+        words = [str(your_text) if w == "YOUR_TEXT" else w for w in shlex.split(command)]
+        script = {"prepare.py": prepare.main, "train.py": train.main,
+                  "sample.py": sample.main}[words[1]]
+        script(words[2:] + QUICK_FLAGS[words[1]] + extra.get(words[1], []))
+        capsys.readouterr()
+    return commands
+
+
+def hint_cases(data_dir: Path, tmp_path: Path, case: str) -> dict:
+    """name: (script, argv that is refused, the hint it must give, argv that follows it, or
+    None to follow only the commands the hint names and run argv again[, flags to add to
+    them, to keep them quick])."""
+    d, tiny = str(data_dir), str(data_dir / "tiny")
+    (tmp_path / "other.txt").write_text("Zebra quay! " * 50, encoding="utf-8")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"prompt": "hear", "response": "Zed"}) + "\n"
+                                      + json.dumps({"prompt": "me", "response": "speak"})
+                                      + "\n", encoding="utf-8")
+    (tmp_path / "f.jsonl").write_text((json.dumps({"content": "speak " * 30}) + "\n") * 2,
+                                      encoding="utf-8")
+    (tmp_path / "mine.txt").write_text(TEXT, encoding="utf-8")  # tiny's text: its characters
+    (data_dir / "a_file").write_text("", encoding="utf-8")
+    if case == "shakespeare_chat":  # shakespeare_char prepared from a text that lacks some
+        prepare.main([f"--input={tmp_path / 'mine.txt'}", f"--data_dir={d}"])
+    if case == "another vocabulary":
+        prepare.main([f"--input={tmp_path / 'other.txt'}", "--dataset=o2", f"--data_dir={d}"])
+    text = ["--dataset=o", f"--data_dir={d}"]
+    out, ck = str(tmp_path / "out"), str(tmp_path / "ck")
+    if case in ("another vocabulary", "its own out_dir", "no CUDA", "float16 on the CPU"):
+        train_tiny(data_dir, ck, "--max_iters=1", "--eval_interval=1")
+    train_on = [*QUICK_FLAGS["train.py"], f"--data_dir={d}"]
+    return {
+        "unknown characters": (prepare.main, [f"--input={tmp_path / 'other.txt'}", *text,
+                                              f"--vocab_from={tiny}"], "--drop_unknown",
+                               [f"--input={tmp_path / 'other.txt'}", *text,
+                                f"--vocab_from={tiny}", "--drop_unknown"]),
+        "unknown in replies": (prepare.main, [f"--input={tmp_path / 'c.jsonl'}", *text,
+                                              f"--vocab_from={tiny}"], "--drop_unknown",
+                               [f"--input={tmp_path / 'c.jsonl'}", *text,
+                                f"--vocab_from={tiny}", "--drop_unknown"]),
+        "no text field": (prepare.main, [f"--input={tmp_path / 'f.jsonl'}", *text],
+                          "choose one with --text_field",
+                          [f"--input={tmp_path / 'f.jsonl'}", *text, "--text_field=content"]),
+        "drop --tokenizer": (prepare.main, [f"--input={tmp_path / 'mine.txt'}", *text,
+                                            f"--vocab_from={tiny}", "--tokenizer=gpt2"],
+                             "drop --tokenizer", [f"--input={tmp_path / 'mine.txt'}", *text,
+                                                  f"--vocab_from={tiny}"]),
+        "a file, not a folder": (prepare.main, ["--dataset=a_file", f"--data_dir={d}",
+                                                f"--input={tmp_path / 'other.txt'}"],
+                                 "choose another --dataset",
+                                 ["--dataset=b", f"--data_dir={d}",
+                                  f"--input={tmp_path / 'other.txt'}"]),
+        "too few problems": (prepare.main, ["--dataset=reverse", "--digits=1", "--num_val=20",
+                                            "--num_train=500", f"--data_dir={d}"],
+                             "fewer --num_train", ["--dataset=reverse", "--digits=3",
+                                                   "--num_val=20", "--num_train=500",
+                                                   f"--data_dir={d}"]),
+        "shakespeare_chat": (prepare.main, ["--dataset=shakespeare_chat", f"--data_dir={d}",
+                                            "--num_train=20", "--num_val=5"],
+                             f"again, which has them all (`python prepare.py --data_dir {d}`)",
+                             None),
+        "no data (generated)": (train.main, [*train_on, "--dataset=reverse", f"--out_dir={out}"],
+                                f"`python prepare.py --dataset reverse --data_dir {d}`", None,
+                                {"prepare.py": ["--digits=3", "--num_train=50", "--num_val=5"]}),
+        "no data (your own)": (train.main, [*train_on, "--dataset=mine", f"--out_dir={out}"],
+                               "--input YOUR_TEXT --dataset mine", None),
+        "another vocabulary": (train.main, [*train_on, "--dataset=o2", f"--init_from={ck}",
+                                            f"--out_dir={out}"], "--vocab_from", None),
+        "its own out_dir": (train.main, [*train_on, "--dataset=tiny", f"--init_from={ck}",
+                                         f"--out_dir={ck}"], "use --init_from=resume",
+                            [*train_on, "--dataset=tiny", "--init_from=resume",
+                             f"--out_dir={ck}", "--max_iters=2"]),
+        "warmup too long": (train.main, [*train_on, "--dataset=tiny", f"--out_dir={out}",
+                                         "--warmup_iters=9", "--lr_decay_iters=5"],
+                            "lower --warmup_iters",
+                            [*train_on, "--dataset=tiny", f"--out_dir={out}",
+                             "--warmup_iters=2", "--lr_decay_iters=5"]),
+        "no checkpoint": (sample.main, [*QUICK_FLAGS["sample.py"], "--init_from=resume",
+                                        f"--out_dir={out}"], "train one with `python train.py",
+                          None, {"train.py": [f"--data_dir={d}", "--dataset=tiny"]}),
+        "no CUDA": (sample.main, [*QUICK_FLAGS["sample.py"], f"--init_from={ck}",
+                                  "--device=cuda"], "try --device cpu",
+                    [*QUICK_FLAGS["sample.py"], f"--init_from={ck}", "--device=cpu"]),
+        "float16 on the CPU": (sample.main, [*QUICK_FLAGS["sample.py"], f"--init_from={ck}",
+                                             "--dtype=float16"], "use bfloat16",
+                               [*QUICK_FLAGS["sample.py"], f"--init_from={ck}",
+                                "--dtype=bfloat16"]),
+    }
+
+
+HINT_CASES = ["unknown characters", "unknown in replies", "no text field", "drop --tokenizer",
+              "a file, not a folder", "too few problems", "no data (your own)", "no CUDA",
+              "warmup too long", *(pytest.param(c, marks=slow) for c in (
+                  "shakespeare_chat", "no data (generated)", "another vocabulary",
+                  "its own out_dir", "no checkpoint", "float16 on the CPU"))]
+
+
+@pytest.mark.parametrize("case", HINT_CASES)
+def test_every_hint_works_where_it_is_given(case, data_dir, tmp_path, capsys):
+    """The error's hint is followed as a user would: a flag it names is added (the argv that
+    follows it), a command it names is run; then the run goes through. (A hint that names a
+    flag the situation refuses, as "Drop them with --drop_unknown" for a generated dataset
+    once did, fails here.)"""
+    if case == "no CUDA" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    if case == "float16 on the CPU" and torch.cuda.is_available():
+        pytest.skip("sample.py picks CUDA here")
+    script, argv, hint, followed, *extra = hint_cases(data_dir, tmp_path, case)[case]
+    capsys.readouterr()
+    err = run_main(capsys, script, argv)
+    assert hint in err, err
+    assert case != "shakespeare_chat" or "--drop_unknown" not in err  # refused for it
+    ran = follow_commands(err, capsys, tmp_path / "mine.txt", extra[0] if extra else {})
+    assert ran or followed is not None, f"{case}: nothing to follow in {err!r}"
+    capsys.readouterr()
+    script(followed if followed is not None else argv)  # raises SystemExit if still refused
 
 
 
