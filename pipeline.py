@@ -521,7 +521,7 @@ def prepare(source: Source, tokenizer: str, out_dir: Path, val_fraction: float =
     names = BINS + ((MERGES_FILE,) if tokenizer == "bpe" else ())
     with temp_bins(out_dir, names) as temps:  # made first: a read-only folder fails now
         train_tmp, val_tmp = temps[:2]
-        vocab, n_chars, bpe = None, 0, None
+        vocab, n_chars, bpe, counts = None, 0, None, {"emptied": 0}
         read = lambda: join_documents(source.items(), sep)  # a fresh read at each call
         if tokenizer == "char" or source.one_text:
             what = "reading (1 of 2)" if tokenizer == "char" else "counting"
@@ -530,8 +530,8 @@ def prepare(source: Source, tokenizer: str, out_dir: Path, val_fraction: float =
         if given_vocab is not None:
             meta["vocab_from"] = given_vocab["vocab_from"]
             if tokenizer == "char":
-                vocab, read, n_chars, dropped = fit_vocabulary(read, vocab, n_chars, given_vocab,
-                                                               drop_unknown)
+                vocab, read, n_chars, dropped, counts = fit_vocabulary(
+                    read, vocab, n_chars, given_vocab, drop_unknown)
                 if dropped:
                     meta["dropped_characters"] = dropped
         cut_char = int((1 - val_fraction) * n_chars)  # a single text: train, then val
@@ -550,6 +550,8 @@ def prepare(source: Source, tokenizer: str, out_dir: Path, val_fraction: float =
             move_tail(train_tmp, val_tmp, 2 * cut)  # 2 bytes per uint16 token
             meta.update(sha256=w.sha256, train_tokens=cut, val_tokens=w.tokens - cut,
                         train_bytes=cut_byte, val_bytes=w.bytes - cut_byte, **split)
+            if counts["emptied"]:  # --drop_unknown left them no text: left out
+                meta["emptied_documents"] = counts["emptied"]
             commit(out_dir, names, temps, meta)
         except OSError as e:  # a full disk, say: the temporary files go, the old dataset stays
             raise UserError(f"cannot write in {out_dir}: {e.strerror or e}") from None

@@ -363,14 +363,16 @@ def report_dropped(meta: dict) -> None:
     if dropped := meta.get("dropped_characters"):
         print(f"dropped {sum(dropped.values()):,} characters that {meta['vocab_from']}'s "
               "vocabulary lacks: " + ", ".join(f"{ch!r} {n:,}" for ch, n in dropped.items()))
+    for what in ("documents", "conversations"):
+        if emptied := meta.get(f"emptied_{what}"):
+            print(f"{emptied:,} {what} were left out: --drop_unknown left them "
+                  f"{'no text' if what == 'documents' else 'no answer'}")
 
 
 def report_chat(meta: dict, out_dir: Path) -> dict:
     """What a chat dataset's preparation says: what did not fit, and what was written."""
     c = meta["chat"]
     report_dropped(meta)
-    if emptied := meta.get("emptied_conversations"):
-        print(f"{emptied:,} conversations were left out: --drop_unknown left them no answer")
     print(f"{c['shortened']:,} conversations longer than block_size + 1 = {c['block_size'] + 1} "
           f"tokens lost their oldest exchanges; {c['dropped']:,} whose last exchange alone is "
           "longer were left out")

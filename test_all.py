@@ -1009,10 +1009,9 @@ def test_half_a_surrogate_pair_is_refused_in_every_container(tmp_path, capsys, p
         sample.read_prompt(b"caf\xe9".decode("utf-8", "surrogateescape"))
 
 
-def test_drop_unknown_leaves_out_and_counts_a_conversation_it_empties(data_dir, tmp_path,
-                                                                       capsys):
+def test_drop_unknown_leaves_out_and_counts_what_it_empties(data_dir, tmp_path, capsys):
     """A reply made only of characters the vocabulary lacks is left out and counted, as a
-    conversation too long for the block is: the run goes on and says so."""
+    conversation too long for the block is: the run goes on and says so. So is a document."""
     records = [{"prompt": f"hear {i}" if i % 2 else "hear me", "response": "speak."}
                for i in range(25)]
     records.insert(7, {"prompt": "Hi", "response": "👍"})
@@ -1029,6 +1028,23 @@ def test_drop_unknown_leaves_out_and_counts_a_conversation_it_empties(data_dir, 
     err = fail(capsys, tmp_path, "--input", str(tmp_path / "few.jsonl"), "--vocab_from",
                str(data_dir / "tiny"), "--drop_unknown")
     assert "after --drop_unknown, 1 of 2 conversations keep an answer" in err
+    # a text record likewise: one left with no text is left out and counted, the last one too
+    records = [{"text": "hear me speak."} for _ in range(9)] + [{"text": "👍👍"}]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records),
+                                      encoding="utf-8")
+    clean = records[:9]
+    (tmp_path / "clean.jsonl").write_text("".join(json.dumps(r) + "\n" for r in clean),
+                                          encoding="utf-8")
+    capsys.readouterr()
+    meta = run(tmp_path, "--input", str(tmp_path / "r.jsonl"), "--vocab_from",
+               str(data_dir / "tiny"), "--drop_unknown", dataset="r")
+    assert meta["emptied_documents"] == 1 and meta["documents"] == 9
+    assert "1 documents were left out: --drop_unknown left them no text" in capsys.readouterr().out
+    run(tmp_path, "--input", str(tmp_path / "clean.jsonl"), "--vocab_from",
+        str(data_dir / "tiny"), dataset="clean")  # the same ids as without that record
+    for name in ("train.bin", "val.bin"):
+        assert ((tmp_path / "data" / "r" / name).read_bytes()
+                == (tmp_path / "data" / "clean" / name).read_bytes())
 
 
 class StrictTerminal(io.TextIOWrapper):

@@ -113,12 +113,28 @@ def known_only(text: str, table: np.ndarray) -> str:
     return text
 
 
-def drop_characters(items, table: np.ndarray):
-    """The items, less every character the vocabulary lacks (-1 in table)."""
+def drop_characters(items, table: np.ndarray, counts: dict):
+    """The items (documents joined by separators), less every character the vocabulary lacks
+    (-1 in table). A document left with no text is left out, with its separator, and counted
+    (counts["emptied"], for this read), as an empty record is never written."""
+    counts["emptied"] = 0
+    held, written = [], False  # a document's separator and name, until it shows some text
     for kind, value in items:
-        if kind in ("text", "sep"):
-            value = known_only(value, table)
+        if kind in ("sep", "doc"):
+            if held and held[-1][0] == "doc":  # the document before this one had no text
+                counts["emptied"] += 1
+                held = [] if kind == "sep" else [i for i in held if i[0] == "sep"]
+            if kind == "sep":
+                value = known_only(value, table)
+            held.append((kind, value))
+            continue
+        if kind == "text" and not (value := known_only(value, table)):
+            continue
+        if held:  # the first text of a document: it is written, with its separator
+            yield from (i for i in held if written or i[0] != "sep")
+            held, written = [], True
         yield kind, value
+    counts["emptied"] += any(kind == "doc" for kind, _ in held)
 
 
 def refuse_unknown(unknown: dict, what: str, given: dict, drop: bool,
@@ -139,13 +155,13 @@ def refuse_unknown(unknown: dict, what: str, given: dict, drop: bool,
 
 def fit_vocabulary(read, seen: np.ndarray, n_chars: int, given: dict, drop: bool):
     """The given character vocabulary (code points, in id order), the text reader (less the
-    characters it lacks, with drop), the text's length then, and what was dropped. Without
-    drop, a text with characters outside the vocabulary is refused, naming them."""
-    vocab = codepoints("".join(given["chars"]))
+    characters it lacks, with drop), the text's length then, what was dropped ({char: count}),
+    and {"emptied": documents the reader leaves out, left with no text}. Without drop, a text
+    with characters outside the vocabulary is refused, naming them."""
+    vocab, counts = codepoints("".join(given["chars"])), {"emptied": 0}
     if np.isin(seen, vocab).all():
-        return vocab, read, n_chars, {}
+        return vocab, read, n_chars, {}, counts
     table = char_table(vocab)
     dropped = refuse_unknown(unknown_characters(read(), table), "text", given, drop)
-    return vocab, (lambda: drop_characters(read(), table)), n_chars - sum(dropped.values()), \
-        dropped
-
+    return (vocab, lambda: drop_characters(read(), table, counts),
+            n_chars - sum(dropped.values()), dropped, counts)
