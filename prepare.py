@@ -74,7 +74,7 @@ from corpus import (
     sha256_of,
     shakespeare_source,
 )
-from errors import UserError
+from errors import UserError, readable_output
 from files import write_synced
 from pipeline import (
     BINS,
@@ -262,6 +262,7 @@ def check_args(args) -> None:
 
 
 def main(argv=None, chunk_chars: int = CHUNK_CHARS) -> dict:
+    readable_output()  # a name that is not UTF-8 prints, never a traceback
     args = parse_args(argv)
     out_dir = Path(args.data_dir) / args.dataset
     try:

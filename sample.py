@@ -38,7 +38,7 @@ from chat_loop import Chat, answer_problem
 from checkpoints import load_checkpoint, model_from_checkpoint, run_checkpoint
 from corpus import one_text, read_text_file
 from devices import autocast_ctx, out_of_memory, pick_device, pick_dtype
-from errors import UserError, first_line
+from errors import UserError, first_line, readable_output
 from gpt import GPT
 from gpt2_weights import from_pretrained
 from inference import beam_search, generate_stream
@@ -117,6 +117,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> list[str] | dict:
     """The samples' texts, or with --score a dict of loss, perplexity, tokens, bpb, bytes."""
+    readable_output()  # a name that is not UTF-8 prints, never a traceback
     args = parse_args(argv)
     try:
         return sample(args)

@@ -1109,6 +1109,18 @@ def test_crlf_bom_and_cr_read_one_way_in_every_container(tmp_path, capsys):
     assert sample.read_prompt("a\r\nb\rc") == (False, "a\nb\nc")
 
 
+def test_a_file_name_that_is_not_utf8_prints_in_a_strict_locale(tmp_path):
+    """A Latin-1 file name reaches Python as a lone surrogate; printing it in a strict UTF-8
+    locale (en_US.UTF-8's stdout) raised UnicodeEncodeError. It prints as \\udce9."""
+    name = tmp_path / os.fsdecode(b"caf\xe9.txt")
+    name.write_text(TEXT, encoding="utf-8")
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}
+    done = subprocess.run([sys.executable, "prepare.py", "--input", name, "--dataset", "lat",
+                           "--data_dir", tmp_path / "data"], check=False, cwd=ROOT, env=env,
+                          capture_output=True, text=True, errors="replace")
+    assert done.returncode == 0 and "caf\\udce9.txt" in done.stdout, done.stderr
+
+
 # Text from anywhere: the characters the faults above came from, and long lines with no space
 AWKWARD = ["\ud83d", "\udce9", "\r\n", "\r", "\n", "\ufeff", "\x00", "🙂", "日本語", "e\u0301",
            "字" * 3000, " ", "\t", "<|endoftext|>", "\u2028"]

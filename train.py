@@ -43,7 +43,7 @@ from bookkeeping import (
 from chat import chat_file
 from checkpoints import OutDirLock, step_rng_state
 from devices import mean_over_ranks, out_of_memory, setup_ddp, sync_gradients
-from errors import UserError
+from errors import UserError, readable_output
 from gpt import MLPS, NORMS, POS_EMBS
 from muon import Muon
 from run_setup import (
@@ -637,6 +637,7 @@ def train(args) -> dict:
 
 def main(argv=None) -> dict | None:
     """Train, and return what happened (losses by step, best val loss, checkpoint path)."""
+    readable_output()  # a name that is not UTF-8 prints, never a traceback
     args = parse_args(argv)
     if hasattr(signal, "SIGXFSZ"):  # past a file-size limit, fail the write (EFBIG), not the
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # process: the message says what happened
