@@ -1213,6 +1213,9 @@ def hint_cases(data_dir: Path, tmp_path: Path, case: str) -> dict:
     (data_dir / "a_file").write_text("", encoding="utf-8")
     if case == "shakespeare_chat":  # shakespeare_char prepared from a text that lacks some
         prepare.main([f"--input={tmp_path / 'mine.txt'}", f"--data_dir={d}"])
+    if case == "block shorter than a conversation":
+        prepare.main(["--dataset=reverse", "--digits=3", "--num_train=50", "--num_val=5",
+                      f"--data_dir={d}"])
     if case == "another vocabulary":
         prepare.main([f"--input={tmp_path / 'other.txt'}", "--dataset=o2", f"--data_dir={d}"])
     text = ["--dataset=o", f"--data_dir={d}"]
@@ -1266,6 +1269,14 @@ def hint_cases(data_dir: Path, tmp_path: Path, case: str) -> dict:
                             "lower --warmup_iters",
                             [*train_on, "--dataset=tiny", f"--out_dir={out}",
                              "--warmup_iters=2", "--lr_decay_iters=5"]),
+        "block longer than the data": (train.main, [*train_on, "--dataset=tiny",
+                                                    f"--out_dir={out}", "--block_size=4000"],
+                                       "lower --block_size", [*train_on, "--dataset=tiny",
+                                                              f"--out_dir={out}"]),
+        "block shorter than a conversation": (
+            train.main, [*train_on, "--dataset=reverse", f"--out_dir={out}", "--block_size=8"],
+            "drop the flag", [*(f for f in train_on if not f.startswith("--block_size")),
+                              "--dataset=reverse", f"--out_dir={out}"]),
         "no checkpoint": (sample.main, [*QUICK_FLAGS["sample.py"], "--init_from=resume",
                                         f"--out_dir={out}"], "train one with `python train.py",
                           None, {"train.py": [f"--data_dir={d}", "--dataset=tiny"]}),
@@ -1283,7 +1294,8 @@ HINT_CASES = ["unknown characters", "unknown in replies", "no text field", "drop
               "a file, not a folder", "too few problems", "no data (your own)", "no CUDA",
               "warmup too long", *(pytest.param(c, marks=slow) for c in (
                   "shakespeare_chat", "no data (generated)", "another vocabulary",
-                  "its own out_dir", "no checkpoint", "float16 on the CPU"))]
+                  "its own out_dir", "block longer than the data",
+                  "block shorter than a conversation", "no checkpoint", "float16 on the CPU"))]
 
 
 @pytest.mark.parametrize("case", HINT_CASES)
