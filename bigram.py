@@ -4,9 +4,13 @@ The bigram language model: the simplest model that learns anything, and the lear
     python prepare.py && python bigram.py                    # ~2.5 val loss in well under a minute
 
 Each token looks up a row of a (vocab_size, vocab_size) table, and that row is read as the
-logits of the next token: the model only ever sees one character of context. This file is
-self-contained (no import from the other scripts) and has the same scaffolding as train.py and
-gpt.py, so the diff between them is the model. Where each piece of the lecture grows up:
+logits of the next token: the model only ever sees one character of context. The model and
+its training are all here (nothing of gpt.py or train.py is used); from the other scripts this
+file takes only the one tokenizer (tokenizer.py's get_tokenizer: ids to text for every
+tokenizer, a chat dataset's markers by name), devices.py's check_fits (a table too big for the
+free memory is refused before it is made) and the error both raise, errors.UserError. It has
+the same scaffolding as train.py and gpt.py, so the diff between them is the model. Where each
+piece of the lecture grows up:
 
     bigram.py                      ->  gpt.py / train.py
     get_batch(path, ix, ...)       ->  train.py get_batch (same arguments; + task batches)
@@ -29,6 +33,10 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from devices import check_fits
+from errors import UserError
+from tokenizer import get_tokenizer, with_merges
 
 ROOT = Path(__file__).resolve().parent
 
@@ -82,7 +90,23 @@ def load_meta(data_dir: Path, dataset: str) -> dict:
     if not path.exists():
         hint = "" if dataset == "shakespeare_char" else f" --dataset {dataset}"
         die(f"no prepared data in {path.parent}: run `python prepare.py{hint}` first")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:  # a trained BPE's merges are in their own file beside meta.json
+        return with_merges(json.loads(path.read_text(encoding="utf-8")), path.parent)
+    except UserError as e:
+        die(str(e))
+
+
+def check_table_fits(vocab_size: int, batch_size: int, block_size: int, device: str) -> None:
+    """Refuse, before anything is allocated, a table that cannot fit in the device's free
+    memory: 16 bytes an entry to train (fp32 weights, gradients, AdamW's two moments), plus a
+    batch's logits, their softmax and gradient. GPT-2's 50,257 tokens make a 38 GiB run."""
+    need = vocab_size * vocab_size * 16 + batch_size * block_size * vocab_size * 4 * 3
+    try:
+        check_fits(need, torch.device(device), f"training a bigram table of {vocab_size:,} "
+                   "tokens", "train it on characters (python prepare.py), or on a BPE with "
+                   "fewer tokens")
+    except UserError as e:
+        die(str(e))
 
 
 def get_batch(path: Path, ix: torch.Tensor, block_size: int, device):
@@ -99,16 +123,18 @@ def get_batch(path: Path, ix: torch.Tensor, block_size: int, device):
 def estimate_loss(model, get_split_batch, n_windows: dict, eval_iters: int, batch_size: int,
                   seed: int = 0) -> dict:
     """Mean loss over eval_iters batches of each split (the same seeded ones every time), in
-    eval mode."""
-    out = {}
+    eval mode; the model's mode comes back after, even on an exception."""
+    out, was_training = {}, model.training
     model.eval()
-    for split, high in n_windows.items():
-        g = torch.Generator().manual_seed(seed)
-        losses = [model(*get_split_batch(split, torch.randint(high, (batch_size,),
-                                                                generator=g)))[1].item()
-                  for _ in range(eval_iters)]
-        out[split] = sum(losses) / eval_iters
-    model.train()
+    try:
+        for split, high in n_windows.items():
+            g = torch.Generator().manual_seed(seed)
+            losses = [model(*get_split_batch(split, torch.randint(high, (batch_size,),
+                                                                    generator=g)))[1].item()
+                      for _ in range(eval_iters)]
+            out[split] = sum(losses) / eval_iters
+    finally:  # the mode it found, even when a batch could not be read
+        model.train(was_training)
     return out
 
 
@@ -135,12 +161,14 @@ class BigramLanguageModel(nn.Module):
         """Extend idx (B, T) one sampled token at a time, then restore the mode it found."""
         was_training = self.training
         self.eval()
-        for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -1:])  # a bigram only needs the last token: (B, 1, V)
-            probs = F.softmax(logits[:, -1, :], dim=-1)  # (B, V)
-            idx_next = torch.multinomial(probs, num_samples=1)  # (B, 1)
-            idx = torch.cat((idx, idx_next), dim=1)  # (B, T+1)
-        self.train(was_training)
+        try:
+            for _ in range(max_new_tokens):
+                logits, _ = self(idx[:, -1:])  # a bigram only needs the last token: (B, 1, V)
+                probs = F.softmax(logits[:, -1, :], dim=-1)  # (B, V)
+                idx_next = torch.multinomial(probs, num_samples=1)  # (B, 1)
+                idx = torch.cat((idx, idx_next), dim=1)  # (B, T+1)
+        finally:  # even when Ctrl-C stops it
+            self.train(was_training)
         return idx
 
 
@@ -162,6 +190,11 @@ def main(argv=None) -> dict:
     def get_split_batch(split, ix):
         return get_batch(splits[split], ix, args.block_size, args.device)
 
+    check_table_fits(meta["vocab_size"], args.batch_size, args.block_size, args.device)
+    try:  # GPT-2's BPE, offline, needs its packaged files: known now, not after training
+        _, decode = get_tokenizer(meta)
+    except UserError as e:
+        die(str(e))
     model = BigramLanguageModel(meta["vocab_size"]).to(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
     for it in range(args.max_iters + 1):
@@ -178,10 +211,10 @@ def main(argv=None) -> dict:
         loss.backward()
         optimizer.step()
 
-    context = torch.zeros((1, 1), dtype=torch.long, device=args.device)  # token 0 (newline)
+    # token 0 to start from: a newline in Shakespeare's characters
+    context = torch.zeros((1, 1), dtype=torch.long, device=args.device)
     ids = model.generate(context, args.max_new_tokens)[0].tolist()
-    if meta["tokenizer"] == "char":
-        print("".join(meta["chars"][i] for i in ids))
+    print(decode(ids))  # any tokenizer's ids, a chat marker's (past the characters) by name
     return losses
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from devices import check_fits, out_of_memory
 from errors import UserError, first_line
 from files import write_atomic
 from gpt import GPT, GPTConfig
@@ -41,17 +42,24 @@ def save_checkpoint(ckpt: dict, path: Path) -> None:
                         "untouched") from None
 
 
-def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    """Load with weights_only=True: tensors and plain data only, never arbitrary code."""
+def load_checkpoint(path: Path) -> dict:
+    """Load onto the CPU with weights_only=True: tensors and plain data only, never arbitrary
+    code. Raises UserError: no such file, not a checkpoint, or too big for the free memory
+    (refused before loading: torch.save stores tensors uncompressed, so a checkpoint takes
+    about its file's size)."""
     if not path.exists():
         raise UserError(f"no checkpoint at {path}: train one with `python train.py "
                         f"--out_dir {path.parent}`")
     if not zipfile.is_zipfile(path):  # what torch.save writes
         raise UserError(f"{path} is not a checkpoint: it is truncated or corrupt, or some "
                         "other file")
+    check_fits(path.stat().st_size, torch.device("cpu"), f"loading {path}",
+               "free some memory, or load it on a machine with more")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 (torch.load raises many types for a bad file)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many types for a bad file
+        if out_of_memory(e) is not None:  # not a bad file: the memory ran out
+            raise
         kind = "holds objects other than tensors and plain data" if "Unpickl" in str(e) \
             else "is truncated or corrupt"
         raise UserError(f"{path} is not a checkpoint: it {kind} ({first_line(e)[:120]})") \

@@ -1,15 +1,17 @@
 """
 Where a run computes, and how fast: the device, its precision, several processes, FLOPs.
 
-train.py and sample.py use it for: the device and dtype (and running out of memory on one),
-mixed precision, several processes (DDP, launched by torchrun), model FLOPs utilisation, and
-torch.compile with a fallback to eager mode. Nothing here changes what the model computes or
-how it learns.
+train.py and sample.py use it for: the device and dtype (and running out of memory on one,
+or refusing beforehand what cannot fit: check_fits, which bigram.py and checkpoints.py use
+too), mixed precision, several processes (DDP, launched by torchrun), model FLOPs
+utilisation, and torch.compile with a fallback to eager mode where compiling fails. Nothing
+here changes what the model computes or how it learns.
 """
 
 import functools
 import os
 import time
+import traceback
 from contextlib import nullcontext
 
 import torch
@@ -17,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from errors import UserError, first_line
 from gpt import GPT, GPTConfig
+from stop_signals import StopNow
 
 # -----------------------------------------------------------------------------
 # Device and precision
@@ -140,6 +143,21 @@ def free_memory(device: torch.device) -> int | None:
         return None
 
 
+def size_text(n: int) -> str:
+    """Bytes as people read them: GiB from a tenth of one, MiB below."""
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 / 10 else f"{n / 2**20:,.1f} MiB"
+
+
+def check_fits(need: int, device: torch.device, what: str, remedy: str) -> None:
+    """Refuse, before anything is allocated, `need` bytes that cannot fit in the device's free
+    memory: a UserError naming both, "<what> needs about X, and <device> has Y free: <remedy>".
+    Free memory unknown (MPS): not checked."""
+    free = free_memory(device)
+    if free is not None and need > free:
+        raise UserError(f"{what} needs about {size_text(need)}, and {device} has "
+                        f"{size_text(free)} free: {remedy}")
+
+
 # -----------------------------------------------------------------------------
 # Distributed data parallel: one process per device, launched by torchrun
 
@@ -234,22 +252,66 @@ def device_peak_flops(device: torch.device, dtype: str) -> float:
 # torch.compile, or eager mode where it cannot compile
 
 
+COMPILERS = ("torch._dynamo", "torch._inductor")  # the modules whose failure is compiling's
+
+
+def stop_or_oom(e: BaseException) -> BaseException | None:
+    """The stop request (StopNow, Ctrl-C) or out-of-memory error that e is or wraps, else
+    None: dynamo wraps what its backend raised (as inner_exception, or the cause). Neither is
+    a failure to compile, and eager mode would meet the same."""
+    seen = []
+    while e is not None and not any(e is s for s in seen):
+        if isinstance(e, (StopNow, KeyboardInterrupt)) or out_of_memory(e) is not None:
+            return e
+        seen.append(e)
+        e = getattr(e, "inner_exception", None) or e.__cause__ or e.__context__
+    return None
+
+
+def from_compiler(e: BaseException) -> bool:
+    """Whether e may be a failure to compile: an exception of dynamo's or inductor's (such as
+    BackendCompilerFailed, for a missing Triton or C compiler), or one raised inside their
+    code (an ImportError, a RuntimeError). A model's own error (a wrong shape) is one too
+    when compiled: the caller tells them apart by running the model eagerly."""
+    if type(e).__module__.startswith(COMPILERS):
+        return True
+    return any(frame.f_globals.get("__name__", "").startswith(COMPILERS)
+               for frame, _ in traceback.walk_tb(e.__traceback__))
+
+
 class CompiledOrEager(torch.nn.Module):
     """torch.compile(model), falling back to the plain model if compiling fails (no Triton on
     Windows and some installs). Compilation happens at the first call, so that is where a
-    failure shows: it is reported in one line and the call runs again in eager mode."""
+    failure shows, and the only place one is caught: reported in one line, the call runs again
+    in eager mode, and eager mode it stays. Whatever else the first call raises propagates: a
+    stop (StopNow), running out of memory, or an error the eager model raises too (a wrong
+    shape, which it raises in place of the compiled one's); after a first call that ran,
+    nothing is caught."""
 
     def __init__(self, model: torch.nn.Module, log=print):
         super().__init__()
         self.eager, self.log = model, log
-        self.compiled = torch.compile(model)
+        self.compiled, self.ran = torch.compile(model), False
 
     def forward(self, *args, **kwargs):
-        if self.compiled is not None:
-            try:
-                return self.compiled(*args, **kwargs)
-            except Exception as e:  # noqa: BLE001 (dynamo and inductor raise many types)
-                self.log(f"torch.compile failed ({first_line(e)[:150]}); running without "
-                         "it (--compile=False skips the attempt)")
-                self.compiled = None
-        return self.eager(*args, **kwargs)
+        if self.compiled is None:
+            return self.eager(*args, **kwargs)
+        if self.ran:
+            return self.compiled(*args, **kwargs)
+        try:
+            out = self.compiled(*args, **kwargs)
+        except Exception as e:  # sorted here: only a failure to compile falls back
+            if (stop := stop_or_oom(e)) is not None and stop is not e:
+                raise stop from None  # unwrapped: train.py knows a StopNow, not dynamo's
+            if stop is not None or not from_compiler(e):
+                raise
+            why = getattr(e, "inner_exception", None) or e  # what the backend raised
+            failure = f"{type(why).__name__}: {first_line(why)[:150]}"
+        else:
+            self.ran = True
+            return out
+        out = self.eager(*args, **kwargs)  # the model's own error raises here, eagerly
+        self.log(f"torch.compile failed ({failure}); running without it (--compile=False "
+                 "skips the attempt)")
+        self.compiled = None
+        return out

@@ -37,7 +37,7 @@ import torch
 from chat_loop import Chat, answer_problem
 from checkpoints import load_checkpoint, model_from_checkpoint, run_checkpoint
 from corpus import one_text, read_text_file
-from devices import autocast_ctx, out_of_memory, pick_device, pick_dtype
+from devices import autocast_ctx, check_fits, out_of_memory, pick_device, pick_dtype
 from errors import UserError, first_line, readable_output
 from gpt import GPT
 from gpt2_weights import from_pretrained
@@ -200,7 +200,9 @@ def load_model(init_from: str, out_dir: Path, device, which: str = "best",
     weights and dataset meta), or GPT-2's weights, which always go with GPT-2's BPE.
     init_from is resume (out_dir), a checkpoint file or run folder of ours, or GPT-2's;
     `which` is best (a folder's best.pt, or ckpt.pt while there is none) or latest (ckpt.pt);
-    which_given: --checkpoint was given, so it is refused where there is no run folder."""
+    which_given: --checkpoint was given, so it is refused where there is no run folder.
+    Loaded onto the CPU, then moved to the device: a model too big for either's free memory
+    is refused (UserError) before it is loaded or moved."""
     folder = out_dir if init_from == "resume" else Path(init_from)
     path = run_checkpoint(folder, which)
     if which_given and not (folder.is_dir() and path is not None):
@@ -209,7 +211,7 @@ def load_model(init_from: str, out_dir: Path, device, which: str = "best",
     if path is None and init_from == "resume":
         path = out_dir / "ckpt.pt"  # there is none: load_checkpoint says how to train one
     if path is not None:
-        ckpt = load_checkpoint(path, map_location=device)
+        ckpt = load_checkpoint(path)  # onto the CPU: the device takes the model once it fits
         model, _ = model_from_checkpoint(ckpt, path)
         meta = ckpt["meta"]
     else:
@@ -219,6 +221,10 @@ def load_model(init_from: str, out_dir: Path, device, which: str = "best",
             raise UserError(first_line(e)) from None
         eot = 50256 if model.config.vocab_size > 50256 else None  # <|endoftext|>, if it has one
         meta = {"tokenizer": "gpt2", "eot_token": eot}
+    if device.type != "cpu":  # on the CPU it is in memory already
+        n = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        check_fits(n, device, f"the model ({model.num_params() / 1e6:,.1f}M parameters)",
+                   "sample on the CPU (--device=cpu), or free the device's memory")
     return model.eval().to(device), meta
 
 

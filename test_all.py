@@ -1865,6 +1865,48 @@ def test_bigram_learns_and_restores_mode(data_dir, capsys):
     assert not m.training, "generate must leave an eval model in eval mode"
 
 
+def test_bigram_samples_chat_markers_through_the_tokenizer(chat_dir, monkeypatch, capsys):
+    """bigram.py on conversations (their markers' ids are past the characters): the sample
+    prints as get_tokenizer's decode writes it, each marker by name."""
+    sampled, real_generate = [], bigram.BigramLanguageModel.generate
+
+    def spy(self, idx, max_new_tokens):
+        out = real_generate(self, idx, max_new_tokens)
+        sampled.append(out[0].tolist())
+        return out
+
+    monkeypatch.setattr(bigram.BigramLanguageModel, "generate", spy)
+    bigram.main([f"--data_dir={chat_dir}", "--dataset=rev", "--max_iters=100",
+                 "--eval_interval=100", "--eval_iters=2", "--max_new_tokens=200"])
+    meta = json.loads((chat_dir / "rev" / "meta.json").read_text(encoding="utf-8"))
+    [ids], markers = sampled, meta["chat"]["markers"]
+    n_markers = sum(i in markers.values() for i in ids)
+    assert n_markers > 0 and max(ids) >= len(meta["chars"]), "no marker sampled"
+    text = tokenizer.get_tokenizer(meta)[1](ids)
+    assert capsys.readouterr().out.endswith("\n" + text + "\n")
+    assert sum(text.count(m) for m in markers) == n_markers  # each by name, none lost
+
+
+def test_bigram_refuses_a_table_too_big_before_making_it(tmp_path, monkeypatch, capsys):
+    """GPT-2's 50,257 tokens: training a 50,257 x 50,257 table takes 16 bytes an entry (weights,
+    gradients, AdamW's two moments) plus a batch's logits three times, 32 x 8 x 50,257 x 12
+    bytes: 40,566,646,288 bytes, 37.8 GiB. With 8 GiB free, bigram.py refuses in one line,
+    before it builds the table."""
+    folder = tmp_path / "g"
+    folder.mkdir()
+    (folder / "meta.json").write_text(json.dumps({"tokenizer": "gpt2", "vocab_size": 50257}),
+                                      encoding="utf-8")
+    for split in ("train", "val"):
+        np.arange(100, dtype=np.uint16).tofile(folder / f"{split}.bin")
+    monkeypatch.setattr(devices, "free_memory", lambda device: 8 * 2**30)
+    monkeypatch.setattr(bigram, "BigramLanguageModel",
+                        lambda vocab_size: pytest.fail(f"a {vocab_size}-token table was built"))
+    err = run_main(capsys, bigram.main, [f"--data_dir={tmp_path}", "--dataset=g"])
+    assert err == ("bigram.py: error: training a bigram table of 50,257 tokens needs about "
+                   "37.8 GiB, and cpu has 8.0 GiB free: train it on characters (python "
+                   "prepare.py), or on a BPE with fewer tokens")
+
+
 # =============================================================================
 # Model: gpt.py (and GPT-2's weights, gpt2_weights.py)
 
@@ -3394,16 +3436,114 @@ def test_init_from_gpt2_keeps_the_starting_weights_as_best(tmp_path, monkeypatch
 
 @slow
 def test_compile_failure_falls_back_to_eager(data_dir, tmp_path, monkeypatch, capsys):
-    def compile_without_triton(model, **kwargs):
-        def compiled(*args, **kw):
-            raise RuntimeError("Cannot find a working triton installation")
-        return compiled
-
-    monkeypatch.setattr(torch, "compile", compile_without_triton)
+    fake_compile(monkeypatch, {1: RuntimeError("Cannot find a working triton installation")})
     train_tiny(data_dir, tmp_path / "a", "--max_iters=3", "--compile=True")
     assert "torch.compile failed" in capsys.readouterr().out
     train_tiny(data_dir, tmp_path / "b", "--max_iters=3", "--compile=False")
     assert_same_params(ckpt_params(tmp_path / "a"), ckpt_params(tmp_path / "b"), atol=0)
+
+
+@pytest.mark.parametrize("estimate_loss", [train.estimate_loss, bigram.estimate_loss],
+                         ids=["train", "bigram"])
+def test_estimate_loss_restores_the_mode_it_found(estimate_loss):
+    """Both estimate_loss functions leave a model in the mode they found it in: eval stays
+    eval, train stays train, and so after a batch that cannot be read; in between, eval."""
+    x = torch.tensor([[0, 1, 2, 3]])
+    modes = []
+
+    def get_split_batch(split, ix):
+        modes.append(model.training)
+        if split == "bad":
+            raise OSError("the disk went away")
+        return x, x
+
+    model = bigram.BigramLanguageModel(5)
+    expected = F.cross_entropy(model(x)[0].view(4, 5), x.view(4)).item()  # one batch, 4 targets
+    for training in (False, True):
+        model.train(training)
+        out = estimate_loss(model, get_split_batch, {"val": 1}, 2, 1)
+        assert out["val"] == pytest.approx(expected) and model.training is training
+        with pytest.raises(OSError, match="went away"):
+            estimate_loss(model, get_split_batch, {"bad": 1}, 1, 1)
+        assert model.training is training
+    assert modes == [False] * 6, "the batches are read in eval mode"
+
+
+class Linear4(torch.nn.Linear):
+    """A (4 -> 4) layer that raises what it is told to on its calls, counted."""
+
+    def __init__(self, error=None):
+        super().__init__(4, 4)
+        self.error, self.calls = error, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.error is not None:
+            raise self.error
+        return super().forward(x)
+
+
+def fake_compile(monkeypatch, failures: dict):
+    """torch.compile replaced by the model itself, raising failures[n] on its n-th call (from
+    1) as dynamo does: BackendCompilerFailed, for a backend that cannot compile."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    def inductor(*args):  # the backend, as BackendCompilerFailed names it
+        pass
+
+    def compile_(model, **kwargs):
+        calls = []
+
+        def compiled(*args):
+            calls.append(1)
+            if (why := failures.get(len(calls))) is not None:
+                raise BackendCompilerFailed(inductor, why, None)
+            return model(*args)
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", compile_)
+
+
+def test_compiled_or_eager_falls_back_for_compile_failures_only(monkeypatch):
+    """CompiledOrEager falls back to eager mode only when compiling fails, on the first call:
+    a stop (StopNow), running out of memory and a wrong shape propagate, compile stays on, and
+    the model runs once; a compile failure on the first call is said in one line and the call
+    runs eagerly, with the eager result; one on a later call propagates."""
+    x = torch.ones(2, 4)
+    fake_compile(monkeypatch, {})
+    cpu_oom = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                           "1 TiB")
+    gpu_oom = torch.OutOfMemoryError("CUDA out of memory")
+    for error in (stop_signals.StopNow("SIGINT"), cpu_oom, gpu_oom):
+        log, model = [], Linear4(error)
+        wrapped = devices.CompiledOrEager(model, log.append)
+        with pytest.raises(type(error)) as e:
+            wrapped(x)
+        assert e.value is error and model.calls == 1 and not log and wrapped.compiled is not None
+    log, model = [], Linear4()
+    wrapped = devices.CompiledOrEager(model, log.append)
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):  # (2 x 3) @ (4 x 4)
+        wrapped(torch.ones(2, 3))
+    assert not log and wrapped.compiled is not None
+    # dynamo wraps what the backend raised: a stop inside compiling comes out as itself
+    fake_compile(monkeypatch, {1: stop_signals.StopNow("SIGTERM")})
+    wrapped = devices.CompiledOrEager(Linear4(), log.append)
+    with pytest.raises(stop_signals.StopNow, match="SIGTERM"):
+        wrapped(x)
+    assert not log and wrapped.compiled is not None
+    fake_compile(monkeypatch, {1: RuntimeError("Cannot find a working triton installation")})
+    model = Linear4()
+    wrapped = devices.CompiledOrEager(model, log.append)
+    assert torch.equal(wrapped(x), model(x)) and wrapped.compiled is None
+    assert log == [("torch.compile failed (RuntimeError: Cannot find a working triton "
+                    "installation); running without it (--compile=False skips the attempt)")]
+    assert torch.equal(wrapped(x), model(x)) and len(log) == 1  # eager from now on
+    fake_compile(monkeypatch, {2: RuntimeError("recompiling failed")})
+    wrapped = devices.CompiledOrEager(Linear4(), log.append)
+    wrapped(x)
+    with pytest.raises(RuntimeError, match="recompiling failed"):
+        wrapped(x)
+    assert len(log) == 1 and wrapped.compiled is not None
 
 
 def test_long_cpu_run_gets_a_hint():
@@ -4135,6 +4275,32 @@ def test_sample_from_a_checkpoint_path(ckpt_dir, capsys):
         assert sample.main([f"--init_from={path}", *argv]) == expected
     latest = sample.main([f"--out_dir={ckpt_dir}", "--checkpoint=latest", *argv])
     assert sample.main([f"--init_from={ckpt_dir}", "--checkpoint=latest", *argv]) == latest
+
+
+def test_sample_refuses_a_model_too_big_for_memory(tmp_path, monkeypatch):
+    """sample.py loads a checkpoint onto the CPU, refused before loading when its file (about
+    what loading takes) is bigger than the free memory, then moves the model to the device,
+    refused before moving when its weights cannot fit there: one line naming both sizes."""
+    path = tmp_path / "m.pt"
+    save_model(path, {"tokenizer": "char", "chars": list("abcdefghijk"), "vocab_size": 11},
+               n_embd=64)
+    size = path.stat().st_size
+    model, _ = checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(path), path)
+    need = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    assert need > 4 * 100_000  # 2 layers of 64: 0.1M parameters, in fp32
+    monkeypatch.setattr(devices, "free_memory", lambda device: size // 2)
+    with pytest.raises(errors.UserError) as e:
+        sample.load_model(str(path), tmp_path, torch.device("cpu"))
+    assert str(e.value) == (f"loading {path} needs about {devices.size_text(size)}, and cpu has "
+                            f"{devices.size_text(size // 2)} free: free some memory, or load "
+                            "it on a machine with more")
+    monkeypatch.setattr(devices, "free_memory",
+                        lambda device: size if device.type == "cpu" else 2**16)
+    with pytest.raises(errors.UserError) as e:  # before .to("cuda"), which fails without one
+        sample.load_model(str(path), tmp_path, torch.device("cuda"))
+    assert str(e.value) == (f"the model ({model.num_params() / 1e6:,.1f}M parameters) needs "
+                            f"about {devices.size_text(need)}, and cuda has 0.1 MiB free: "
+                            "sample on the CPU (--device=cpu), or free the device's memory")
 
 
 @slow

@@ -44,7 +44,7 @@ from chat import chat_file
 from checkpoints import OutDirLock, step_rng_state
 from devices import mean_over_ranks, out_of_memory, setup_ddp, sync_gradients
 from errors import UserError, readable_output
-from gpt import MLPS, NORMS, POS_EMBS
+from gpt import MLPS, NORMS, POS_EMBS, eval_mode
 from muon import Muon
 from run_setup import (
     build_model,
@@ -133,28 +133,28 @@ def data_loader(args, meta: dict, device) -> tuple[dict, dict, Callable]:
 @torch.no_grad()
 def estimate_loss(model, get_split_batch, n_windows: dict, eval_iters: int, batch_size: int,
                   seed: int = 0, ctx=None) -> dict:
-    """Mean loss over eval_iters batches of each split, in eval mode (no dropout): the mean
-    over every target of them all (for conversations, every answer token: batches with more
-    answer tokens weigh more, as in training; for text windows, the mean of the batches').
+    """Mean loss over eval_iters batches of each split, in eval mode (no dropout; the mode the
+    model was in comes back after, even on an exception): the mean over every target of them
+    all (for conversations, every answer token: batches with more answer tokens weigh more, as
+    in training; for text windows, the mean of the batches').
 
     The batches come from their own generator, seeded the same each time: every evaluation
     scores the same windows, so successive numbers compare, and training's random stream
     is left untouched (which keeps resumed runs exact).
     """
     out, ctx = {}, ctx or nullcontext()  # ctx: autocast to the training dtype, if any
-    model.eval()
-    for split, high in n_windows.items():
-        g = torch.Generator().manual_seed(seed)
-        total, targets = 0.0, 0
-        for _ in range(eval_iters):
-            ix = torch.randint(high, (batch_size,), generator=g)
-            x, y = get_split_batch(split, ix)
-            with ctx:
-                _, loss = model(x, y)  # the mean over this batch's n targets (not -1)
-            n = (y != -1).sum().item()
-            total, targets = total + loss.item() * n, targets + n
-        out[split] = total / max(targets, 1)
-    model.train()
+    with eval_mode(model):  # the mode it found comes back, even on an exception (a stop)
+        for split, high in n_windows.items():
+            g = torch.Generator().manual_seed(seed)
+            total, targets = 0.0, 0
+            for _ in range(eval_iters):
+                ix = torch.randint(high, (batch_size,), generator=g)
+                x, y = get_split_batch(split, ix)
+                with ctx:
+                    _, loss = model(x, y)  # the mean over this batch's n targets (not -1)
+                n = (y != -1).sum().item()
+                total, targets = total + loss.item() * n, targets + n
+            out[split] = total / max(targets, 1)
     return out
 
 
