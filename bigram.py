@@ -8,7 +8,8 @@ logits of the next token: the model only ever sees one character of context. The
 its training are all here (nothing of gpt.py or train.py is used); from the other scripts this
 file takes only the one tokenizer (tokenizer.py's get_tokenizer: ids to text for every
 tokenizer, a chat dataset's markers by name), devices.py's check_fits (a table too big for the
-free memory is refused before it is made) and the error both raise, errors.UserError. It has
+free memory is refused before it is made), corpus.py's prepare_command (the command a missing
+dataset's hint names) and the error they raise, errors.UserError. It has
 the same scaffolding as train.py and gpt.py, so the diff between them is the model. Where each
 piece of the lecture grows up:
 
@@ -34,6 +35,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from corpus import prepare_command
 from devices import check_fits
 from errors import UserError
 from tokenizer import get_tokenizer, with_merges
@@ -88,8 +90,8 @@ def check_args(a) -> None:
 def load_meta(data_dir: Path, dataset: str) -> dict:
     path = data_dir / dataset / "meta.json"
     if not path.exists():
-        hint = "" if dataset == "shakespeare_char" else f" --dataset {dataset}"
-        die(f"no prepared data in {path.parent}: run `python prepare.py{hint}` first")
+        die(f"no prepared data in {path.parent}: run `{prepare_command(dataset, data_dir)}` "
+            "first")
     try:  # a trained BPE's merges are in their own file beside meta.json
         return with_merges(json.loads(path.read_text(encoding="utf-8")), path.parent)
     except UserError as e:

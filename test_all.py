@@ -1277,6 +1277,9 @@ def hint_cases(data_dir: Path, tmp_path: Path, case: str) -> dict:
             train.main, [*train_on, "--dataset=reverse", f"--out_dir={out}", "--block_size=8"],
             "drop the flag", [*(f for f in train_on if not f.startswith("--block_size")),
                               "--dataset=reverse", f"--out_dir={out}"]),
+        "bigram: no data": (bigram.main, ["--dataset=mine", f"--data_dir={d}", "--max_iters=1",
+                                          "--eval_iters=1", "--max_new_tokens=2"],
+                            "--input YOUR_TEXT --dataset mine", None),
         "no checkpoint": (sample.main, [*QUICK_FLAGS["sample.py"], "--init_from=resume",
                                         f"--out_dir={out}"], "train one with `python train.py",
                           None, {"train.py": [f"--data_dir={d}", "--dataset=tiny"]}),
@@ -1292,6 +1295,7 @@ def hint_cases(data_dir: Path, tmp_path: Path, case: str) -> dict:
 
 HINT_CASES = ["unknown characters", "unknown in replies", "no text field", "drop --tokenizer",
               "a file, not a folder", "too few problems", "no data (your own)", "no CUDA",
+              "bigram: no data",
               "warmup too long", *(pytest.param(c, marks=slow) for c in (
                   "shakespeare_chat", "no data (generated)", "another vocabulary",
                   "its own out_dir", "block longer than the data",
