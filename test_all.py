@@ -2652,9 +2652,9 @@ def test_train_bad_settings(data_dir, tmp_path, capsys, flags, message):
 
 def test_train_missing_data(tmp_path, capsys):
     err = run_main(capsys, train.main, ["--data_dir", str(tmp_path), "--dataset=nope"])
-    assert "python prepare.py --dataset nope" in err
+    assert f"`python prepare.py --input YOUR_TEXT --dataset nope --data_dir {tmp_path}`" in err
     err = run_main(capsys, bigram.main, ["--data_dir", str(tmp_path)])
-    assert "python prepare.py" in err
+    assert f"`python prepare.py --data_dir {tmp_path}`" in err
 
 
 def logged(out, field: str) -> list[float]:
