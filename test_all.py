@@ -3334,7 +3334,7 @@ def test_new_run_from_checkpoint_refusals(data_dir, pretrained, tmp_path, capsys
         ([f"--init_from={pretrained}", "--dataset=other"],
          (f"{best} was trained on 30 characters, and {data_dir / 'other'} is 4 characters: "
           f"prepare it in the checkpoint's vocabulary with `python prepare.py --input "
-          f"YOUR_TEXT --dataset other --vocab_from {best}`")),
+          f"YOUR_TEXT --vocab_from {best} --dataset other --data_dir {data_dir}`")),
         ([f"--init_from={pretrained}", "--n_layer=3"], f"--n_layer 3, but {best} has n_layer 2"),
         ([f"--init_from={pretrained}", "--mlp=gelu"], "--mlp gelu, but"),
         ([f"--init_from={best}", "--block_size=64"], "context of 32: it can shrink, not grow"),
