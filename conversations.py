@@ -224,8 +224,8 @@ def prepare_chat(files: list[Path], tokenizer: str, given: dict | None, drop_unk
     if tokenizer == "bpe":  # learned from the train conversations, a message a document
         items = [item for ms in messages[:-n_val] for m in ms
                  for item in (("doc", ""), ("text", m["content"]))] + [("cut", "")]  # then val
-        bpe = bpe_merges(given, learn, lambda: bpe_training_texts(items, learn.train_bytes,
-                                                                  val_fraction))
+        bpe = bpe_merges(given, learn, lambda: bpe_training_texts(
+            items, learn.train_bytes, val_fraction, learn.split_pattern))
     return write_conversations({"train": messages[:-n_val], "val": messages[-n_val:]},
                                tokenizer, chars, block_size, False, meta, out_dir, bpe)
 

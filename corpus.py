@@ -354,13 +354,21 @@ def json_file_records(path: Path):
         yield f"{path} record {number}", record
 
 
-def record_items(records, field_name: str):
+def text_slices(text: str, chunk_chars: int):
+    """("text", slice) items of at most chunk_chars characters: a record holds any amount of
+    text, and what reads the items (a character vocabulary, char ids, BPE's pieces) then
+    holds a slice at a time beside it, as for a text file."""
+    for start in range(0, len(text), chunk_chars):
+        yield "text", text[start:start + chunk_chars]  # the whole: text itself, not a copy
+
+
+def record_items(records, field_name: str, chunk_chars: int = READ_CHARS):
     """Records as documents: each record's text one document (an empty one adds nothing)."""
     for where, record in records:
         text = record_text(record, field_name, where)
         if text:
             yield "doc", where
-            yield "text", text
+            yield from text_slices(text, chunk_chars)
 
 
 def import_datasets():
@@ -401,13 +409,13 @@ def dataset_rows(open_dataset, name: str, columns: list[str] | None = None):
                            f"{first_line(e)})") from None
 
 
-def dataset_items(open_dataset, field_name: str, name: str):
+def dataset_items(open_dataset, field_name: str, name: str, chunk_chars: int = READ_CHARS):
     """The rows of a Hugging Face dataset, one document each."""
     for where, row in dataset_rows(open_dataset, name, [field_name]):
         text = checked_text(row[field_name], field_name, where)
         if text:
             yield "doc", where
-            yield "text", text
+            yield from text_slices(text, chunk_chars)
 
 
 def parquet_rows(path: Path, columns: list[str] | None = None):
@@ -460,7 +468,8 @@ def file_source(names: list[str], field_name: str, chunk_chars: int) -> Source:
         for path in files:
             suffix = path.suffix.lower()
             if suffix in DOCUMENT_SUFFIXES:
-                yield from record_items(file_records(path, [field_name]), field_name)
+                yield from record_items(file_records(path, [field_name]), field_name,
+                                        chunk_chars)
             else:  # .txt, and any other file named on its own: plain text
                 yield from text_file_items(path, chunk_chars)
 

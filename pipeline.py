@@ -22,14 +22,17 @@ import shutil
 import signal
 import sys
 import time
+import unicodedata
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
+import regex  # not `re`: \p{L} and searching from the end, (?r)
 
 from bpe import SPLIT_PATTERNS, train_bpe, write_merges
 from corpus import Source
@@ -46,79 +49,205 @@ from tokenizer import (
 from vocabulary import char_ids, char_table, codepoints, fit_vocabulary
 
 CHUNK_CHARS = 1 << 20  # characters per piece of work: memory holds a few pieces per process
+# A stretch of chunk_chars / FORCE_CUT characters with no safe cut is cut anyway (or of
+# FORCE_MIN, if more: the tests' tiny pieces still are cut only safely). Such a stretch is one
+# pre-token, and tiktoken (0.14) needs more memory for one the longer it is: 8 MB for 128K
+# ideographs, 24 MB for 256K, 260 MB for 2M
+FORCE_CUT, FORCE_MIN = 8, 4096
 QUIET_BYTES = 8 << 20  # inputs smaller than this finish before a progress line would help
 BINS = ("train.bin", "val.bin")  # token ids, uint16
 CHAT_BINS = ("train_mask.bin", "val_mask.bin",  # uint8 beside each token: 1 = it carries loss
              "train_index.bin", "val_index.bin")  # int64: where each conversation starts
+# The end of a run of letters, or of numbers: a character that ends one, before one that does
+# not (searched from the end: (?r)). The cut is the match's end.
+WORD_END = regex.compile(r"(?r)\p{L}(?=\P{L})|\p{N}(?=\P{N})")
+# Characters a forced cut does not put first in a piece: marks, the zero-width joiner and the
+# variation selectors belong with the character before them
+CLINGS = regex.compile(r"[\p{M}\u200d\ufe00-\ufe0f\U000e0100-\U000e01ef]")
 
 
 # -----------------------------------------------------------------------------
 # Tokenizing at scale (the tokenizers themselves are in tokenizer.py)
 
 
-def last_safe_cut(text: str, split: str = "gpt2") -> int:
-    """Where BPE with the named split pattern (gpt2 or gpt4) may cut this text in two without
-    changing any token (the last such place), or 0 if there is none.
-
-    GPT-2's pre-tokenizer (tiktoken's r50k pattern) splits text into words, numbers, punctuation
-    and whitespace runs before BPE merges within each. A whitespace run followed by a non-space
-    character always ends one piece before its last character, which goes with what follows
-    (` word`) or stands alone (a newline): a piece starts right there, and nothing before it
-    looks past it. So cut right before a newline, or a space, followed by a non-space character.
-    (Cutting after "\\n\\n" would not do: at the end of a text "\\n\\n" is one token, 628; before
-    a word it is two, 198 198.)
-
-    GPT-4's pattern (a BPE trained here may use it) keeps the newlines after punctuation with
-    it, and a whitespace run ending a text whole: there (and for any other pattern), only a
-    space between two non-spaces is a safe cut (test_safe_cuts_keep_every_chunk).
-    """
-    if split != "gpt2":
-        end = len(text) - 1
-        while (i := text.rfind(" ", 1, end)) > 0:
-            if not (text[i - 1].isspace() or text[i + 1].isspace()):
-                return i
-            end = i
-        return 0
-    for space in "\n ":
-        end = len(text) - 1
-        while (i := text.rfind(space, 1, end)) > 0:
-            if not text[i + 1].isspace():  # Python's isspace covers the pattern's \s, and more
-                return i
-            end = i
+def last_space_cut(text: str, space: str, lone: bool = False) -> int:
+    """The last i > 0 where text[i] is space and text[i + 1] is not whitespace (lone: nor
+    text[i - 1]), or 0. Python's isspace covers the patterns' \\s, and more."""
+    end = len(text) - 1
+    while (i := text.rfind(space, 1, end)) > 0:
+        if not (text[i + 1].isspace() or lone and text[i - 1].isspace()):
+            return i
+        end = i
     return 0
 
 
-def safe_pieces(items, chunk_chars: int, split: str = "gpt2"):
-    """Re-cut the text into pieces of about chunk_chars characters, each cut at a safe place
-    (see last_safe_cut), so encoding piece by piece gives the tokens of the whole text. Any
-    other item ends a piece: text on either side of a separator or a cut is encoded apart."""
+def last_line_start(text: str) -> int:
+    """The last i where text[i - 1] is a newline and text[i] is not whitespace, or 0."""
+    end = len(text) - 1
+    while (i := text.rfind("\n", 0, end)) >= 0:
+        if not text[i + 1].isspace():
+            return i + 1
+        end = i
+    return 0
+
+
+def stable_category(c: str) -> str:
+    """c's Unicode category if Unicode 3.2 (which Python always carries) gave it the same one,
+    else "": the regex engines here and in tiktoken know such a character, and agree on it."""
+    category = unicodedata.category(c)
+    return category if unicodedata.ucd_3_2_0.category(c) == category != "Cn" else ""
+
+
+def last_word_end(text: str) -> int:
+    """The last i where a run of letters, or of numbers, ends: text[i - 1] is a letter (a
+    number) and text[i] is not, both by Unicode 3.2 and Python's tables alike; or 0."""
+    end = len(text)
+    while m := WORD_END.search(text, 0, end):
+        i = m.end()
+        before, after = stable_category(text[i - 1]), stable_category(text[i])
+        if before and after and before[0] in "LN" and after[0] != before[0]:
+            return i
+        end = i  # the next match ends earlier: its lookahead then stays inside text[:i]
+    return 0
+
+
+def last_safe_cut(text: str, split: str = "gpt2") -> int:
+    """Where BPE with the named split pattern (gpt2 or gpt4) may cut this text in two without
+    changing any token (the last such place of the first kind found), or 0 if there is none.
+
+    Both patterns (bpe.py) split text into pre-tokens: words, numbers, punctuation and whitespace
+    runs, each merged on its own. A cut is safe where the whole text has a pre-token boundary,
+    no pre-token before it looks past it (only the whitespace alternatives do: `$`, `(?!\\S)`),
+    and the text after it is split as if it began there (neither pattern looks behind).
+    Tried in this order, the first found wins (test_safe_cuts_keep_every_chunk checks them all):
+
+    GPT-2's (tiktoken's r50k): right before a newline, else a space, followed by a non-space. A
+    whitespace run before a non-space leaves its last character to what follows (` word`) or
+    alone (a newline): a pre-token starts there. (Not after "\\n\\n": at the end of a text it is
+    one token, 628; before a word it is two, 198 198.)
+
+    GPT-4's (cl100k's): right after a newline followed by a non-space. Whatever comes before,
+    the whitespace run or punctuation (whose `[\\r\\n]*+` takes the newlines) holding it ends
+    there: `\\s*[\\r\\n]` takes the run whole before a non-space, and `\\s++$` does at the end
+    of the piece before the cut. Else a space between two non-spaces (a space after one goes
+    with a word, ` on`; two would change `\\s+(?!\\S)`). Not before a newline that follows
+    punctuation, which keeps it (".\\n\\n" is one pre-token).
+
+    Both, when no such whitespace is found: right after a run of letters, or of numbers, which
+    no pre-token crosses (letters and numbers are never taken by punctuation or whitespace, and
+    GPT-4's punctuation prefix ("。日本") comes before its letters). CJK text has no spaces, so
+    this is where it is cut. \\p{L} and \\p{N} are Unicode's, whose tables grow: only characters
+    that Unicode 3.2 already put in the category they have now count (stable_category), so
+    every regex engine's tables, here and in tiktoken, agree on them.
+    """
+    if split == "gpt2":
+        found = last_space_cut(text, "\n") or last_space_cut(text, " ")
+    else:
+        found = last_line_start(text) or last_space_cut(text, " ", lone=True)
+    return found or last_word_end(text)
+
+
+def forced_cut(text: str, limit: int, near: int = 64) -> int:
+    """Where to cut text (over limit characters) that has no safe cut: at limit, or a little
+    before it (at most near characters), between characters of two categories, else anywhere
+    that keeps marks and joined emoji with what they belong to (CLINGS). Python's str holds
+    whole code points, so no cut splits a character's bytes (nor a surrogate pair)."""
+    apart = [i for i in range(limit, max(limit - near, 1) - 1, -1)
+             if not CLINGS.match(text[i]) and text[i - 1] != "\u200d"]
+    differ = (i for i in apart if unicodedata.category(text[i - 1])
+              != unicodedata.category(text[i]))
+    return next(differ, apart[0] if apart else limit)
+
+
+def force_limit(chunk_chars: int) -> int:
+    """How long a stretch with no safe cut safe_pieces lets grow before it cuts it anyway."""
+    return max(chunk_chars // FORCE_CUT, FORCE_MIN)
+
+
+@dataclass
+class Cuts:
+    """What safe_pieces did not cut safely: how many stretches of limit characters with no safe
+    place to cut it cut anyway (their tokens near the cut may differ from the whole text's)."""
+    limit: int
+    forced: int = 0
+
+
+def cut_pieces(buf: str, until: int, limit: int, split: str, cuts: Cuts | None):
+    """("text", piece) items of buf from its start, each cut at the last safe place in its
+    first limit characters, until fewer than until characters are left, or none of them has a
+    safe cut and they fit in limit. Returns where the rest begins. Past limit with no safe
+    cut, a piece is cut there anyway (forced_cut) and counted in cuts."""
+    start = 0  # where the uncut text begins (slicing buf at each cut would copy its rest)
+    while len(buf) - start >= until:
+        cut = last_safe_cut(buf[start:start + limit], split)
+        if not cut:
+            if len(buf) - start <= limit:
+                break  # wait for more text: a safe cut may come
+            cut = forced_cut(buf[start:start + limit + 1], limit)
+            if cuts:
+                cuts.forced += 1
+        yield "text", buf[start:start + cut]
+        start += cut
+    return start
+
+
+def safe_pieces(items, chunk_chars: int, split: str = "gpt2", cuts: Cuts | None = None):
+    """Re-cut the text into pieces, each cut at a safe place (see last_safe_cut), so encoding
+    piece by piece gives the tokens of the whole text. Text is gathered until chunk_chars
+    characters, then cut at the last safe place in its first force_limit(chunk_chars)
+    (cuts.limit, if given), again and again; what follows the last cut waits for more. Any
+    other item, and the end, ends a piece: text on either side of a separator or a cut is
+    encoded apart.
+
+    So no piece is longer than that limit: a stretch that long with no safe cut (one pre-token:
+    a line of ideographs with no punctuation, a giant word) is cut there anyway (forced_cut)
+    and counted in cuts.forced. Memory stays flat whatever the text."""
+    limit = cuts.limit if cuts else force_limit(chunk_chars)
     buf = ""
-    for kind, value in items:
-        if kind != "text":
-            if buf:
-                yield "text", buf
-                buf = ""
-            yield kind, value
+    for kind, value in chain(items, [("end", None)]):  # the end, too, sends the rest
+        if kind == "text":
+            buf += value
+            buf = buf[(yield from cut_pieces(buf, chunk_chars, limit, split, cuts)):]
             continue
-        buf += value
-        if len(buf) >= chunk_chars and (cut := last_safe_cut(buf, split)):
-            yield "text", buf[:cut]
-            buf = buf[cut:]
-    if buf:
-        yield "text", buf
+        # the rest goes whole, once no more than limit characters of it are left
+        start = yield from cut_pieces(buf, limit + 1, limit, split, cuts)
+        if buf[start:]:
+            yield "text", buf[start:]
+        buf = ""
+        if kind != "end":
+            yield kind, value
 
 
 def batched(items, chunk_chars: int):
-    """Lists of items holding about chunk_chars characters of text each: one job for a worker."""
+    """Lists of items holding at most chunk_chars characters of text each (or one longer piece):
+    one job for a worker. Not "until past chunk_chars": safe_pieces' pieces fall just short of
+    it, so jobs were two pieces, and the peak went with whichever two came together."""
     batch, size = [], 0
     for item in items:
-        batch.append(item)
-        size += len(item[1]) if item[0] == "text" else 0
-        if size >= chunk_chars:
+        n = len(item[1]) if item[0] == "text" else 0
+        if size + n > chunk_chars and size:
             yield batch
             batch, size = [], 0
+        batch.append(item)
+        size += n
     if batch:
         yield batch
+
+
+def steady_malloc() -> None:
+    """Have glibc's malloc serve every block of 128 KiB or more by mmap, returned when freed.
+
+    By default glibc raises that threshold to the size of each such block freed, so the next
+    pieces' strings and token arrays (megabytes each) come from its heap, which fragments:
+    the peak crept up job after job (32 MB of CJK lines, jobs of 1M characters: 96 MB after
+    the first, 122 MB after the ninth; with this, 108 MB from the second on). A fixed threshold (M_MMAP_THRESHOLD, -3) stops that, in
+    prepare.py and in each worker (start_worker). Elsewhere (macOS, musl, Windows) it does
+    nothing."""
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] == "glibc":
+        ctypes.CDLL(None).mallopt(-3, 128 << 10)
 
 
 worker_encoding = None  # in a worker process: the trained BPE it encodes with (start_worker)
@@ -143,6 +272,7 @@ def start_worker(enc) -> None:
     Sent once per process, not with every job: with 65,536 tokens it is about 1 MB."""
     global worker_encoding
     ignore_ctrl_c()
+    steady_malloc()
     worker_encoding = enc
 
 
@@ -177,10 +307,11 @@ def encode_in_processes(jobs, num_proc: int, enc=None):
 
 
 def encode_items(items, tokenizer: str, vocab, num_proc: int, chunk_chars: int,
-                 bpe: dict | None = None):
+                 bpe: dict | None = None, cuts: Cuts | None = None):
     """(kind, value, ids) for every item: the token ids of text and separators, None for the
     other items. Characters are looked up here; BPE goes to num_proc processes: GPT-2's, or
-    a trained one (bpe: its meta["bpe"], with the merges)."""
+    a trained one (bpe: its meta["bpe"], with the merges), in pieces cut by safe_pieces (its
+    forced cuts counted in cuts)."""
     if tokenizer == "char":
         table = char_table(vocab)
         for kind, value in items:
@@ -192,7 +323,7 @@ def encode_items(items, tokenizer: str, vocab, num_proc: int, chunk_chars: int,
     eot_ids = np.array([(enc or gpt2_encoding()).eot_token], dtype=np.uint16)
     split = bpe["split_pattern"] if bpe else "gpt2"
     jobs = ((batch, [value for kind, value in batch if kind == "text"])
-            for batch in batched(safe_pieces(items, chunk_chars, split), chunk_chars))
+            for batch in batched(safe_pieces(items, chunk_chars, split, cuts), chunk_chars))
     if num_proc == 1:
         done = ((batch, encode_texts(texts, enc)) for batch, texts in jobs)
     else:
@@ -232,12 +363,19 @@ def merges_wanted(vocab_size: int, specials: list[str]) -> int:
     return vocab_size - least
 
 
-def bpe_training_texts(items, budget: int, val_fraction: float) -> list[str]:
-    """The texts the merges are learned from, one per document, as prepare() reads them:
-    the train split, from its start, until budget bytes of UTF-8. A single text's val starts at
-    its ("cut", "") item; a collection's val is its last documents, left out when the whole
-    collection fits in the budget (a larger one is read from its start, so the budget runs out
-    before its last tenth, unless those few documents hold most of its bytes)."""
+def bpe_training_texts(items, budget: int, val_fraction: float, split: str = "gpt2",
+                       chunk_chars: int = CHUNK_CHARS) -> list[str]:
+    """The texts the merges are learned from, as prepare() reads them: the train split, from
+    its start, until budget bytes of UTF-8. A single text's val starts at its ("cut", "") item;
+    a collection's val is its last documents, left out when the whole collection fits in the
+    budget (a larger one is read from its start, so the budget runs out before its last tenth,
+    unless those few documents hold most of its bytes).
+
+    Each document comes in pieces cut as encoding cuts them (safe_pieces with split): the split
+    pattern finds the same chunks in them as in the whole, and no chunk, nor the list of them
+    that count_chunks makes of a piece, grows with a document's size (a 40 MB line of ideographs
+    alone was one "word" of 40 million byte ids: a 320 MB list). Its forced cuts are the ones encoding makes and counts
+    (the same text, cut the same way), so none is counted here."""
     docs, size = [], 0
     for kind, value in items:
         if kind == "cut" or size >= budget:
@@ -250,7 +388,12 @@ def bpe_training_texts(items, budget: int, val_fraction: float) -> list[str]:
             size += len(data)
     else:  # the whole collection was read: its val documents are known, and left out
         docs = docs[:len(docs) - val_documents(len(docs), val_fraction)]
-    return ["".join(pieces) for pieces in docs]
+    texts = []
+    for doc in docs:
+        texts += [piece for _, piece in safe_pieces((("text", v) for v in doc), chunk_chars,
+                                                     split)]
+        doc.clear()  # its text lives on in the pieces: never twice
+    return texts
 
 
 def learn_merges(texts: list[str], learn: BpeSettings) -> list[tuple[int, int]]:
@@ -514,6 +657,8 @@ def prepare(source: Source, tokenizer: str, out_dir: Path, val_fraction: float =
     given_vocab: another dataset's meta (--vocab_from), whose ids the text takes (for
     characters, its vocabulary; for a trained BPE, its merges). learn: the BPE to learn
     (--vocab_size, --split_pattern, --bpe_train_bytes) when tokenizer is "bpe" and none is given.
+    meta["forced_cuts"], only when BPE met stretches of force_limit(chunk_chars) characters
+    with no safe cut (safe_pieces): {"count": how many, "after_chars": that length}.
     """
     check_out_dir(out_dir)
     sep = "\n" if tokenizer == "char" else EOT
@@ -538,14 +683,17 @@ def prepare(source: Source, tokenizer: str, out_dir: Path, val_fraction: float =
         marked = lambda: mark_cut(read(), cut_char) if source.one_text else read()
         if tokenizer == "bpe":
             bpe = write_bpe(temps[2], bpe_merges(given_vocab, learn, lambda: bpe_training_texts(
-                marked(), learn.train_bytes, val_fraction)))
+                marked(), learn.train_bytes, val_fraction, learn.split_pattern, chunk_chars)))
         meta.update(tokenizer_meta(tokenizer, vocab, bpe))
-        items = marked()
+        items, cuts = marked(), Cuts(force_limit(chunk_chars))
         try:
             with open(train_tmp, "wb") as f:
-                w = write_tokens(encode_items(items, tokenizer, vocab, num_proc, chunk_chars, bpe),
+                w = write_tokens(encode_items(items, tokenizer, vocab, num_proc, chunk_chars, bpe,
+                                              cuts),
                                  f, val_fraction, Progress("encoding", source.total_bytes),
                                  sep_is_text)
+            if cuts.forced:  # only then: a dataset cut safely everywhere has the meta it had
+                meta["forced_cuts"] = {"count": cuts.forced, "after_chars": cuts.limit}
             cut, cut_byte, split = where_val_starts(w, source)
             move_tail(train_tmp, val_tmp, 2 * cut)  # 2 bytes per uint16 token
             meta.update(sha256=w.sha256, train_tokens=cut, val_tokens=w.tokens - cut,

@@ -85,6 +85,7 @@ from pipeline import (
     commit,
     merges_wanted,
     prepare,
+    steady_malloc,
     temp_bins,
 )
 from tasks import prepare_instruct, prepare_shakespeare_chat, prepare_task
@@ -265,6 +266,7 @@ def main(argv=None, chunk_chars: int = CHUNK_CHARS) -> dict:
     readable_output()  # a name that is not UTF-8 prints, never a traceback
     args = parse_args(argv)
     out_dir = Path(args.data_dir) / args.dataset
+    steady_malloc()  # memory flat whatever the input's size (pipeline.steady_malloc)
     try:
         check_args(args)
         if args.dataset in GENERATED:
@@ -318,6 +320,7 @@ def main(argv=None, chunk_chars: int = CHUNK_CHARS) -> dict:
     print(f"wrote {out_dir}: {meta['tokenizer']} tokens{merges}, vocab_size "
           f"{meta['vocab_size']:,}, train {meta['train_tokens']:,}, val {meta['val_tokens']:,} "
           f"({held_out})")
+    report_forced_cuts(meta)
     return meta
 
 
@@ -368,6 +371,16 @@ def report_dropped(meta: dict) -> None:
         if emptied := meta.get(f"emptied_{what}"):
             print(f"{emptied:,} {what} were left out: --drop_unknown left them "
                   f"{'no text' if what == 'documents' else 'no answer'}")
+
+
+def report_forced_cuts(meta: dict) -> None:
+    """Say it when BPE had to cut text where its tokens may change (pipeline.safe_pieces)."""
+    if forced := meta.get("forced_cuts"):
+        n = forced["count"]
+        print(f"note: {n:,} {'stretch' if n == 1 else 'stretches'} of "
+              f"{forced['after_chars']:,} characters had no space, newline or end of a word to "
+              f"cut at; {'it was' if n == 1 else 'each was'} cut there, so its tokens near the "
+              "cut may differ from encoding it whole")
 
 
 def report_chat(meta: dict, out_dir: Path) -> dict:

@@ -780,19 +780,61 @@ def test_progress_line(capsys):
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's VmHWM")
 def test_peak_memory_stays_flat(tmp_path):
     """A 64 MB text is prepared in well under the memory the old way needed to hold it: the
-    text as a string (64 MB) plus a Python list of its ids (8 bytes a character, 512 MB).
-    The peak is VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's, pytest's."""
+    text as a string (64 MB) plus a Python list of its ids (8 bytes a character, 512 MB)."""
     line = "To be, or not to be, that is the question: whether 'tis nobler in the mind\n"
     (tmp_path / "big.txt").write_text(line * (64_000_000 // len(line)), encoding="utf-8")
+    peak_mb = prepare_peak_mb(tmp_path / "big.txt", tmp_path / "data")
+    assert peak_mb < 150, f"peak {peak_mb:.0f} MB for a 64 MB text"
+
+
+def prepare_peak_mb(path: Path, data_dir: Path, *flags) -> float:
+    """prepare.py's peak memory on path, in MB, run in a process of its own. The peak is
+    VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's, pytest's."""
     code = ("import sys; sys.argv = ['prepare.py'] + sys.argv[1:]; import runpy; "
             f"runpy.run_path({str(corpus.ROOT / 'prepare.py')!r}, run_name='__main__'); "
             "print('peak_kb', open('/proc/self/status').read().split('VmHWM:')[1].split()[0])")
-    done = subprocess.run([sys.executable, "-c", code, "--input", str(tmp_path / "big.txt"),
-                           "--data_dir", str(tmp_path / "data")], check=False,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code, "--input", str(path), "--data_dir",
+                           str(data_dir), *flags], check=False, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr
-    peak_mb = int(done.stdout.split("peak_kb")[1]) / 1024
-    assert peak_mb < 150, f"peak {peak_mb:.0f} MB for a 64 MB text"
+    return int(done.stdout.split("peak_kb")[1]) / 1024
+
+
+def text_of_mb(kind: str, mb: int) -> str:
+    """mb MB of UTF-8 with no spaces: lines of 20 ideographs and a full stop, or a word of 6
+    letters per line (fast: numpy draws them all)."""
+    rng = np.random.default_rng(mb)
+    if kind == "cjk":
+        lines = np.empty((mb * 1_000_000 // 64, 22), dtype="<u4")  # 64 bytes a line
+        lines[:, :20] = rng.integers(0x4E00, 0x4E00 + 3000, (len(lines), 20))
+        lines[:, 20:] = [0x3002, 0x0A]
+    else:
+        lines = np.empty((mb * 1_000_000 // 7, 7), dtype="<u4")
+        lines[:, :6] = rng.integers(ord("a"), ord("z") + 1, (len(lines), 6))
+        lines[:, 6] = 0x0A
+    return lines.tobytes().decode("utf-32-le")
+
+
+@slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's VmHWM")
+@pytest.mark.parametrize("kind", ["cjk", "words"])
+@pytest.mark.parametrize("split", ["gpt2", "bpe:gpt2", "bpe:gpt4"])
+def test_peak_memory_stays_flat_without_spaces(tmp_path, kind, split):
+    """Text with no spaces, lines of ideographs or a word per line: prepare.py's peak memory
+    is the same for 8 MB as for 32 MB, for GPT-2's BPE and a BPE of each split pattern
+    (llm-foundry#1240: with GPT-4's pattern nothing was cut, and the peak went 108 -> 246 MB
+    for CJK lines, 113 -> 224 MB for words). One process (--num_proc 1) encodes, so its peak
+    is the encoder's; the merges are learned from 0.3 MB, the same for both."""
+    flags = ["--num_proc", "1", "--tokenizer", "gpt2"]
+    if split.startswith("bpe:"):
+        flags[2:] = ["--tokenizer", "bpe", "--split_pattern", split[4:], "--vocab_size", "512",
+                     "--bpe_train_bytes", "300000"]
+    peaks = []
+    for mb in (8, 32):
+        (tmp_path / f"{mb}.txt").write_text(text_of_mb(kind, mb), encoding="utf-8")
+        peaks.append(prepare_peak_mb(tmp_path / f"{mb}.txt", tmp_path / "data", *flags))
+        (tmp_path / f"{mb}.txt").unlink()
+    assert peaks[1] < peaks[0] + 20, f"peak {peaks[0]:.0f} MB for 8 MB, {peaks[1]:.0f} for 32"
 
 
 @slow
@@ -1359,23 +1401,39 @@ def test_every_tokenizer_round_trips_through_get_tokenizer():
         tokenizer.get_tokenizer({"tokenizer": "bpe", "bpe": {"pattern": P2}})
 
 
+def cjk_lines(n: int, seed: int = 0, end: str = "\u3002\n") -> str:
+    """n lines of 5 to 20 ideographs, each closed by end (a full stop and a newline): no spaces."""
+    rng = np.random.default_rng(seed)
+    return "".join("".join(map(chr, rng.integers(0x4E00, 0x4E00 + 3000, rng.integers(5, 21))))
+                   + end for _ in range(n))
+
+
+# Texts with few or no spaces, cut where they can be: ideographs by the line and in one line,
+# a word per line, Windows line ends, blank lines, punctuation before newlines
+CUT_TEXTS = (cjk_lines(6) + cjk_lines(3, 1, "\n\n") + "日本語、テキスト。日本\r\n語\n\n\n"
+             + "alpha\nbeta\n42\nit's\nStop.\ngo!\ncafe\u0301\nnaïve\n"
+             + "end.\r\n\r\nnext:\n\tnew\n \nline\u3000x\n😀\n1234五\n")
+
+
 @pytest.mark.parametrize("split", ["gpt2", "gpt4"])
 def test_safe_cuts_keep_every_chunk(split):
     """prepare.py encodes a long text in pieces cut by last_safe_cut: no cut it picks changes
     how the split pattern cuts the text into chunks, so no token changes either. Checked on
-    every prefix of the tricky text and on random strings of spaces, newlines, punctuation,
-    letters and digits."""
+    every prefix of the tricky text and of CUT_TEXTS, and on random strings of spaces, newlines
+    (one, two, "\r\n"), punctuation, letters, ideographs, marks and digits."""
     chunks = regex.compile(bpe.SPLIT_PATTERNS[split]).findall
     rng = np.random.default_rng(0)
-    alphabet = list("ab Z9.,'!\n\t\r日é") + [" ", "\u00a0", "\u3000", "😀", "'s", "123"]
+    alphabet = list("ab Z9.,'!\n\t\r日é。、\u0301\x1c") + [
+        " ", "\u00a0", "\u3000", "😀", "'s", "'ll", "123", "\n\n", "\r\n", "\U0002EBF0"]
     texts = [TRICKY[:n] for n in range(2, len(TRICKY))] + [
-        "".join(rng.choice(alphabet, size=rng.integers(2, 16))) for _ in range(3000)]
+        CUT_TEXTS[:n] for n in range(2, len(CUT_TEXTS))] + [
+        "".join(rng.choice(alphabet, size=rng.integers(2, 16))) for _ in range(4000)]
     cuts = 0
     for text in texts:
         if cut := pipeline.last_safe_cut(text, split):
             cuts += 1
             assert chunks(text[:cut]) + chunks(text[cut:]) == chunks(text), (text, cut)
-    assert cuts > 1000, "the rule must still find places to cut"
+    assert cuts > 2500, "the rule must still find places to cut"
 
 
 def test_gpt4_pattern_needs_its_own_cuts():
@@ -1386,7 +1444,66 @@ def test_gpt4_pattern_needs_its_own_cuts():
     assert chunks(text) == ["Stop", ".\n\n", "Go", " on"]
     cut = pipeline.last_safe_cut(text, "gpt2")
     assert text[cut:] == "\nGo on" and chunks(text[:cut]) + chunks(text[cut:]) != chunks(text)
-    assert text[pipeline.last_safe_cut(text, "gpt4"):] == " on"
+    cut = pipeline.last_safe_cut(text, "gpt4")  # after the newlines that "." keeps
+    assert text[cut:] == "Go on" and chunks(text[:cut]) + chunks(text[cut:]) == chunks(text)
+
+
+def pieces_of(text: str, split: str, chunk_chars: int, cuts=None) -> list[str]:
+    """safe_pieces over text read as a file is, chunk_chars characters an item."""
+    items = (("text", text[i:i + chunk_chars]) for i in range(0, len(text), chunk_chars))
+    return [value for _, value in pipeline.safe_pieces(items, chunk_chars, split, cuts)]
+
+
+@pytest.mark.parametrize("split", ["gpt2", "gpt4"])
+def test_safe_pieces_bound_text_with_no_spaces(split):
+    """Ideographs by the line, or in one line with punctuation, and a word per line are cut
+    into pieces of at most two items, whatever the pattern, each at a safe place: tiktoken
+    encoding them one by one gives the whole text's tokens exactly (GPT-2's BPE, or a BPE
+    learned here with GPT-4's pattern). GPT-4's pattern once cut such text nowhere: the whole
+    text was one piece (llm-foundry#1240: memory grew with the file)."""
+    if split == "gpt2":
+        enc = tokenizer.gpt2_encoding()
+    else:
+        merges = bpe.train_bpe([cjk_lines(300)], 100, P4)
+        enc = bpe.bpe_encoding(merges, P4, {"<|endoftext|>": 256 + 100})
+    words = "".join(f"{w}\n" for w in TEXT.split())
+    for text in (cjk_lines(2000), cjk_lines(2000, end="\u3002"), words, CUT_TEXTS * 40):
+        cuts = pipeline.Cuts(pipeline.force_limit(64))
+        pieces = pieces_of(text, split, 64, cuts)
+        assert "".join(pieces) == text and cuts.forced == 0
+        assert len(pieces) > len(text) // 128 and max(map(len, pieces)) <= 2 * 64
+        ids = [i for piece in pieces for i in enc.encode_ordinary(piece)]
+        assert ids == enc.encode_ordinary(text), split
+
+
+@pytest.mark.parametrize("split", ["gpt2", "gpt4"])
+def test_safe_pieces_force_a_cut_in_a_giant_word(tmp_path, capsys, split):
+    """One line of ideographs with no punctuation is one pre-token: no cut is safe. Past
+    force_limit it is cut anyway, next to no mark, counted, said and in meta.json; the BPE
+    trainer reads it in the same pieces."""
+    rng = np.random.default_rng(0)
+    text = "".join(map(chr, rng.integers(0x4E00, 0x4E00 + 3000, 10_000)))
+    cuts = pipeline.Cuts(pipeline.force_limit(64))
+    pieces = pieces_of(text, split, 64, cuts)
+    assert cuts.limit == 4096 and cuts.forced == 2 and "".join(pieces) == text
+    assert max(map(len, pieces)) <= 4096
+    cuts = pipeline.Cuts(4096)  # read whole: the rest at the end is cut the same way
+    assert pieces_of(text, split, 1 << 20, cuts) == pieces and cuts.forced == 2
+    family = "\U0001F468\u200d\U0001F469\u200d\U0001F467"  # one emoji of 5 code points
+    emoji = pieces_of(family * 2000, split, 64)
+    assert [len(p) % 5 for p in emoji] == [0, 0, 0] and "".join(emoji) == family * 2000
+    texts = pipeline.bpe_training_texts([("doc", "x"), ("text", text)], 10**6, 0.1, split, 64)
+    assert texts == pieces
+    (tmp_path / "giant.txt").write_text(text + "。\n" + cjk_lines(50), encoding="utf-8")
+    meta = run(tmp_path, "--input", str(tmp_path / "giant.txt"), "--tokenizer", "bpe",
+               "--split_pattern", split, "--vocab_size", "300", chunk_chars=64)
+    assert meta["forced_cuts"] == {"count": 2, "after_chars": 4096}
+    saved = json.loads((tmp_path / "data" / "ds" / "meta.json").read_text())
+    assert saved["forced_cuts"] == meta["forced_cuts"]
+    assert "note: 2 stretches of 4,096 characters had no space" in capsys.readouterr().out
+    meta = run(tmp_path, "--input", str(tmp_path / "giant.txt"), "--tokenizer", "bpe",
+               "--split_pattern", split, "--vocab_size", "300", dataset="whole")  # 1M a piece
+    assert "forced_cuts" not in meta and "note:" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("split,num_proc", [("gpt2", 1), ("gpt4", 2)])
