@@ -37,7 +37,7 @@ from torch.nn import functional as F
 
 from corpus import prepare_command
 from devices import check_fits
-from errors import UserError
+from errors import UserError, readable_output
 from tokenizer import get_tokenizer, with_merges
 
 ROOT = Path(__file__).resolve().parent
@@ -179,6 +179,7 @@ class BigramLanguageModel(nn.Module):
 
 
 def main(argv=None) -> dict:
+    readable_output()  # a path that is not UTF-8 prints, never a traceback
     args = get_parser().parse_args(argv)
     check_args(args)
     torch.manual_seed(args.seed)

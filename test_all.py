@@ -1335,6 +1335,12 @@ def hint_cases(data_dir: Path, tmp_path: Path, case: str) -> dict:
     }
 
 
+def test_datasets_prepared_without_input_are_prepare_pys():
+    """prepare_command's list of datasets that need no --input is prepare.py's own."""
+    assert set(corpus.NO_INPUT_DATASETS) == {*corpus.BUILT_IN_TEXTS, *prepare.GENERATED}
+    assert "shakespeare_char" in corpus.BUILT_IN_TEXTS and "other_plays" in corpus.BUILT_IN_TEXTS
+
+
 HINT_CASES = ["unknown characters", "unknown in replies", "no text field", "drop --tokenizer",
               "a file, not a folder", "too few problems", "no data (your own)", "no CUDA",
               "bigram: no data",
