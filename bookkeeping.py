@@ -101,27 +101,34 @@ def last_replies(path: Path, tmpl: dict, limit: int) -> list[tuple[np.ndarray, n
 
 
 @torch.no_grad()
+def replies_right(model, path: Path, tmpl: dict, device, limit: int = 500,
+                  batch_size: int = 500) -> list[tuple[np.ndarray, bool]]:
+    """For each of (up to `limit`) conversations of a split, in order: (its prompt, whether
+    its last reply, generated greedily (KV cache) to the conversation before it, is the
+    reference reply exactly, up to and with <|end|>). Prompts of one length go in one batch;
+    each batch generates its longest reply's tokens (its <|end|> included) and no more."""
+    pairs = last_replies(path, tmpl, limit)
+    by_length, right = {}, [False] * len(pairs)
+    for i, (prompt, _) in enumerate(pairs):
+        by_length.setdefault(len(prompt), []).append(i)
+    for P, which in by_length.items():
+        for j in range(0, len(which), batch_size):
+            chunk = which[j:j + batch_size]
+            prompts = torch.from_numpy(np.stack([pairs[i][0] for i in chunk])).to(device)
+            new = max(len(pairs[i][1]) for i in chunk)
+            out = generate(model, prompts, new, temperature=0)[:, P:].tolist()  # (B, new)
+            # reply[:len(ref)] == ref: the reference, then its <|end|>: what comes after is cut
+            for i, got in zip(chunk, out, strict=True):
+                right[i] = got[:len(pairs[i][1])] == pairs[i][1].tolist()
+    return [(prompt, ok) for (prompt, _), ok in zip(pairs, right, strict=True)]
+
+
 def exact_match(model, path: Path, tmpl: dict, device, limit: int = 500,
                 batch_size: int = 500) -> tuple[float, int]:
     """The share of (up to `limit`) conversations of a split whose last reply, generated
-    greedily (KV cache) to the conversation before it, is the reference reply exactly, up to
-    and with <|end|>; and how many were checked. Prompts of one length go in one batch;
-    each batch generates its longest reply's tokens (its <|end|> included) and no more."""
-    by_length = {}
-    for prompt, reply in last_replies(path, tmpl, limit):
-        by_length.setdefault(len(prompt), []).append((prompt, reply))
-    correct = checked = 0
-    for P, pairs in by_length.items():
-        for i in range(0, len(pairs), batch_size):
-            chunk = pairs[i:i + batch_size]
-            prompts = torch.from_numpy(np.stack([q for q, _ in chunk])).to(device)  # (B, P)
-            new = max(len(r) for _, r in chunk)
-            out = generate(model, prompts, new, temperature=0)[:, P:].tolist()  # (B, new)
-            # reply[:len(ref)] == ref: the reference, then its <|end|>: what comes after is cut
-            correct += sum(got[:len(r)] == r.tolist() for got, (_, r) in zip(out, chunk,
-                                                                              strict=True))
-            checked += len(chunk)
-    return correct / max(checked, 1), checked
+    greedily, is the reference exactly (replies_right); and how many were checked."""
+    right = [ok for _, ok in replies_right(model, path, tmpl, device, limit, batch_size)]
+    return sum(right) / max(len(right), 1), len(right)
 
 
 def generate_and_print_sample(model, prompt, decode, seed: int, max_new_tokens: int = 100,

@@ -284,6 +284,18 @@ class GPT(nn.Module):
         the new tokens. Raises ValueError for more tokens than block_size.
         """
         B, T = idx.size()
+        x = self.hidden(idx, cache)  # (B, T, C)
+        if targets is None:
+            # (B, 1, V); a slice, not x[:, [-1]]: a list index is a tensor copied from
+            return self.lm_head(x[:, -1:, :]), None  # the host, which a CUDA graph cannot hold
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))  # may be a slice
+        return logits, loss
+
+    def hidden(self, idx, cache=None):
+        """idx (B, T) -> the last block's output, normed (B, T, C): what lm_head turns into
+        logits (and rlhf.py's reward head into a score). Raises ValueError past block_size."""
+        T = idx.size(1)
         if cache is None and T > self.config.block_size:  # (a cache checks its own room)
             raise ValueError(f"sequence of {T} tokens is longer than block_size "
                              f"{self.config.block_size}")
@@ -294,13 +306,7 @@ class GPT(nn.Module):
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, cache)
-        x = self.transformer.ln_f(x)  # (B, T, C)
-        if targets is None:
-            # (B, 1, V); a slice, not x[:, [-1]]: a list index is a tensor copied from
-            return self.lm_head(x[:, -1:, :]), None  # the host, which a CUDA graph cannot hold
-        logits = self.lm_head(x)  # (B, T, V)
-        loss = cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))  # may be a slice
-        return logits, loss
+        return self.transformer.ln_f(x)  # (B, T, C)
 
     # The lecture's loop, written out below, as a method (model.generate_plain(...)); the
     # fast one, with a KV cache, the same tokens, is inference.generate(model, ...).

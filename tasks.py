@@ -223,9 +223,74 @@ def prepare_instruct(num_train: int, num_val: int, seed: int, block_size: int,
     train, val, kinds = instruct_conversations(num_train, num_val, seed)
     chars = sorted({ch for ms in train + val for m in ms for ch in m["content"]})
     meta = {"source": f"generated instructions ({', '.join(kinds)}; seed {seed})",
-            "kinds": kinds, "example": " -> ".join(m["content"] for m in val[0])}
+            "kinds": kinds, "seed": seed, "example": " -> ".join(m["content"] for m in val[0])}
     return write_conversations({"train": train, "val": val}, "char", chars, block_size, True,
                                meta, out_dir)
+
+
+# Checking an instruction's answer from its wording alone: the checker that rlhf.py uses as
+# the labeller (preference pairs) and as the checked reward. It parses the question; it never
+# looks up a reference reply, so it checks any question of the five kinds, typed or generated.
+
+INPUTS = {"reverse": r"(?P<x>\d+)", "add": r"(?P<x>\d+ \+ \d+)",  # what {x} may be, by kind
+          "sort": r"(?P<x>[a-z0-9](?: [a-z0-9])*)", "count": r"(?P<x>[a-z]+)",
+          "upper": r"(?P<x>[a-z]+)"}
+
+
+def instruct_answer(question: str) -> tuple[str, str, str] | None:
+    """(kind, key, the right answer) of an instruction worded as INSTRUCT words them, or None:
+    'How many a in banana?' -> ('count', 'banana|a', '3'). The key is instruction()'s: the
+    input that makes it a different problem, whatever the wording."""
+    for kind, wordings in INSTRUCT.items():
+        for w in wordings:
+            pattern = re.escape(w).replace(r"\{x\}", INPUTS[kind])
+            if m := re.fullmatch(pattern.replace(r"\{c\}", "(?P<c>[a-z])"), question):
+                x, c = m["x"], m.groupdict().get("c") or ""
+                return kind, f"{x}|{c}", solve(kind, x, c)
+    return None
+
+
+def solve(kind: str, x: str, c: str) -> str:
+    """The right answer to an instruction of a kind with input x (and letter c, to count)."""
+    if kind == "reverse":
+        return x[::-1]
+    if kind == "add":
+        return str(sum(int(n) for n in x.split("+")))
+    if kind == "sort":
+        return " ".join(sorted(x.split()))
+    return str(x.count(c)) if kind == "count" else x.upper()
+
+
+def right_answer(meta: dict, messages: list[dict]) -> str | None:
+    """The right reply to a conversation's last user turn, for a dataset whose answers can be
+    checked (instruct, reverse, addition); None when it is not a problem this checker knows."""
+    question = messages[-1]["content"]
+    if meta.get("kinds") == list(INSTRUCT):
+        return (found := instruct_answer(question)) and found[2]
+    if meta.get("task") in ("reverse", "addition"):
+        return (found := task_problem(meta["task"], meta["digits"], question)) and found[1]
+    return None
+
+
+def fresh_instructions(meta: dict, num_train: int, num_val: int, n: int, seed: int
+                       ) -> list[list[dict]]:
+    """n instruct prompts (one user turn each) none of which is a problem of the dataset's
+    train or val split (regenerated from meta's seed), nor another's: fresh prompts for the
+    third stage, drawn as held-out ones are, the kinds in turn."""
+    seed_of_data = meta.get("seed") or int(re.search(r"seed (\d+)", meta["source"])[1])
+    train, val, kinds = instruct_conversations(num_train, num_val, seed_of_data)
+    taken = {instruct_answer(ms[0]["content"])[:2] for ms in train + val}
+    rng, prompts = np.random.default_rng(seed), []
+    for tries in itertools.count():
+        if len(prompts) == n:
+            return prompts
+        if tries > 100 * n:
+            raise UserError(f"only {len(prompts):,} fresh instructions turned up; ask for fewer")
+        kind = kinds[len(prompts) % len(kinds)]
+        key, question, _ = instruction(kind, rng)
+        if (kind, key) not in taken:
+            taken.add((kind, key))
+            prompts.append([{"role": "user", "content": question}])
 
 
 # --dataset shakespeare_chat: questions on Tiny Shakespeare, answered from it, to fine-tune a
