@@ -194,7 +194,10 @@ def prompts_for(c: Context, n: int, seed: int) -> list[tuple[list[dict], list[in
     from chat import render_prompt
     out = []
     for messages in fresh_instructions(c.meta, *counts, n, seed):
-        ids = render_prompt(messages, c.encode, c.tmpl)
+        try:
+            ids = render_prompt(messages, c.encode, c.tmpl)
+        except KeyError:  # a character the dataset's vocabulary lacks: not one to ask
+            continue
         if len(ids) < c.block_size:  # room for a reply
             out.append((messages, ids))
     return out
@@ -333,7 +336,8 @@ def score_replies(c: Context, reward_fn, prompts, replies) -> tuple[torch.Tensor
     """Each reply's score; one with no <|end|> gets the batch's lowest, stated (a reply cut
     off is not an answer, however good its start)."""
     ids, _, last = pad_batch([p for _, p in prompts], [r for r, _ in replies], c.device)
-    score = reward_fn(prompts, replies, ids, last)
+    with torch.no_grad():  # a reward is a number to the policy, not a graph to train
+        score = reward_fn(prompts, replies, ids, last)
     ended = torch.tensor([e for _, e in replies], device=c.device)
     return torch.where(ended, score, score.min()), int((~ended).sum())
 

@@ -18,8 +18,10 @@ the scripts end to end or start subprocesses. The shared fixtures and helpers ar
 conftest.py.
 """
 
+import argparse
 import ast
 import contextlib
+import copy
 import csv
 import functools
 import hashlib
@@ -68,7 +70,9 @@ import gpt2_weights
 import inference
 import muon
 import pipeline
+import preferences
 import prepare
+import rlhf
 import run_setup
 import runlog
 import sample
@@ -5861,6 +5865,332 @@ def test_sample_says_whether_an_addition_answer_is_right(tmp_path, capsys, monke
     out, err = capsys.readouterr()
     assert out == answer + "\n" and f"123+456 -> {answer}   {verdict}" in err
     assert calls[1][0] == asked
+
+
+# =============================================================================
+# The third stage: rlhf.py (reward model, PPO, DPO) and preferences.py
+
+
+def rl_setup(tmp_path, chars="abcq", block_size=8, seed=0):
+    """A tiny policy over characters with the chat template, and its rendered prompt 'q'."""
+    tmpl = chat.chat_template(len(chars))
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(block_size=block_size, vocab_size=tmpl["vocab_size"], n_layer=1,
+                          n_head=2, n_embd=16, dropout=0.0)).eval()
+    stoi = {ch: i for i, ch in enumerate(chars)}
+    prompt = chat.render_prompt([{"role": "user", "content": "q"}], lambda t: [stoi[c] for c in t],
+                                tmpl)
+    return model, tmpl, stoi, prompt
+
+
+def test_bradley_terry_dpo_and_k3_match_hand_values():
+    r_c, r_r = torch.tensor([2.0, -1.0]), torch.tensor([0.5, 0.5])
+    # -log sigmoid(1.5) = log(1 + e^-1.5) = 0.201413; -log sigmoid(-1.5) = 1.701413
+    assert rlhf.bradley_terry_loss(r_c, r_r).item() == pytest.approx(0.951413, abs=1e-6)
+    # DPO, beta 0.5: margins (-1 - -2) - (-3 - -1) = 3 and (-2 - -2) - (-2 - -2) = 0
+    loss = rlhf.dpo_loss(torch.tensor([-1.0, -2.0]), torch.tensor([-2.0, -2.0]),
+                         torch.tensor([-3.0, -2.0]), torch.tensor([-1.0, -2.0]), 0.5)
+    assert loss.item() == pytest.approx((math.log1p(math.exp(-1.5)) + math.log(2)) / 2, abs=1e-6)
+    # k3 = r - 1 - log r with r = pi_ref / pi: 0.5 - 1 + log 2 and 2 - 1 - log 2
+    k3 = rlhf.kl_k3(torch.log(torch.tensor([0.5, 0.25, 0.3])),
+                    torch.log(torch.tensor([0.25, 0.5, 0.3])))
+    assert k3.tolist() == pytest.approx([math.log(2) - 0.5, 1 - math.log(2), 0.0], abs=1e-6)
+    g = torch.Generator().manual_seed(0)
+    logp, ref = torch.randn(1000, generator=g), torch.randn(1000, generator=g)
+    assert (rlhf.kl_k3(logp, ref) >= 0).all() and (rlhf.kl_k3(logp, logp) == 0).all()
+
+
+def test_ppo_loss_is_the_policy_gradient_at_ratio_one_and_flat_where_clipped():
+    g = torch.Generator().manual_seed(1)
+    old = -torch.rand(4, 6, generator=g) - 0.1
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0]] * 2 + [[0, 1, 1, 1, 1, 1]] * 2, dtype=torch.float)
+    adv = torch.tensor([1.0, -0.5, 2.0, -1.0])
+    logp = (old * mask).clone().requires_grad_(True)
+    loss, clipped = rlhf.ppo_loss(logp, old * mask, adv, mask, 0.2)
+    loss.backward()
+    # at rho = 1 the surrogate is the policy gradient: -sum(A * mask) / n per token's log-prob
+    assert torch.allclose(logp.grad, -adv[:, None] * mask / mask.sum()) and clipped == 0
+    # rho 1.5 with A > 0 and rho 1/1.5 with A < 0: clipped, no gradient; rho 1/1.5 with
+    # A > 0 and 1.5 with A < 0: the unclipped term is the minimum, and it has a gradient
+    sign = torch.tensor([1.0, -1.0, -1.0, 1.0])[:, None]
+    shifted = (old * mask + math.log(1.5) * mask * sign).detach().requires_grad_(True)
+    rlhf.ppo_loss(shifted, old * mask, adv, mask, 0.2)[0].backward()
+    grads = shifted.grad.abs().sum(dim=1)
+    assert grads[0] == 0 and grads[1] == 0 and grads[2] > 0 and grads[3] > 0, grads
+    # a masked mean: padding added after the replies changes nothing
+    padded = rlhf.ppo_loss(F.pad(old * mask, (0, 3)), F.pad(old * mask, (0, 3)) - 0.1, adv,
+                           F.pad(mask, (0, 3)), 0.2)[0]
+    assert padded.item() == pytest.approx(
+        rlhf.ppo_loss(old * mask, old * mask - 0.1, adv, mask, 0.2)[0].item(), abs=1e-7)
+
+
+def test_log_probs_only_on_reply_tokens_and_identical_models_agree(tmp_path):
+    """Masks: only reply tokens carry log-probs; with dropout in the config but eval mode,
+    policy and reference agree exactly, and DPO's loss is exactly log 2."""
+    _, tmpl, stoi, prompt = rl_setup(tmp_path)
+    torch.manual_seed(3)
+    cfg = GPTConfig(block_size=8, vocab_size=tmpl["vocab_size"], n_layer=1, n_head=2,
+                    n_embd=16, dropout=0.5)
+    policy, ref = GPT(cfg), GPT(cfg)
+    ref.load_state_dict(policy.state_dict())
+    policy.eval(), ref.eval()
+    end = chat.marker_id(tmpl, "end")
+    ids, mask, last = preferences.pad_batch([prompt, prompt], [[stoi["a"], end], [stoi["b"], stoi["c"], end]], "cpu")
+    assert mask.tolist() == [[0, 0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 1, 1, 1]] and last.tolist() == [5, 6]
+    logp = rlhf.token_logprobs(policy, ids, mask)
+    assert (logp[mask == 0] == 0).all() and (logp[mask == 1] < 0).all()
+    full = torch.log_softmax(policy(ids[:1, :5], ids[:1, :5])[0], -1)[0, 3, stoi["a"]]
+    assert logp[0, 4].item() == pytest.approx(full.item(), abs=1e-6)
+    ref_logp = rlhf.token_logprobs(ref, ids, mask)
+    assert torch.equal(logp, ref_logp)
+    s_pi, s_ref = logp.sum(1), ref_logp.sum(1)
+    log2 = torch.log(torch.tensor(2.0)).item()  # log 2 in float32
+    assert rlhf.dpo_loss(s_pi[:1], s_ref[:1], s_pi[1:], s_ref[1:], 0.1).item() == log2
+
+
+def test_reward_read_at_the_last_real_token_whatever_the_padding_or_batch(tmp_path):
+    _, tmpl, stoi, prompt = rl_setup(tmp_path)
+    torch.manual_seed(0)
+    rm = rlhf.RewardModel(GPTConfig(block_size=12, vocab_size=tmpl["vocab_size"], n_layer=1,
+                                    n_head=2, n_embd=16)).eval()
+    torch.nn.init.normal_(rm.head.weight)
+    end = chat.marker_id(tmpl, "end")
+    replies = [[stoi["a"], end], [stoi["b"], stoi["c"], stoi["a"], end], [stoi["c"], end]] * 3
+    alone = torch.cat([rm(*[t for i, t in enumerate(preferences.pad_batch([prompt], [r], "cpu"))
+                             if i != 1]) for r in replies])
+    ids, _, last = preferences.pad_batch([prompt] * len(replies), replies, "cpu")
+    with torch.no_grad():
+        together = rm(ids, last)
+        h = rm.gpt.hidden(ids)
+    assert torch.allclose(alone, together, atol=1e-6)
+    assert together[0].item() == pytest.approx(rm.head(h[0, last[0]]).item(), abs=1e-6)
+    assert together[0].item() != pytest.approx(rm.head(h[0, last[0] + 1]).item(), abs=1e-6)
+
+
+def test_a_reward_model_overfits_one_batch(tmp_path):
+    _, tmpl, stoi, prompt = rl_setup(tmp_path)
+    torch.manual_seed(0)
+    rm = rlhf.RewardModel(GPTConfig(block_size=8, vocab_size=tmpl["vocab_size"], n_layer=1,
+                                    n_head=2, n_embd=16)).eval()
+    end = chat.marker_id(tmpl, "end")
+    pairs = [(prompt, [stoi[a], end], [stoi[b], end]) for a, b in ("ab", "ac", "cb")]
+    opt, _ = train.configure_optimizer(rm, 0.0, 1e-2, (0.9, 0.99))
+    for _ in range(60):
+        ids, _, last = rlhf.pair_batch(pairs, "cpu")
+        r_c, r_r = rm(ids, last).chunk(2)
+        loss = rlhf.bradley_terry_loss(r_c, r_r)
+        loss.backward(), opt.step(), opt.zero_grad()
+    assert loss.item() < 0.05 and (r_c > r_r).all(), loss
+
+
+def toy_context(model, tmpl, **flags):
+    args = argparse.Namespace(num_samples=8, max_new_tokens=2, temperature=1.0, beta=0.0,
+                              minibatches=2, ppo_epochs=2, clip=0.2, grad_clip=1.0, **flags)
+    return rlhf.Context(args, {}, {}, tmpl, None, None, torch.device("cpu"), 8)
+
+
+def prob_of(model, prompt, token):
+    with torch.no_grad():
+        return torch.softmax(model(torch.tensor([prompt]))[0][0, -1], -1)[token].item()
+
+
+def test_ppo_and_dpo_move_a_one_step_choice_toward_the_best_reply(tmp_path):
+    """A known optimum: reply 'a' scores 1, 'b' 0, 'c' 0.3 (a fixed table)."""
+    policy, tmpl, stoi, prompt = rl_setup(tmp_path)
+    ref = copy.deepcopy(policy).requires_grad_(False)
+    table = {stoi["a"]: 1.0, stoi["b"]: 0.0, stoi["c"]: 0.3}
+    c = toy_context(policy, tmpl)
+
+    def reward_fn(prompts, replies, ids, last):
+        return torch.tensor([table.get(r[0], -1.0) for r, _ in replies])
+
+    s = rlhf.Stage(c, policy, None, None, None, None)
+    s.optimizer, _ = train.configure_optimizer(policy, 0.0, 3e-2, (0.9, 0.99))
+    before = prob_of(policy, prompt, stoi["a"])
+    gen = torch.Generator().manual_seed(0)
+    for it in range(25):
+        r = rlhf.rollout(c, policy, ref, reward_fn, [([], prompt)] * 2, gen)
+        stats = rlhf.ppo_update(s, r)
+        assert stats["first_ratio"] == 0.0 and (it == 0 or stats["last_ratio"] > 0), stats
+    assert before < 0.2 and prob_of(policy, prompt, stoi["a"]) > 0.9
+    assert r.kl.min() >= 0 and r.kl.mean() > 0.1  # it moved away from the reference
+
+    policy, _, _, _ = rl_setup(tmp_path)
+    ref = copy.deepcopy(policy).requires_grad_(False)
+    opt, _ = train.configure_optimizer(policy, 0.0, 3e-2, (0.9, 0.99))
+    end = chat.marker_id(tmpl, "end")
+    pairs = [(prompt, [stoi["a"], end], [stoi[x], end]) for x in "bc"] + \
+        [(prompt, [stoi["c"], end], [stoi["b"], end])]
+    for _ in range(25):
+        ids, mask, _ = rlhf.pair_batch(pairs, "cpu")
+        pi_c, pi_r = rlhf.token_logprobs(policy, ids, mask).sum(1).chunk(2)
+        with torch.no_grad():
+            ref_c, ref_r = rlhf.token_logprobs(ref, ids, mask).sum(1).chunk(2)
+        rlhf.dpo_loss(pi_c, ref_c, pi_r, ref_r, 0.5).backward()
+        opt.step(), opt.zero_grad()
+    assert prob_of(policy, prompt, stoi["a"]) > 0.8
+
+
+def test_unterminated_replies_get_the_lowest_reward_and_are_counted(tmp_path):
+    policy, tmpl, stoi, prompt = rl_setup(tmp_path)
+    c = toy_context(policy, tmpl)
+    end = chat.marker_id(tmpl, "end")
+    replies = [([stoi["a"], end], True), ([stoi["a"], stoi["a"]], False), ([stoi["b"], end], True)]
+    score, n = rlhf.score_replies(c, lambda p, r, ids, last: torch.tensor([5.0, 9.0, 2.0]),
+                                  [([], prompt)] * 3, replies)
+    assert score.tolist() == [5.0, 2.0, 2.0] and n == 1
+    assert rlhf.group_advantages(torch.tensor([1.0, 0.0, 1.0, 1.0]), 2).tolist() == \
+        pytest.approx([0.5 / math.sqrt(0.5 / 3), -0.5 / math.sqrt(0.5 / 3), 0, 0], abs=1e-4)
+
+
+def test_the_instruct_checker_agrees_with_every_reference_and_fresh_prompts_are_fresh():
+    train_set, val, _ = tasks.instruct_conversations(3000, 100, seed=5)
+    for ms in train_set + val:
+        assert tasks.instruct_answer(ms[0]["content"])[2] == ms[1]["content"], ms
+    assert tasks.instruct_answer("How many a in banana?") == ("count", "banana|a", "3")
+    assert tasks.instruct_answer("Reverse banana.") is None  # not a number: no such problem
+    meta = {"seed": 5, "kinds": list(tasks.INSTRUCT)}
+    fresh = tasks.fresh_instructions(meta, 3000, 100, 500, seed=6)
+    keys = {tasks.instruct_answer(ms[0]["content"])[:2] for ms in fresh}
+    taken = {tasks.instruct_answer(ms[0]["content"])[:2] for ms in train_set + val}
+    assert len(keys) == 500 and not keys & taken
+
+
+@pytest.mark.parametrize("line,message", [
+    ({"prompt": "qa", "chosen": "a"}, 'missing field "rejected"'),
+    ({"chosen": "a", "rejected": "b"}, 'missing field "prompt"'),
+    ({"prompt": "qa", "chosen": "ab", "rejected": "ab"}, "chosen and rejected are the same"),
+    ({"prompt": "q" * 20, "chosen": "a", "rejected": "b"}, "do not fit the model's block_size 16"),
+    ({"prompt": "q", "chosen": "z", "rejected": "b"}, "'z'"),
+    ({"prompt": "q", "chosen": 3, "rejected": "b"}, '"chosen" is int, not a string'),
+    ({"messages": [{"role": "assistant", "content": "a"}], "chosen": "a", "rejected": "b"},
+     "roles out of order"),
+])
+def test_bad_preference_lines_are_one_line_and_nothing_is_written(tmp_path, line, message):
+    chars = list("abq")
+    tmpl = chat.chat_template(len(chars))
+    encode, _ = tokenizer.get_tokenizer(chat_meta(chars))
+    good = {"prompt": "q", "chosen": "a", "rejected": "b"}
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(line) + "\n", encoding="utf-8")
+    with pytest.raises(errors.UserError) as e:
+        preferences.read_pairs(path, encode, tmpl, 16)
+    assert str(e.value).startswith(f"{path}:2: ") and message in str(e.value), str(e.value)
+    good_pairs = preferences.read_pairs(path.with_name("p.jsonl"), encode, tmpl, 16) \
+        if path.with_name("p.jsonl").write_text(json.dumps(good)) else None
+    assert good_pairs == [(chat.render_prompt([{"role": "user", "content": "q"}], encode, tmpl),
+                           [0, tmpl["vocab_size"] - 1], [1, tmpl["vocab_size"] - 1])]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    """A tiny SFT model on generated instructions, and its data."""
+    root = tmp_path_factory.mktemp("sft")
+    prepare.main(["--dataset", "instruct", "--num_train", "300", "--num_val", "20",
+                  "--data_dir", str(root / "data")])
+    train.main(CPU_TINY[:-1] + [f"--data_dir={root / 'data'}", "--dataset=instruct",
+                                f"--out_dir={root / 'sft'}", "--dropout=0", "--sample_every=0",
+                                "--max_iters=4", "--eval_interval=4", "--block_size=64"])
+    return root
+
+
+def test_the_labeller_prefers_right_replies_and_counts_the_rest(sft_run, monkeypatch, capsys):
+    data = sft_run / "data"
+    meta = json.loads((data / "instruct" / "meta.json").read_text(encoding="utf-8"))
+    encode, _ = tokenizer.get_tokenizer(meta)
+    end, user = meta["chat"]["markers"]["<|end|>"], meta["chat"]["markers"]["<|user|>"]
+
+    decode = tokenizer.get_tokenizer(meta)[1]
+
+    def replies(model, prompts, n, *rest):  # all right, one of each, all wrong, in turn
+        out = []
+        for k, p in enumerate(prompts):
+            right = encode(tasks.instruct_answer(decode(p[1:p.index(end)]))[2])
+            kinds = [(right + [end], True), (encode("0") + [end], True),  # right, wrong,
+                     (right, False), ([user, end], True)]  # unterminated, with a marker
+            out += [[kinds[0]] * n, kinds, [kinds[1]] * n][k % 3]
+        return out
+
+    monkeypatch.setattr(rlhf, "sample_replies", replies)
+    got = rlhf.main(["--stage=pairs", f"--init_from={sft_run / 'sft'}", f"--data_dir={data}",
+                     "--num_prompts=30", "--num_samples=4"])
+    out = capsys.readouterr().out
+    records = [json.loads(x) for x in (data / "instruct" / "pairs.jsonl").read_text().splitlines()]
+    assert got["pairs"] == len(records) == 10 and got["unterminated replies"] == 10, (got, out)
+    assert got["with a marker"] == 10 and "10 pairs from 30 prompts" in out.replace(",", "")
+    for r in records:
+        assert r["chosen"] == tasks.instruct_answer(r["prompt"])[2] and r["rejected"] == "0"
+
+
+@slow
+def test_every_stage_runs_end_to_end_writes_chat_checkpoints_and_resumes(sft_run, capsys,
+                                                                          monkeypatch):
+    data, sft = sft_run / "data", sft_run / "sft"
+    fresh = tasks.fresh_instructions({"seed": 1337, "kinds": list(tasks.INSTRUCT)}, 300, 20,
+                                     60, seed=9)
+    pairs = [{"prompt": ms[0]["content"], "chosen": tasks.instruct_answer(ms[0]["content"])[2],
+              "rejected": "0"} for ms in fresh if tasks.instruct_answer(ms[0]["content"])[0] in ("reverse", "add")]
+    (data / "instruct" / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    common = [f"--init_from={sft}", f"--data_dir={data}", "--eval_limit=10",
+              "--eval_prompts=4", "--num_samples=2", "--eval_interval=2"]
+    rm = rlhf.main(["--stage=reward", f"--out_dir={sft_run / 'rm'}", "--max_iters=4", *common])
+    assert set(rm["history"][-1]) >= {"val_acc", "train_acc"}
+    for flags in (["--stage=ppo", f"--reward_from={sft_run / 'rm'}"],
+                  ["--stage=ppo", "--reward=checked"], ["--stage=dpo"]):
+        out = sft_run / flags[-1].split("=")[-1].replace("/", "_")
+        got = rlhf.main([*flags, f"--out_dir={out}", "--max_iters=3", "--prompts_per_step=2",
+                         "--num_prompts=20", *common])
+        assert got["iter_num"] == 3 and "exact_match" in got["history"][-1], got
+        assert "val_kl" in got["history"][-1]
+        capsys.readouterr()
+        sample.main([f"--out_dir={out}", "--chat", "--start=Reverse 12.", "--max_new_tokens=3",
+                     "--device=cpu"])
+        assert "error" not in capsys.readouterr().err  # an ordinary checkpoint: it loads
+    # a stop at iteration 2 saves; the resumed run ends with the uninterrupted run's weights
+    whole = sft_run / "whole"
+    rlhf.main(["--stage=ppo", "--reward=checked", f"--out_dir={whole}", "--max_iters=4",
+               "--prompts_per_step=2", "--num_prompts=20", *common])
+    stopped = sft_run / "stopped"
+    step = rlhf.Stage.__dict__.get("step")
+    real_run_stage = rlhf.run_stage
+
+    def stop_at_two(s):
+        real = s.step
+
+        def step_then_signal(st):
+            out = real(st)
+            if st.iter_num == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+            return out
+        s.step = step_then_signal
+        return real_run_stage(s)
+
+    monkeypatch.setattr(rlhf, "run_stage", stop_at_two)
+    got = rlhf.main(["--stage=ppo", "--reward=checked", f"--out_dir={stopped}",
+                     "--max_iters=4", "--prompts_per_step=2", "--num_prompts=20", *common])
+    assert got["stopped"] and got["iter_num"] == 2 and step is None
+    assert "resume with: python rlhf.py --init_from=resume" in capsys.readouterr().out
+    monkeypatch.setattr(rlhf, "run_stage", real_run_stage)
+    got = rlhf.main(["--init_from=resume", f"--out_dir={stopped}"])
+    assert got["iter_num"] == 4
+    a = torch.load(whole / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(stopped / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--stage=ppo"], "needs --reward_from"),
+    (["--stage=ppo", "--reward=checked", "--num_samples=1"], "at least 2 for PPO"),
+    (["--stage=dpo", "--beta=-1"], "--beta must be a positive number"),
+    (["--stage=reward", "--pairs=nowhere.jsonl"], "no preference pairs at nowhere.jsonl"),
+    ([], "--stage is required"),
+])
+def test_rlhf_bad_flags_are_one_line(sft_run, capsys, tmp_path, flags, message):
+    err = run_main(capsys, rlhf.main, [*flags, f"--init_from={sft_run / 'sft'}",
+                                       f"--data_dir={sft_run / 'data'}",
+                                       f"--out_dir={tmp_path / 'o'}"])
+    assert err.startswith("rlhf.py: error: ") and message in err, err
+    assert not (tmp_path / "o" / "ckpt.pt").exists()
 
 
 # =============================================================================
