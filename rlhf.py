@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bookkeeping import replies_right
-from chat import marker_id, parse
+from bookkeeping import last_replies, replies_right
+from chat import marker_id, parse, render_prompt
 from checkpoints import load_checkpoint, model_from_checkpoint, run_checkpoint, save_checkpoint
 from errors import UserError, readable_output
 from gpt import GPT, GPTConfig
@@ -191,7 +191,6 @@ def prompts_for(c: Context, n: int, seed: int) -> list[tuple[list[dict], list[in
     folder = Path(c.args.data_dir) / c.args.dataset
     counts = [np.fromfile(folder / f"{s}_index.bin", dtype="<i8").size - 1
               for s in ("train", "val")]
-    from chat import render_prompt
     out = []
     for messages in fresh_instructions(c.meta, *counts, n, seed):
         try:
@@ -442,7 +441,6 @@ def eval_prompts(c: Context) -> list:
     folder = Path(c.args.data_dir) / c.args.dataset
     if not (folder / "val_index.bin").is_file() or not c.args.eval_prompts:
         return []
-    from bookkeeping import last_replies
     prompts = [p.tolist() for p, _ in last_replies(folder / "val.bin", c.tmpl,
                                                   c.args.eval_prompts)]
     return [(messages_of(c, p), p) for p in prompts]
@@ -456,6 +454,7 @@ def dpo_stage(c: Context) -> "Stage":
     policy, ref = c.model(), c.model().requires_grad_(False)
     train_pairs, val_pairs = split_pairs(c)
     batches = Batches(len(train_pairs), c.args.batch_size, c.args.seed)
+    held_out = eval_prompts(c)
 
     def reply_sums(model, pairs):
         ids, mask, _ = pair_batch(pairs, c.device)
@@ -477,7 +476,6 @@ def dpo_stage(c: Context) -> "Stage":
 
     def evaluate(s: Stage) -> dict:
         out = {"val_acc": pair_accuracy(implicit_rewards, val_pairs, 256)}
-        held_out = eval_prompts(c)
         if held_out:
             gen = torch.Generator(c.device).manual_seed(c.args.seed)
             replies = sample_replies(policy, [p for _, p in held_out], c.args.num_samples,
