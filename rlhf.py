@@ -24,17 +24,20 @@ fresh prompt from the SFT model and lets the task's checker (tasks.right_answer,
 the question and never sees a reference reply) prefer a right one over a wrong one.
 
 Read it top to bottom: the formulas, each once (Bradley-Terry, log-probs, the KL estimate,
-DPO, advantages, PPO's clipped surrogate), the reward model, each stage's step, the loop every
-stage shares (train.py's AdamW, get_lr and clip_grad_norm), then the command line. The data
-(preference files, padded batches, sampled replies) is in preferences.py.
+DPO, advantages, PPO's clipped surrogate), the reward model, each stage's step, then the
+command line. The loop every stage shares (train.py's AdamW, get_lr and clip_grad_norm, with
+its checkpoints, stops and evaluation) is in rlhf_runs.py; the data (preference files, padded
+batches, sampled replies) in preferences.py.
+
+    python rlhf.py --stage=eval --init_from=out-sft --out_dir=out-ppo     # score any model
+    python rlhf.py --plot out-ppo out-ppo-beta0.2 --out_dir=out-ppo        # reward_vs_kl.png
 """
 
 import argparse
 import json
 import math
 import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,17 +45,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bookkeeping import last_replies, replies_right
-from chat import marker_id, parse, render_prompt
-from checkpoints import load_checkpoint, model_from_checkpoint, run_checkpoint, save_checkpoint
+from chat import marker_id
+from checkpoints import load_checkpoint, model_from_checkpoint, run_checkpoint
 from errors import UserError, readable_output
 from gpt import GPT, GPTConfig
-from preferences import pad_batch, read_pairs, read_prompts, sample_replies, write_jsonl
+from preferences import pad_batch, read_pairs, sample_replies, write_jsonl
+from rlhf_runs import (
+    Batches,
+    Context,
+    Stage,
+    context,
+    eval_prompts,
+    exact_match_by_kind,
+    prompts_for,
+    reply_text,
+    run_stage,
+)
 from run_setup import make_room
-from stop_signals import StopNow, StopSignals
-from tasks import INSTRUCT, fresh_instructions, instruct_answer, right_answer
-from tokenizer import get_tokenizer
-from train import clip_grad_norm, configure_optimizer, get_lr
+from runlog import plot_reward_vs_kl
+from tasks import checkable, right_answer
+from train import configure_optimizer
 
 # -----------------------------------------------------------------------------
 # The formulas. Shapes: B replies (or pairs), T tokens; log-probs are natural logs.
@@ -157,59 +169,6 @@ def reward_model_from(path: Path, device) -> RewardModel:
     return rm.to(device).eval()
 
 
-# -----------------------------------------------------------------------------
-# What every stage starts from: the SFT checkpoint, its tokenizer, the prompts
-
-
-@dataclass
-class Context:
-    """The SFT model a stage starts from, and what is read with it."""
-    args: argparse.Namespace
-    sft: dict  # its checkpoint
-    meta: dict  # its dataset's meta (tokenizer, chat template)
-    tmpl: dict
-    encode: object
-    decode: object
-    device: torch.device
-    block_size: int
-
-    def model(self) -> GPT:
-        """A fresh copy of the SFT model, in eval mode (dropout off: see token_logprobs)."""
-        model, _ = model_from_checkpoint(self.sft, Path(self.args.init_from))
-        return model.to(self.device).eval()
-
-
-def prompts_for(c: Context, n: int, seed: int) -> list[tuple[list[dict], list[int]]]:
-    """(messages, rendered ids) of the stage's prompts: --prompts's file, or n fresh
-    instructions (none of them a train or val problem of the dataset) for instruct data."""
-    if c.args.prompts:
-        ids = read_prompts(Path(c.args.prompts), c.encode, c.tmpl, c.block_size)
-        return [(messages_of(c, p), p) for p in ids][:n]
-    if c.meta.get("kinds") != list(INSTRUCT):
-        raise UserError("this dataset makes no fresh prompts of its own: give --prompts="
-                        'FILE.jsonl ({"prompt": ...} a line)')
-    folder = Path(c.args.data_dir) / c.args.dataset
-    counts = [np.fromfile(folder / f"{s}_index.bin", dtype="<i8").size - 1
-              for s in ("train", "val")]
-    out = []
-    for messages in fresh_instructions(c.meta, *counts, n, seed):
-        try:
-            ids = render_prompt(messages, c.encode, c.tmpl)
-        except KeyError:  # a character the dataset's vocabulary lacks: not one to ask
-            continue
-        if len(ids) < c.block_size:  # room for a reply
-            out.append((messages, ids))
-    return out
-
-
-def messages_of(c: Context, prompt: list[int]) -> list[dict]:
-    """A rendered prompt's messages, the empty assistant turn it ends with left off."""
-    return parse(prompt, c.decode, c.tmpl)[:-1]
-
-
-def reply_text(c: Context, reply: list[int]) -> str:
-    return c.decode([t for t in reply if t != marker_id(c.tmpl, "end")])
-
 
 # -----------------------------------------------------------------------------
 # Stage 1, the labeller: sampled replies, and the checker's preference between them
@@ -219,7 +178,8 @@ def label_pairs(c: Context) -> dict:
     """Sample --num_samples replies to each of --num_prompts fresh prompts from the SFT model
     at --temperature, and where the checker finds a right and a wrong one, write the pair
     (one a prompt, drawn at random among them) to --pairs. Replies with no <|end|> in reach,
-    or with another marker inside, are neither chosen nor rejected, and counted."""
+    with another marker inside, or empty, are neither chosen nor rejected, and counted: the
+    file holds only what read_pairs accepts."""
     a, model = c.args, c.model()
     prompts = prompts_for(c, a.num_prompts, a.seed)
     answers = [right_answer(c.meta, ms) for ms, _ in prompts]
@@ -231,13 +191,16 @@ def label_pairs(c: Context) -> dict:
     replies = sample_replies(model, [p for _, p in prompts], a.num_samples, a.max_new_tokens,
                              a.temperature, gen, marker_id(c.tmpl, "end"))
     records = []
-    counts = {"all right": 0, "all wrong": 0, "unterminated replies": 0, "with a marker": 0}
+    counts = {"all right": 0, "all wrong": 0, "unterminated replies": 0, "with a marker": 0,
+              "empty": 0}
     for k, ((messages, _), answer) in enumerate(zip(prompts, answers, strict=True)):
         mine = replies[k * a.num_samples:(k + 1) * a.num_samples]
         counts["unterminated replies"] += sum(not ended for _, ended in mine)
         text_only = [(r, ended) for r, ended in mine if max(r[:-1], default=0) < first_marker]
         counts["with a marker"] += len(mine) - len(text_only)  # <|user|> in it: not a text
         texts = [reply_text(c, r) for r, ended in text_only if ended]
+        counts["empty"] += sum(not t.strip() for t in texts)  # no reply at all: not a text
+        texts = [t for t in texts if t.strip()]
         right, wrong = [t for t in texts if t == answer], [t for t in texts if t != answer]
         if right and wrong:
             prompt = ({"prompt": messages[0]["content"]} if len(messages) == 1
@@ -381,19 +344,52 @@ def ppo_update(s: "Stage", r: Rollout) -> dict:
     return stats
 
 
+def checked_reward(c: Context):
+    """(prompts, replies, ids, last) -> (B,): 1 where the task's checker finds the reply right.
+    None for data with no checker."""
+    if not checkable(c.meta):
+        return None
+
+    def checked(prompts, replies, ids, last):
+        return torch.tensor([float(reply_text(c, r) == right_answer(c.meta, ms))
+                             for (ms, _), (r, _) in zip(prompts, replies, strict=True)],
+                            device=c.device)
+    return checked
+
+
 def reward_function(c: Context):
     """(prompts, replies, ids, last) -> scores (B,): the reward model's, or the checker's."""
     if c.args.reward == "checked":
-        def checked(prompts, replies, ids, last):
-            return torch.tensor([float(reply_text(c, r) == right_answer(c.meta, ms))
-                                 for (ms, _), (r, _) in zip(prompts, replies, strict=True)],
-                                device=c.device)
+        if (checked := checked_reward(c)) is None:
+            raise UserError("--reward=checked needs a checkable dataset (instruct, reverse, "
+                            "addition)")
         return checked
     if not c.args.reward_from:
-        raise UserError("--stage=ppo needs --reward_from=REWARD_RUN (from --stage=reward), or "
-                        "--reward=checked")
+        raise UserError(f"--stage={c.args.stage} needs --reward_from=REWARD_RUN (from "
+                        "--stage=reward), or --reward=checked")
     rm = reward_model_from(Path(c.args.reward_from), c.device)
     return lambda prompts, replies, ids, last: rm(ids, last)
+
+
+@torch.no_grad()
+def held_out_scores(c: Context, policy, ref, reward_fn, held_out) -> dict:
+    """On held-out prompts, --num_samples replies each, sampled as in training (the same
+    seed each time): the mean score (reward_fn's), the KL from the reference, the replies
+    cut off, and where the score is not the checker's but a checker exists, the checker's
+    share right. These are what Gao et al. (2022) plot against each other."""
+    if not held_out:
+        return {}
+    gen = torch.Generator(c.device).manual_seed(c.args.seed)
+    checked = checked_reward(c)
+    r = rollout(c, policy, ref, reward_fn or checked, held_out, gen)
+    out = {"val_score": r.score.mean().item(), "val_kl": r.kl.mean().item(),
+           "val_unterminated": r.unterminated}
+    if checked is not None and reward_fn not in (None, checked) and c.args.reward != "checked":
+        n = c.args.num_samples
+        replies = [(ids_of_reply(r, i), True) for i in range(len(r.ids))]
+        right = checked([held_out[i // n] for i in range(len(r.ids))], replies, None, None)
+        out["val_checked"] = right.mean().item()
+    return out
 
 
 def ppo_stage(c: Context) -> "Stage":
@@ -401,7 +397,6 @@ def ppo_stage(c: Context) -> "Stage":
     policy, ref = c.model(), c.model().requires_grad_(False)  # ref: the frozen SFT model
     reward_fn = reward_function(c)
     pool = prompts_for(c, a.num_prompts, a.seed + 1)
-    checkable = all(right_answer(c.meta, ms) is not None for ms, _ in pool[:50])
     held_out = eval_prompts(c)
     batches = Batches(len(pool), a.prompts_per_step, a.seed)
 
@@ -413,37 +408,13 @@ def ppo_stage(c: Context) -> "Stage":
                 "unterminated": r.unterminated}
 
     def evaluate(s: Stage) -> dict:
-        """On held-out prompts, replies sampled as in training: the score the reward is made
-        of, the checker's share right, the KL from the reference."""
-        out = {}
-        if held_out:
-            gen = torch.Generator(c.device).manual_seed(a.seed)
-            with torch.no_grad():
-                r = rollout(c, s.model, ref, reward_fn, held_out, gen)
-            out |= {"val_score": r.score.mean().item(), "val_kl": r.kl.mean().item(),
-                    "val_unterminated": r.unterminated}
-            if checkable and a.reward != "checked":
-                right = [float(reply_text(c, ids_of_reply(r, i)) ==
-                               right_answer(c.meta, held_out[i // a.num_samples][0]))
-                         for i in range(len(r.ids))]
-                out["val_checked"] = sum(right) / len(right)
-        return out
+        return held_out_scores(c, s.model, ref, reward_fn, held_out)
 
     return Stage(c, policy, step, evaluate, lambda: {"model": policy.state_dict()}, batches)
 
 
 def ids_of_reply(r: Rollout, i: int) -> list[int]:
     return r.ids[i][r.mask[i].bool()].tolist()
-
-
-def eval_prompts(c: Context) -> list:
-    """--eval_prompts held-out prompts for the KL and scores: the val split's, for instruct."""
-    folder = Path(c.args.data_dir) / c.args.dataset
-    if not (folder / "val_index.bin").is_file() or not c.args.eval_prompts:
-        return []
-    prompts = [p.tolist() for p, _ in last_replies(folder / "val.bin", c.tmpl,
-                                                  c.args.eval_prompts)]
-    return [(messages_of(c, p), p) for p in prompts]
 
 
 # -----------------------------------------------------------------------------
@@ -475,141 +446,54 @@ def dpo_stage(c: Context) -> "Stage":
         return pi_c - ref_c, pi_r - ref_r
 
     def evaluate(s: Stage) -> dict:
-        out = {"val_acc": pair_accuracy(implicit_rewards, val_pairs, 256)}
-        if held_out:
-            gen = torch.Generator(c.device).manual_seed(c.args.seed)
-            replies = sample_replies(policy, [p for _, p in held_out], c.args.num_samples,
-                                     c.args.max_new_tokens, c.args.temperature, gen,
-                                     marker_id(c.tmpl, "end"))
-            prompts = [p for _, p in held_out for _ in range(c.args.num_samples)]
-            ids, mask, _ = pad_batch(prompts, [r for r, _ in replies], c.device)
-            with torch.no_grad():
-                kl = kl_k3(token_logprobs(policy, ids, mask), token_logprobs(ref, ids, mask))
-            out["val_kl"] = ((kl * mask).sum(dim=1)).mean().item()
-        return out
+        return {"val_acc": pair_accuracy(implicit_rewards, val_pairs, 256),
+                **held_out_scores(c, policy, ref, None, held_out)}
 
     return Stage(c, policy, step, evaluate, lambda: {"model": policy.state_dict()}, batches)
 
 
+
 # -----------------------------------------------------------------------------
-# The loop every stage shares: train.py's AdamW, schedule and clipping
+# Scoring any model as the stages score theirs, and the picture of over-optimisation
 
 
-class Batches:
-    """Which items each step takes: a fresh permutation of n items per pass, batch_size a
-    step, a pure function of (seed, step): a resumed run draws what it would have drawn."""
-
-    def __init__(self, n: int, batch_size: int, seed: int):
-        self.n, self.batch_size, self.seed, self.it = n, min(batch_size, n), seed, 0
-
-    def next(self) -> list[int]:
-        per_pass = self.n // self.batch_size
-        epoch, k = divmod(self.it, per_pass)
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        self.it += 1
-        return order[k * self.batch_size:(k + 1) * self.batch_size].tolist()
-
-
-@dataclass
-class Stage:
-    """What the loop trains: the model, a step (an iteration's updates, through update()),
-    an evaluation, the weights to save, and the step's draws."""
-    c: Context
-    model: nn.Module
-    step: object  # (Stage) -> stats
-    evaluate: object  # (Stage) -> stats
-    weights: object  # () -> the state dicts to save
-    batches: Batches
-    optimizer: torch.optim.Optimizer = None
-    iter_num: int = 0
-    lr: float = 0.0
-    history: list = field(default_factory=list)
-
-    def update(self, loss: torch.Tensor) -> float:
-        """One optimizer step on loss: backward, clip the global gradient norm, AdamW."""
-        loss.backward()
-        norm = clip_grad_norm(self.model.parameters(), self.c.args.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm.item()
-
-
-def checkpoint(s: Stage) -> dict:
-    """An ordinary checkpoint (sample.py --chat talks to a policy's), with what resumes it."""
-    a = s.c.args
-    return {**{k: v for k, v in s.c.sft.items() if k in ("model_args", "meta", "vocab_grown")},
-            **s.weights(), "optimizer": s.optimizer.state_dict(), "iter_num": s.iter_num,
-            "best_val_loss": float("nan"), "history": s.history,
-            "config": {**s.c.sft.get("config", {}), "dataset": a.dataset},
-            "rlhf": {k: v for k, v in vars(a).items() if k != "init_from"},
-            "started_from": {"path": str(a.init_from), "iter_num": s.c.sft.get("iter_num")}}
-
-
-def log_line(s: Stage, stats: dict, t0: float) -> str:
-    shown = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                     for k, v in stats.items())
-    return f"iter {s.iter_num}: {shown}, lr {s.lr:.2e}, {time.perf_counter() - t0:.0f}s"
-
-
-def run_stage(s: Stage) -> dict:
-    """Evaluate, save, step, max_iters times: train.py's loop for a stage's own step. A stop
-    signal finishes the step, saves and prints the command that resumes."""
-    a = s.c.args
-    out_dir = Path(a.out_dir)
-    t0, stats, stopped = time.perf_counter(), {}, False
-    with StopSignals() as signals:
-        try:
-            while True:
-                s.lr = get_lr(s.iter_num, a.learning_rate, a.warmup_iters, a.max_iters,
-                              a.min_lr)
-                for group in s.optimizer.param_groups:
-                    group["lr"] = s.lr * group["lr_scale"]
-                if s.iter_num % a.eval_interval == 0 or s.iter_num >= a.max_iters:
-                    with signals.interruptible():
-                        stats = evaluate(s)
-                    print(log_line(s, stats, t0), flush=True)
-                    s.history.append({"iter": s.iter_num, **stats,
-                                      "time": time.perf_counter() - t0})
-                    save_checkpoint(checkpoint(s), out_dir / "ckpt.pt")
-                if s.iter_num >= a.max_iters or signals.asked:
-                    stopped = signals.asked
-                    break
-                with signals.critical():
-                    step_stats = s.step(s)
-                    s.iter_num += 1
-                if s.iter_num % a.log_interval == 0:
-                    print(log_line(s, step_stats, t0), flush=True)
-        except StopNow:
-            stopped = True
-    if stopped:
-        save_checkpoint(checkpoint(s), out_dir / "ckpt.pt")
-        print(f"stopped at iteration {s.iter_num}; resume with: python rlhf.py "
-              f"--init_from=resume --out_dir={a.out_dir}")
-    (out_dir / "rlhf_log.json").write_text(json.dumps(s.history, indent=1))
-    return {"iter_num": s.iter_num, "stopped": stopped, "history": s.history,
-            "elapsed": time.perf_counter() - t0}
-
-
-def evaluate(s: Stage) -> dict:
-    """The stage's own evaluation, and for a policy on checkable data, held-out exact match
-    (greedy, as train.py reports it) by kind."""
-    stats = s.evaluate(s)
-    if isinstance(s.model, GPT) and s.c.meta.get("chat"):
-        stats |= exact_match_by_kind(s.c, s.model)
+def eval_stage(c: Context) -> dict:
+    """Score --out_dir's model (a stage's policy, or any train.py checkpoint of the dataset,
+    say SFT continued) as PPO scores its own: greedy held-out exact match by kind, and on
+    held-out prompts the score (the reward model's with --reward_from, else the checker's),
+    the checker's share right and the KL from the SFT model. Writes nothing; prints JSON."""
+    path = run_checkpoint(Path(c.args.out_dir))
+    if path is None:
+        raise UserError(f"no checkpoint in {c.args.out_dir} to score")
+    ckpt = load_checkpoint(path)
+    if "reward_head" in ckpt or ckpt.get("meta") != c.meta:
+        raise UserError(f"{path} is not a policy of {c.args.init_from}'s data: --stage=eval "
+                        "scores a model trained on the same conversations")
+    model = model_from_checkpoint(ckpt, path)[0].to(c.device).eval()
+    reward_fn = reward_function(c) if c.args.reward_from or c.args.reward == "checked" else None
+    stats = (held_out_scores(c, model, c.model(), reward_fn, eval_prompts(c))
+             | exact_match_by_kind(c, model))
+    print(json.dumps({"out_dir": c.args.out_dir, **stats}))
     return stats
 
 
-def exact_match_by_kind(c: Context, model: GPT) -> dict:
-    val = Path(c.args.data_dir) / c.args.dataset / "val.bin"
-    if c.meta.get("kinds") is None or not val.is_file():
-        return {}
-    right = replies_right(model, val, c.tmpl, c.device, c.args.eval_limit)
-    out = {"exact_match": sum(ok for _, ok in right) / max(len(right), 1)}
-    by_kind: dict[str, list[bool]] = {}
-    for prompt, ok in right:
-        found = instruct_answer(messages_of(c, prompt.tolist())[-1]["content"])
-        by_kind.setdefault(found[0] if found else "other", []).append(ok)
-    return out | {f"em_{k}": sum(v) / len(v) for k, v in by_kind.items()}
+def plot_runs(runs: list[str], out_dir: Path) -> Path:
+    """Draw the held-out score and the checker's share right against the KL, one line each
+    PPO run (each evaluation in its rlhf_log.json), to out_dir/reward_vs_kl.png."""
+    curves = {}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for run in map(Path, runs):
+        try:
+            log = json.loads((run / "rlhf_log.json").read_text(encoding="utf-8"))
+            a, history = log["rlhf"], log["history"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UserError(f"{run} is not a run of rlhf.py (no rlhf_log.json in it)") from None
+        label = f"{run.name}: beta {a.get('beta')}, reward {a.get('reward')}"
+        curves[label] = [e for e in history if "val_kl" in e]
+    try:
+        return plot_reward_vs_kl(curves, out_dir / "reward_vs_kl.png")
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install matplotlib") from None
 
 
 # -----------------------------------------------------------------------------
@@ -623,12 +507,14 @@ BETA = {"ppo": 0.05, "dpo": 0.1}  # --beta's default: the KL penalty's weight, D
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="The third stage: preference pairs, a reward "
                                 "model, PPO against it (or the checked reward), and DPO.")
-    p.add_argument("--stage", choices=["pairs", *STAGES], help="what to do (required, except "
-                   "with --init_from=resume)")
-    p.add_argument("--init_from", required=True,
+    p.add_argument("--stage", choices=["pairs", *STAGES, "eval"], help="what to do (required, "
+                   "except with --init_from=resume)")
+    p.add_argument("--init_from", default=None,
                    help="the SFT checkpoint or run folder every stage starts from; resume: "
                    "continue the run in --out_dir")
     p.add_argument("--out_dir", default="out-rlhf")
+    p.add_argument("--plot", nargs="+", metavar="RUN", default=None, help="draw these PPO runs' "
+                   "held-out scores against their KL to OUT_DIR/reward_vs_kl.png, and stop")
     p.add_argument("--dataset", default=None, help="default: the SFT run's")
     p.add_argument("--data_dir", default="data")
     p.add_argument("--device", default="cpu")
@@ -692,37 +578,24 @@ def check(a) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     a = get_parser().parse_args(argv)
+    if a.plot:
+        return a
+    if a.init_from is None:
+        raise UserError("--init_from is required: the SFT run a stage starts from, or resume")
     if a.init_from == "resume":
         path = Path(a.out_dir) / "ckpt.pt"
         saved = load_checkpoint(path).get("rlhf")
         if saved is None:
             raise UserError(f"{path} was not written by rlhf.py: nothing to resume")
         a = argparse.Namespace(**{**saved, "init_from": "resume",
-                                  "resume_from": saved["sft_path"]})
+                                  "resume_from": saved["sft_path"], "plot": None})
     elif a.stage is None:
-        raise UserError("--stage is required: pairs, reward, ppo or dpo")
+        raise UserError("--stage is required: pairs, reward, ppo, dpo or eval")
     a.beta = BETA.get(a.stage, 0.1) if a.beta is None else a.beta
     a.min_lr = a.learning_rate / 10 if a.min_lr is None else a.min_lr
     check(a)
     return a
 
-
-def context(a) -> Context:
-    sft_path = Path(getattr(a, "resume_from", a.init_from))
-    path = run_checkpoint(sft_path)
-    if path is None:
-        raise UserError(f"no checkpoint at {sft_path}: train an SFT model with train.py")
-    sft = load_checkpoint(path)
-    a.sft_path = str(sft_path)
-    a.dataset = a.dataset or sft.get("config", {}).get("dataset")
-    meta = sft["meta"]
-    if not meta.get("chat"):
-        raise UserError(f"{path} was not trained on conversations: the third stage starts "
-                        "from an SFT model (train.py on a chat dataset)")
-    encode, decode = get_tokenizer(meta)
-    a.init_from = str(sft_path)
-    return Context(a, sft, meta, meta["chat"], encode, decode, torch.device(a.device),
-                   sft["model_args"]["block_size"])
 
 
 def build(a) -> Stage:
@@ -749,13 +622,17 @@ def build(a) -> Stage:
 
 
 def main(argv=None) -> dict | None:
-    """Run one stage; return what happened (the pairs' counts, or the run's history)."""
+    """Run one stage; return what happened (the pairs' counts, the scores, or the run's
+    history)."""
     readable_output()  # a name that is not UTF-8 prints, never a traceback
     try:
         a = parse_args(argv)
+        if a.plot:
+            print(f"wrote {plot_runs(a.plot, Path(a.out_dir))}")
+            return None
         torch.manual_seed(a.seed)
-        if a.stage == "pairs":
-            return label_pairs(context(a))
+        if a.stage in ("pairs", "eval"):  # no training: nothing to resume, no run folder
+            return {"pairs": label_pairs, "eval": eval_stage}[a.stage](context(a))
         return run_stage(build(a))
     except UserError as e:  # bad input (2), or a run that stopped by itself (1)
         print(f"rlhf.py: {e.label}: {e}", file=sys.stderr)

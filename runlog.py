@@ -171,3 +171,36 @@ def plot_losses(out_dir: Path) -> Path:
     finally:
         plt.close(fig)
     return png
+
+
+def plot_reward_vs_kl(curves: dict[str, list[dict]], png: Path) -> Path:
+    """Reward over-optimisation as Gao et al. (2022) draw it: for each run (label -> its
+    evaluations, each with val_kl, val_score and perhaps val_checked), the score PPO climbs
+    (left) and the checker's share right (right) against the KL from the reference (nats a
+    reply). A proxy that keeps rising while the checked score turns down is over-optimised.
+    Raises ImportError without matplotlib, UserError when png cannot be written."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no window
+    import matplotlib.pyplot as plt
+
+    fig, (ax_score, ax_checked) = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
+    for label, evals in curves.items():
+        kl = [e["val_kl"] for e in evals]
+        line, = ax_score.plot(kl, [e["val_score"] for e in evals], "o-", label=label)
+        checked = [(e["val_kl"], e["val_checked"]) for e in evals if "val_checked" in e]
+        if checked:
+            ax_checked.plot(*zip(*checked), "o-", color=line.get_color(), label=label)
+    ax_score.set_ylabel("score trained on (reward model, or checker)")
+    ax_checked.set_ylabel("share right by the checker")
+    for ax in (ax_score, ax_checked):
+        ax.set_xlabel("KL(policy || SFT model), nats a reply")
+        ax.grid(alpha=0.3)
+    ax_score.legend(fontsize=8)
+    fig.suptitle("held-out replies, sampled as in training, at each evaluation")
+    try:
+        fig.savefig(png, dpi=100, bbox_inches="tight")
+    except OSError as e:
+        raise UserError(f"cannot write {png}: {e.strerror}") from None
+    finally:
+        plt.close(fig)
+    return png

@@ -261,6 +261,11 @@ def solve(kind: str, x: str, c: str) -> str:
     return str(x.count(c)) if kind == "count" else x.upper()
 
 
+def checkable(meta: dict) -> bool:
+    """Whether a dataset's answers can be checked: instruct, reverse or addition."""
+    return meta.get("kinds") == list(INSTRUCT) or meta.get("task") in ("reverse", "addition")
+
+
 def right_answer(meta: dict, messages: list[dict]) -> str | None:
     """The right reply to a conversation's last user turn, for a dataset whose answers can be
     checked (instruct, reverse, addition); None when it is not a problem this checker knows."""

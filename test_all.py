@@ -73,6 +73,7 @@ import pipeline
 import preferences
 import prepare
 import rlhf
+import rlhf_runs
 import run_setup
 import runlog
 import sample
@@ -5986,7 +5987,7 @@ def test_a_reward_model_overfits_one_batch(tmp_path):
 def toy_context(model, tmpl, **flags):
     args = argparse.Namespace(num_samples=8, max_new_tokens=2, temperature=1.0, beta=0.0,
                               minibatches=2, ppo_epochs=2, clip=0.2, grad_clip=1.0, **flags)
-    return rlhf.Context(args, {}, {}, tmpl, None, None, torch.device("cpu"), 8)
+    return rlhf_runs.Context(args, {}, {}, tmpl, None, None, torch.device("cpu"), 8)
 
 
 def prob_of(model, prompt, token):
@@ -6004,7 +6005,7 @@ def test_ppo_and_dpo_move_a_one_step_choice_toward_the_best_reply(tmp_path):
     def reward_fn(prompts, replies, ids, last):
         return torch.tensor([table.get(r[0], -1.0) for r, _ in replies])
 
-    s = rlhf.Stage(c, policy, None, None, None, None)
+    s = rlhf_runs.Stage(c, policy, None, None, None, None)
     s.optimizer, _ = train.configure_optimizer(policy, 0.0, 3e-2, (0.9, 0.99))
     before = prob_of(policy, prompt, stoi["a"])
     gen = torch.Generator().manual_seed(0)
@@ -6106,17 +6107,19 @@ def test_the_labeller_prefers_right_replies_and_counts_the_rest(sft_run, monkeyp
         for k, p in enumerate(prompts):
             right = encode(tasks.instruct_answer(decode(p[1:p.index(end)]))[2])
             kinds = [(right + [end], True), (encode("0") + [end], True),  # right, wrong,
-                     (right, False), ([user, end], True)]  # unterminated, with a marker
+                     (right, False), ([user, end], True), ([end], True)]  # unterminated,
+            # with a marker, empty: neither chosen nor rejected
             out += [[kinds[0]] * n, kinds, [kinds[1]] * n][k % 3]
         return out
 
     monkeypatch.setattr(rlhf, "sample_replies", replies)
     got = rlhf.main(["--stage=pairs", f"--init_from={sft_run / 'sft'}", f"--data_dir={data}",
-                     "--num_prompts=30", "--num_samples=4"])
+                     "--num_prompts=30", "--num_samples=5"])
     out = capsys.readouterr().out
     records = [json.loads(x) for x in (data / "instruct" / "pairs.jsonl").read_text().splitlines()]
     assert got["pairs"] == len(records) == 10 and got["unterminated replies"] == 10, (got, out)
-    assert got["with a marker"] == 10 and "10 pairs from 30 prompts" in out.replace(",", "")
+    assert got["with a marker"] == got["empty"] == 10
+    assert "10 pairs from 30 prompts" in out.replace(",", "")
     for r in records:
         assert r["chosen"] == tasks.instruct_answer(r["prompt"])[2] and r["rejected"] == "0"
 
@@ -6140,7 +6143,10 @@ def test_every_stage_runs_end_to_end_writes_chat_checkpoints_and_resumes(sft_run
         got = rlhf.main([*flags, f"--out_dir={out}", "--max_iters=3", "--prompts_per_step=2",
                          "--num_prompts=20", *common])
         assert got["iter_num"] == 3 and "exact_match" in got["history"][-1], got
-        assert "val_kl" in got["history"][-1]
+        assert {"val_kl", "val_score"} <= set(got["history"][-1])
+        assert ("val_checked" in got["history"][-1]) == ("--reward_from" in flags[-1])
+        log = json.loads((out / "rlhf_log.json").read_text())
+        assert log["history"] == got["history"] and log["rlhf"]["stage"] == flags[0][8:]
         capsys.readouterr()
         sample.main([f"--out_dir={out}", "--chat", "--start=Reverse 12.", "--max_new_tokens=3",
                      "--device=cpu"])
@@ -6174,6 +6180,68 @@ def test_every_stage_runs_end_to_end_writes_chat_checkpoints_and_resumes(sft_run
     a = torch.load(whole / "ckpt.pt", weights_only=True)["model"]
     b = torch.load(stopped / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_eval_scores_any_model_against_the_sft_model(sft_run, capsys, tmp_path):
+    data, sft = sft_run / "data", sft_run / "sft"
+    common = [f"--init_from={sft}", f"--data_dir={data}", "--eval_limit=10", "--eval_prompts=4",
+              "--num_samples=2"]
+    same = rlhf.main(["--stage=eval", f"--out_dir={sft}", *common])
+    assert json.loads(capsys.readouterr().out) == {"out_dir": str(sft), **same}
+    assert same["val_kl"] == 0.0 and 0 <= same["val_score"] <= 1  # the checker's share right
+    path = checkpoints.run_checkpoint(sft)  # best.pt, as every stage reads a run
+    model, _ = checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(path), path)
+    meta = json.loads((data / "instruct" / "meta.json").read_text(encoding="utf-8"))
+    em, n = bookkeeping.exact_match(model.eval(), data / "instruct" / "val.bin", meta["chat"],
+                                    torch.device("cpu"), 10)
+    assert n == 10 and same["exact_match"] == em
+    assert {k for k in same if k.startswith("em_")} <= {f"em_{k}" for k in tasks.INSTRUCT}
+    more = tmp_path / "more"  # SFT continued: a train.py run from the SFT checkpoint
+    train.main(CPU_TINY[:-1] + [f"--data_dir={data}", "--dataset=instruct", f"--out_dir={more}",
+                                f"--init_from={sft}", "--dropout=0", "--sample_every=0",
+                                "--max_iters=8", "--eval_interval=8", "--learning_rate=1e-2",
+                                "--block_size=64"])
+    capsys.readouterr()
+    moved = rlhf.main(["--stage=eval", f"--out_dir={more}", *common])
+    assert moved["val_kl"] > 0
+    (tmp_path / "rm").mkdir()
+    torch.save({**torch.load(path, weights_only=True), "reward_head": {}},
+               tmp_path / "rm" / "ckpt.pt")  # what --stage=reward writes: a head beside
+    for out_dir, message in ((tmp_path / "rm", "is not a policy"),
+                             (tmp_path / "nothing", "no checkpoint in")):
+        err = run_main(capsys, rlhf.main, ["--stage=eval", f"--out_dir={out_dir}", *common])
+        assert err.startswith("rlhf.py: error: ") and message in err, err
+
+
+def test_the_checked_reward_exists_only_for_checkable_data():
+    metas = {"instruct": {"kinds": list(tasks.INSTRUCT)}, "reverse": {"task": "reverse"},
+             "addition": {"task": "addition"}, "a chat file": {}, "text": {"kinds": ["x"]}}
+    assert {k: tasks.checkable(m) for k, m in metas.items()} == {
+        "instruct": True, "reverse": True, "addition": True, "a chat file": False, "text": False}
+    c = toy_context(None, {}, reward="checked")
+    assert rlhf.checked_reward(c) is None
+    with pytest.raises(errors.UserError, match="needs a checkable dataset"):
+        rlhf.reward_function(c)
+
+
+def test_plot_draws_score_and_checker_against_kl(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    runs = []
+    for beta in (0.05, 0.2):
+        run = tmp_path / f"ppo{beta}"
+        run.mkdir()
+        log = [{"iter": i, "val_kl": i * beta, "val_score": i / 10, "val_checked": 0.5 - i / 50}
+               for i in range(4)] + [{"iter": 4, "val_acc": 0.7}]  # no KL: left out
+        (run / "rlhf_log.json").write_text(json.dumps({"history": log, "rlhf": {
+            "stage": "ppo", "beta": beta, "reward": "model"}}))
+        runs.append(str(run))
+    assert rlhf.main(["--plot", *runs, f"--out_dir={tmp_path / 'fig'}"]) is None
+    png = tmp_path / "fig" / "reward_vs_kl.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {png}" in capsys.readouterr().out
+    for argv, message in ((["--plot", str(tmp_path / "fig")], "is not a run of rlhf.py"),
+                          (["--stage=ppo"], "--init_from is required")):
+        err = run_main(capsys, rlhf.main, argv)
+        assert err.startswith("rlhf.py: error: ") and message in err, err
 
 
 @pytest.mark.parametrize("flags,message", [
