@@ -57,13 +57,14 @@ from rlhf_runs import (
     context,
     eval_prompts,
     exact_match_by_kind,
+    messages_of,
     prompts_for,
     reply_text,
     run_stage,
 )
 from run_setup import make_room
 from runlog import plot_reward_vs_kl
-from tasks import checkable, right_answer
+from tasks import INSTRUCT, checkable, instruct_answer, right_answer
 from train import configure_optimizer
 
 # -----------------------------------------------------------------------------
@@ -269,9 +270,15 @@ def reward_stage(c: Context) -> "Stage":
         norm = s.update(loss)
         return {"loss": loss.item(), "acc": (r_c > r_r).float().mean().item(), "norm": norm}
 
+    by_kind: dict[str, list] = {}  # instruct's held-out pairs by kind: what it learned to judge
+    for pair in val_pairs if c.meta.get("kinds") == list(INSTRUCT) else []:
+        found = instruct_answer(messages_of(c, pair[0])[-1]["content"])
+        by_kind.setdefault(found[0] if found else "other", []).append(pair)
+
     def evaluate(s: Stage) -> dict:
         return {"val_acc": pair_accuracy(score_pairs, val_pairs, 256),
-                "train_acc": pair_accuracy(score_pairs, train_pairs[:len(val_pairs)], 256)}
+                "train_acc": pair_accuracy(score_pairs, train_pairs[:len(val_pairs)], 256),
+                **{f"acc_{k}": pair_accuracy(score_pairs, v, 256) for k, v in by_kind.items()}}
 
     def weights() -> dict:
         return {"model": rm.gpt.state_dict(), "reward_head": rm.head.state_dict()}

@@ -6137,6 +6137,8 @@ def test_every_stage_runs_end_to_end_writes_chat_checkpoints_and_resumes(sft_run
               "--eval_prompts=4", "--num_samples=2", "--eval_interval=2"]
     rm = rlhf.main(["--stage=reward", f"--out_dir={sft_run / 'rm'}", "--max_iters=4", *common])
     assert set(rm["history"][-1]) >= {"val_acc", "train_acc"}
+    kinds = {k[4:] for k in rm["history"][-1] if k.startswith("acc_")}  # held-out, by kind
+    assert kinds and kinds <= {"reverse", "add"}, rm["history"][-1]
     for flags in (["--stage=ppo", f"--reward_from={sft_run / 'rm'}"],
                   ["--stage=ppo", "--reward=checked"], ["--stage=dpo"]):
         out = sft_run / flags[-1].split("=")[-1].replace("/", "_")
