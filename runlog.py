@@ -158,12 +158,10 @@ def draw_curves(rows: list[dict], title: str):
     return fig
 
 
-def plot_losses(out_dir: Path) -> Path:
-    """Draw out_dir/log.csv to out_dir/loss.png."""
+def save_figure(fig, png: Path) -> Path:
+    """Write fig to png and close it; UserError when png cannot be written."""
     import matplotlib.pyplot as plt
 
-    fig = draw_curves(read_log(out_dir / "log.csv"), out_dir.name)
-    png = out_dir / "loss.png"
     try:
         fig.savefig(png, dpi=100, bbox_inches="tight")
     except OSError as e:
@@ -171,6 +169,14 @@ def plot_losses(out_dir: Path) -> Path:
     finally:
         plt.close(fig)
     return png
+
+
+def plot_losses(out_dir: Path) -> Path:
+    """Draw out_dir/log.csv to out_dir/loss.png."""
+
+    fig = draw_curves(read_log(out_dir / "log.csv"), out_dir.name)
+    png = out_dir / "loss.png"
+    return save_figure(fig, png)
 
 
 def plot_reward_vs_kl(curves: dict[str, list[dict]], png: Path) -> Path:
@@ -197,10 +203,4 @@ def plot_reward_vs_kl(curves: dict[str, list[dict]], png: Path) -> Path:
         ax.grid(alpha=0.3)
     ax_score.legend(fontsize=8)
     fig.suptitle("held-out replies, sampled as in training, at each evaluation")
-    try:
-        fig.savefig(png, dpi=100, bbox_inches="tight")
-    except OSError as e:
-        raise UserError(f"cannot write {png}: {e.strerror}") from None
-    finally:
-        plt.close(fig)
-    return png
+    return save_figure(fig, png)
