@@ -57,14 +57,14 @@ from rlhf_runs import (
     context,
     eval_prompts,
     exact_match_by_kind,
-    messages_of,
+    kind_of,
     prompts_for,
     reply_text,
     run_stage,
 )
 from run_setup import make_room
 from runlog import plot_reward_vs_kl
-from tasks import INSTRUCT, checkable, instruct_answer, right_answer
+from tasks import INSTRUCT, checkable, right_answer
 from train import configure_optimizer
 
 # -----------------------------------------------------------------------------
@@ -272,8 +272,7 @@ def reward_stage(c: Context) -> "Stage":
 
     by_kind: dict[str, list] = {}  # instruct's held-out pairs by kind: what it learned to judge
     for pair in val_pairs if c.meta.get("kinds") == list(INSTRUCT) else []:
-        found = instruct_answer(messages_of(c, pair[0])[-1]["content"])
-        by_kind.setdefault(found[0] if found else "other", []).append(pair)
+        by_kind.setdefault(kind_of(c, pair[0]), []).append(pair)
 
     def evaluate(s: Stage) -> dict:
         return {"val_acc": pair_accuracy(score_pairs, val_pairs, 256),
@@ -381,22 +380,29 @@ def reward_function(c: Context):
 @torch.no_grad()
 def held_out_scores(c: Context, policy, ref, reward_fn, held_out) -> dict:
     """On held-out prompts, --num_samples replies each, sampled as in training (the same
-    seed each time): the mean score (reward_fn's), the KL from the reference, the replies
+    seed each time): the mean score (reward_fn's, else the checker's, else none), the KL from the reference, the replies
     cut off, and where the score is not the checker's but a checker exists, the checker's
     share right. These are what Gao et al. (2022) plot against each other."""
     if not held_out:
         return {}
     gen = torch.Generator(c.device).manual_seed(c.args.seed)
     checked = checked_reward(c)
-    r = rollout(c, policy, ref, reward_fn or checked, held_out, gen)
-    out = {"val_score": r.score.mean().item(), "val_kl": r.kl.mean().item(),
-           "val_unterminated": r.unterminated}
-    if checked is not None and reward_fn not in (None, checked) and c.args.reward != "checked":
+    score_fn = reward_fn or checked
+    r = rollout(c, policy, ref, score_fn or no_score, held_out, gen)
+    out = {"val_kl": r.kl.mean().item(), "val_unterminated": r.unterminated}
+    if score_fn is not None:
+        out["val_score"] = r.score.mean().item()
+    if checked is not None and reward_fn is not None and c.args.reward != "checked":
         n = c.args.num_samples
         replies = [(ids_of_reply(r, i), True) for i in range(len(r.ids))]
         right = checked([held_out[i // n] for i in range(len(r.ids))], replies, None, None)
         out["val_checked"] = right.mean().item()
     return out
+
+
+def no_score(prompts, replies, ids, last) -> torch.Tensor:
+    """Every reply 0: for data with neither a reward model nor a checker (the KL alone)."""
+    return torch.zeros(len(replies), device=ids.device)
 
 
 def ppo_stage(c: Context) -> "Stage":

@@ -97,6 +97,12 @@ def messages_of(c: Context, prompt: list[int]) -> list[dict]:
     return parse(prompt, c.decode, c.tmpl)[:-1]
 
 
+def kind_of(c: Context, prompt: list[int]) -> str:
+    """An instruct prompt's kind (reverse, add, ...), from its last question; "other" if none."""
+    found = instruct_answer(messages_of(c, prompt)[-1]["content"])
+    return found[0] if found else "other"
+
+
 def reply_text(c: Context, reply: list[int]) -> str:
     return c.decode([t for t in reply if t != marker_id(c.tmpl, "end")])
 
@@ -228,6 +234,5 @@ def exact_match_by_kind(c: Context, model: GPT) -> dict:
     out = {"exact_match": sum(ok for _, ok in right) / max(len(right), 1)}
     by_kind: dict[str, list[bool]] = {}
     for prompt, ok in right:
-        found = instruct_answer(messages_of(c, prompt.tolist())[-1]["content"])
-        by_kind.setdefault(found[0] if found else "other", []).append(ok)
+        by_kind.setdefault(kind_of(c, prompt.tolist()), []).append(ok)
     return out | {f"em_{k}": sum(v) / len(v) for k, v in by_kind.items()}

@@ -6032,6 +6032,13 @@ def test_ppo_and_dpo_move_a_one_step_choice_toward_the_best_reply(tmp_path):
     assert prob_of(policy, prompt, stoi["a"]) > 0.8
 
 
+def test_held_out_scores_without_reward_or_checker_give_the_kl_alone(tmp_path):
+    policy, tmpl, _, prompt = rl_setup(tmp_path)  # no checker for this data (meta {})
+    c = toy_context(policy, tmpl, seed=0, reward="model")
+    out = rlhf.held_out_scores(c, policy, copy.deepcopy(policy), None, [([], prompt)])
+    assert set(out) == {"val_kl", "val_unterminated"} and out["val_kl"] == 0.0, out
+
+
 def test_unterminated_replies_get_the_lowest_reward_and_are_counted(tmp_path):
     policy, tmpl, stoi, prompt = rl_setup(tmp_path)
     c = toy_context(policy, tmpl)
